@@ -1,0 +1,173 @@
+"""Saving and loading QALoRA adapters (safetensors + ``adapter_config.json``), locally or from the Hub.
+
+The folder is the one ``PeftModel.save_pretrained`` writes, so ``PeftModel.from_pretrained(model, folder)`` reads it
+too (after ``import diffusers_qalora``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..tuners.qalora.api import _ensure_registered, _inject_or_rollback
+from ..tuners.qalora.config import QALoraConfig, QALoraPeftType
+from ..tuners.qalora.model import attach_timestep_context, qalora_layers
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
+    factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
+    moved into place, so a failure leaves ``save_directory`` as it was."""
+    base = _base_model(model)
+    configs = getattr(base, "peft_config", None) or {}
+    config = configs.get(adapter_name)
+    if not isinstance(config, QALoraConfig):
+        raise ValueError(
+            f"{type(base).__name__} has no QALoRA adapter named {adapter_name!r} (adapters: {sorted(configs)})."
+        )
+    state = get_peft_model_state_dict(base, adapter_name=adapter_name)
+    state = {_PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    target = Path(save_directory)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".tmp-qalora-") as tmp:
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "QALORA"})
+        config.save_pretrained(tmp)
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), target / name)
+    return target
+
+
+def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | None, revision: str | None,
+             token: str | bool | None) -> str:
+    local = Path(path_or_repo) / (subfolder or "") / filename
+    if Path(path_or_repo).is_dir():
+        if not local.is_file():
+            raise FileNotFoundError(f"{local} does not exist: {path_or_repo} is not a QALoRA adapter folder.")
+        return str(local)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(str(path_or_repo), filename, subfolder=subfolder, revision=revision, token=token)
+
+
+def read_adapter_config(path_or_repo: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
+                        token: str | bool | None = None) -> QALoraConfig:
+    """Read ``adapter_config.json`` and check that it describes a QALoRA adapter."""
+    _ensure_registered()
+    path = _resolve(path_or_repo, ADAPTER_CONFIG_NAME, subfolder, revision, token)
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if raw.get("peft_type") != QALoraPeftType.QALORA.value:
+        raise ValueError(
+            f"{path_or_repo} holds a {raw.get('peft_type')!r} adapter, not a QALoRA one; load it with "
+            f"diffusers' load_lora_weights or peft instead."
+        )
+    return QALoraConfig.from_pretrained(str(Path(path).parent))
+
+
+def _fits(key: str, shape: torch.Size, weight_shape: torch.Size) -> bool:
+    if ".qal_A" in key:  # (r, C_in, *kernel)
+        return shape[1:] == weight_shape[1:]
+    if ".qal_B" in key:  # (C_out, r)
+        return shape[0] == weight_shape[0]
+    if ".qal_weight_quantizer" in key and key.endswith(".step"):  # (C_out or 1, groups, 1)
+        return shape[0] in (1, weight_shape[0])
+    return True
+
+
+def _check_against_model(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every adapter tensor must target an existing Linear/Conv2d of matching shape; list all mismatches."""
+    modules = dict(model.named_modules())
+    problems = []
+    for key, tensor in state.items():
+        name = key.removeprefix(_PEFT_PREFIX).split(".qal_", 1)[0]
+        module = modules.get(name)
+        if module is not None and hasattr(module, "base_layer"):
+            module = module.base_layer
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            problems.append(f"{key}: no Linear/Conv2d named {name!r}")
+            continue
+        if not _fits(key, tensor.shape, module.weight.shape):
+            problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit weight {tuple(module.weight.shape)}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"the adapter {source} does not fit {type(model).__name__} (was it trained on another architecture?):\n"
+            f"  {shown}{more}"
+        )
+
+
+def load_qalora_adapter(
+    model: nn.Module,
+    path_or_repo: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> nn.Module:
+    """Inject the QALoRA adapter stored at ``path_or_repo`` (a folder or a Hub repo id) into ``model`` and load its
+    tensors.  Safetensors only; nothing is unpickled.  If the adapter does not fit the model, a ``ValueError`` lists
+    the mismatched names and the model is left untouched.
+
+    Returns the model (same object), with the adapter active and frozen unless ``is_trainable``.
+    """
+    config = read_adapter_config(path_or_repo, subfolder, revision, token)
+    config.inference_mode = not is_trainable
+    weights = _resolve(path_or_repo, ADAPTER_WEIGHTS_NAME, subfolder, revision, token)
+    try:
+        state = load_file(weights, device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it.") from err
+    base = _base_model(model)
+    if adapter_name in (getattr(base, "peft_config", None) or {}):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already used by this model; choose another name.")
+    _check_against_model(base, state, str(path_or_repo))
+    before = {name: m for name, m in base.named_modules()}
+    had_peft_config = hasattr(base, "peft_config")
+    old_peft_config = dict(base.peft_config) if had_peft_config else None
+    from ..tuners.qalora.model import CONTEXT_ATTR
+
+    had_context = getattr(base, CONTEXT_ATTR, None) is not None
+    _inject_or_rollback(base, config, adapter_name)
+    try:
+        result = set_peft_model_state_dict(base, state, adapter_name=adapter_name)
+        missing = [k for k in result.missing_keys if ".qal_" in k and f".{adapter_name}" in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"the adapter {path_or_repo} does not fit {type(base).__name__}: unexpected keys "
+                f"{result.unexpected_keys[:10]}, missing keys {missing[:10]}."
+            )
+    except BaseException:
+        from ..tuners.qalora.api import _rollback
+
+        _rollback(base, before, adapter_name, had_peft_config, old_peft_config, had_context)
+        raise
+    for layer in qalora_layers(base).values():
+        layer.set_adapter(layer.active_adapters, inference_mode=not is_trainable)
+    attach_timestep_context(base, config.timestep_argument)
+    return model
+
+
+def copy_adapter_folder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy an adapter folder's two files (used by examples that publish a run's adapter)."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+        shutil.copy2(Path(src) / name, Path(dst) / name)

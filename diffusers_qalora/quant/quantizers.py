@@ -1,0 +1,247 @@
+"""Fake-quantizer modules: LSQ weight quantizer and temporal (per-timestep) activation quantizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .granularity import Granularity, PerChannel, check_granularity, grouped_view, step_shape
+from .init import INIT_METHODS, init_qparams
+from .primitives import fake_quantize, qrange, quantize, validate_bits
+from .primitives import lsq_grad_scale as lsq_grad_scale_factor
+from .temporal import TemporalValues, TimestepContext, interpolation_indices
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # bf16 cannot hold x / step precisely enough to round to the right code: quantize in fp32 and cast back.
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+class WeightQuantizer(nn.Module):
+    """LSQ fake-quantizer for a weight of shape ``(C_out, C_in, *kernel)`` with a learnable step per granularity cell.
+
+    Args:
+        weight_shape (`tuple[int, ...]`): shape of the weight it quantizes.
+        bits (`int`): 2..8.
+        symmetric (`bool`, defaults to `True`): signed codes and no zero point (what integer kernels want);
+            `False` gives unsigned codes with a per-cell integer zero point (a frozen buffer).
+        granularity (`PerTensor | PerChannel | PerGroup`, defaults to `PerChannel()`).
+        lsq_grad_scale (`bool`, defaults to `False`): multiply the step gradient by LSQ's ``1/sqrt(N * qmax)``.
+    """
+
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        bits: int,
+        symmetric: bool = True,
+        granularity: Granularity | None = None,
+        lsq_grad_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits = validate_bits(bits, "weight_bits")
+        self.symmetric = bool(symmetric)
+        self.granularity = granularity if granularity is not None else PerChannel()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        check_granularity(self.granularity, self.weight_shape)
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric)
+        shape = step_shape(self.weight_shape, self.granularity)
+        self.step = nn.Parameter(torch.ones(shape))
+        if self.symmetric:
+            self.zero_point = None
+        else:
+            self.register_buffer("zero_point", torch.zeros(shape))
+        elements_per_cell = 1
+        for s in self.weight_shape:
+            elements_per_cell *= s
+        cells = shape[0] * shape[1]
+        self.grad_scale = lsq_grad_scale_factor(elements_per_cell // cells, self.qmax) if lsq_grad_scale else 1.0
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"
+
+    @torch.no_grad()
+    def initialize_(self, weight: torch.Tensor, method: str = "mse") -> None:
+        """Set the step (and zero point) from ``weight``: ``"minmax"``, ``"mse"`` or ``"lp"`` (p = 2.4) search."""
+        if method not in INIT_METHODS:
+            raise ValueError(f"`init_method` must be one of {INIT_METHODS}, got {method!r}.")
+        step, zp = init_qparams(grouped_view(weight.detach(), self.granularity), self.bits, self.symmetric, method)
+        self.step.copy_(step)
+        if zp is not None:
+            self.zero_point.copy_(zp)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(weight)
+        grouped = grouped_view(weight.to(dtype), self.granularity)
+        step = self.step.to(dtype)
+        zp = None if self.zero_point is None else self.zero_point.to(dtype)
+        out = fake_quantize(grouped, step, zp, self.qmin, self.qmax, self.grad_scale)
+        return out.reshape(weight.shape).to(weight.dtype)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``weight`` (``int32``, same shape as ``weight``)."""
+        grouped = grouped_view(weight.float(), self.granularity)
+        return quantize(grouped, self.step.float(), self.zero_point, self.qmin, self.qmax).reshape(weight.shape)
+
+
+class TemporalActQuantizer(nn.Module):
+    """Per-tensor activation fake-quantizer with one step size (and zero point) per calibrated timestep (TALSQ).
+
+    The step sizes are looked up by the timesteps in the shared [`TimestepContext`] (set by the denoiser's forward
+    pre-hook), with linear interpolation between table entries.  A table of a single entry is a plain static
+    quantizer used at every timestep.  Until [`finish_calibration`] (or a loaded state) marks it calibrated, a forward
+    raises instead of quantizing with arbitrary step sizes.
+
+    Args:
+        timesteps (`Sequence[float]`): strictly increasing timestep values, in the units the denoiser receives.
+        bits (`int`): 2..8.
+        symmetric (`bool`, defaults to `False`): signed codes without zero point; the default unsigned codes with a
+            learnable (integer-rounded) zero point suit post-SiLU/GELU activations.
+        lsq_grad_scale (`bool`, defaults to `False`).
+        name (`str`, *optional*): used in error messages.
+    """
+
+    def __init__(
+        self,
+        timesteps: Sequence[float],
+        bits: int,
+        symmetric: bool = False,
+        lsq_grad_scale: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.bits = validate_bits(bits, "act_bits")
+        self.symmetric = bool(symmetric)
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric)
+        self.step = TemporalValues(timesteps, init=1.0)
+        self.zero_point = None if self.symmetric else TemporalValues(timesteps, init=0.0)
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.use_lsq_grad_scale = lsq_grad_scale
+        self.name = name
+        self.context: TimestepContext | None = None
+        self.enabled = True
+        self._calibrating = False
+        self._calib_sum: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, timesteps={len(self.step)}"
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.step.timesteps
+
+    def _sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        if self.context is None:
+            raise RuntimeError(
+                f"{self.name or 'TemporalActQuantizer'}: no TimestepContext is attached; build the model with "
+                f"get_qalora_model (or attach one with `quantizer.context = context`)."
+            )
+        return self.context.per_sample(batch_size, self.name or "TemporalActQuantizer")
+
+    def qparams(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step sizes and zero points at timesteps ``t`` (1-D), each of shape ``(len(t),)``."""
+        step = self.step.lookup(t)
+        zp = None if self.zero_point is None else self.zero_point.lookup(t)
+        return step, zp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calibrating:
+            self._observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if not bool(self.calibrated):
+            raise RuntimeError(
+                f"{self.name or 'TemporalActQuantizer'}: activation step sizes are not calibrated. Run "
+                f"`diffusers_qalora.calibrate_activations(model, ...)` (or load a calibrated adapter) before the "
+                f"quantized forward pass."
+            )
+        t = self._sample_timesteps(x.shape[0])
+        if x.shape[0] == 0:
+            return x
+        dtype = _compute_dtype(x)
+        if bool((t == t[0]).all()):
+            # One timestep for the whole batch (the usual case, CFG included): a scalar step is cheaper.
+            step, zp = self.qparams(t[:1])
+            view = ()
+        else:
+            step, zp = self.qparams(t)
+            view = (-1,) + (1,) * (x.dim() - 1)
+        step = step.to(dtype).reshape(view)
+        zp = None if zp is None else zp.to(dtype).reshape(view)
+        grad_scale = lsq_grad_scale_factor(x[0].numel(), self.qmax) if self.use_lsq_grad_scale else 1.0
+        return fake_quantize(x.to(dtype), step, zp, self.qmin, self.qmax, grad_scale).to(x.dtype)
+
+    @torch.no_grad()
+    def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` at the context's timesteps (``int32``)."""
+        t = self._sample_timesteps(x.shape[0])
+        step, zp = self.qparams(t)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        return quantize(x.float(), step.reshape(view), None if zp is None else zp.reshape(view), self.qmin, self.qmax)
+
+    # -- calibration -------------------------------------------------------------------------------------------
+    def start_calibration(self, method: str = "lp", max_elements: int = 65536) -> None:
+        """Observe inputs (passed through unchanged) and accumulate per-timestep step sizes until
+        [`finish_calibration`].  Each observed call is assigned to its nearest table entry."""
+        if method not in INIT_METHODS:
+            raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
+        self._calibrating = True
+        self._calib_method = method
+        self._calib_max_elements = max_elements
+        n = len(self.step)
+        self._calib_sum = torch.zeros(n, 2, dtype=torch.float64)
+        self._calib_count = torch.zeros(n, dtype=torch.float64)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        t = self._sample_timesteps(x.shape[0])
+        table = self.step.timesteps
+        lo, hi, w = interpolation_indices(table, t.to(table.device))
+        nearest = torch.where(w > 0.5, hi, lo)
+        for idx in torch.unique(nearest).tolist():
+            sample = x[(nearest == idx).to(x.device)].detach().float().reshape(-1)
+            if sample.numel() > self._calib_max_elements:
+                # A strided subsample keeps the search cheap; the extremes are kept so min-max stays exact.
+                stride = -(-sample.numel() // self._calib_max_elements)
+                sample = torch.cat([sample[::stride], sample.min().reshape(1), sample.max().reshape(1)])
+            step, zp = init_qparams(sample.reshape(1, 1, -1), self.bits, self.symmetric, self._calib_method)
+            self._calib_sum[idx, 0] += step.item()
+            self._calib_sum[idx, 1] += 0.0 if zp is None else zp.item()
+            self._calib_count[idx] += 1
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Average what was observed per entry; entries never observed are interpolated from observed ones."""
+        if not self._calibrating:
+            raise RuntimeError(f"{self.name or 'TemporalActQuantizer'}: finish_calibration without start_calibration.")
+        seen = self._calib_count > 0
+        if not bool(seen.any()):
+            raise RuntimeError(
+                f"{self.name or 'TemporalActQuantizer'}: no input was observed during calibration; is the layer used "
+                f"by the model's forward pass?"
+            )
+        mean = self._calib_sum[seen] / self._calib_count[seen, None]
+        table = self.step.timesteps.double()
+        seen_t = table[seen.to(table.device)]
+        filled = torch.stack(
+            [_interp(table, seen_t, mean[:, 0]), _interp(table, seen_t, mean[:, 1])], dim=1
+        ).float()
+        self.step.fill_(filled[:, 0])
+        if self.zero_point is not None:
+            self.zero_point.fill_(torch.round(filled[:, 1]))
+        self.calibrated.fill_(True)
+        self._calibrating = False
+        self._calib_sum = None
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """``numpy.interp`` in torch: piecewise-linear through ``(xp, fp)``, clamped at the ends."""
+    if xp.numel() == 1:
+        return fp.expand_as(x).clone()
+    lo, hi, w = interpolation_indices(xp, x)
+    return fp[lo] * (1 - w) + fp[hi] * w

@@ -1,0 +1,90 @@
+"""Scale-aware LoRA optimization (EfficientDM, Eq. 8).
+
+Rounding turns a LoRA update ``B A`` into a step function of step ``s_w`` (the layer's weight step size): a layer
+whose codes are coarse needs proportionally larger updates before any code moves.  The paper asks for the update
+size to be proportional to the layer's mean weight step ``s̄``.
+
+Under Adam the update size is ``lr * m / sqrt(v)``, which does not change when the gradient is multiplied by a
+per-layer constant (Adam normalises it away), so the paper's "multiply the gradient by s̄" has almost no effect with
+Adam.  The form that survives Adam's normalisation is a per-layer learning rate ``lr_l ∝ s̄_l``; the official code
+does this too (``lr = s̄ / 2500``).  Here ``lr_l = lora_lr * s̄_l / mean_l(s̄_l)``, so ``lora_lr`` is the learning
+rate of a layer of average step size and stays meaningful across bit widths.  The gradient-multiplier form is kept
+as ``mode="grad"`` (useful with SGD, where it is equivalent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SCALE_AWARE_MODES = ("lr", "grad", "none")
+
+
+@dataclass
+class ScaleAwareEntry:
+    """The LoRA parameters of one layer and its mean weight step size ``s̄``."""
+
+    name: str
+    params: Sequence[nn.Parameter]
+    mean_step: float
+
+
+@dataclass
+class ScaleAwareGroups:
+    """Optimizer parameter groups, plus the gradient hooks installed in ``mode="grad"`` (remove them when done)."""
+
+    param_groups: list[dict]
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+
+    def remove_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+
+
+def scale_aware_param_groups(
+    entries: Iterable[ScaleAwareEntry], lora_lr: float, mode: str = "lr", weight_decay: float = 0.0
+) -> ScaleAwareGroups:
+    """One parameter group per layer with the scale-aware learning rate (``mode="lr"``), one group with gradient
+    hooks multiplying by ``s̄_l / mean(s̄)`` (``mode="grad"``), or one plain group (``mode="none"``).
+
+    Each group carries ``"name"`` and ``"mean_step"`` keys for logging.
+    """
+    if mode not in SCALE_AWARE_MODES:
+        raise ValueError(f"`scale_aware` mode must be one of {SCALE_AWARE_MODES}, got {mode!r}.")
+    if not lora_lr > 0:
+        raise ValueError(f"`lora_lr` must be positive, got {lora_lr!r}.")
+    entries = [e for e in entries if len(e.params)]
+    if not entries:
+        return ScaleAwareGroups([])
+    for e in entries:
+        if not e.mean_step > 0:
+            raise ValueError(f"layer {e.name!r}: mean weight step must be positive, got {e.mean_step!r}.")
+    reference = sum(e.mean_step for e in entries) / len(entries)
+    if mode == "none":
+        params = [p for e in entries for p in e.params]
+        return ScaleAwareGroups([{"params": params, "lr": lora_lr, "weight_decay": weight_decay, "name": "lora"}])
+    if mode == "lr":
+        groups = [
+            {
+                "params": list(e.params),
+                "lr": lora_lr * e.mean_step / reference,
+                "weight_decay": weight_decay,
+                "name": f"lora:{e.name}",
+                "mean_step": e.mean_step,
+            }
+            for e in entries
+        ]
+        return ScaleAwareGroups(groups)
+    hooks = []
+    for e in entries:
+        factor = e.mean_step / reference
+        for p in e.params:
+            hooks.append(p.register_hook(lambda g, f=factor: g * f))
+    params = [p for e in entries for p in e.params]
+    return ScaleAwareGroups(
+        [{"params": params, "lr": lora_lr, "weight_decay": weight_decay, "name": "lora"}], hooks
+    )

@@ -1,0 +1,1 @@
+"""PEFT tuners of this package."""

@@ -1,0 +1,209 @@
+"""Model-level entry points: inject, calibrate, build optimizer groups, toggle the teacher."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft import inject_adapter_in_model
+from torch import nn
+
+from ...quant import ScaleAwareEntry, ScaleAwareGroups, TimestepHook, scale_aware_param_groups
+from .config import QALoraConfig
+from .layer import QALoraLayer
+from .model import CONTEXT_ATTR, HOOK_ATTR, eligible_module_names, qalora_layers
+
+
+def _ensure_registered() -> None:
+    from ...integrations import register
+
+    register()
+
+
+def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Inject QALoRA into a diffusers denoiser in place and return it (same object, same class).
+
+    The returned model is a drop-in for ``pipe.unet`` / ``pipe.transformer``: ``model.config`` still reads and the
+    pipeline still runs.  Weight step sizes are initialised from the weights (``config.weight_init``); activation step
+    sizes must be calibrated with [`calibrate_activations`] before the first quantized forward pass.
+
+    Args:
+        model (`torch.nn.Module`): the denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
+            ``FluxTransformer2DModel``, ...).
+        config (`QALoraConfig`): the method's configuration (it is copied, never modified).
+        adapter_name (`str`, defaults to `"default"`).
+
+    Raises:
+        `TypeError` for a wrong model or config type, `ValueError` for targets that do not exist or cannot be wrapped
+        or an adapter name in use.  On any error the model is left as it was.
+
+    Example:
+
+    ```py
+    >>> import diffusers_qalora as dq
+    >>> unet = dq.get_qalora_model(pipe.unet, dq.QALoraConfig(weight_bits=4, act_bits=4))
+    >>> dq.calibrate_activations(unet, lambda: pipe(prompt, num_inference_steps=100))
+    ```
+    """
+    _ensure_registered()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module (e.g. pipe.unet), got {type(model).__name__}.")
+    if not isinstance(config, QALoraConfig):
+        raise TypeError(f"`config` must be a diffusers_qalora.QALoraConfig, got {type(config).__name__}.")
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already used by this model; choose another name.")
+    config = copy.deepcopy(config)
+    TimestepHook(None, model.forward, config.timestep_argument)  # validates the timestep argument up front
+    eligible_module_names(model, config)  # validates the targets up front
+    return _inject_or_rollback(model, config, adapter_name)
+
+
+def _inject_or_rollback(
+    model: nn.Module, config: QALoraConfig, adapter_name: str, state_dict: dict | None = None
+) -> nn.Module:
+    before = {name: m for name, m in model.named_modules()}
+    had_peft_config = hasattr(model, "peft_config")
+    old_peft_config = dict(model.peft_config) if had_peft_config else None
+    had_context = getattr(model, CONTEXT_ATTR, None) is not None
+    try:
+        return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
+    except BaseException:
+        _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context)
+        raise
+
+
+def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context) -> None:
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QALoraLayer):
+            continue
+        if before.get(name) is module:
+            if adapter_name in module.qal_weight_quantizer:
+                module.delete_adapter(adapter_name)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base_layer)
+    if had_peft_config:
+        model.peft_config = old_peft_config
+    elif hasattr(model, "peft_config"):
+        del model.peft_config
+    if not had_context and getattr(model, CONTEXT_ATTR, None) is not None:
+        getattr(model, HOOK_ATTR).remove()
+        object.__delattr__(model, CONTEXT_ATTR)
+        object.__delattr__(model, HOOK_ATTR)
+
+
+def remove_qalora(model: nn.Module) -> nn.Module:
+    """Undo [`get_qalora_model`]: put every original layer back and remove the timestep hook."""
+    _rollback(model, {}, "", False, None, False)
+    return model
+
+
+@contextmanager
+def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
+    """Inside the block, the model runs in full precision and every activation quantizer records its inputs per
+    timestep; on a clean exit the step sizes (and zero points) are set from what was seen.  On an exception nothing
+    is changed.
+
+    Args:
+        method (`str`, *optional*): ``"minmax"``, ``"mse"`` or ``"lp"``; defaults to each adapter's ``act_init``.
+    """
+    layers = list(qalora_layers(model).values())
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no QALoRA layer; call get_qalora_model first.")
+    configs = getattr(model, "peft_config", {})
+    quantizers = []
+    for layer in layers:
+        adapter = layer._active_qalora_adapter()
+        if adapter is None:
+            continue
+        quantizer = layer.qal_act_quantizer[adapter]
+        chosen = method or getattr(configs.get(adapter), "act_init", "lp")
+        quantizer.start_calibration(chosen)
+        layer._calibrating = True
+        quantizers.append(quantizer)
+    ok = False
+    try:
+        with torch.no_grad():
+            yield
+        ok = True
+    finally:
+        for layer in layers:
+            layer._calibrating = False
+        for quantizer in quantizers:
+            if ok:
+                quantizer.finish_calibration()
+            else:
+                quantizer._calibrating = False
+                quantizer._calib_sum = None
+
+
+def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str | None = None) -> nn.Module:
+    """Calibrate every activation step size per timestep by running ``run()`` (e.g. a pipeline call that samples a
+    few trajectories with the model) in full precision.  See [`calibrating`]."""
+    if not callable(run):
+        raise TypeError(f"`run` must be a callable that samples with the model, got {type(run).__name__}.")
+    with calibrating(model, method):
+        run()
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the full-precision teacher inside the block: every QALoRA layer calls its base layer."""
+    layers = list(qalora_layers(model).values())
+    previous = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, prev in zip(layers, previous):
+            layer._disable_adapters = prev
+
+
+def mean_weight_step(layer: QALoraLayer, adapter: str) -> float:
+    """The layer's mean weight step size ``s̄`` (scale-aware optimization)."""
+    return float(layer.qal_weight_quantizer[adapter].step.detach().abs().mean())
+
+
+def get_qalora_param_groups(
+    model: nn.Module,
+    lora_lr: float = 1e-4,
+    weight_step_lr: float = 1e-6,
+    act_step_lr: float = 5e-4,
+    scale_aware: str = "lr",
+    weight_decay: float = 0.0,
+) -> ScaleAwareGroups:
+    """Optimizer parameter groups for the trainable QALoRA state of the active adapter.
+
+    * LoRA factors: per-layer learning rate ``lora_lr * s̄_l / mean(s̄)`` (``scale_aware="lr"``, see
+      `diffusers_qalora.quant.scale_aware`), gradient multipliers (``"grad"``) or one rate (``"none"``);
+    * weight step sizes: ``weight_step_lr`` (EfficientDM: 1e-6), no weight decay;
+    * activation step sizes and zero points: ``act_step_lr`` (EfficientDM: 5e-4), no weight decay.  Only the
+      current timestep's entries receive a gradient, and optimizers skip parameters whose gradient is ``None``, so
+      inactive timesteps stay bit-identical (zero the gradients with ``set_to_none=True``, PyTorch's default).
+    """
+    entries, weight_steps, act_steps = [], [], []
+    for name, layer in qalora_layers(model).items():
+        adapter = layer._active_qalora_adapter()
+        if adapter is None:
+            continue
+        if adapter in layer.qal_A and layer.qal_A[adapter].requires_grad:
+            entries.append(
+                ScaleAwareEntry(name, [layer.qal_A[adapter], layer.qal_B[adapter]], mean_weight_step(layer, adapter))
+            )
+        weight_steps += [p for p in layer.qal_weight_quantizer[adapter].parameters() if p.requires_grad]
+        act_steps += [p for p in layer.qal_act_quantizer[adapter].parameters() if p.requires_grad]
+    groups = scale_aware_param_groups(entries, lora_lr, scale_aware, weight_decay)
+    if weight_steps:
+        groups.param_groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0,
+                                    "name": "weight_steps"})
+    if act_steps:
+        groups.param_groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
+    if not groups.param_groups:
+        raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
+    return groups

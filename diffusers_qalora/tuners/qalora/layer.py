@@ -1,0 +1,280 @@
+"""QALoRA tuner layers: ``op(Q_a(x; t), Q_w(W0 + scaling * B @ A))`` for ``nn.Linear`` and ``nn.Conv2d``.
+
+The LoRA update is merged into the weight *before* fake quantization, so after training it folds into the integer
+weight codes at no cost.  Every per-adapter tensor lives in a dict keyed by adapter name, as PEFT requires, under names
+that contain neither ``lora_`` nor ``lora_A``/``lora_B`` (PEFT and diffusers detect LoRA tensors by those substrings).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...quant import PerChannel, PerGroup, TemporalActQuantizer, WeightQuantizer
+from .config import QALoraConfig
+
+
+class QALoraLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter state of one wrapped layer."""
+
+    adapter_layer_names = ("qal_A", "qal_B", "qal_weight_quantizer", "qal_act_quantizer")
+    other_param_names = ("r", "lora_alpha", "scaling", "eight_bit")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.eight_bit: dict[str, bool] = {}
+        self.qal_A = nn.ParameterDict({})
+        self.qal_B = nn.ParameterDict({})
+        self.qal_weight_quantizer = nn.ModuleDict({})
+        self.qal_act_quantizer = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._weight_before_merge: torch.Tensor | None = None
+        self._calibrating = False
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self.kwargs = kwargs
+
+    # -- shapes, provided by the concrete classes -----------------------------------------------------------------
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- adapter management --------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: QALoraConfig, eight_bit: bool, name: str = "") -> None:
+        """Create the adapter ``adapter_name``: LoRA factors (unless ``eight_bit``), weight and activation quantizers."""
+        base = self.get_base_layer()
+        weight = base.weight
+        device = weight.device
+        self.eight_bit[adapter_name] = eight_bit
+        if eight_bit:
+            self.r[adapter_name] = 0
+            self.lora_alpha[adapter_name] = 0.0
+            self.scaling[adapter_name] = 0.0
+            bits_w = bits_a = config.special_bits
+            table = [0.0]  # one static step size for every timestep, as EfficientDM does for these layers
+            self.frozen_peft_weight_names[adapter_name] = ("qal_weight_quantizer", "qal_act_quantizer")
+        else:
+            r = config.r
+            self.r[adapter_name] = r
+            self.lora_alpha[adapter_name] = float(config.lora_alpha)
+            self.scaling[adapter_name] = config.lora_alpha / r
+            a_shape, b_shape = self._lora_shapes(r)
+            a = torch.empty(a_shape, device=device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a.view(r, -1), a=math.sqrt(5))
+            b = torch.zeros(b_shape, device=device, dtype=torch.float32)
+            if not config.init_weights:
+                nn.init.normal_(b, std=0.02)
+            self.qal_A[adapter_name] = nn.Parameter(a)
+            self.qal_B[adapter_name] = nn.Parameter(b)
+            bits_w, bits_a = config.weight_bits, config.act_bits
+            table = config.timestep_table() if config.temporal_activations else [0.0]
+        granularity = (
+            PerGroup(config.weight_group_size) if config.weight_granularity == "group" and not eight_bit else PerChannel()
+        )
+        try:
+            wq = WeightQuantizer(
+                weight.shape, bits_w, symmetric=config.weight_symmetric, granularity=granularity,
+                lsq_grad_scale=config.lsq_grad_scale,
+            )
+        except ValueError as err:
+            raise ValueError(f"{name or type(base).__name__}: {err}") from None
+        wq.to(device)
+        wq.initialize_(weight.detach().float(), config.weight_init)
+        self.qal_weight_quantizer[adapter_name] = wq
+        aq = TemporalActQuantizer(
+            table, bits_a, symmetric=config.act_symmetric, lsq_grad_scale=config.lsq_grad_scale, name=name
+        ).to(device)
+        self.qal_act_quantizer[adapter_name] = aq
+        self.set_adapter(self.active_adapters)
+
+    def _active_qalora_adapter(self) -> str | None:
+        active = [a for a in self.active_adapters if a in self.qal_weight_quantizer]
+        if len(active) > 1:
+            raise ValueError(
+                f"only one QALoRA adapter can be active per layer (quantization is not additive), got {active}; "
+                f"call set_adapter with a single name."
+            )
+        return active[0] if active else None
+
+    # -- the QALoRA maths ----------------------------------------------------------------------------------------
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` in the shape of the base weight (zeros for 8-bit layers without LoRA)."""
+        weight = self.get_base_layer().weight
+        if adapter not in self.qal_A:
+            return torch.zeros_like(weight, dtype=torch.float32)
+        a, b = self.qal_A[adapter], self.qal_B[adapter]
+        return (b @ a.reshape(a.shape[0], -1)).reshape(weight.shape) * self.scaling[adapter]
+
+    def merged_float_weight(self, adapter: str) -> torch.Tensor:
+        """``W0 + scaling * B @ A`` (before quantization), in fp32."""
+        return self.get_base_layer().weight.float() + self.delta_weight(adapter)
+
+    def quantized_weight(self, adapter: str) -> torch.Tensor:
+        """``Q_w(W0 + scaling * B @ A)`` in the dtype of the base weight."""
+        weight = self.get_base_layer().weight
+        return self.qal_weight_quantizer[adapter](self.merged_float_weight(adapter)).to(weight.dtype)
+
+    def integer_weight(self, adapter: str) -> torch.Tensor:
+        """Integer codes of the merged weight (``int32``): what an export stores."""
+        return self.qal_weight_quantizer[adapter].quantize(self.merged_float_weight(adapter))
+
+    def _qalora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        adapter = None if self.disable_adapters else self._active_qalora_adapter()
+        if adapter is None:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        act_quantizer = self.qal_act_quantizer[adapter]
+        if self._calibrating:
+            # Calibration observes the full-precision model's own inputs: the layer runs unquantized.
+            act_quantizer(x)
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        x_q = act_quantizer(x)
+        if self.merged:
+            return base(x_q, *args, **kwargs)
+        return self._op(x_q, self.quantized_weight(adapter))
+
+    # -- merge / unmerge / scale (PEFT and diffusers hooks) -------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write ``Q_w(W0 + scaling * B A)`` into the base weight (the activation quantizer stays active).
+
+        Quantization is not additive, so only one adapter can be merged; the original weight is kept so that
+        [`unmerge`] restores it exactly.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged_adapters:
+            raise ValueError(
+                f"QALoRA can merge one adapter at a time (quantization is not additive); got {adapter_names} with "
+                f"{self.merged_adapters} already merged."
+            )
+        adapter = adapter_names[0]
+        if adapter not in self.qal_weight_quantizer:
+            return
+        base = self.get_base_layer()
+        with torch.no_grad():
+            new_weight = self.quantized_weight(adapter)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter!r} seems to be broken.")
+            self._weight_before_merge = base.weight.data.clone()
+            base.weight.data = new_weight
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.get_base_layer().weight.data = self._weight_before_merge
+        self._weight_before_merge = None
+        self.merged_adapters.clear()
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.qal_A:
+            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.qal_A:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.qal_A:
+                if scale is None or scale == 0:
+                    self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
+                else:
+                    self.scaling[adapter] /= scale
+
+    @contextmanager
+    def adapters_disabled(self):
+        """Run the base layer in full precision inside the block (used for the teacher pass)."""
+        previous = self._disable_adapters
+        self._disable_adapters = True
+        try:
+            yield
+        finally:
+            self._disable_adapters = previous
+
+
+class Linear(nn.Module, QALoraLayer):
+    """QALoRA wrapper of ``nn.Linear``: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: QALoraConfig, eight_bit: bool = False,
+                 name: str = "", **kwargs) -> None:
+        super().__init__()
+        QALoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, eight_bit, name)
+
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        base = self.get_base_layer()
+        return (r, base.in_features), (base.out_features, r)
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.get_base_layer().bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._qalora_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "qalora." + super().__repr__()
+
+
+class Conv2d(nn.Module, QALoraLayer):
+    """QALoRA wrapper of ``nn.Conv2d`` (groups = 1): ``A`` carries the full kernel ``(r, in, kh, kw)`` and ``B`` is
+    a 1x1 ``(out, r)``, so ``B @ A`` has the base kernel's shape (PEFT's conv-LoRA convention)."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config: QALoraConfig, eight_bit: bool = False,
+                 name: str = "", **kwargs) -> None:
+        super().__init__()
+        QALoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, eight_bit, name)
+
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        base = self.get_base_layer()
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r)
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.get_base_layer()._conv_forward(x, weight, self.get_base_layer().bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._qalora_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "qalora." + super().__repr__()
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be wrapped, or ``None`` if it can."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (QALoRA supports groups=1 only)"
+        return None
+    return f"{type(module).__name__} (QALoRA supports torch.nn.Linear and torch.nn.Conv2d)"
+
+
+def dispatch_qalora(target: nn.Module, adapter_name: str, config: QALoraConfig, eight_bit: bool,
+                    name: str) -> nn.Module:
+    """Build the wrapper for ``target`` (an unwrapped base layer), or raise a ``ValueError`` naming it."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    reason = unsupported_reason(base)
+    if reason is not None:
+        raise ValueError(f"cannot apply QALoRA to module `{name}`: {reason}. Remove it from `target_modules`.")
+    cls = Linear if isinstance(base, nn.Linear) else Conv2d
+    return cls(target, adapter_name, config, eight_bit=eight_bit, name=name)

@@ -1,0 +1,131 @@
+"""`QALoraModel`: the PEFT tuner that injects QALoRA layers, and the model-level helpers built on it."""
+
+from __future__ import annotations
+
+import re
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from ...quant import TemporalActQuantizer, TimestepContext, install_timestep_hook
+from .config import QALoraConfig
+from .layer import QALoraLayer, dispatch_qalora, unsupported_reason
+
+CONTEXT_ATTR = "_qalora_timestep_context"
+HOOK_ATTR = "_qalora_timestep_hook"
+
+
+def _matches(patterns: set[str] | str | None, name: str) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
+    """Names of the modules ``config`` wraps in ``model``.
+
+    With ``target_modules=None`` that is every ``nn.Linear`` and ``nn.Conv2d`` with groups = 1 (others are skipped);
+    explicit targets must all match a supported module, otherwise a ``ValueError`` names the offenders.
+    """
+    names = []
+    explicit = config.target_modules is not None
+    matched_patterns: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or isinstance(module, BaseTunerLayer) or ".base_layer" in f".{name}":
+            continue
+        if _matches(config.exclude_modules, name):
+            continue
+        if explicit:
+            if not _matches(config.target_modules, name):
+                continue
+            if isinstance(config.target_modules, set):
+                matched_patterns.update(p for p in config.target_modules if name == p or name.endswith("." + p))
+            reason = unsupported_reason(module)
+            if reason is not None:
+                raise ValueError(
+                    f"`target_modules` selects `{name}`, a {reason}. Remove it from `target_modules` (or add it to "
+                    f"`exclude_modules`)."
+                )
+        elif unsupported_reason(module) is not None:
+            continue
+        names.append(name)
+    if explicit and isinstance(config.target_modules, set):
+        missing = sorted(config.target_modules - matched_patterns)
+        if missing:
+            raise ValueError(
+                f"`target_modules` {missing} match no module of {type(model).__name__}; check the names with "
+                f"`[n for n, _ in model.named_modules()]`."
+            )
+    if not names:
+        raise ValueError(
+            f"QALoRA found no module to wrap in {type(model).__name__} (target_modules={config.target_modules!r})."
+        )
+    return names
+
+
+class QALoraModel(BaseTuner):
+    """PEFT tuner for QALoRA (EfficientDM).  Usually reached through [`get_qalora_model`], ``peft.get_peft_model``,
+    ``PeftModel.from_pretrained`` or diffusers' ``model.add_adapter`` once ``diffusers_qalora`` is imported.
+
+    Every wrapped layer shares one [`TimestepContext`], fed by a forward pre-hook on the wrapped denoiser.
+    """
+
+    prefix: str = "qal_"
+    tuner_layer_cls = QALoraLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: QALoraConfig, model_config: dict) -> QALoraConfig:
+        # PEFT's default looks up `model_config["model_type"]`, which diffusers configs do not have: resolve the
+        # targets from the model itself, validating them before anything is replaced.
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(eligible_module_names(self.model, peft_config))
+        else:
+            eligible_module_names(self.model, peft_config)
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: QALoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        eight_bit = peft_config.is_eight_bit(current_key)
+        if isinstance(target, QALoraLayer):
+            target.update_layer(adapter_name, peft_config, eight_bit, current_key)
+            return
+        new_module = dispatch_qalora(target, adapter_name, peft_config, eight_bit, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
+        attach_timestep_context(model, config.timestep_argument)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: QALoraConfig, key: str):
+        return check_target_module_exists(peft_config, key)
+
+
+def attach_timestep_context(model: nn.Module, timestep_argument: str = "timestep") -> TimestepContext:
+    """Give every temporal quantizer of ``model`` one shared [`TimestepContext`] fed by a pre-hook (idempotent)."""
+    context = getattr(model, CONTEXT_ATTR, None)
+    if context is None:
+        context = TimestepContext()
+        handle = install_timestep_hook(model, context, timestep_argument)
+        object.__setattr__(model, CONTEXT_ATTR, context)
+        object.__setattr__(model, HOOK_ATTR, handle)
+    for module in model.modules():
+        if isinstance(module, TemporalActQuantizer):
+            module.context = context
+    return context
+
+
+def qalora_layers(model: nn.Module) -> dict[str, QALoraLayer]:
+    """All QALoRA layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QALoraLayer)}
