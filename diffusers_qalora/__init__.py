@@ -16,6 +16,7 @@ from .tuners.qalora.api import (
     get_qalora_model,
     get_qalora_param_groups,
     remove_qalora,
+    set_qalora_adapter,
 )
 
 __version__ = "0.1.0.dev0"
@@ -37,6 +38,7 @@ __all__ = [
     "load_qalora_adapter",
     "remove_qalora",
     "save_qalora_adapter",
+    "set_qalora_adapter",
 ]
 
 _register()

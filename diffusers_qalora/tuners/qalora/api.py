@@ -207,3 +207,14 @@ def get_qalora_param_groups(
     if not groups.param_groups:
         raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
     return groups
+
+
+def set_qalora_adapter(model: nn.Module, adapter_name: str, trainable: bool = False) -> nn.Module:
+    """Make ``adapter_name`` the active QALoRA adapter of every layer that has it (frozen unless ``trainable``)."""
+    layers = qalora_layers(model)
+    if not any(adapter_name in layer.qal_weight_quantizer for layer in layers.values()):
+        names = sorted({a for layer in layers.values() for a in layer.qal_weight_quantizer})
+        raise ValueError(f"no QALoRA adapter named {adapter_name!r}; the model has {names}.")
+    for layer in layers.values():
+        layer.set_adapter(adapter_name, inference_mode=not trainable)
+    return model

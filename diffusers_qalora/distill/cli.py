@@ -1,0 +1,129 @@
+"""Command line of ``examples/distill.py`` (kept in the package so that it is tested and importable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from .trainer import DistillConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Data-free QALoRA distillation (EfficientDM). With no arguments: the embedded digits DDPM at W4A4.",
+    )
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM")
+    p.add_argument("--output_dir", default="outputs/distill")
+    p.add_argument("--weight_bits", type=int, default=4)
+    p.add_argument("--act_bits", type=int, default=4)
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank r")
+    p.add_argument("--num_inference_steps", type=int, default=100, help="DDIM steps of each teacher trajectory")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the teacher trajectories")
+    p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
+    p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA learning rate (scale-aware reference)")
+    p.add_argument("--weight_step_lr", type=float, default=1e-5)
+    p.add_argument("--act_step_lr", type=float, default=1e-3)
+    p.add_argument("--scale_aware", choices=("lr", "grad", "none"), default="lr")
+    p.add_argument("--lr_schedule", choices=("linear", "constant", "cosine"), default="linear")
+    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (text-to-image: 7.5)")
+    p.add_argument("--prompt_file", default=None, help="one prompt per line; default: the shipped prompt list")
+    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--max_grad_norm", type=float, default=None)
+    p.add_argument("--checkpointing_steps", type=int, default=None)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    p.add_argument("--report_to", default=None, help="an Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration_samples", type=int, default=None, help="trajectories for activation calibration")
+    p.add_argument("--eval_samples", type=int, default=500, help="embedded model: samples per seed")
+    p.add_argument("--eval_seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--eval_steps", type=int, default=20)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="embedded model: any of fp naive_ptq timestep_ptq distilled (default: all)")
+    return p
+
+
+def _looks_like_local_path(value: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else that does not exist is a mistyped local path."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Fail before any work: model path, prompt file, bits, numbers."""
+    from ..quant import validate_bits
+
+    validate_bits(args.weight_bits, "--weight_bits")
+    validate_bits(args.act_bits, "--act_bits")
+    for name in ("rank", "num_inference_steps", "train_batch_size", "max_train_steps", "eval_samples", "eval_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
+    model = args.pretrained_model_name_or_path
+    if model is not None:
+        path = Path(model).expanduser()
+        if path.exists():
+            if not (path / "model_index.json").is_file():
+                raise SystemExit(f"error: --pretrained_model_name_or_path {model} is not a diffusers pipeline folder "
+                                 f"(no model_index.json).")
+        elif _looks_like_local_path(model):
+            raise SystemExit(f"error: --pretrained_model_name_or_path {model} does not exist; pass a pipeline folder "
+                             f"or a Hub id like 'org/name'.")
+    if args.prompt_file is not None:
+        from .conditioning import load_prompts
+
+        try:
+            load_prompts(args.prompt_file)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: --prompt_file: {err}") from None
+    if args.methods is not None:
+        from .embedded import METHODS
+
+        bad = [m for m in args.methods if m not in METHODS]
+        if bad:
+            raise SystemExit(f"error: --methods {bad} unknown; choose from {list(METHODS)}.")
+
+
+def _distill_config(args: argparse.Namespace, batch_size: int, steps: int) -> DistillConfig:
+    return DistillConfig(
+        num_inference_steps=args.num_inference_steps, eta=args.eta, batch_size=batch_size, max_train_steps=steps,
+        lora_lr=args.learning_rate, weight_step_lr=args.weight_step_lr, act_step_lr=args.act_step_lr,
+        scale_aware=args.scale_aware, lr_schedule=args.lr_schedule, seed=args.seed,
+        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        max_grad_norm=args.max_grad_norm,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    command = "accelerate launch examples/distill.py " + shlex.join(argv)
+    if args.pretrained_model_name_or_path is None:
+        from .embedded import METHODS, EmbeddedJobConfig, run_embedded_job
+
+        job = EmbeddedJobConfig(
+            weight_bits=args.weight_bits, act_bits=args.act_bits, rank=args.rank,
+            distill=_distill_config(args, args.train_batch_size or 16, args.max_train_steps or 1600),
+            table_steps=args.num_inference_steps, calibration_samples=args.calibration_samples or 64,
+            eval_samples=args.eval_samples, eval_seeds=tuple(args.eval_seeds), eval_steps=args.eval_steps,
+            methods=tuple(args.methods or METHODS),
+        )
+        results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
+                                   args.mixed_precision, args.report_to)
+        if results.get("methods"):
+            print(json.dumps({k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
+                              for k, v in results["methods"].items()}, indent=2))
+        return results
+    from .pipelines import run_pipeline_job
+
+    return run_pipeline_job(args, _distill_config(args, args.train_batch_size or 1, args.max_train_steps or 500),
+                            command)

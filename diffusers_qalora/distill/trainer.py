@@ -1,0 +1,344 @@
+"""Data-free distillation of a QALoRA student from its own full-precision weights (EfficientDM, Sec. 3.3).
+
+For each trajectory: fresh Gaussian noise and random conditioning; the full-precision teacher (the same model with
+its adapters and quantizers switched off, so the weights are held once) samples its own DDIM trajectory; at every
+step the student sees the same ``x_t``, ``t`` and conditioning, and one optimizer step minimises the MSE between the
+two noise predictions (after classifier-free guidance when used).  The trajectory always follows the teacher.
+No dataset is read or stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..integrations.adapters import save_qalora_adapter
+from ..tuners.qalora.api import adapters_disabled, get_qalora_param_groups
+from .conditioning import Conditioning
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "distill_state.safetensors"
+STATE_META = "distill_state.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The distillation loss became NaN or infinite."""
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of [`DataFreeDistiller`].
+
+    Args:
+        num_inference_steps (`int`, defaults to `100`): DDIM steps of each teacher trajectory (one optimizer step each).
+        eta (`float`, defaults to `0.0`): DDIM eta of the teacher trajectory (EfficientDM trains with 1.0).
+        batch_size (`int`, defaults to `8`): trajectories sampled in parallel per process.
+        max_train_steps (`int`, defaults to `1000`): optimizer steps in all.
+        lora_lr (`float`, defaults to `1e-3`): LoRA learning rate of a layer of average weight step size.
+        weight_step_lr (`float`, defaults to `1e-5`): learning rate of the weight step sizes.
+        act_step_lr (`float`, defaults to `1e-3`): learning rate of the activation step sizes and zero points.
+        scale_aware (`"lr" | "grad" | "none"`, defaults to `"lr"`): scale-aware LoRA optimization.
+        weight_decay (`float`, defaults to `0.0`): AdamW weight decay of the LoRA factors.
+        lr_schedule (`"linear" | "constant" | "cosine"`, defaults to `"linear"`): decay over ``max_train_steps``.
+        train_lora / train_weight_steps / train_act_steps (`bool`): which parts are trained (for ablations).
+        seed (`int`, defaults to `0`).
+        checkpointing_steps (`int`, *optional*): save a resumable checkpoint every so many steps.
+        checkpoints_total_limit (`int`, *optional*): keep at most this many checkpoints.
+        gradient_checkpointing (`bool`, defaults to `False`).
+        use_8bit_adam (`bool`, defaults to `False`): bitsandbytes' AdamW8bit, as diffusers' training scripts.
+        max_grad_norm (`float`, *optional*): gradient clipping.
+    """
+
+    num_inference_steps: int = 100
+    eta: float = 0.0
+    batch_size: int = 8
+    max_train_steps: int = 1000
+    lora_lr: float = 1e-3
+    weight_step_lr: float = 1e-5
+    act_step_lr: float = 1e-3
+    scale_aware: str = "lr"
+    weight_decay: float = 0.0
+    lr_schedule: str = "linear"
+    train_lora: bool = True
+    train_weight_steps: bool = True
+    train_act_steps: bool = True
+    seed: int = 0
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    max_grad_norm: float | None = None
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "batch_size", "max_train_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
+            raise ValueError(f"`checkpointing_steps` must be a positive integer, got {self.checkpointing_steps!r}.")
+        if self.lr_schedule not in ("linear", "constant", "cosine"):
+            raise ValueError(f"`lr_schedule` must be 'linear', 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"`eta` must be in [0, 1], got {self.eta!r}.")
+
+
+class _Progress:
+    """Position in the stream of trajectories; with the saved ``x_t`` it makes a resumed run exact."""
+
+    def __init__(self) -> None:
+        self.global_step = 0
+        self.trajectory = 0
+        self.position = 0
+        self.x: torch.Tensor | None = None
+        self.cond: dict[str, torch.Tensor] = {}
+
+    def save(self, directory: Path, rank: int) -> None:
+        tensors = {"x": self.x.detach().cpu().contiguous()} if self.x is not None else {}
+        tensors.update({f"cond.{k}": v.detach().cpu().contiguous() for k, v in self.cond.items()})
+        save_file(tensors, str(directory / f"rank{rank}_{STATE_FILE}"))
+        meta = {"global_step": self.global_step, "trajectory": self.trajectory, "position": self.position}
+        (directory / f"rank{rank}_{STATE_META}").write_text(json.dumps(meta))
+
+    def load(self, directory: Path, rank: int) -> None:
+        meta = json.loads((directory / f"rank{rank}_{STATE_META}").read_text())
+        self.global_step, self.trajectory, self.position = meta["global_step"], meta["trajectory"], meta["position"]
+        tensors = load_file(str(directory / f"rank{rank}_{STATE_FILE}"))
+        self.x = tensors.pop("x", None)
+        self.cond = {k.removeprefix("cond."): v for k, v in tensors.items()}
+
+
+def _lr_lambda(schedule: str, total: int):
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return lambda step: max(0.0, 1.0 - step / total)
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class DataFreeDistiller:
+    """Distils a QALoRA model (built by ``get_qalora_model`` and calibrated) from its own full-precision teacher.
+
+    Args:
+        model (`nn.Module`): the QALoRA denoiser (student; the teacher is the same model with adapters disabled).
+        scheduler: a diffusers scheduler whose config builds the DDIM sampler of the teacher trajectories.
+        conditioning (`Conditioning`): class labels, prompts or none.
+        sample_shape (`tuple[int, ...]`): shape of one latent ``(C, H, W)``.
+        config (`DistillConfig`).
+        output_dir (`str`): where checkpoints, logs and the adapter go.
+        accelerator (`Accelerator`, *optional*): built from ``mixed_precision``/``report_to`` when not given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler: Any,
+        conditioning: Conditioning,
+        sample_shape: tuple[int, ...],
+        config: DistillConfig,
+        output_dir: str | os.PathLike,
+        accelerator: Accelerator | None = None,
+        mixed_precision: str | None = None,
+        report_to: str | None = None,
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator is None:
+            accelerator = Accelerator(
+                mixed_precision=mixed_precision,
+                log_with=report_to,
+                project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+                # Only the current timestep's activation step sizes take part in a step: the others are unused.
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            )
+        self.accelerator = accelerator
+        self.model = model
+        self.conditioning = conditioning
+        self.sample_shape = tuple(sample_shape)
+        self.ddim = DDIMScheduler.from_config(scheduler.config)
+        self.ddim.set_timesteps(config.num_inference_steps)
+        self.timesteps = self.ddim.timesteps.clone()
+        self.progress = _Progress()
+        self.history: list[dict[str, float]] = []
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        groups = get_qalora_param_groups(
+            self.model, cfg.lora_lr, cfg.weight_step_lr, cfg.act_step_lr, cfg.scale_aware, cfg.weight_decay
+        )
+        self._scale_aware = groups
+        keep = {"weight_steps": cfg.train_weight_steps, "act_steps": cfg.train_act_steps}
+        param_groups = []
+        for group in groups.param_groups:
+            name = group["name"]
+            enabled = keep.get(name, cfg.train_lora)
+            for p in group["params"]:
+                p.requires_grad_(enabled)
+            if enabled:
+                param_groups.append(group)
+        if not param_groups:
+            raise ValueError("nothing to train: enable at least one of train_lora, train_weight_steps, train_act_steps.")
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError(
+                    "`use_8bit_adam` needs bitsandbytes: `pip install diffusers-qalora[bitsandbytes]`."
+                ) from err
+            return bnb.optim.AdamW8bit(param_groups)
+        return torch.optim.AdamW(param_groups)
+
+    def _noise_generator(self, *salt: int) -> torch.Generator:
+        # Each process, trajectory and step has its own seed: noise does not depend on where a run was resumed.
+        rank = self.accelerator.process_index
+        seed = hash((self.config.seed, rank) + salt) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def _start_trajectory(self) -> None:
+        gen = self._noise_generator(self.progress.trajectory, -1)
+        batch = self.config.batch_size
+        self.progress.x = torch.randn((batch, *self.sample_shape), generator=gen)
+        self.progress.cond = self.conditioning.sample(batch, gen)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        path = self.output_dir / f"checkpoint-{self.progress.global_step}"
+        self.accelerator.save_state(str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        self.progress.save(path, self.accelerator.process_index)
+        self.accelerator.wait_for_everyone()
+        limit = self.config.checkpoints_total_limit
+        if self.accelerator.is_main_process and limit is not None:
+            for old in _checkpoint_dirs(self.output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def resume(self, checkpoint: str) -> Path:
+        """Resume from ``checkpoint``: a path or ``"latest"`` (the newest ``checkpoint-N`` of ``output_dir``)."""
+        if checkpoint == "latest":
+            found = _checkpoint_dirs(self.output_dir)
+            if not found:
+                logger.warning("no checkpoint in %s; starting a new run", self.output_dir)
+                return None
+            path = found[-1]
+        else:
+            path = Path(checkpoint)
+            if not path.is_dir():
+                raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint folder or 'latest'.")
+        self.accelerator.load_state(str(path))
+        self.progress.load(path, self.accelerator.process_index)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | None = None) -> dict[str, Any]:
+        """Run until ``max_train_steps``; return a summary (time, peak memory, loss history)."""
+        cfg, acc = self.config, self.accelerator
+        unwrapped = self.model
+        if cfg.gradient_checkpointing:
+            if not hasattr(unwrapped, "enable_gradient_checkpointing"):
+                raise ValueError(f"{type(unwrapped).__name__} does not support gradient checkpointing.")
+            unwrapped.enable_gradient_checkpointing()
+        optimizer = self._optimizer()
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_schedule, cfg.max_train_steps))
+        model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        if acc.is_main_process and acc.log_with:
+            acc.init_trackers("qalora-distill", config={k: v for k, v in asdict(cfg).items() if k != "extra"})
+        last_checkpoint = None
+        if resume_from_checkpoint:
+            last_checkpoint = self.resume(resume_from_checkpoint)
+        device = acc.device
+        timesteps = self.timesteps
+        bar = tqdm(total=cfg.max_train_steps, initial=self.progress.global_step, disable=not acc.is_local_main_process,
+                   desc="distill", dynamic_ncols=True)
+        start = time.perf_counter()
+        model.train()
+        while self.progress.global_step < cfg.max_train_steps:
+            if self.progress.position == 0 or self.progress.x is None:
+                self._start_trajectory()
+            p = self.progress
+            t = timesteps[p.position]
+            x = p.x.to(device)
+            cond = {k: v.to(device) for k, v in p.cond.items()}
+            t_in = t.to(device)
+            with torch.no_grad(), adapters_disabled(unwrapped), acc.autocast():
+                target = self.conditioning.predict(model, x, t_in, cond).float()
+            with acc.autocast():
+                pred = self.conditioning.predict(model, x, t_in, cond).float()
+            loss = F.mse_loss(pred, target)
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+                raise NonFiniteLossError(
+                    f"non-finite distillation loss ({loss.item()}) at step {p.global_step}, timestep {int(t)}; "
+                    f"training stopped and {where}. Lower the learning rates (--learning_rate, --act_step_lr) or "
+                    f"use fp32 (--mixed_precision no)."
+                )
+            acc.backward(loss)
+            if cfg.max_grad_norm is not None:
+                acc.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                step_gen = self._noise_generator(p.trajectory, p.position)
+                p.x = self.ddim.step(target.to(x.dtype).cpu(), t, x.cpu(), eta=cfg.eta, generator=step_gen).prev_sample
+            p.position += 1
+            if p.position >= len(timesteps):
+                p.position = 0
+                p.trajectory += 1
+            p.global_step += 1
+            loss_value = acc.reduce(loss.detach(), reduction="mean").item()
+            self.history.append({"step": p.global_step, "timestep": int(t), "loss": loss_value})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3e}", t=int(t))
+            if p.global_step % cfg.log_every == 0 and acc.log_with:
+                acc.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=p.global_step)
+            if cfg.checkpointing_steps and p.global_step % cfg.checkpointing_steps == 0:
+                last_checkpoint = self.save_checkpoint()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        acc.wait_for_everyone()
+        self._scale_aware.remove_hooks()
+        if cfg.gradient_checkpointing:
+            unwrapped.disable_gradient_checkpointing()
+        if acc.log_with:
+            acc.end_training()
+        return {
+            "train_seconds": elapsed,
+            "steps": self.progress.global_step,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "history": self.history,
+        }
+
+    def save_adapter(self, directory: str | os.PathLike | None = None) -> Path | None:
+        """Write the distilled adapter (main process only)."""
+        directory = Path(directory) if directory is not None else self.output_dir / "adapter"
+        if self.accelerator.is_main_process:
+            save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory)
+        self.accelerator.wait_for_everyone()
+        return directory
