@@ -52,9 +52,9 @@ class DistillConfig:
         eta (`float`, defaults to `0.0`): DDIM eta of the teacher trajectory (EfficientDM trains with 1.0).
         batch_size (`int`, defaults to `8`): trajectories sampled in parallel per process.
         max_train_steps (`int`, defaults to `1000`): optimizer steps in all.
-        lora_lr (`float`, defaults to `1e-3`): LoRA learning rate of a layer of average weight step size.
+        lora_lr (`float`, defaults to `1e-4`): LoRA learning rate of a layer of average weight step size.
         weight_step_lr (`float`, defaults to `1e-5`): learning rate of the weight step sizes.
-        act_step_lr (`float`, defaults to `1e-3`): learning rate of the activation step sizes and zero points.
+        act_step_lr (`float`, defaults to `1e-4`): learning rate of the activation step sizes and zero points.
         scale_aware (`"lr" | "grad" | "none"`, defaults to `"lr"`): scale-aware LoRA optimization.
         weight_decay (`float`, defaults to `0.0`): AdamW weight decay of the LoRA factors.
         lr_schedule (`"linear" | "constant" | "cosine"`, defaults to `"linear"`): decay over ``max_train_steps``.
@@ -71,9 +71,9 @@ class DistillConfig:
     eta: float = 0.0
     batch_size: int = 8
     max_train_steps: int = 1000
-    lora_lr: float = 1e-3
+    lora_lr: float = 1e-4
     weight_step_lr: float = 1e-5
-    act_step_lr: float = 1e-3
+    act_step_lr: float = 1e-4
     scale_aware: str = "lr"
     weight_decay: float = 0.0
     lr_schedule: str = "linear"
