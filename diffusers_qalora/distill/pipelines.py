@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..evaluation.embedded import timestep_table
 from ..tuners.qalora.api import calibrate_activations, get_qalora_model
 from ..tuners.qalora.config import QALoraConfig
 from .conditioning import (
@@ -19,7 +20,6 @@ from .conditioning import (
     UnconditionalConditioning,
     load_prompts,
 )
-from .embedded import timestep_table
 from .trainer import DataFreeDistiller, DistillConfig
 
 

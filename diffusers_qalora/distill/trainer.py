@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
-from ..tuners.qalora.api import adapters_disabled, get_qalora_param_groups
+from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
 from .conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -336,9 +336,9 @@ class DataFreeDistiller:
         }
 
     def save_adapter(self, directory: str | os.PathLike | None = None) -> Path | None:
-        """Write the distilled adapter (main process only)."""
+        """Write the trained (active) adapter (main process only) as ``adapter_name`` ``default`` on disk."""
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
         if self.accelerator.is_main_process:
-            save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory)
+            save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory, active_qalora_adapter(self.model))
         self.accelerator.wait_for_everyone()
         return directory

@@ -54,12 +54,21 @@ def lp_search_qparams(
     x = x.detach().float()
     qmin, qmax = qrange(bits, symmetric)
     lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    ratios = torch.linspace(1.0, min_ratio, num_candidates, device=x.device)
+    # Candidates are evaluated in chunks of a few million elements: vectorised, with bounded memory.
+    chunk = max(1, min(num_candidates, 4_000_000 // max(x.numel(), 1)))
     best_err = best_step = best_zp = None
-    for ratio in torch.linspace(1.0, min_ratio, num_candidates).tolist():
-        step, zp = _qparams_from_range(lo * ratio, hi * ratio, bits, symmetric)
+    view = (-1,) + (1,) * x.dim()
+    for start in range(0, num_candidates, chunk):
+        r = ratios[start : start + chunk].reshape(view)
+        step, zp = _qparams_from_range(lo * r, hi * r, bits, symmetric)
         zp_ = 0.0 if zp is None else zp
         x_hat = (torch.clamp(torch.round(x / step) + zp_, qmin, qmax) - zp_) * step
         err = (x - x_hat).abs().pow(p).sum(dim=-1, keepdim=True)
+        idx = err.argmin(dim=0, keepdim=True)  # first (largest ratio) wins ties, as a sequential scan would
+        step = step.expand_as(err).gather(0, idx)[0]
+        zp = None if zp is None else zp.expand_as(err).gather(0, idx)[0]
+        err = err.gather(0, idx)[0]
         if best_err is None:
             best_err, best_step, best_zp = err, step, zp
             continue

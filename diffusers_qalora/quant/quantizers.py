@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 
 import torch
@@ -166,7 +167,7 @@ class TemporalActQuantizer(nn.Module):
         dtype = _compute_dtype(x)
         if bool((t == t[0]).all()):
             # One timestep for the whole batch (the usual case, CFG included): a scalar step is cheaper.
-            step, zp = self.qparams(t[:1])
+            step, zp = self._single_qparams(float(t[0]))
             view = ()
         else:
             step, zp = self.qparams(t)
@@ -175,6 +176,33 @@ class TemporalActQuantizer(nn.Module):
         zp = None if zp is None else zp.to(dtype).reshape(view)
         grad_scale = lsq_grad_scale_factor(x[0].numel(), self.qmax) if self.use_lsq_grad_scale else 1.0
         return fake_quantize(x.to(dtype), step, zp, self.qmin, self.qmax, grad_scale).to(x.dtype)
+
+    def _single_qparams(self, t: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[`qparams`] at one timestep, as 0-d tensors, without the tensor bookkeeping of a batched lookup.
+
+        This runs once per quantized layer and denoiser call, so it is written in plain Python (the batched lookup
+        costs ~0.1 ms of small tensor ops per call).  It gives the same numbers as ``TemporalValues.lookup``: the
+        same clamping and neighbours, the weight computed in float32 the same way, and an exact table entry
+        returned as is (``v * 1 + v * 0 == v``).
+        """
+        table = self.step.timesteps
+        entries = table.tolist()
+        tc = min(max(t, entries[0]), entries[-1])
+        hi = min(bisect_left(entries, tc), len(entries) - 1)
+        if entries[hi] == tc:
+            step = self.step.values[hi]
+            zp = None if self.zero_point is None else self.zero_point.values[hi]
+            return step, zp
+        lo = hi - 1
+        tc_ = torch.tensor(tc, dtype=table.dtype, device=table.device)
+        w = (tc_ - table[lo]) / (table[hi] - table[lo]).clamp_min(1e-12)
+
+        def blend(values: TemporalValues) -> torch.Tensor:
+            a, b = values.values[lo], values.values[hi]
+            w_ = w.to(a.dtype)
+            return a * (1.0 - w_) + b * w_
+
+        return blend(self.step), None if self.zero_point is None else blend(self.zero_point)
 
     @torch.no_grad()
     def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +213,7 @@ class TemporalActQuantizer(nn.Module):
         return quantize(x.float(), step.reshape(view), None if zp is None else zp.reshape(view), self.qmin, self.qmax)
 
     # -- calibration -------------------------------------------------------------------------------------------
-    def start_calibration(self, method: str = "lp", max_elements: int = 65536) -> None:
+    def start_calibration(self, method: str = "lp", max_elements: int = 8192) -> None:
         """Observe inputs (passed through unchanged) and accumulate per-timestep step sizes until
         [`finish_calibration`].  Each observed call is assigned to its nearest table entry."""
         if method not in INIT_METHODS:
@@ -237,6 +265,37 @@ class TemporalActQuantizer(nn.Module):
         self.calibrated.fill_(True)
         self._calibrating = False
         self._calib_sum = None
+
+
+@torch.no_grad()
+def copy_calibration_(target: TemporalActQuantizer, source: TemporalActQuantizer) -> None:
+    """Set ``target``'s step sizes (and zero points) from a calibrated ``source`` of the same bits and symmetry.
+
+    Equal tables are copied; otherwise the source is interpolated at the target's timesteps, except that a
+    single-entry target gets the mean over the source's entries (one step size for every timestep).
+    """
+    if not bool(source.calibrated):
+        raise RuntimeError(f"{source.name or 'source quantizer'} is not calibrated.")
+    if (target.bits, target.symmetric) != (source.bits, source.symmetric):
+        raise ValueError(
+            f"cannot copy calibration between {source.bits}-bit symmetric={source.symmetric} and "
+            f"{target.bits}-bit symmetric={target.symmetric} quantizers."
+        )
+    pairs = [(target.step, source.step)]
+    if target.zero_point is not None:
+        pairs.append((target.zero_point, source.zero_point))
+    for dst, src in pairs:
+        values = src.stacked().detach().double()
+        if len(dst) == 1:
+            new = values.mean().reshape(1)
+        elif torch.equal(dst.timesteps, src.timesteps):
+            new = values
+        else:
+            new = _interp(dst.timesteps.double(), src.timesteps.double(), values)
+        if dst is target.zero_point:
+            new = torch.round(new)
+        dst.fill_(new.float())
+    target.calibrated.fill_(True)
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

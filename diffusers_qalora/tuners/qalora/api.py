@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,7 +70,10 @@ def _inject_or_rollback(
     old_peft_config = dict(model.peft_config) if had_peft_config else None
     had_context = getattr(model, CONTEXT_ATTR, None) is not None
     try:
-        return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
+        with warnings.catch_warnings():
+            # PEFT warns whenever a second adapter is added; several QALoRA adapters on one model are supported.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
     except BaseException:
         _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context)
         raise
@@ -151,6 +155,22 @@ def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str 
     return model
 
 
+def copy_activation_calibration(model: nn.Module, source: str, target: str) -> nn.Module:
+    """Calibrate adapter ``target`` from the calibrated adapter ``source`` of the same model (same activation bits and
+    symmetry) without running the model again: calibration observes the full-precision model, so both would see the
+    same inputs.  See [`diffusers_qalora.quant.quantizers.copy_calibration_`] for tables that differ."""
+    from ...quant.quantizers import copy_calibration_
+
+    layers = [layer for layer in qalora_layers(model).values() if target in layer.qal_act_quantizer]
+    if not layers:
+        raise ValueError(f"no QALoRA adapter named {target!r} in {type(model).__name__}.")
+    for layer in layers:
+        if source not in layer.qal_act_quantizer:
+            raise ValueError(f"adapter {source!r} does not cover layer {layer.qal_act_quantizer[target].name!r}.")
+        copy_calibration_(layer.qal_act_quantizer[target], layer.qal_act_quantizer[source])
+    return model
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as the full-precision teacher inside the block: every QALoRA layer calls its base layer."""
@@ -207,6 +227,14 @@ def get_qalora_param_groups(
     if not groups.param_groups:
         raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
     return groups
+
+
+def active_qalora_adapter(model: nn.Module) -> str:
+    """The name of the QALoRA adapter active in ``model``'s layers (one name; an error if none or several)."""
+    names = {layer._active_qalora_adapter() for layer in qalora_layers(model).values()} - {None}
+    if len(names) != 1:
+        raise ValueError(f"expected one active QALoRA adapter, found {sorted(names)}; call set_qalora_adapter.")
+    return names.pop()
 
 
 def set_qalora_adapter(model: nn.Module, adapter_name: str, trainable: bool = False) -> nn.Module:
