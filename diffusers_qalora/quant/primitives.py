@@ -13,6 +13,7 @@ Symmetric (signed) quantization uses ``z = 0`` and ``[qmin, qmax] = [-2^(b-1), 2
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -68,6 +69,59 @@ def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (cheaper than ``torch.broadcast_shapes`` on a hot path)."""
+    if len(shape) > len(target):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
+
+
+def _fits(t: torch.Tensor, *others: torch.Tensor | float | int) -> bool:
+    """Whether an in-place op on ``t`` with ``others`` gives what the out-of-place op would (same shape and dtype)."""
+    for o in others:
+        if isinstance(o, torch.Tensor) and (
+            o.dtype != t.dtype or o.device != t.device or not _broadcasts_to(o.shape, t.shape)
+        ):
+            return False
+    return True
+
+
+def _code_bounds(zero_point: torch.Tensor | None, qmin: int, qmax: int):
+    """Bounds of the *unshifted* codes, using ``clamp(round(v) + z, qmin, qmax) - z == clamp(round(v), qmin - z,
+    qmax - z)`` for an integer ``z`` (exact in floating point: every term is a small integer).
+
+    A 0-d zero point on the CPU becomes a Python number: ``clamp`` with scalar bounds is much faster than with tensor
+    bounds there (on CUDA, ``.item()`` would synchronise, so the tensor is kept).
+    """
+    if zero_point is None:
+        return qmin, qmax
+    zp = torch.round(zero_point.detach())
+    if zp.dim() == 0 and zp.device.type == "cpu" and zp.is_floating_point():
+        z = float(zp)
+        return qmin - z, qmax - z
+    return qmin - zp, qmax - zp
+
+
+def _fake_quantize_values(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    keep_scaled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``s * clamp(round(x / s), qmin - z, qmax - z)`` (see [`_LSQFakeQuantize`]) and, if ``keep_scaled``, ``x / s``.
+
+    Without ``keep_scaled`` everything after the division happens in place in one buffer.
+    """
+    lo, hi = _code_bounds(zero_point, qmin, qmax)
+    v = x / step
+    c = torch.round(v) if keep_scaled else v.round_()
+    c = c.clamp_(lo, hi) if _fits(c, lo, hi) else torch.clamp(c, lo, hi)
+    out = c.mul_(step) if _fits(c, step) else c * step
+    return out, (v if keep_scaled else None)
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
     """Fake quantization with the gradients of Learned Step Size Quantization (Esser et al., 2020).
 
@@ -78,37 +132,58 @@ class _LSQFakeQuantize(torch.autograd.Function):
       * ``d x_hat / d s`` = ``round(v) - v`` inside, ``qmin - z`` below, ``qmax - z`` above (LSQ);
       * ``d x_hat / d z`` = 0 inside, ``-s`` outside (the zero point only moves clipped values).
     The step and zero-point gradients are multiplied by ``grad_scale`` (LSQ's ``g = 1/sqrt(N * qmax)``) and summed
-    to the shapes of ``step`` and ``zero_point``, which broadcast against ``x``.  Written as one function so that the
-    backward recomputes the masks from ``x`` instead of keeping five intermediate tensors alive.
+    to the shapes of ``step`` and ``zero_point``, which broadcast against ``x``.
+
+    This runs on every weight and activation of every quantized layer, so it is written for few full-size passes
+    and allocations (on CPU, eager elementwise ops are memory- and dispatch-bound):
+      * with integer ``z``, ``clamp(round(v) + z, qmin, qmax) - z == clamp(round(v), qmin - z, qmax - z) =: c``
+        exactly (all terms are small integers), so the forward is ``round``, ``clamp``, ``mul`` in place on ``v``;
+      * only ``v`` is saved (the size of ``x``, as before); the backward recomputes ``r = round(v)`` and ``c``, and
+        the float mask ``inside = (r == c)`` gives the step derivative in one pass as ``c - v * inside``
+        (``round(v) - v`` inside, ``c = qmin - z`` or ``qmax - z`` outside) and ``grad_x = grad * inside``;
+      * the clipped part of the gradient, for the zero point, is ``grad - grad_x`` (exact).
+    Every result is bit-identical to the plain formulas above (the forward may give ``-0.0`` where ``+0.0`` was).
     """
 
     @staticmethod
     def forward(ctx, x, step, zero_point, qmin, qmax, grad_scale):
-        zp = torch.round(zero_point)
-        v = x / step
-        q = torch.clamp(torch.round(v) + zp, qmin, qmax)
-        ctx.save_for_backward(x, step, zero_point)
+        out, v = _fake_quantize_values(x, step, zero_point, qmin, qmax, keep_scaled=True)
+        ctx.save_for_backward(v, step, zero_point)
         ctx.qrange = (qmin, qmax)
         ctx.grad_scale = grad_scale
-        return (q - zp) * step
+        ctx.x_shape = x.shape
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        x, step, zero_point = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
-        zp = torch.round(zero_point)
-        v = x / step
-        shifted = torch.round(v) + zp
-        below = shifted < qmin
-        above = shifted > qmax
-        inside = ~(below | above)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_step = grad_zp = None
-        if ctx.needs_input_grad[1]:
-            d_step = torch.where(inside, torch.round(v) - v, torch.where(below, qmin - zp, qmax - zp))
-            grad_step = _sum_to_shape(grad * d_step, step.shape) * ctx.grad_scale
-        if ctx.needs_input_grad[2]:
-            grad_zp = _sum_to_shape(torch.where(inside, 0.0, -grad * step), zero_point.shape) * ctx.grad_scale
+        v, step, zero_point = ctx.saved_tensors
+        need_x, need_step, need_zp = ctx.needs_input_grad[:3]
+        lo, hi = _code_bounds(zero_point, *ctx.qrange)
+        r = torch.round(v)
+        c = torch.clamp(r, lo, hi)
+        inside = torch.eq(r, c, out=r) if _fits(r, c) else torch.eq(r, c).to(c.dtype)  # 1.0 inside, 0.0 outside
+        del r
+        grad_x = grad_step = grad_zp = None
+        scratch = None
+        if need_step:
+            d_step = torch.addcmul(c, v, inside, value=-1, out=c) if _fits(c, v, inside) else c - v * inside
+            prod = d_step.mul_(grad) if _fits(d_step, grad) else d_step * grad
+            grad_step = _sum_to_shape(prod, step.shape) * ctx.grad_scale
+            scratch = prod
+        if need_x or need_zp:
+            grad_x = inside.mul_(grad) if _fits(inside, grad) else inside * grad
+        if need_zp:
+            if scratch is not None and _fits(scratch, grad, grad_x):
+                clipped = torch.sub(grad, grad_x, out=scratch)
+            else:
+                clipped = grad - grad_x
+            clipped = clipped.mul_(step) if _fits(clipped, step) else clipped * step
+            grad_zp = -_sum_to_shape(clipped, zero_point.shape) * ctx.grad_scale
+        if need_x:
+            grad_x = _sum_to_shape(grad_x, ctx.x_shape)
+        else:
+            grad_x = None
         return grad_x, grad_step, grad_zp, None, None, None
 
 
@@ -133,8 +208,10 @@ def fake_quantize(
     Returns:
         `torch.Tensor`: ``x_hat`` with the dtype and shape of ``x``.
     """
-    if zero_point is None:
-        zero_point = torch.zeros((), dtype=step.dtype, device=step.device)
+    tracked = x.requires_grad or step.requires_grad or (zero_point is not None and zero_point.requires_grad)
+    if not (tracked and torch.is_grad_enabled()):
+        # Inference (sampling, calibration, export): no graph, nothing saved, one buffer.
+        return _fake_quantize_values(x, step, zero_point, qmin, qmax)[0]
     return _LSQFakeQuantize.apply(x, step, zero_point, qmin, qmax, grad_scale)
 
 

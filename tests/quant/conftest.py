@@ -1,0 +1,5 @@
+"""Shared set-up for the quantization-core tests: one CPU thread (the build machines are shared)."""
+
+import torch
+
+torch.set_num_threads(1)
