@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..integrations.adapters import looks_like_local_path
 from .trainer import DistillConfig
 
 
@@ -51,11 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _looks_like_local_path(value: str) -> bool:
-    """A Hub id is ``name`` or ``org/name``; anything else that does not exist is a mistyped local path."""
-    return value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Fail before any work: model path, prompt file, bits, numbers."""
     from ..quant import validate_bits
@@ -73,7 +69,7 @@ def validate_args(args: argparse.Namespace) -> None:
             if not (path / "model_index.json").is_file():
                 raise SystemExit(f"error: --pretrained_model_name_or_path {model} is not a diffusers pipeline folder "
                                  f"(no model_index.json).")
-        elif _looks_like_local_path(model):
+        elif looks_like_local_path(model):
             raise SystemExit(f"error: --pretrained_model_name_or_path {model} does not exist; pass a pipeline folder "
                              f"or a Hub id like 'org/name'.")
     if args.prompt_file is not None:

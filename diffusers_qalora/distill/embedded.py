@@ -21,12 +21,11 @@ from ..evaluation.embedded import (
     peak_rss_mb,
     public,
     step_size_table,
-    timestep_table,
 )
 from ..evaluation.plots import plot_step_sizes
 from ..evaluation.report import machine_info, results_markdown
 from ..testbed import Testbed, load_testbed
-from ..tuners.qalora.api import copy_activation_calibration, get_qalora_model, set_qalora_adapter
+from ..tuners.qalora.api import copy_activation_calibration, get_qalora_model, set_qalora_adapter, timestep_table
 from ..tuners.qalora.config import QALoraConfig
 from .conditioning import ClassLabelConditioning
 from .trainer import DataFreeDistiller, DistillConfig

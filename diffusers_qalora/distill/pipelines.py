@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.embedded import timestep_table
-from ..tuners.qalora.api import calibrate_activations, get_qalora_model
+from ..tuners.qalora.api import calibrate_activations, get_qalora_model, timestep_table
 from ..tuners.qalora.config import QALoraConfig
 from .conditioning import (
     ClassLabelConditioning,

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import resource
 import time
@@ -18,7 +17,13 @@ from tqdm.auto import tqdm
 
 from ..quant import TemporalActQuantizer
 from ..testbed import Testbed, load_testbed
-from ..tuners.qalora.api import adapters_disabled, copy_activation_calibration, get_qalora_model, set_qalora_adapter
+from ..tuners.qalora.api import (
+    adapters_disabled,
+    copy_activation_calibration,
+    get_qalora_model,
+    set_qalora_adapter,
+    timestep_table,
+)
 from ..tuners.qalora.model import qalora_layers
 from .baselines import add_calibrated_adapter, baseline_config
 from .plots import plot_step_sizes, save_image_grid
@@ -26,13 +31,6 @@ from .report import evaluate_seeds, machine_info, results_markdown
 
 PTQ_METHODS = ("fp", "naive_ptq", "timestep_ptq")
 METHOD_LABELS = {"fp": "FP", "naive_ptq": "naive PTQ", "timestep_ptq": "per-timestep PTQ", "distilled": "QALoRA distilled"}
-
-
-def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
-    """The sorted timesteps a scheduler visits in ``num_inference_steps`` steps: the table of the temporal step sizes."""
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_inference_steps)
-    return sorted({float(t) for t in scheduler.timesteps.tolist()})
 
 
 def calibration_run(testbed: Testbed, num_samples: int, steps: int) -> Callable[[], None]:

@@ -31,6 +31,16 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def _strip_wrappers(key: str) -> str:
+    """``a.to_q.base_layer.qal_A`` -> ``a.to_q.qal_A``: a QALoRA layer that another adapter (e.g. a style LoRA added
+    later) wraps is saved under the name of the module it replaces, so the file loads into a model without that
+    adapter."""
+    module, sep, rest = key.partition(".qal_")
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return module + sep + rest
+
+
 def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
     factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
@@ -43,7 +53,7 @@ def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, ada
             f"{type(base).__name__} has no QALoRA adapter named {adapter_name!r} (adapters: {sorted(configs)})."
         )
     state = get_peft_model_state_dict(base, adapter_name=adapter_name)
-    state = {_PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state = {_PEFT_PREFIX + _strip_wrappers(k): v.detach().contiguous().cpu() for k, v in state.items()}
     target = Path(save_directory)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".tmp-qalora-") as tmp:
@@ -54,6 +64,11 @@ def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, ada
     return target
 
 
+def looks_like_local_path(value: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else that does not exist is a mistyped local path."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+
+
 def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | None, revision: str | None,
              token: str | bool | None) -> str:
     local = Path(path_or_repo) / (subfolder or "") / filename
@@ -61,6 +76,8 @@ def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | No
         if not local.is_file():
             raise FileNotFoundError(f"{local} does not exist: {path_or_repo} is not a QALoRA adapter folder.")
         return str(local)
+    if isinstance(path_or_repo, os.PathLike) or looks_like_local_path(str(path_or_repo)):
+        raise FileNotFoundError(f"{path_or_repo} does not exist; pass an adapter folder or a Hub id like 'org/name'.")
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(str(path_or_repo), filename, subfolder=subfolder, revision=revision, token=token)
@@ -146,8 +163,14 @@ def load_qalora_adapter(
     from ..tuners.qalora.model import CONTEXT_ATTR
 
     had_context = getattr(base, CONTEXT_ATTR, None) is not None
+    # Every step size and zero point is read from the file below (a missing one is an error), so the weight-step
+    # search of `weight_init` would be thrown away: inject with the cheap min-max init (an MSE search over an SD1.5
+    # UNet costs ~17 CPU-minutes), then record the adapter's own setting again.
+    weight_init = config.weight_init
+    config.weight_init = "minmax"
     _inject_or_rollback(base, config, adapter_name)
     try:
+        base.peft_config[adapter_name].weight_init = weight_init
         result = set_peft_model_state_dict(base, state, adapter_name=adapter_name)
         missing = [k for k in result.missing_keys if ".qal_" in k and f".{adapter_name}" in k]
         if result.unexpected_keys or missing:

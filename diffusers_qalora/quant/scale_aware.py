@@ -51,7 +51,7 @@ def scale_aware_param_groups(
     """One parameter group per layer with the scale-aware learning rate (``mode="lr"``), one group with gradient
     hooks multiplying by ``s̄_l / mean(s̄)`` (``mode="grad"``), or one plain group (``mode="none"``).
 
-    Each group carries ``"name"`` and ``"mean_step"`` keys for logging.
+    Each group carries a ``"name"`` key (and, in ``"lr"`` mode, the layer's ``"mean_step"``) for logging.
     """
     if mode not in SCALE_AWARE_MODES:
         raise ValueError(f"`scale_aware` mode must be one of {SCALE_AWARE_MODES}, got {mode!r}.")

@@ -9,6 +9,7 @@ end.  A batch whose samples sit at different timesteps gets each sample's own st
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,7 @@ def timesteps_to_tensor(timestep: torch.Tensor | float | int) -> torch.Tensor:
                 f"`timestep` must be a scalar or a 1-D tensor with one value per sample, got shape {tuple(timestep.shape)}."
             )
         return timestep.detach().reshape(-1).to(torch.float32)
-    if isinstance(timestep, bool) or not isinstance(timestep, int | float):
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
         raise ValueError(f"`timestep` must be a tensor, int or float, got {type(timestep).__name__}.")
     return torch.tensor([float(timestep)], dtype=torch.float32)
 
@@ -138,22 +139,31 @@ def interpolation_indices(table: torch.Tensor, t: torch.Tensor) -> tuple[torch.T
 class TemporalValues(nn.Module):
     """A table of scalar parameters keyed by timestep value, read with [`interpolation_indices`].
 
-    Each entry is its own 0-d ``nn.Parameter``, and a lookup only puts the entries it uses into the graph.  The
-    others get no gradient at all (``grad is None``), so optimizers skip them: no momentum drift, no weight decay.
+    Each entry is its own 0-d ``nn.Parameter`` (``v0``, ``v1``, ...), and a lookup only puts the entries it uses into
+    the graph.  The others get no gradient at all (``grad is None``), so optimizers skip them: no momentum drift, no
+    weight decay.  In a state dict the entries are stored as one ``(T,)`` tensor named ``values`` (one tensor per
+    table instead of ``T``), and split again on loading.
     """
 
     def __init__(self, timesteps: Sequence[float], init: float = 1.0) -> None:
         super().__init__()
         table = validate_timestep_table(timesteps)
         self.register_buffer("timesteps", torch.tensor(table, dtype=torch.float32))
-        self.values = nn.ParameterList([nn.Parameter(torch.tensor(float(init))) for _ in table])
+        self._size = len(table)
+        for i in range(self._size):
+            self.register_parameter(f"v{i}", nn.Parameter(torch.tensor(float(init))))
+
+    @property
+    def values(self) -> tuple[nn.Parameter, ...]:
+        """The entries, in table order."""
+        return tuple(self._parameters[f"v{i}"] for i in range(self._size))
 
     def __len__(self) -> int:
-        return len(self.values)
+        return self._size
 
     def stacked(self) -> torch.Tensor:
         """All entries as one ``(T,)`` tensor (every entry in the graph)."""
-        return torch.stack(list(self.values))
+        return torch.stack(self.values)
 
     def fill_(self, values: torch.Tensor | Sequence[float]) -> None:
         values = torch.as_tensor(values, dtype=torch.float32)
@@ -162,6 +172,26 @@ class TemporalValues(nn.Module):
         with torch.no_grad():
             for p, v in zip(self.values, values):
                 p.copy_(v)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "timesteps"] = self.timesteps if keep_vars else self.timesteps.detach()
+        destination[prefix + "values"] = torch.stack([p if keep_vars else p.detach() for p in self.values])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "values"
+        if key in state_dict:
+            stacked = state_dict.pop(key)
+            if tuple(stacked.shape) != (self._size,):
+                error_msgs.append(
+                    f"size mismatch for {key}: the checkpoint holds {tuple(stacked.shape)} step sizes, the model's "
+                    f"timestep table has {self._size} entries."
+                )
+                return
+            for i in range(self._size):
+                state_dict[f"{prefix}v{i}"] = stacked[i]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def lookup(self, t: torch.Tensor) -> torch.Tensor:
         """Interpolated values at timesteps ``t`` (1-D), shape ``(len(t),)``."""

@@ -18,6 +18,15 @@ from .layer import QALoraLayer
 from .model import CONTEXT_ATTR, HOOK_ATTR, eligible_module_names, qalora_layers
 
 
+def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
+    """The sorted timesteps a diffusers scheduler visits in ``num_inference_steps`` steps, for
+    ``QALoraConfig(timesteps=...)``: with the table equal to the distillation schedule, every trained timestep has its
+    own entry, and shorter schedules of the same spacing are interpolated.  The scheduler is not modified."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps)
+    return sorted({float(t) for t in scheduler.timesteps.tolist()})
+
+
 def _ensure_registered() -> None:
     from ...integrations import register
 

@@ -68,7 +68,7 @@ class QALoraConfig(PeftConfig):
         act_init (`"minmax" | "mse" | "lp"`, defaults to `"lp"`): activation calibration search (LAPQ's p = 2.4).
         timesteps (`list[float]`, *optional*): the timestep table, strictly increasing, in the units the denoiser
             receives.  By default the 100 values ``0, 10, ..., 990`` (a 100-step DDIM schedule over 1000 training
-            timesteps); pass ``timestep_table(scheduler, 100)`` to match a pipeline's scheduler exactly, and values in
+            timesteps); pass ``diffusers_qalora.timestep_table(scheduler, 100)`` to match a pipeline's scheduler exactly, and values in
             [0, 1] for Flux-style denoisers.
         temporal_activations (`bool`, defaults to `True`): one activation step size per table entry (TALSQ);
             `False` gives one step size shared by all timesteps.

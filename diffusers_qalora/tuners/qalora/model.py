@@ -32,11 +32,25 @@ def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
     names = []
     explicit = config.target_modules is not None
     matched_patterns: set[str] = set()
+    adapter_prefixes: list[str] = []  # internals of existing tuner layers (base_layer, lora_A.<name>, ...)
     for name, module in model.named_modules():
-        if not name or isinstance(module, BaseTunerLayer) or ".base_layer" in f".{name}":
+        if not name or any(name.startswith(p) for p in adapter_prefixes):
             continue
+        if isinstance(module, BaseTunerLayer):
+            adapter_prefixes.append(name + ".")
         if _matches(config.exclude_modules, name):
             continue
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, QALoraLayer):
+            if explicit and not _matches(config.target_modules, name):
+                continue
+            raise ValueError(
+                f"`{name}` already carries a {type(module).__module__}.{type(module).__name__} adapter; QALoRA must "
+                f"be applied before other adapters (e.g. a style LoRA), or the module excluded with "
+                f"`exclude_modules`."
+            )
+        if isinstance(module, QALoraLayer):
+            # A second QALoRA adapter goes onto the existing wrapper (its base layer is a supported module).
+            module = module.get_base_layer()
         if explicit:
             if not _matches(config.target_modules, name):
                 continue
@@ -104,8 +118,24 @@ class QALoraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # PEFT calls `_post_injection_hook` only for the first adapter (in `BaseTuner.__init__`), not from
+        # `PeftModel.add_adapter` / `load_adapter`: attach the timestep context after every injection.
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        attach_timestep_context(model, self.peft_config[adapter_name].timestep_argument)
+
     def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
         attach_timestep_context(model, config.timestep_argument)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT's default strips the adapter name only where it is the last or second-to-last key component; the
+        # quantizer dicts nest deeper (``qal_act_quantizer.<adapter>.step.values.0``), which would bake the adapter
+        # name into the file and break loading under another name.  Strip it right after the ``qal_*`` attribute.
+        # Used for both saving and loading (PEFT inverts it), so the two stay symmetric.
+        pattern = r"(^|\.)(qal_[A-Za-z_]+)\." + re.escape(adapter_name) + r"(?=\.|$)"
+        new_key, count = re.subn(pattern, r"\1\2", key)
+        return new_key if count else super()._remove_adapter_name_from_key(key, adapter_name)
 
     @staticmethod
     def _check_target_module_exists(peft_config: QALoraConfig, key: str):

@@ -1,0 +1,18 @@
+"""The diffusers quantization backend ``"qalora"``: config, quantizer, registration and `export_quantized`."""
+
+from .config import QALoraQuantConfig, QALoraQuantMethod
+from .export import export_quantized
+from .quantizer import CHECKSUM_KEY, QALoraDiffusersQuantizer, integer_state_checksum, mark_exported
+from .registry import register_diffusers_backend, unregister_diffusers_backend
+
+__all__ = [
+    "CHECKSUM_KEY",
+    "QALoraDiffusersQuantizer",
+    "QALoraQuantConfig",
+    "QALoraQuantMethod",
+    "export_quantized",
+    "integer_state_checksum",
+    "mark_exported",
+    "register_diffusers_backend",
+    "unregister_diffusers_backend",
+]

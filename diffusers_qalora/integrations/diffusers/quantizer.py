@@ -1,0 +1,303 @@
+"""`QALoraDiffusersQuantizer`: the diffusers quantizer of the ``"qalora"`` backend.
+
+Two ways in through ``ModelMixin.from_pretrained``:
+
+* **an exported folder** (``config.json`` carries ``quantization_config`` with ``layers``): the model skeleton (on
+  the meta device) gets empty integer layers where the config says so, every integer tensor of the checkpoint is
+  checked against them before anything is loaded, the tensors are loaded as they are (codes stay integers, scales
+  stay float32 whatever ``torch_dtype`` says), a checksum recorded at save time is verified, and the timestep hook is
+  installed;
+* **a float checkpoint plus** ``quantization_config=QALoraQuantConfig(...)``: the weights load as usual, then QALoRA
+  is injected (PTQ initialisation of the weight step sizes), ready for ``calibrate_activations``, distillation and
+  ``export_quantized``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+from safetensors import safe_open
+from torch import nn
+
+from ...export import IntegerConv2d, IntegerLayer, IntegerLinear, attach_integer_context, integer_layers
+from .config import QALoraQuantConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKSUM_KEY = "qalora_integer_checksum"
+FORMAT_KEY = "qalora_format"
+FORMAT_VERSION = "1"
+_TENSOR_NAMES = ("weight_packed", "weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
+_EXPECTED_DTYPES = {"weight_packed": torch.uint8}
+
+
+def integer_state_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """blake2b over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _integer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in integer_layers(model).items():
+        for tensor_name in _TENSOR_NAMES:
+            t = getattr(layer, tensor_name)
+            if t is not None:
+                out[f"{name}.{tensor_name}" if name else tensor_name] = t
+    return out
+
+
+class QALoraDiffusersQuantizer(DiffusersQuantizer):
+    """diffusers quantizer for [`QALoraQuantConfig`] (see the module docstring)."""
+
+    requires_calibration = False
+    required_packages = None
+    use_keep_in_fp32_modules = True
+
+    def __init__(self, quantization_config: QALoraQuantConfig, **kwargs) -> None:
+        if not isinstance(quantization_config, QALoraQuantConfig):
+            raise TypeError(
+                f"`quantization_config` must be a QALoraQuantConfig, got {type(quantization_config).__name__}."
+            )
+        super().__init__(quantization_config, **kwargs)
+        self._layouts = quantization_config.layouts() if self.pre_quantized else {}
+        self._files: list[str] = []
+        self._expected_checksum: str | None = None
+        self._model: nn.Module | None = None
+        self._torch_dtype: torch.dtype | None = None
+
+    # -- environment and dtype -----------------------------------------------------------------------------------
+    def validate_environment(self, *args, **kwargs) -> None:
+        config = self.quantization_config
+        if self.pre_quantized and not config.is_exported:
+            raise ValueError(
+                "config.json has a 'qalora' quantization_config without `layers`: it does not describe an exported "
+                "integer model. Export the model with diffusers_qalora.export_quantized(model) and save it again."
+            )
+        if not self.pre_quantized and config.is_exported:
+            raise ValueError(
+                "this QALoraQuantConfig describes an exported integer model (`layers` is set) but the checkpoint is a "
+                "float one. Load the exported folder without `quantization_config`, or pass a fresh "
+                "QALoraQuantConfig(weight_bits=..., act_bits=...) to quantize this float checkpoint."
+            )
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values() and self.pre_quantized:
+            raise NotImplementedError("integer QALoRA layers cannot be offloaded to disk; use a device_map without 'disk'.")
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        # Float layers follow `torch_dtype` as with every backend; integer layers keep integer codes and float32 scales.
+        self._torch_dtype = torch_dtype
+        return torch_dtype
+
+    # -- loading an exported model ---------------------------------------------------------------------------------
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        if self.pre_quantized:
+            self._files = [str(f) for f in checkpoint_files or [] if isinstance(f, str)]
+            checksums = set()
+            for path in self._files:
+                if not path.endswith(".safetensors"):
+                    raise ValueError(
+                        f"{path}: an exported QALoRA model is stored as safetensors only; re-save it with "
+                        f"save_pretrained(..., safe_serialization=True)."
+                    )
+                try:
+                    with safe_open(path, framework="pt") as f:
+                        metadata = f.metadata() or {}
+                except Exception as err:  # safetensors raises its own error type for a damaged header
+                    raise OSError(
+                        f"{path} is not a readable safetensors file ({err}); it is truncated or damaged. Download or "
+                        f"save the model again."
+                    ) from err
+                if metadata.get(CHECKSUM_KEY):
+                    checksums.add(metadata[CHECKSUM_KEY])
+            self._expected_checksum = checksums.pop() if len(checksums) == 1 else None
+        return loaded_keys
+
+    def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        if not self.pre_quantized:
+            return model
+        self._model = model  # read by the per-shard checks in maybe_update_state_dict; dropped after loading
+        replacements = {}
+        for name, layout in self._layouts.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"config.json's quantization_config lists integer layer `{name}`, which {type(model).__name__} "
+                    f"(built from the same config.json) does not have. The config and the model disagree: restore the "
+                    f"config.json that save_pretrained wrote."
+                ) from None
+            if layout.kind == "linear" and isinstance(module, nn.Linear):
+                new = IntegerLinear.from_linear(module, layout, device="meta")
+            elif layout.kind == "conv2d" and isinstance(module, nn.Conv2d) and module.groups == 1:
+                new = IntegerConv2d.from_conv2d(module, layout, device="meta")
+            else:
+                raise ValueError(
+                    f"config.json's quantization_config says `{name}` is an integer {layout.kind} layer, but the model "
+                    f"has a {type(module).__name__} there. Restore the config.json that save_pretrained wrote."
+                )
+            new.name = name
+            new.backend = self.quantization_config.backend
+            replacements[name] = new
+        for name, new in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+        return model
+
+    def _where(self) -> str:
+        return ", ".join(self._files) or "the checkpoint"
+
+    def _check_tensor(self, model: nn.Module, key: str, value: torch.Tensor) -> None:
+        module_name, _, tensor_name = key.rpartition(".")
+        layout = self._layouts[module_name]
+        expected = getattr(model.get_submodule(module_name), tensor_name)
+        if expected is None:
+            raise ValueError(f"{self._where()}: `{key}` is a bias, but config.json describes `{module_name}` without one.")
+        if tuple(value.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"{self._where()}: `{key}` has shape {tuple(value.shape)}, but config.json's quantization_config "
+                f"describes `{module_name}` as {layout.kind} W{layout.weight_bits}A{layout.act_bits} "
+                f"(group_size={layout.group_size}, {layout.num_timesteps} timesteps), which needs shape "
+                f"{tuple(expected.shape)}. The config and the tensors disagree: restore the config.json that "
+                f"save_pretrained wrote next to this file, or export the model again."
+            )
+        want = _EXPECTED_DTYPES.get(tensor_name)
+        if want is not None and value.dtype != want:
+            raise ValueError(f"{self._where()}: `{key}` must be {want}, got {value.dtype}; the file is not an export.")
+        if want is None and not value.is_floating_point():
+            raise ValueError(f"{self._where()}: `{key}` must be a float tensor, got {value.dtype}.")
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Runs on each shard before any of its tensors is loaded: check them all first.
+        if not self.pre_quantized:
+            return state_dict
+        for key, value in state_dict.items():
+            if self._owns(key):
+                self._check_tensor(self._model, key, value)
+        if self._torch_dtype in (None, torch.float32):
+            return state_dict
+        # diffusers casts every floating tensor of the checkpoint to `torch_dtype` before handing it to
+        # `create_quantized_param`; the float32 scales of the integer layers must not be rounded to that dtype.  They
+        # travel as their int32 bit patterns (not floating, so not cast) and are viewed back as float32 on arrival.
+        return {
+            key: value.view(torch.int32) if self._owns(key) and value.dtype == torch.float32 else value
+            for key, value in state_dict.items()
+        }
+
+    def _owns(self, key: str) -> bool:
+        module_name, _, tensor_name = key.rpartition(".")
+        return tensor_name in _TENSOR_NAMES and module_name in self._layouts
+
+    def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
+        if self.pre_quantized:
+            ours = sorted(k for k in missing_keys if self._owns(k))
+            if ours:
+                raise ValueError(
+                    f"{self._where()} lacks {len(ours)} tensor(s) of the integer layers that config.json lists, "
+                    f"e.g. {ours[:3]}. The file is truncated or not the export this config.json belongs to: "
+                    f"download or save the model again."
+                )
+        return missing_keys
+
+    def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
+        return self.pre_quantized and self._owns(param_name)
+
+    def check_quantized_param_shape(self, param_name, current_param, loaded_param) -> bool:
+        if tuple(current_param.shape) != tuple(loaded_param.shape):
+            raise ValueError(
+                f"{self._where()}: `{param_name}` has shape {tuple(loaded_param.shape)}, expected "
+                f"{tuple(current_param.shape)} from config.json's quantization_config; restore the config.json that "
+                f"save_pretrained wrote."
+            )
+        return True
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
+                               unexpected_keys=None, **kwargs) -> None:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if tensor_name != "weight_packed" and param_value.dtype == torch.int32:
+            param_value = param_value.view(torch.float32)  # see maybe_update_state_dict
+        self._check_tensor(model, param_name, param_value)
+        module = model.get_submodule(module_name)
+        dtype = torch.uint8 if tensor_name == "weight_packed" else torch.float32
+        device = target_device if target_device is not None else "cpu"
+        module._buffers[tensor_name] = param_value.to(device=device, dtype=dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if not self.pre_quantized:
+            from ...tuners.qalora.api import get_qalora_model
+
+            return get_qalora_model(model, config.to_qalora_config())
+        left = [f"{n}.{b}" for n, layer in integer_layers(model).items() for b, t in layer._buffers.items()
+                if t is not None and t.device.type == "meta"]
+        if left:
+            raise ValueError(f"{self._where()}: integer tensors {left[:3]} were not loaded; save the model again.")
+        if self._expected_checksum is not None:
+            actual = integer_state_checksum(_integer_tensors(model))
+            if actual != self._expected_checksum:
+                raise ValueError(
+                    f"corrupt checkpoint ({self._where()}): the checksum of the integer tensors differs from the one "
+                    f"recorded by save_pretrained. Download or save the model again."
+                )
+        attach_integer_context(model, config.timestep_argument)
+        for layer in integer_layers(model).values():
+            layer._derived.clear()
+        self._model = None
+        return model
+
+    # -- saving --------------------------------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False):
+        tensors = {k: v for k, v in state_dict.items() if self._owns(k)}
+        return state_dict, {FORMAT_KEY: FORMAT_VERSION, CHECKSUM_KEY: integer_state_checksum(tensors)}
+
+    @property
+    def is_serializable(self) -> bool:
+        if not self.quantization_config.is_exported:
+            logger.warning(
+                "A QALoRA model that is not exported yet cannot be saved with save_pretrained: call "
+                "diffusers_qalora.export_quantized(model) first (or save the adapter with save_qalora_adapter)."
+            )
+            return False
+        return True
+
+    @property
+    def supports_safetensors_serialization(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return not self.quantization_config.is_exported
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def _dequantize(self, model):
+        raise NotImplementedError(
+            "an exported QALoRA model keeps only integer codes; its float weights are gone. Load the float checkpoint "
+            "and the QALoRA adapter instead."
+        )
+
+
+def mark_exported(model: nn.Module, config: QALoraQuantConfig) -> None:
+    """Make an exported diffusers model look as if ``from_pretrained`` had quantized it: ``is_quantized``,
+    ``hf_quantizer`` and ``config.quantization_config``, so that ``save_pretrained`` writes the integer tensors and
+    the config, and ``.to(dtype)`` refuses to cast it."""
+    quantizer = QALoraDiffusersQuantizer(config, pre_quantized=True)
+    model.register_to_config(quantization_config=config)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.hf_quantizer = quantizer
+
+
+def is_integer_layer(module: nn.Module) -> bool:
+    return isinstance(module, IntegerLayer)
