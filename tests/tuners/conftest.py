@@ -1,10 +1,10 @@
 """Shared set-up for the tuner tests: one CPU thread (the build machines are shared) and fixtures over the tiny
-models of ``tuner_models.py`` (UNet2DModel, SD1.5- and SDXL-like UNet2DConditionModel, SD3 and Flux transformers, a
+models of ``tiny_models.py`` (UNet2DModel, SD1.5- and SDXL-like UNet2DConditionModel, SD3 and Flux transformers, a
 tiny StableDiffusionPipeline), all built from configs without any download."""
 
 import pytest
 import torch
-from tuner_models import (  # noqa: F401  (re-exported for tests that prefer plain functions)
+from tiny_models import (  # noqa: F401  (re-exported for tests that prefer plain functions)
     MODEL_KINDS,
     Case,
     make_flux,

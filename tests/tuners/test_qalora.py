@@ -1,7 +1,7 @@
 """The QALoRA PEFT tuner on tiny diffusers denoisers: injection, exact PTQ start, calibration, save/load and PEFT
 interop, pipelines, gradients and optimizer groups, coexistence with a plain LoRA, bad input, merge/unmerge.
 
-Every model is built from a config with a fixed seed (see ``tuner_models.py``); reference values are computed here
+Every model is built from a config with a fixed seed (see ``tiny_models.py``); reference values are computed here
 independently of the library (manual fake quantization, FP models with hooks) wherever that is possible.
 """
 
@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from tuner_models import MODEL_KINDS, make_sd15_unet, make_tiny_sd_pipeline, make_unet2d, output_of
+from tiny_models import MODEL_KINDS, make_sd15_unet, make_tiny_sd_pipeline, make_unet2d, output_of
 
 import diffusers_qalora as dq
 from diffusers_qalora.tuners.qalora import Conv2d as QConv2d

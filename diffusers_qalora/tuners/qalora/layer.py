@@ -216,6 +216,9 @@ class Linear(nn.Module, QALoraLayer):
                  name: str = "", **kwargs) -> None:
         super().__init__()
         QALoraLayer.__init__(self, base_layer, **kwargs)
+        # Code that inspects the layer (e.g. SDXL pipelines read `add_embedding.linear_1.in_features`) keeps working.
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, eight_bit, name)
 
@@ -241,6 +244,9 @@ class Conv2d(nn.Module, QALoraLayer):
                  name: str = "", **kwargs) -> None:
         super().__init__()
         QALoraLayer.__init__(self, base_layer, **kwargs)
+        base = self.get_base_layer()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, attr, getattr(base, attr))
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, eight_bit, name)
 
