@@ -28,7 +28,7 @@ case "$cmd" in
   test)
     setup
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    "$VENV/bin/ruff" check diffusers_qalora examples benchmarks tests
+    "$VENV/bin/python" -m ruff check diffusers_qalora examples benchmarks tests
     NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
     set +e
     "$VENV/bin/python" -m pytest -q "$@"
@@ -40,7 +40,7 @@ case "$cmd" in
     ;;
   demo)
     setup
-    "$VENV/bin/accelerate" launch --num_processes 1 examples/distill.py "$@"
+    "$VENV/bin/python" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/distill.py "$@"
     ;;
   *)
     echo "usage: bash scripts/dev.sh {setup|test|demo} [args...]" >&2
