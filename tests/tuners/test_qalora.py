@@ -19,8 +19,8 @@ from peft.functional import set_adapter as peft_set_adapter
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
 from tiny_models import MODEL_KINDS, make_sd15_unet, make_tiny_sd_pipeline, make_unet2d, output_of
+from torch import nn
 
 import diffusers_qalora as dq
 from diffusers_qalora.tuners.qalora import Conv2d as QConv2d
