@@ -2,7 +2,7 @@
 data-free tuning of the learnable transform scales (Pan et al., *Data-Free Group-Wise Fully Quantized Winograd
 Convolution via Learnable Scales*, CVPR 2025).
 
-Imports only ``torch`` and `diffusers_qalora.quant`.
+Imports only ``torch``, ``safetensors`` and `diffusers_qalora.quant` (QALoRA layers are recognised by their interface).
 """
 
 from .config import WinogradConfig
@@ -13,7 +13,10 @@ from .conv import (
     WinogradWarning,
     winograd_ineligibility,
 )
+from .direct import DirectQuantConv2d
 from .functional import winograd_conv2d
+from .replace import LayerRecord, WinogradReport, apply_winograd, set_quant_mode, winograd_modules
+from .serialization import load_winograd, save_winograd, winograd_state_dict
 from .transforms import (
     DEFAULT_POINTS,
     WinogradTransforms,
@@ -27,21 +30,30 @@ from .tuning import ScaleTuningResult, scales_are_visible, sqnr_db, tune_scales_
 
 __all__ = [
     "DEFAULT_POINTS",
+    "DirectQuantConv2d",
+    "LayerRecord",
     "ScaleTuningResult",
     "WinogradConfig",
     "WinogradConv2d",
     "WinogradPrecisionWarning",
+    "WinogradReport",
     "WinogradScales",
     "WinogradTransforms",
     "WinogradWarning",
+    "apply_winograd",
     "balanced_multipliers",
     "lagrange_denominators",
+    "load_winograd",
     "parse_point",
+    "save_winograd",
     "scales_are_visible",
+    "set_quant_mode",
     "sqnr_db",
     "tune_scales_",
     "winograd_conv2d",
     "winograd_correlate_1d",
     "winograd_ineligibility",
+    "winograd_modules",
+    "winograd_state_dict",
     "winograd_transforms",
 ]

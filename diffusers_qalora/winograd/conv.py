@@ -166,6 +166,9 @@ class WinogradConv2d(nn.Module):
         scales ([`WinogradScales`]): the learnable transform scales.
         quant_mode (`str`): ``"fp"``, ``"fake"`` or ``"int"``.
         last_input_shape (`tuple[int, ...] | None`): shape of the last input seen (used by `tune_scales_`).
+        input_quantizer (`nn.Module | None`): optional quantizer applied to the spatial input before everything else
+            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [`apply_winograd`]); ``None`` by
+            default.  [`forward_core`] is the layer without it.
     """
 
     kernel_size = (3, 3)
@@ -189,6 +192,11 @@ class WinogradConv2d(nn.Module):
         config = WinogradConfig() if config is None else config
         if not isinstance(config, WinogradConfig):
             raise TypeError(f"`config` must be a WinogradConfig, got {type(config).__name__}.")
+        if config.algorithm != "winograd":
+            raise ValueError(
+                f"a WinogradConv2d needs `algorithm='winograd'`, got {config.algorithm!r} (the 'direct' baseline is "
+                "DirectQuantConv2d)."
+            )
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -211,6 +219,8 @@ class WinogradConv2d(nn.Module):
         self._quant_mode = "int" if config.bits is not None else "fp"
         self._cache: dict[str, Any] = {}
         self.last_input_shape: tuple[int, ...] | None = None
+        self.input_quantizer: nn.Module | None = None
+        self._capture: Any = None  # set by apply_winograd while it records the layer's inputs
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -368,7 +378,19 @@ class WinogradConv2d(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``."""
+        """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``.
+
+        Applies ``input_quantizer`` (if any), then [`forward_core`].
+        """
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self._capture is not None:  # recording inputs: behave as the FP direct conv (teacher trajectory)
+            self._capture(x)
+            return self.reference_forward(x)
+        return self.forward_core(x)
+
+    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """The (quantized) Winograd convolution of ``x`` without ``input_quantizer``: what tuning optimises."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
         self.last_input_shape = tuple(x.shape)

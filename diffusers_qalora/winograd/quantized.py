@@ -25,6 +25,11 @@ from ..quant import fake_quantize, lp_search_qparams, qrange, quantize
 _MIN_STEP = 1e-30  # step of an all-zero group (its codes are 0 whatever the step)
 
 
+def _absmax_inplace(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``max|x|`` over ``dims`` (kept) as ``max(max x, -min x)``: two fast reductions, no ``|x|`` temporary."""
+    return torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
+
+
 def absmax_step(x: torch.Tensor, dims: int | tuple[int, ...], qmax: int) -> torch.Tensor:
     """Differentiable absmax step ``max|x| / qmax`` over ``dims`` (kept as size 1)."""
     return (x.abs().amax(dim=dims, keepdim=True) / qmax).clamp_min(_MIN_STEP)
@@ -154,16 +159,24 @@ def hadamard_int(
     with torch.no_grad():
         groups, n2, k, g = codes_u.shape
         qmin, qmax = qrange(bits, True)
-        vg, sv = act_step(v, bits, group_size, act_granularity)  # (n^2, G, g, P), (n^2 | 1, G, 1, P)
-        codes_v = quantize(vg, sv, None, qmin, qmax)
+        n2v, c, p = v.shape
+        if c != groups * g:
+            raise ValueError(f"`v` has {c} channels but the weight codes {groups} groups of {g}.")
+        vg = v.reshape(n2v, groups, g, p)
+        dims = (2,) if act_granularity == "position" else (0, 2)
+        if act_granularity not in ("position", "tile"):
+            raise ValueError(f"`act_granularity` must be 'position' or 'tile', got {act_granularity!r}.")
+        # the absmax step of `act_step` and the codes of `quantize`, computed in place (inference is memory-bound)
+        sv = _absmax_inplace(vg, dims).div_(qmax).clamp_min_(_MIN_STEP)
         acc_dtype = exact_accumulator_dtype(g, bits, v.dtype)
+        cv = torch.div(vg, sv).round_().clamp_(qmin, qmax).to(acc_dtype)  # integer-valued codes
         cu = codes_u.to(acc_dtype)
-        cv = codes_v.to(acc_dtype)
         su = step_u.to(v.dtype)
-        out = torch.zeros(n2, k, v.shape[-1], dtype=v.dtype, device=v.device)
+        out = None
         for j in range(groups):  # loop over channel groups only; tiles and positions are batched
-            acc = torch.matmul(cu[j], cv[:, j])  # (n^2, K, g) @ (n^2, g, P): exact integer sums
-            out += acc.to(v.dtype) * su[j] * sv[:, j]
+            acc = torch.matmul(cu[j], cv[:, j]).to(v.dtype)  # (n^2, K, g) @ (n^2, g, P): exact integer sums
+            acc.mul_(su[j]).mul_(sv[:, j])
+            out = acc if out is None else out.add_(acc)
         return out
 
 
@@ -173,8 +186,9 @@ def quantize_output(m_prod: torch.Tensor, bits: int, fake: bool) -> torch.Tensor
     ``fake=True`` uses `fake_quantize` (differentiable); ``False`` returns ``codes * step`` without gradient.
     """
     qmin, qmax = qrange(bits, True)
-    step = absmax_step(m_prod, 0, qmax)  # (1, K, P)
     if fake:
+        step = absmax_step(m_prod, 0, qmax)  # (1, K, P)
         return fake_quantize(m_prod, step, None, qmin, qmax)
     with torch.no_grad():
-        return quantize(m_prod, step, None, qmin, qmax).to(m_prod.dtype) * step
+        step = _absmax_inplace(m_prod, (0,)).div_(qmax).clamp_min_(_MIN_STEP)
+        return torch.div(m_prod, step).round_().clamp_(qmin, qmax).mul_(step)

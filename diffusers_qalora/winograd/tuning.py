@@ -86,7 +86,7 @@ def _quantized_sqnr(layer: WinogradConv2d, x: torch.Tensor, mode: str) -> float:
     try:
         layer.quant_mode = mode
         with torch.no_grad():
-            return sqnr_db(layer.reference_forward(x), layer(x))
+            return sqnr_db(layer.reference_forward(x), layer.forward_core(x))
     finally:
         layer.quant_mode = saved
 
@@ -100,6 +100,7 @@ def tune_scales_(
     input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
     keep_best: bool = True,
+    eval_inputs: torch.Tensor | None = None,
 ) -> ScaleTuningResult:
     """Tune the learnable transform scales of ``layer`` in place, data-free, against its FP direct convolution.
 
@@ -123,6 +124,8 @@ def tune_scales_(
             last input the layer saw, else ``(4, C_in, 16, 16)``.
         seed (`int`, defaults to `0`): seed of the random batches.
         keep_best (`bool`, defaults to `True`): restore the initial scales if tuning lowered the SQNR.
+        eval_inputs (`torch.Tensor`, *optional*): the batch on which the SQNR before and after (and ``keep_best``) are
+            measured; defaults to the first batch of ``inputs`` (or a seeded Gaussian batch).
 
     Returns:
         [`ScaleTuningResult`]: loss history and the SQNR (dB) before and after, measured in the layer's quantized
@@ -144,6 +147,10 @@ def tune_scales_(
         raise ValueError(f"`loss` must be 'mse' or 'sqnr', got {loss!r}.")
 
     draw, eval_batch = _input_source(layer, inputs, input_shape, seed)
+    if eval_inputs is not None:
+        if not isinstance(eval_inputs, torch.Tensor):
+            raise TypeError(f"`eval_inputs` must be a tensor, got {type(eval_inputs).__name__}.")
+        eval_batch = eval_inputs.to(layer.weight.device)
     eval_mode = "fake" if layer.quant_mode == "fake" else "int"
     result = ScaleTuningResult()
     result.sqnr_before = _quantized_sqnr(layer, eval_batch, eval_mode)
@@ -173,7 +180,7 @@ def tune_scales_(
             x = draw()
             with torch.no_grad():
                 y = layer.reference_forward(x)
-            y_hat = layer(x)
+            y_hat = layer.forward_core(x)
             err = F.mse_loss(y_hat, y)
             if loss == "mse":
                 value = err

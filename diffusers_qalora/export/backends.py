@@ -1,0 +1,180 @@
+"""Integer kernels and their dispatch.
+
+Backends:
+
+* ``"onednn"`` (CPU): oneDNN's quantized matmul and convolution as exposed by torch
+  (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise`` on pre-packed ``int8`` weights): ``uint8``
+  activations with a zero point, ``int8`` per-channel weights, ``int32`` accumulation, and a float32 output with the
+  ``s_x * s_w`` epilogue and the bias fused;
+* ``"reference"``: the dequantized float computation, bit-identical to the fake-quant model (the fallback, and the
+  oracle of the tests);
+* kernels registered with [`register_kernel`] for other devices (the dispatch point for the CUDA/Triton kernels).
+
+``"auto"`` picks a registered kernel for the input's device, else oneDNN on CPU when it is available and exact on
+this machine, else the reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("auto", "onednn", "reference")
+KERNEL_OPS = ("linear", "conv2d")
+
+# (device type, op) -> kernel(module, x, scale, zero_point) -> output.  ``scale``/``zero_point`` are Python numbers
+# (one timestep group per call); the kernel quantizes ``x`` itself so that it can fuse that step.
+_KERNELS: dict[tuple[str, str], Callable] = {}
+
+
+class IntegerKernelWarning(UserWarning):
+    """A fast integer kernel is unavailable or inexact here and the layer falls back to the reference path."""
+
+
+def register_kernel(device_type: str, op: str, kernel: Callable, replace: bool = False) -> None:
+    """Register an integer kernel for ``op`` (``"linear"`` or ``"conv2d"``) on ``device_type`` (e.g. ``"cuda"``).
+
+    The kernel is called as ``kernel(module, x, scale, zero_point)`` with the float input ``x`` (one timestep group),
+    the activation step size and zero point as Python numbers, and returns the layer output in ``x.dtype``.  It reads
+    the layer's integer tensors from ``module`` (``module.int8_weight()``, ``module.weight_scale``, ``module.bias``).
+    """
+    if op not in KERNEL_OPS:
+        raise ValueError(f"`op` must be one of {KERNEL_OPS}, got {op!r}.")
+    if not isinstance(device_type, str) or not device_type:
+        raise ValueError(f"`device_type` must be a device type such as 'cuda', got {device_type!r}.")
+    if not callable(kernel):
+        raise TypeError(f"`kernel` must be callable, got {type(kernel).__name__}.")
+    key = (device_type, op)
+    if key in _KERNELS and not replace and _KERNELS[key] is not kernel:
+        raise ValueError(f"a {op} kernel is already registered for {device_type!r}; pass replace=True to override it.")
+    _KERNELS[key] = kernel
+
+
+def unregister_kernel(device_type: str, op: str) -> None:
+    """Remove a kernel registered with [`register_kernel`] (no error if there is none)."""
+    _KERNELS.pop((device_type, op), None)
+
+
+def registered_kernel(device_type: str, op: str) -> Callable | None:
+    return _KERNELS.get((device_type, op))
+
+
+def validate_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    return backend
+
+
+# -- oneDNN ----------------------------------------------------------------------------------------------------------
+def _onednn_ops_present() -> bool:
+    try:
+        ops = torch.ops.onednn
+        return all(hasattr(ops, n) for n in ("qlinear_pointwise", "qlinear_prepack", "qconv2d_pointwise", "qconv_prepack"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@lru_cache(maxsize=1)
+def onednn_status() -> tuple[bool, str]:
+    """``(usable, reason)``: whether oneDNN's int8 kernels exist here and accumulate exactly.
+
+    The probe multiplies all-255 activations by all-127 weights (and a 4-bit pattern): CPUs without int8 dot-product
+    instructions (VNNI/AMX) make oneDNN pre-scale 8-bit weights, which changes the result; such CPUs use the
+    reference path instead.
+    """
+    if not _onednn_ops_present() or not torch.backends.mkldnn.is_available():
+        return False, "torch was built without oneDNN's quantized kernels (torch.ops.onednn.qlinear_pointwise)"
+    try:
+        k, n = 64, 16
+        gen = torch.Generator().manual_seed(0)
+        x = torch.cat([torch.full((4, k), 255, dtype=torch.uint8), torch.randint(0, 256, (4, k), generator=gen,
+                                                                                      dtype=torch.uint8)])
+        w = torch.cat([torch.full((n // 2, k), 127, dtype=torch.int8),
+                       torch.randint(-128, 128, (n // 2, k), generator=gen, dtype=torch.int8)])
+        scale = torch.ones(n)
+        y = linear_onednn(x, 1.0, 3, prepack_linear(w), scale, None, torch.float32)
+        expected = ((x.to(torch.int64) - 3) @ w.to(torch.int64).t()).to(torch.float32)
+        if not torch.equal(y, expected):
+            return False, "oneDNN's int8 matmul is not exact on this CPU (no VNNI/AMX int8 dot product)"
+    except RuntimeError as err:  # pragma: no cover - depends on the build
+        return False, f"oneDNN's int8 kernels failed a probe: {err}"
+    return True, "ok"
+
+
+def prepack_linear(weight_int8: torch.Tensor) -> torch.Tensor:
+    """oneDNN layout of ``int8`` weights ``(N, K)``."""
+    return torch.ops.onednn.qlinear_prepack(weight_int8.contiguous(), None)
+
+
+def prepack_conv2d(weight_int8: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups: int):
+    """oneDNN layout of ``int8`` conv weights ``(O, C, kh, kw)``; independent of the activation step size."""
+    return torch.ops.onednn.qconv_prepack(
+        weight_int8.contiguous(), scale.float().contiguous(), 1.0, 0, list(stride), list(padding), list(dilation),
+        groups, None,
+    )
+
+
+def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, out_dtype) -> torch.Tensor:
+    """``(codes - zero_point) @ W^T * (scale * w_scale) + bias`` with ``int32`` accumulation; ``codes`` ``uint8``
+    of shape ``(..., K)``."""
+    w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, scale, zero_point, packed, w_scale, w_zp, bias, 1.0, 0, out_dtype, "none", [], ""
+    )
+
+
+def conv2d_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, stride, padding, dilation, groups,
+                  out_dtype) -> torch.Tensor:
+    """Integer convolution of ``uint8`` codes (channels-last preferred); zero padding pads with the zero point."""
+    w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes, scale, zero_point, packed, w_scale, w_zp, bias, list(stride), list(padding), list(dilation), groups,
+        1.0, 0, out_dtype, "none", [], "",
+    )
+
+
+_ZEROS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _zeros_int64(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros(n, dtype=torch.int64, device=device)
+    return z
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, IntegerKernelWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str | Callable:
+    """The implementation for one call: ``"onednn"``, ``"reference"`` or a registered kernel."""
+    if backend == "reference":
+        return "reference"
+    kernel = _KERNELS.get((device.type, op))
+    if kernel is not None and backend == "auto":
+        return kernel
+    if device.type == "cpu":
+        usable, reason = onednn_status()
+        if usable:
+            return "onednn"
+        if backend == "onednn":
+            raise RuntimeError(f"backend='onednn' is unavailable: {reason}. Use backend='auto' or 'reference'.")
+        warn_once(f"integer layers run the dequantized reference path: {reason}.")
+        return "reference"
+    if backend == "onednn":
+        raise RuntimeError(f"backend='onednn' runs on CPU only, but the input is on {device}. Use backend='auto'.")
+    warn_once(
+        f"no integer kernel is registered for {device.type!r} ({op}); the layers run the dequantized reference "
+        f"path there (register one with diffusers_qalora.export.register_kernel)."
+    )
+    return "reference"

@@ -1,0 +1,70 @@
+"""The timestep plumbing of an integer model: the shared [`TimestepContext`], the denoiser's pre-hook that fills it,
+and the backend switch.  Pure torch (the QALoRA tuner uses the same model attributes, so a model exported from QALoRA
+keeps its hook)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import TimestepContext, install_timestep_hook
+from .backends import validate_backend
+from .modules import integer_layers
+
+__all__ = ["CONTEXT_ATTR", "HOOK_ATTR", "OUTPUT_HOOK_ATTR", "attach_integer_context", "set_integer_backend"]
+
+# The same attribute names as `diffusers_qalora.tuners.qalora.model` (checked by tests/export): the context and hook
+# that `get_qalora_model` installed are reused by the integer layers after export.
+CONTEXT_ATTR = "_qalora_timestep_context"
+HOOK_ATTR = "_qalora_timestep_hook"
+OUTPUT_HOOK_ATTR = "_qalora_contiguous_output_hook"
+
+
+def _contiguous(value):
+    if isinstance(value, torch.Tensor):
+        return value.contiguous() if value.dim() == 4 and not value.is_contiguous() else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_contiguous(v) for v in value)
+    if isinstance(value, dict):  # diffusers' BaseOutput is an OrderedDict dataclass
+        for key in list(value.keys()):
+            value[key] = _contiguous(value[key])
+    return value
+
+
+def _contiguous_output_hook(module: nn.Module, args, output):
+    """Integer convolutions work in channels-last; hand the denoiser's output back in the usual NCHW layout."""
+    return _contiguous(output)
+
+
+def attach_integer_context(model: nn.Module, timestep_argument: str = "timestep") -> TimestepContext:
+    """Give every integer layer of ``model`` the model's shared [`TimestepContext`], installing the forward pre-hook
+    that fills it from the ``timestep_argument`` of ``model.forward`` if the model has none yet, and a forward hook
+    that returns the model's 4-D outputs contiguous (NCHW) (idempotent)."""
+    context = getattr(model, CONTEXT_ATTR, None)
+    if context is None:
+        context = TimestepContext()
+        handle = install_timestep_hook(model, context, timestep_argument)
+        object.__setattr__(model, CONTEXT_ATTR, context)
+        object.__setattr__(model, HOOK_ATTR, handle)
+    if getattr(model, OUTPUT_HOOK_ATTR, None) is None:
+        object.__setattr__(model, OUTPUT_HOOK_ATTR, model.register_forward_hook(_contiguous_output_hook))
+    for layer in integer_layers(model).values():
+        layer.context = context
+    return context
+
+
+def set_integer_backend(model: nn.Module, backend: str = "auto", exact_activation_rounding: bool | None = None
+                        ) -> nn.Module:
+    """Choose the compute path of every integer layer: ``"auto"``, ``"onednn"`` or ``"reference"`` (the dequantized
+    float fallback).  ``exact_activation_rounding=True`` quantizes activations with the fake-quant model's formula."""
+    validate_backend(backend)
+    layers = integer_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no integer layer; export it first with export_quantized.")
+    for layer in layers.values():
+        layer.backend = backend
+        if exact_activation_rounding is not None:
+            layer.exact_activation_rounding = bool(exact_activation_rounding)
+    return model
+
+

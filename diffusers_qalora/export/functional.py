@@ -1,0 +1,93 @@
+"""Pure tensor functions of integer inference: activation step sizes by timestep, activation codes, weight codes.
+
+Conventions (the same as `diffusers_qalora.quant`):
+
+* weights: signed codes ``q_w`` with a step size per output channel (or group), ``W_hat = s_w * q_w``;
+* activations: codes ``q_x = clamp(round(x / s_x) + z_x, qmin, qmax)`` with one step size ``s_x`` and integer zero
+  point ``z_x`` per call (looked up by timestep), ``x_hat = s_x * (q_x - z_x)``.
+
+Then ``x_hat @ W_hat^T = s_x * s_w * sum_k (q_x - z_x) * q_w``: an integer product with ``int32`` accumulation and one
+floating-point epilogue.  In the kernels, activation codes are ``uint8``: unsigned codes as they are, signed codes
+shifted by 128 (their zero point becomes 128).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..quant import interpolation_indices, unpack_codes
+
+
+def lookup_act_qparams(
+    timesteps: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step sizes and (rounded) zero points at timesteps ``t`` (1-D): linear interpolation between table entries,
+    clamped at the ends, computed with the same operations as the fake-quant model's lookup (so the values are
+    bit-identical)."""
+    lo, hi, w = interpolation_indices(timesteps, t.to(timesteps.device))
+    w = w.to(scale.dtype)
+    s = scale[lo] * (1.0 - w) + scale[hi] * w
+    z = zero_point[lo] * (1.0 - w) + zero_point[hi] * w
+    return s, torch.round(z)
+
+
+def quantize_activation_reference(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Codes ``clamp(round(x / s) + z, qmin, qmax)`` as float32 (exactly the fake-quant model's rounding)."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax)
+
+
+def dequantize_activation_reference(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``x_hat = s * (clamp(round(x / s), qmin - z, qmax - z))`` in float32: the fake-quant model's value."""
+    z = zero_point
+    return torch.clamp(torch.round(x.float() / scale), qmin - z, qmax - z) * scale
+
+
+def _fast_quantize_available() -> bool:
+    return hasattr(torch, "quantize_per_tensor") and hasattr(torch.Tensor, "int_repr")
+
+
+_FAST_QUANTIZE = _fast_quantize_available()
+
+
+def quantize_activation_uint8(
+    x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int, exact: bool = False
+) -> torch.Tensor:
+    """``uint8`` codes ``clamp(round(x / scale) + zero_point, lo, hi)`` with ``0 <= lo <= hi <= 255``.
+
+    ``exact=False`` uses torch's fused quantizer (one pass; it rounds ``x * (1 / scale)``, so about one element in
+    10^5 can land one code away from the ``x / scale`` of the fake-quant model, at exact ties); ``exact=True`` uses
+    the fake-quant model's own formula (several passes).  The memory format of ``x`` is kept.
+    """
+    if not exact and _FAST_QUANTIZE and x.device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized-tensor creation is deprecated; the op itself stays fast
+            q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)
+        # A plain uint8 tensor on the quint8 storage: no copy (``int_repr`` would copy the codes once more).
+        codes = torch.empty(0, dtype=torch.uint8, device=x.device).set_(
+            q.untyped_storage(), q.storage_offset(), q.shape, q.stride()
+        )
+        if lo > 0 or hi < 255:
+            codes = codes.clamp_(lo, hi)
+        return codes
+    v = torch.div(x.float(), scale)
+    v = v.round_().add_(zero_point).clamp_(lo, hi)
+    return v.to(torch.uint8)
+
+
+def unpack_weight_codes(packed: torch.Tensor, packed_bits: int, k: int) -> torch.Tensor:
+    """``int8`` weight codes ``(C_out, k)`` from the stored ``uint8`` bytes (padding dropped)."""
+    codes = unpack_codes(packed, packed_bits, signed=True, dim=-1)
+    return codes[:, :k].contiguous()
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``W_hat = s_w * q_w`` in float32 for codes ``(C_out, K)`` and scales ``(C_out, G)`` (groups split ``K``)."""
+    c_out, k = codes.shape
+    groups = scale.shape[1]
+    return (codes.float().reshape(c_out, groups, k // groups) * scale.float().unsqueeze(-1)).reshape(c_out, k)

@@ -1,0 +1,444 @@
+"""Integer layers: ``IntegerLinear`` and ``IntegerConv2d``.
+
+Each holds integer weight codes (packed), per-channel or per-group weight step sizes, the bias and the activation
+step-size table keyed by timestep (see [`IntegerLayout`]).  A call
+
+1. looks the activation step size and zero point up at the current timestep (from the shared [`TimestepContext`]
+   that the denoiser's forward pre-hook fills; a batch with several timesteps is split by timestep),
+2. quantizes the input to ``uint8`` codes,
+3. runs the integer product (``int32`` accumulation) with one epilogue ``acc * s_x * s_w + bias``.
+
+``backend="reference"`` computes the same layer in float from the dequantized codes (the fake-quant model's numbers,
+bit for bit in float32); it is the fallback where no integer kernel applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import TimestepContext, pack_codes
+from .backends import (
+    conv2d_onednn,
+    linear_onednn,
+    prepack_conv2d,
+    prepack_linear,
+    resolve_backend,
+    validate_backend,
+)
+from .functional import (
+    dequantize_activation_reference,
+    dequantize_weight,
+    lookup_act_qparams,
+    quantize_activation_uint8,
+    unpack_weight_codes,
+)
+from .layout import IntegerLayout
+
+__all__ = ["IntegerConv2d", "IntegerLayer", "IntegerLinear", "integer_layers"]
+
+_FLOAT_BUFFERS = ("weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
+
+
+class IntegerLayer(nn.Module):
+    """Common state and call logic of the integer layers (not used directly).
+
+    Attributes:
+        layout ([`IntegerLayout`]): bit widths, granularity and table size.
+        context ([`TimestepContext`]): the timesteps of the denoiser call in progress (shared by all layers).
+        backend (`str`): ``"auto"`` (default), ``"onednn"`` or ``"reference"``; see `diffusers_qalora.export.backends`.
+        exact_activation_rounding (`bool`): quantize activations with the fake-quant model's ``x / s`` formula instead
+            of torch's fused quantizer (slower; the fused one differs by one code at rare exact ties).
+    """
+
+    op: str = ""
+
+    def __init__(self, layout: IntegerLayout, out_channels: int, in_channels: int, kernel_elems: int, bias: bool,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not isinstance(layout, IntegerLayout):
+            raise TypeError(f"`layout` must be an IntegerLayout, got {type(layout).__name__}.")
+        self.layout = layout
+        self.k = in_channels * kernel_elems
+        shapes = layout.tensor_shapes(out_channels, in_channels, kernel_elems, bias)
+        self.register_buffer("weight_packed", torch.empty(shapes["weight_packed"], dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(shapes["weight_scale"], dtype=torch.float32, device=device))
+        self.register_buffer(
+            "bias", torch.empty(shapes["bias"], dtype=torch.float32, device=device) if bias else None
+        )
+        for name in ("act_timesteps", "act_scale", "act_zero_point"):
+            self.register_buffer(name, torch.empty(shapes[name], dtype=torch.float32, device=device))
+        self.context: TimestepContext | None = None
+        self.backend = "auto"
+        self.exact_activation_rounding = False
+        self.name = ""
+        self._derived: dict[str, tuple[tuple, object]] = {}
+        self._qparams_cache: tuple | None = None
+
+    # -- construction from codes -------------------------------------------------------------------------------------
+    def load_codes_(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    act_timesteps: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor) -> None:
+        """Fill the layer from integer weight codes (any integer dtype, the weight's shape or ``(C_out, K)``) and the
+        float tables; every shape and range is checked before anything is written."""
+        layout = self.layout
+        if codes.is_floating_point():
+            raise TypeError(f"{self._where()}: `codes` must be an integer tensor, got {codes.dtype}.")
+        flat = codes.reshape(codes.shape[0], -1)
+        if flat.shape != (self.weight_packed.shape[0], self.k):
+            raise ValueError(f"{self._where()}: codes of shape {tuple(codes.shape)} do not match the layer "
+                             f"({self.weight_packed.shape[0]} x {self.k}).")
+        lo, hi = -(2 ** (layout.weight_bits - 1)), 2 ** (layout.weight_bits - 1) - 1
+        if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
+            raise ValueError(f"{self._where()}: weight codes must lie in [{lo}, {hi}] for {layout.weight_bits} bits.")
+        pad = self.layout.packed_width(self.k) * layout.codes_per_byte - self.k
+        flat = F.pad(flat.to(torch.int16), (0, pad)) if pad else flat.to(torch.int16)
+        packed = pack_codes(flat, layout.packed_bits, signed=True, dim=-1)
+        values = {
+            "weight_packed": packed,
+            "weight_scale": weight_scale.detach().float().reshape(self.weight_scale.shape),
+            "act_timesteps": act_timesteps.detach().float().reshape(-1),
+            "act_scale": act_scale.detach().float().reshape(-1),
+            "act_zero_point": act_zero_point.detach().float().reshape(-1),
+        }
+        if (bias is None) != (self.bias is None):
+            raise ValueError(f"{self._where()}: bias {'missing' if bias is None else 'given'} for a layer "
+                             f"{'with' if self.bias is not None else 'without'} bias.")
+        if bias is not None:
+            values["bias"] = bias.detach().float().reshape(self.bias.shape)
+        for name, value in values.items():
+            if value.shape != getattr(self, name).shape:
+                raise ValueError(f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(getattr(self, name).shape)}.")
+        if not bool((values["weight_scale"] > 0).all()) or not bool((values["act_scale"] > 0).all()):
+            raise ValueError(f"{self._where()}: step sizes must be positive.")
+        device = self.weight_packed.device if self.weight_packed.device.type != "meta" else codes.device
+        for name, value in values.items():
+            self._buffers[name] = value.to(device)
+        self._derived.clear()
+        self._qparams_cache = None
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return self.name or type(self).__name__
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        gran = "per-channel" if lay.group_size is None else f"group={lay.group_size}"
+        return (f"W{lay.weight_bits}A{lay.act_bits}{' signed-act' if lay.act_signed else ''}, {gran}, "
+                f"timesteps={lay.num_timesteps}, backend={self.backend!r}")
+
+    def _cached(self, name: str, key: tuple, build: Callable[[], object]) -> object:
+        hit = self._derived.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._derived[name] = (key, value)
+        return value
+
+    def _weight_key(self) -> tuple:
+        wp, ws = self.weight_packed, self.weight_scale
+        return (wp.data_ptr(), wp._version, ws.data_ptr(), ws._version, str(wp.device))
+
+    def int8_weight(self) -> torch.Tensor:
+        """The weight codes as ``int8`` ``(C_out, K)`` (4-bit codes unpacked; they are a subset of the int8 range)."""
+        return unpack_weight_codes(self.weight_packed, self.layout.packed_bits, self.k)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``s_w * q_w`` in float32, in the shape of the original weight."""
+        return dequantize_weight(self.int8_weight(), self.weight_scale).reshape(self._weight_shape())
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        # Integer layers keep float32 scales: refuse a dtype cast before anything is changed.
+        device = self.weight_scale.device if self.weight_scale.device.type != "meta" else "cpu"
+        probe = fn(torch.zeros((), dtype=torch.float32, device=device))
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            raise TypeError(
+                f"{self._where()}: an exported integer layer cannot be cast to {probe.dtype} (its codes are integers "
+                f"and its scales stay float32). Cast only the float layers, e.g. load with "
+                f"`from_pretrained(..., torch_dtype={probe.dtype})`, which leaves the integer layers as they are."
+            )
+        self._derived.clear()
+        self._qparams_cache = None
+        return super()._apply(fn, recurse)
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = validate_backend(backend)
+
+    # -- activation step sizes -------------------------------------------------------------------------------------
+    def _timestep_groups(self, batch: int) -> list[tuple[torch.Tensor | None, float, float]]:
+        """``[(sample indices or None for all, step size, zero point)]`` for this call."""
+        context = self.context
+        if context is None:
+            raise RuntimeError(
+                f"{self._where()}: no TimestepContext is attached. Export with diffusers_qalora.export_quantized or "
+                f"load with from_pretrained (both install the timestep hook), or call "
+                f"diffusers_qalora.export.attach_integer_context(model)."
+            )
+        values = context.per_sample(batch, self._where()).tolist()
+        if not values or all(v == values[0] for v in values):
+            t = values[0] if values else float(context.timesteps.reshape(-1)[0])
+            return [(None, *self._qparams_at(t))]
+        positions: dict[float, list[int]] = {}
+        for i, v in enumerate(values):
+            positions.setdefault(v, []).append(i)
+        return [(torch.tensor(idx), *self._qparams_at(v)) for v, idx in positions.items()]
+
+    def _qparams_at(self, t: float) -> tuple[float, float]:
+        """Step size and zero point at timestep ``t`` (memoised per table state)."""
+        key = tuple((b.data_ptr(), b._version) for b in (self.act_timesteps, self.act_scale, self.act_zero_point))
+        memo = self._qparams_cache
+        if memo is None or memo[0] != key or len(memo[1]) > 4096:
+            memo = self._qparams_cache = (key, {})
+        hit = memo[1].get(t)
+        if hit is None:
+            s, z = lookup_act_qparams(
+                self.act_timesteps, self.act_scale, self.act_zero_point, torch.tensor([t], dtype=torch.float32)
+            )
+            hit = memo[1][t] = (float(s), float(z))
+        return hit
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self._timestep_groups(x.shape[0])
+        if len(groups) == 1 or x.shape[0] == 0:
+            return self._forward_group(x, groups[0][1], groups[0][2])
+        if resolve_backend(self.backend, x.device, self.op) == "reference":
+            # One call with per-sample step sizes, as the fake-quant model computes it (bit-identical).
+            return self._reference(x, *self._per_sample_qparams(x, groups))
+        out = None
+        for index, scale, zero_point in groups:
+            y = self._forward_group(x.index_select(0, index.to(x.device)), scale, zero_point)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, index.to(y.device), y)
+        return out
+
+    @staticmethod
+    def _per_sample_qparams(x: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.empty(x.shape[0], dtype=torch.float32)
+        zero_point = torch.empty(x.shape[0], dtype=torch.float32)
+        for index, s, z in groups:
+            scale[index] = s
+            zero_point[index] = z
+        view = (-1,) + (1,) * (x.dim() - 1)
+        return scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device)
+
+    def _forward_group(self, x: torch.Tensor, scale: float, zero_point: float) -> torch.Tensor:
+        impl = resolve_backend(self.backend, x.device, self.op)
+        if impl == "reference":
+            return self._reference(x, scale, zero_point)
+        if impl == "onednn":
+            lo, hi = self.layout.act_code_range
+            off = self.layout.act_offset
+            z = int(zero_point) + off
+            if 0 <= z <= 255:
+                return self._onednn(x, scale, z, lo + off, hi + off)
+            # A zero point outside the uint8 range (a drifted learned one) cannot be expressed in uint8 codes.
+            return self._reference(x, scale, zero_point)
+        return impl(self, x, scale, zero_point)
+
+    def _reference_input(self, x: torch.Tensor, scale, zero_point) -> torch.Tensor:
+        """``scale``/``zero_point``: Python numbers, or per-sample tensors shaped to broadcast against ``x``."""
+        qmin, qmax = self.layout.act_code_range
+        s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        z = torch.as_tensor(zero_point, dtype=torch.float32, device=x.device)
+        return dequantize_activation_reference(x, s, z, qmin, qmax)
+
+    def _reference_weight(self) -> torch.Tensor:
+        return self._cached("float_weight", self._weight_key(), self.dequantized_weight)
+
+    def _reference(self, x: torch.Tensor, scale: float, zero_point: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _onednn(self, x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+    def _group_slices(self) -> list[tuple[int, int]]:
+        """``[(start, stop)]`` of the input channels of each weight group."""
+        groups = self.weight_scale.shape[1]
+        size = self._in_channels() // groups
+        return [(g * size, (g + 1) * size) for g in range(groups)]
+
+    def _in_channels(self) -> int:
+        raise NotImplementedError
+
+
+class IntegerLinear(IntegerLayer):
+    """Integer replacement of ``nn.Linear``: ``y = s_x * s_w * ((q_x - z_x) @ q_w^T) + b``."""
+
+    op = "linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, layout: IntegerLayout,
+                 device: torch.device | str | None = None) -> None:
+        if layout.kind != "linear":
+            raise ValueError(f"IntegerLinear needs a 'linear' layout, got {layout.kind!r}.")
+        super().__init__(layout, out_features, in_features, 1, bias, device)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: IntegerLayout, device=None) -> IntegerLinear:
+        """Empty integer layer with the shape of ``linear`` (on ``device``; ``"meta"`` for a skeleton)."""
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, layout, device=device)
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def _in_channels(self) -> int:
+        return self.in_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+    def _reference(self, x, scale, zero_point):
+        x_hat = self._reference_input(x, scale, zero_point).to(x.dtype)
+        weight = self._reference_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x_hat, weight, bias)
+
+    def _prepacked(self):
+        def build():
+            weight = self.int8_weight()
+            return [
+                (prepack_linear(weight[:, a:b]), self.weight_scale[:, g].contiguous())
+                for g, (a, b) in enumerate(self._group_slices())
+            ]
+
+        return self._cached("onednn", self._weight_key(), build)
+
+    def _onednn(self, x, scale, zero_point, lo, hi):
+        codes = quantize_activation_uint8(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
+        codes = codes.reshape(-1, self.in_features)
+        out_dtype = self._out_dtype(x)
+        packed = self._prepacked()
+        if len(packed) == 1:
+            y = linear_onednn(codes, scale, zero_point, packed[0][0], packed[0][1], self.bias, out_dtype)
+        else:
+            y = None
+            for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
+                part = linear_onednn(codes[:, a:b].contiguous(), scale, zero_point, w, s,
+                                     self.bias if g == 0 else None, torch.float32)
+                y = part if y is None else y.add_(part)
+            y = y.to(out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+
+class IntegerConv2d(IntegerLayer):
+    """Integer replacement of ``nn.Conv2d`` (groups = 1); zero padding pads with the activation zero point, i.e.
+    with the value 0, as the float convolution does."""
+
+    op = "conv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, padding_mode: str = "zeros", layout: IntegerLayout | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if layout is None or layout.kind != "conv2d":
+            raise ValueError(f"IntegerConv2d needs a 'conv2d' layout, got {getattr(layout, 'kind', None)!r}.")
+        if isinstance(padding, str):
+            raise ValueError(f"IntegerConv2d takes explicit padding, got {padding!r}; export resolves 'same'/'valid'.")
+        kernel_size = _pair(kernel_size)
+        super().__init__(layout, out_channels, in_channels, kernel_size[0] * kernel_size[1], bias, device)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = 1
+        self.padding_mode = padding_mode
+        # oneDNN computes in channels-last and returns channels-last outputs.  They are kept so by default: turning
+        # them back to NCHW costs a transposing copy per layer (more than the GroupNorm that follows loses on
+        # channels-last inputs), and the next integer conv wants channels-last codes anyway.  The denoiser's output is
+        # made contiguous again by the hook of `attach_integer_context`.
+        self.channels_last_output = True
+        self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, layout: IntegerLayout, device=None) -> IntegerConv2d:
+        """Empty integer layer with the geometry of ``conv`` (groups = 1)."""
+        if conv.groups != 1:
+            raise ValueError(f"IntegerConv2d supports groups=1 only, got groups={conv.groups}.")
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0, 0)
+            else:  # "same" with stride 1 (the only stride torch allows for it)
+                padding = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+                if any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+                    raise ValueError("padding='same' with an even kernel is asymmetric; IntegerConv2d cannot export it.")
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+                   conv.bias is not None, conv.padding_mode, layout, device=device)
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _in_channels(self) -> int:
+        return self.in_channels
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, " + super().extra_repr())
+
+    def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+
+    def _reference(self, x, scale, zero_point):
+        x, padding = self._pad_input(x)
+        x_hat = self._reference_input(x, scale, zero_point).to(x.dtype)
+        weight = self._reference_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x_hat, weight, bias, self.stride, padding, self.dilation, 1)
+
+    def _prepacked(self):
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
+
+        def build():
+            weight = self.int8_weight().reshape(self._weight_shape())
+            return [
+                (prepack_conv2d(weight[:, a:b], self.weight_scale[:, g], self.stride, padding, self.dilation, 1),
+                 self.weight_scale[:, g].contiguous())
+                for g, (a, b) in enumerate(self._group_slices())
+            ]
+
+        return self._cached("onednn", self._weight_key(), build)
+
+    def _onednn(self, x, scale, zero_point, lo, hi):
+        x, padding = self._pad_input(x)
+        codes = quantize_activation_uint8(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        out_dtype = self._out_dtype(x)
+        packed = self._prepacked()
+        if len(packed) == 1:
+            y = conv2d_onednn(codes, scale, zero_point, packed[0][0], packed[0][1], self.bias, self.stride, padding,
+                              self.dilation, 1, out_dtype)
+        else:
+            y = None
+            for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
+                part = conv2d_onednn(codes[:, a:b].contiguous(memory_format=torch.channels_last), scale, zero_point,
+                                     w, s, self.bias if g == 0 else None, self.stride, padding, self.dilation, 1,
+                                     torch.float32)
+                y = part if y is None else y.add_(part)
+            y = y.to(out_dtype)
+        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
+            y = y.contiguous()
+        return y.to(x.dtype)
+
+
+def integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
+    """All integer layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, IntegerLayer)}

@@ -1,0 +1,186 @@
+"""`DirectQuantConv2d`: the direct-convolution W/A-quantized baseline that Winograd layers are compared with.
+
+Same convolutions, same bit width, no Winograd transform:
+
+* weight: symmetric signed codes with one step per output channel (absmax, or the MSE-optimal clipping of
+  ``config.weight_init="mse"``), computed once from the spatial weight;
+* input: symmetric signed codes with one **dynamic** absmax step per sample (per tensor for a batch of one), so a
+  result never depends on what else is in the batch.
+
+The products of integer codes are summed in floating point: ``conv2d(Q(x), Q(w))`` equals the integer convolution
+``s_x s_w sum q_x q_w`` up to float32 summation order (the values ``q * s`` are exact in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import lp_search_qparams, qrange, quantize
+from .config import WinogradConfig
+from .conv import _normalize_padding, winograd_ineligibility
+from .quantized import absmax_step
+
+DIRECT_MODES = ("fp", "int")
+
+
+def _weight_step(weight: torch.Tensor, bits: int, method: str) -> torch.Tensor:
+    _, qmax = qrange(bits, True)
+    flat = weight.detach().reshape(weight.shape[0], 1, -1).to(torch.float64)
+    step = absmax_step(flat, -1, qmax)
+    if method == "mse":
+        searched, _ = lp_search_qparams(flat, bits, True, p=2.0)
+        step = torch.minimum(searched.to(step.dtype), step).clamp_min(1e-30)
+    return step.reshape(-1, 1, 1, 1)
+
+
+class DirectQuantConv2d(nn.Module):
+    """A 3x3 stride-1 convolution with ``bits``-bit weights (per output channel) and inputs (dynamic, per sample),
+    computed directly: the baseline of the Winograd layers (``WinogradConfig(algorithm="direct")``).
+
+    Args:
+        in_channels, out_channels (`int`): ``C``, ``K``.
+        padding (`int | tuple[int, int] | str`, defaults to `1`): zero padding, ``"same"`` or ``"valid"``.
+        bias (`bool`, defaults to `True`).
+        config ([`WinogradConfig`], *optional*): ``bits`` and ``weight_init`` are used; defaults to
+            ``WinogradConfig(algorithm="direct")`` (8 bits).
+        device, dtype: of the weight and bias.
+
+    Attributes:
+        quant_mode (`str`): ``"int"`` (quantized, the default) or ``"fp"`` (plain ``F.conv2d``).
+        input_quantizer (`nn.Module | None`): as for [`WinogradConv2d`].
+    """
+
+    kernel_size = (3, 3)
+    stride = (1, 1)
+    dilation = (1, 1)
+    groups = 1
+    padding_mode = "zeros"
+    transposed = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        padding: int | tuple[int, int] | str = 1,
+        bias: bool = True,
+        config: WinogradConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        config = WinogradConfig(algorithm="direct") if config is None else config
+        if not isinstance(config, WinogradConfig):
+            raise TypeError(f"`config` must be a WinogradConfig, got {type(config).__name__}.")
+        if config.algorithm != "direct" or config.bits is None:
+            raise ValueError(f"a DirectQuantConv2d needs `algorithm='direct'` and `bits`, got {config!r}.")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.padding, self._pad = _normalize_padding(padding)
+        self.config = dataclasses.replace(config)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        if self.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -((in_channels * 9) ** -0.5), (in_channels * 9) ** -0.5)
+        self._quant_mode = "int"
+        self._cache: dict[str, Any] = {}
+        self.last_input_shape: tuple[int, ...] | None = None
+        self.input_quantizer: nn.Module | None = None
+        self._capture: Any = None
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, *, config: WinogradConfig | None = None, **overrides: Any) -> DirectQuantConv2d:
+        """Wrap an eligible ``conv`` (sharing its weight and bias); ``overrides`` replace fields of ``config``."""
+        reason = winograd_ineligibility(conv)
+        if reason is not None:
+            raise ValueError(f"cannot replace {conv!r} by a DirectQuantConv2d: {reason}.")
+        base = config if config is not None else WinogradConfig(algorithm="direct")
+        cfg = dataclasses.replace(base, **overrides)
+        layer = cls(conv.in_channels, conv.out_channels, padding=conv.padding, bias=conv.bias is not None,
+                    config=cfg, device="meta", dtype=conv.weight.dtype)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer
+
+    @property
+    def quant_mode(self) -> str:
+        """``"int"`` or ``"fp"``."""
+        return self._quant_mode
+
+    @quant_mode.setter
+    def quant_mode(self, mode: str) -> None:
+        if mode not in DIRECT_MODES:
+            raise ValueError(f"`quant_mode` must be one of {DIRECT_MODES}, got {mode!r}.")
+        self._quant_mode = mode
+
+    def clear_cache(self) -> None:
+        """Drop the cached quantized weight."""
+        self._cache = {}
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``s_w * q_w`` (float32), cached until the weight changes."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.config.bits, self.config.weight_init)
+        if self._cache.get("key") != key:
+            with torch.no_grad():
+                bits = self.config.bits
+                qmin, qmax = qrange(bits, True)
+                step = _weight_step(w, bits, self.config.weight_init)
+                codes = quantize(w.detach().to(torch.float64), step, None, qmin, qmax)
+                self._cache = {"key": key, "value": (codes.to(torch.float64) * step).float()}
+        return self._cache["value"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies ``input_quantizer`` (if any), then [`forward_core`]."""
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self._capture is not None:
+            self._capture(x)
+            return self.reference_forward(x)
+        return self.forward_core(x)
+
+    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized direct convolution of ``x`` (computed in float32, returned in the dtype of ``x``)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        self.last_input_shape = tuple(x.shape)
+        if self._quant_mode == "fp":
+            return self.reference_forward(x)
+        with torch.no_grad():
+            qmin, qmax = qrange(self.config.bits, True)
+            xf = x.detach().float()
+            step = absmax_step(xf, (1, 2, 3), qmax)
+            x_hat = quantize(xf, step, None, qmin, qmax).float() * step
+            bias = None if self.bias is None else self.bias.detach().float()
+            y = F.conv2d(x_hat, self.quantized_weight(), bias, padding=self._pad)
+        return y.to(x.dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-precision direct convolution ``F.conv2d`` with this layer's weight, bias and padding."""
+        return F.conv2d(
+            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), padding=self._pad
+        )
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same (full-precision) weight and bias, shared."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=self.padding, bias=self.bias is not None,
+                         device="meta", dtype=self.weight.dtype)
+        conv.weight = self.weight
+        conv.bias = self.bias
+        return conv
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}", f"padding={self.padding}", f"bits={self.config.bits}"]
+        if self.bias is None:
+            parts.append("bias=False")
+        parts.append(f"quant_mode={self._quant_mode!r}")
+        return ", ".join(parts)

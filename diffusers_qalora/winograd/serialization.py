@@ -1,0 +1,230 @@
+"""Saving and loading the Winograd layers of a model: safetensors tensors plus a JSON record of what was replaced.
+
+A folder written by [`save_winograd`] holds
+
+* ``winograd.safetensors``: every tensor of every replaced layer, keyed ``<module name>.<key>`` exactly as in
+  ``model.state_dict()`` (weight, bias, the transform scales ``scales.log_b`` / ``scales.log_g`` and, for layers that
+  came from QALoRA, the input quantizer's per-timestep step sizes);
+* ``winograd_config.json``: the format version, the denoiser's timestep argument and, per replaced module, its
+  class, shape, padding, [`WinogradConfig`] and input quantizer description.
+
+[`load_winograd`] rebuilds those modules on a model of the same architecture (a fresh full-precision model, or one
+carrying the same QALoRA adapter) and loads the tensors; nothing is unpickled.  The layers also keep all their state
+in ``state_dict()``, so ``model.load_state_dict(other.state_dict())`` works between two models that went through
+[`apply_winograd`] with the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..quant import TemporalActQuantizer, TimestepContext, install_timestep_hook
+from .config import WinogradConfig
+from .conv import WinogradConv2d, winograd_ineligibility
+from .direct import DirectQuantConv2d
+from .replace import LayerRecord, WinogradReport, _qalora_base, _swap, winograd_modules
+
+WEIGHTS_NAME = "winograd.safetensors"
+CONFIG_NAME = "winograd_config.json"
+FORMAT = "diffusers_qalora.winograd"
+FORMAT_VERSION = 1
+_QALORA_CONTEXT_ATTR = "_qalora_timestep_context"  # set by the QALoRA tuner; reused so both share one context
+_CONTEXT_ATTR = "_winograd_timestep_context"
+_HOOK_ATTR = "_winograd_timestep_hook"
+_CLASSES = {"WinogradConv2d": WinogradConv2d, "DirectQuantConv2d": DirectQuantConv2d}
+
+
+def _describe_quantizer(name: str, quantizer: nn.Module | None) -> dict[str, Any] | None:
+    if quantizer is None:
+        return None
+    if not isinstance(quantizer, TemporalActQuantizer):
+        raise ValueError(
+            f"cannot save the input quantizer of `{name}`: only TemporalActQuantizer is supported, got "
+            f"{type(quantizer).__name__}."
+        )
+    return {
+        "type": "TemporalActQuantizer",
+        "bits": quantizer.bits,
+        "symmetric": quantizer.symmetric,
+        "timesteps": quantizer.timesteps.tolist(),
+    }
+
+
+def _timestep_argument(model: nn.Module) -> str:
+    for cfg in (getattr(model, "peft_config", None) or {}).values():
+        arg = getattr(cfg, "timestep_argument", None)
+        if isinstance(arg, str):
+            return arg
+    return "timestep"
+
+
+def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors (``<module>.<key>`` -> CPU tensor) and the JSON-serialisable record of the replaced layers.
+
+    Raises:
+        ValueError: the model has no replaced layer, or one has an input quantizer that cannot be described.
+    """
+    layers = winograd_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no WinogradConv2d / DirectQuantConv2d; call apply_winograd.")
+    tensors: dict[str, torch.Tensor] = {}
+    modules = []
+    for name, layer in layers.items():
+        for key, value in layer.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
+        padding = layer.padding
+        modules.append({
+            "name": name,
+            "class": type(layer).__name__,
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "padding": list(padding) if isinstance(padding, tuple) else padding,
+            "bias": layer.bias is not None,
+            "dtype": str(layer.weight.dtype).removeprefix("torch."),
+            "config": layer.config.to_dict(),
+            "input_quantizer": _describe_quantizer(name, layer.input_quantizer),
+        })
+    record = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "timestep_argument": _timestep_argument(model),
+        "modules": modules,
+    }
+    return tensors, record
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_winograd(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+    """Write ``winograd.safetensors`` and ``winograd_config.json`` into ``save_directory`` (atomically).
+
+    Returns:
+        `pathlib.Path`: the folder.
+    """
+    tensors, record = winograd_state_dict(model)
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "producer": FORMAT}))
+    text = json.dumps(record, indent=2) + "\n"
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return out
+
+
+def _context(model: nn.Module, argument: str) -> TimestepContext:
+    context = getattr(model, _QALORA_CONTEXT_ATTR, None) or getattr(model, _CONTEXT_ATTR, None)
+    if context is None:
+        context = TimestepContext()
+        handle = install_timestep_hook(model, context, argument)
+        object.__setattr__(model, _CONTEXT_ATTR, context)
+        object.__setattr__(model, _HOOK_ATTR, handle)
+    return context
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; save one with `save_winograd(model, path)`.")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a Winograd record (format {record.get('format')!r}, expected {FORMAT!r}).")
+    if record.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {record.get('version')!r}; this library reads {FORMAT_VERSION}.")
+    return record
+
+
+def _target_conv(model: nn.Module, name: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the saved module `{name}` does not exist in {type(model).__name__}.") from None
+    if isinstance(module, WinogradConv2d | DirectQuantConv2d):
+        return module
+    base = _qalora_base(module)
+    conv = base if base is not None else module
+    reason = winograd_ineligibility(conv)
+    if reason is not None:
+        raise ValueError(f"the saved module `{name}` cannot hold a Winograd layer in this model: {reason}.")
+    return conv
+
+
+def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> WinogradReport:
+    """Rebuild the Winograd layers saved by [`save_winograd`] in ``model`` (same architecture) and load their state.
+
+    Every module is built and loaded before the first one is swapped in, so a failure leaves the model unchanged.
+    Layers with an input quantizer read the model's timestep through the QALoRA tuner's timestep pre-hook when the
+    model has one, else through a pre-hook installed here.
+
+    Returns:
+        [`WinogradReport`]: the loaded modules (no SQNR measured) and the configuration of the first one.
+    """
+    directory = Path(load_directory)
+    record = _read_record(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}.")
+    if not record.get("modules"):
+        raise ValueError(f"{directory / CONFIG_NAME} lists no module.")
+    tensors = load_file(str(weights))  # safetensors: never unpickles
+    built: list[tuple[str, nn.Module]] = []
+    records: dict[str, LayerRecord] = {}
+    configs: list[WinogradConfig] = []
+    for entry in record["modules"]:
+        name = entry["name"]
+        conv = _target_conv(model, name)
+        if (conv.in_channels, conv.out_channels) != (entry["in_channels"], entry["out_channels"]):
+            raise ValueError(
+                f"`{name}` is {conv.in_channels}->{conv.out_channels} channels in this model but "
+                f"{entry['in_channels']}->{entry['out_channels']} in {directory}."
+            )
+        cls = _CLASSES.get(entry["class"])
+        if cls is None:
+            raise ValueError(f"`{name}`: unknown layer class {entry['class']!r} in {directory}.")
+        config = WinogradConfig.from_dict(entry["config"])
+        padding = entry["padding"]
+        padding = tuple(padding) if isinstance(padding, list) else padding
+        dtype = getattr(torch, entry["dtype"])
+        layer = cls(entry["in_channels"], entry["out_channels"], padding=padding, bias=entry["bias"], config=config,
+                    dtype=dtype)
+        described = entry.get("input_quantizer")
+        if described is not None:
+            if described.get("type") != "TemporalActQuantizer":
+                raise ValueError(f"`{name}`: unknown input quantizer {described.get('type')!r}.")
+            layer.input_quantizer = TemporalActQuantizer(described["timesteps"], described["bits"],
+                                                         symmetric=described["symmetric"], name=name)
+        prefix = name + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"`{name}`: the saved tensors do not fit the layer: {err}") from None
+        layer.to(conv.weight.device)
+        built.append((name, layer))
+        configs.append(config)
+        records[name] = LayerRecord(name, layer.in_channels, layer.out_channels,
+                                    source="saved", input_quantizer=described is not None)
+    if any(layer.input_quantizer is not None for _, layer in built):
+        context = _context(model, record.get("timestep_argument", "timestep"))
+        for _, layer in built:
+            if layer.input_quantizer is not None:
+                layer.input_quantizer.context = context
+    for name, layer in built:
+        _swap(model, name, layer)
+    return WinogradReport(config=configs[0], replaced=records, inputs="none")
