@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusers_qalora.evaluation.plots import save_image_grid
-from diffusers_qalora.evaluation.report import evaluate_seeds, format_metric, machine_info
+from diffusers_qalora.evaluation.report import evaluate_seeds, format_metric, machine_info, mean_std
 from diffusers_qalora.testbed import ClassConditionalDDIMPipeline, load_testbed
 from diffusers_qalora.winograd import WinogradConfig, apply_winograd
 
@@ -180,7 +180,9 @@ def plot_sqnr(records: dict[str, dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel("layer SQNR vs FP conv (dB)")
         ax.set_title(f"{title}, W8A8, group 32: per-layer SQNR on captured trajectory inputs")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="x-small", loc="lower left")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the curves
+        ax.legend(fontsize="x-small", loc="upper center", ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -205,30 +207,37 @@ def assemble(args, command: str) -> None:
     if "fp" not in records:
         raise SystemExit(f"no {out / 'methods' / 'fp.json'}: run the fp method first.")
     fp = records["fp"]
+    commands = list(dict.fromkeys(rec["command"] for rec in records.values()))
     lines = [
         "# Winograd W8A8 on the embedded digits DDPM",
         "",
-        f"Command: `{command}`",
+        "Commands (methods may run in separate processes; this table: `" + command + "`):",
+        "",
+        *[f"- `{c}`" for c in commands],
         "",
         f"{len(fp['per_seed'])} seeds x {args.samples} samples per method, DDIM {args.steps} steps (eta 0), "
         f"torch threads {fp['machine']['torch_threads']}, {fp['machine']['cpu']}. The same {len(_first_report(records))} "
         "convolutions are quantized in every method (3x3 stride-1 convs whose input channels group 32 divides; "
         "`conv_in` has 1 input channel and stays FP). Weights and activations int8 (symmetric); Winograd groups of 32 "
-        "input channels. x0-MSE: each sample against the FP sample from the same noise and label. Layer SQNR: mean "
+        "input channels. ± is the standard deviation over the seeds; FID / FP is the mean of the per-seed ratios "
+        "(each seed's FP samples start from the same noise and labels). x0-MSE: each sample against the FP sample "
+        "from the same noise and label. Layer SQNR: mean "
         f"[min, max] over the layers, on inputs captured from {args.calibration_samples} FP trajectories (standard -> "
         f"tuned for the tuned rows; {args.tune_steps} tuning steps per layer, Adam lr {args.tune_lr}).",
         "",
-        "| method | digits-FID | FID / FP | accuracy (%) | x0-MSE vs FP | layer SQNR (dB) | seconds |",
+        "| method | digits-FID | FID / FP (per seed) | accuracy (%) | x0-MSE vs FP | layer SQNR (dB) | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
+    fp_fid = {s["seed"]: s["fid"] for s in fp["per_seed"]}
     for key, rec in records.items():
-        ratio = rec["fid_mean"] / fp["fid_mean"]
+        ratios = [s["fid"] / fp_fid[s["seed"]] for s in rec["per_seed"]]  # paired: same noise and labels per seed
+        ratio = format_metric(*mean_std(ratios), 3)
         mse = format_metric(rec["x0_mse_mean"], rec["x0_mse_std"], 5) if "x0_mse_mean" in rec else "—"
         sq = _layer_sqnr(rec, "sqnr_before")
         if METHODS[key].get("tuned"):
             sq = f"{sq} -> {_layer_sqnr(rec, 'sqnr_after')}"
         lines.append(
-            f"| {rec['label']} | {format_metric(rec['fid_mean'], rec['fid_std'])} | {ratio:.3f} "
+            f"| {rec['label']} | {format_metric(rec['fid_mean'], rec['fid_std'])} | {ratio} "
             f"| {format_metric(100 * rec['accuracy_mean'], 100 * rec['accuracy_std'], 1)} | {mse} | {sq} "
             f"| {rec['seconds']:.0f} |"
         )
@@ -238,6 +247,7 @@ def assemble(args, command: str) -> None:
     (out / "winograd_embedded.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     payload = {
         "command": command,
+        "method_commands": commands,
         "seeds": args.seeds,
         "samples_per_seed": args.samples,
         "ddim_steps": args.steps,
