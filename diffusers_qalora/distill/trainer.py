@@ -59,6 +59,11 @@ class DistillConfig:
         weight_decay (`float`, defaults to `0.0`): AdamW weight decay of the LoRA factors.
         lr_schedule (`"linear" | "constant" | "cosine"`, defaults to `"linear"`): decay over ``max_train_steps``.
         train_lora / train_weight_steps / train_act_steps (`bool`): which parts are trained (for ablations).
+        train_base_weights (`bool`, defaults to `False`): also train every parameter of the base model (weights,
+            biases, norms, embeddings) at ``base_weight_lr``: full quantization-aware training, the baseline LoRA
+            replaces.  The teacher can then no longer be the student with its adapters switched off, so
+            [`DataFreeDistiller`] needs a separate frozen ``teacher``.
+        base_weight_lr (`float`, defaults to `1e-5`): learning rate of the base parameters (``train_base_weights``).
         seed (`int`, defaults to `0`).
         checkpointing_steps (`int`, *optional*): save a resumable checkpoint every so many steps.
         checkpoints_total_limit (`int`, *optional*): keep at most this many checkpoints.
@@ -80,6 +85,8 @@ class DistillConfig:
     train_lora: bool = True
     train_weight_steps: bool = True
     train_act_steps: bool = True
+    train_base_weights: bool = False
+    base_weight_lr: float = 1e-5
     seed: int = 0
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
@@ -151,6 +158,9 @@ class DataFreeDistiller:
         config (`DistillConfig`).
         output_dir (`str`): where checkpoints, logs and the adapter go.
         accelerator (`Accelerator`, *optional*): built from ``mixed_precision``/``report_to`` when not given.
+        teacher (`nn.Module`, *optional*): a separate frozen full-precision teacher (its adapters, if any, are
+            switched off).  Needed only when ``config.train_base_weights`` changes the weights the student shares
+            with the default teacher (e.g. ``copy.deepcopy(model)`` before training).
     """
 
     def __init__(
@@ -164,7 +174,15 @@ class DataFreeDistiller:
         accelerator: Accelerator | None = None,
         mixed_precision: str | None = None,
         report_to: str | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
+        if config.train_base_weights and teacher is None:
+            raise ValueError(
+                "`train_base_weights=True` trains the weights the student shares with its teacher; pass a frozen copy "
+                "as `teacher=copy.deepcopy(model)` (made before training) to DataFreeDistiller."
+            )
+        if teacher is model:
+            raise ValueError("`teacher` must be a separate module, not the student itself; omit it to share weights.")
         self.config = config
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +196,7 @@ class DataFreeDistiller:
             )
         self.accelerator = accelerator
         self.model = model
+        self.teacher = teacher
         self.conditioning = conditioning
         self.sample_shape = tuple(sample_shape)
         self.ddim = DDIMScheduler.from_config(scheduler.config)
@@ -202,6 +221,12 @@ class DataFreeDistiller:
                 p.requires_grad_(enabled)
             if enabled:
                 param_groups.append(group)
+        if cfg.train_base_weights:
+            # Every parameter that is not adapter state (``qal_*`` of any adapter) belongs to the base model.
+            base = [p for name, p in self.model.named_parameters() if ".qal_" not in f".{name}" and p.is_floating_point()]
+            for p in base:
+                p.requires_grad_(True)
+            param_groups.append({"params": base, "lr": cfg.base_weight_lr, "weight_decay": 0.0, "name": "base_weights"})
         if not param_groups:
             raise ValueError("nothing to train: enable at least one of train_lora, train_weight_steps, train_act_steps.")
         if cfg.use_8bit_adam:
@@ -278,6 +303,9 @@ class DataFreeDistiller:
                    desc="distill", dynamic_ncols=True)
         start = time.perf_counter()
         model.train()
+        teacher = self.teacher if self.teacher is not None else unwrapped
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False).eval().to(device)
         while self.progress.global_step < cfg.max_train_steps:
             if self.progress.position == 0 or self.progress.x is None:
                 self._start_trajectory()
@@ -286,8 +314,8 @@ class DataFreeDistiller:
             x = p.x.to(device)
             cond = {k: v.to(device) for k, v in p.cond.items()}
             t_in = t.to(device)
-            with torch.no_grad(), adapters_disabled(unwrapped), acc.autocast():
-                target = self.conditioning.predict(model, x, t_in, cond).float()
+            with torch.no_grad(), adapters_disabled(teacher), acc.autocast():
+                target = self.conditioning.predict(model if teacher is unwrapped else teacher, x, t_in, cond).float()
             with acc.autocast():
                 pred = self.conditioning.predict(model, x, t_in, cond).float()
             loss = F.mse_loss(pred, target)
@@ -337,6 +365,11 @@ class DataFreeDistiller:
 
     def save_adapter(self, directory: str | os.PathLike | None = None) -> Path | None:
         """Write the trained (active) adapter (main process only) as ``adapter_name`` ``default`` on disk."""
+        if self.config.train_base_weights:
+            raise ValueError(
+                "the base weights were trained (`train_base_weights=True`), so an adapter alone does not reproduce the "
+                "model; save the whole state dict with `safetensors.torch.save_model` instead."
+            )
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
         if self.accelerator.is_main_process:
             save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory, active_qalora_adapter(self.model))

@@ -159,3 +159,52 @@ def test_config_validation():
         DistillConfig(max_train_steps=0)
     with pytest.raises(ValueError, match="eta"):
         DistillConfig(eta=2.0)
+
+
+def test_full_qat_needs_a_separate_teacher(tmp_path):
+    model, scheduler = _model_and_scheduler()
+    with pytest.raises(ValueError, match="teacher=copy.deepcopy"):
+        _distiller(model, scheduler, tmp_path, train_base_weights=True)
+    cfg = DistillConfig(num_inference_steps=STEPS, batch_size=2)
+    with pytest.raises(ValueError, match="separate module"):
+        DataFreeDistiller(model, scheduler, ClassLabelConditioning(10), (1, 8, 8), cfg, tmp_path, teacher=model)
+
+
+def test_full_qat_trains_base_weights_against_the_frozen_teacher(tmp_path):
+    import copy
+
+    model, scheduler = _model_and_scheduler()
+    teacher = copy.deepcopy(model)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "qal_" not in k}
+    cfg = DistillConfig(num_inference_steps=STEPS, batch_size=2, seed=3, max_train_steps=3 * STEPS,
+                        train_lora=False, train_base_weights=True, base_weight_lr=1e-3)
+    d = DataFreeDistiller(model, scheduler, ClassLabelConditioning(10), (1, 8, 8), cfg, tmp_path, teacher=teacher)
+    d.train()
+    after = model.state_dict()
+    changed = [k for k, v in base_before.items() if not torch.equal(after[k], v)]
+    assert any("base_layer.weight" in k for k in changed), "quantized layers' weights did not train"
+    assert any("norm" in k for k in changed), "non-quantized parameters did not train"
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items()), "the teacher changed"
+    assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if ".qal_B." in n), "LoRA trained"
+    # the student moved away from the teacher's weights, yet its loss is still measured against the teacher
+    g = torch.Generator().manual_seed(5)
+    x, y, t = torch.randn(4, 1, 8, 8, generator=g), torch.arange(4), scheduler.timesteps[0]
+    with torch.no_grad(), dq.adapters_disabled(model), dq.adapters_disabled(teacher):
+        assert not torch.allclose(model(x, t, class_labels=y).sample, teacher(x, t, class_labels=y).sample)
+    with pytest.raises(ValueError, match="base weights were trained"):
+        d.save_adapter(tmp_path / "adapter")
+
+
+def test_a_separate_teacher_is_the_one_the_student_is_compared_with(tmp_path):
+    import copy
+
+    model, scheduler = _model_and_scheduler()
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher.conv_out.base_layer.bias += 1.0  # the teacher's output is shifted by 1 everywhere
+    cfg = DistillConfig(num_inference_steps=STEPS, batch_size=2, seed=3, max_train_steps=1, lora_lr=1e-12,
+                        weight_step_lr=1e-12, act_step_lr=1e-12)
+    history = DataFreeDistiller(model, scheduler, ClassLabelConditioning(10), (1, 8, 8), cfg, tmp_path,
+                                teacher=teacher).train()["history"]
+    assert history[0]["loss"] > 0.5  # ~1 + quantization error; sharing the student's weights would give ~0.01
