@@ -94,8 +94,9 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     }
 
 
-def format_metric(mean: float, std: float, digits: int = 2) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def format_metric(mean: float, std: float | None, digits: int = 2) -> str:
+    """``mean ± std``, or the value alone when there is no spread to report (``std=None``: a single seed)."""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str, notes: str = "") -> str:
@@ -106,10 +107,15 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str
     lines += ["| method | bits (W/A) | digits-FID | accuracy (%) | x0-MSE vs FP | seconds |",
               "|---|---|---|---|---|---|"]
     for r in rows:
-        mse = format_metric(r["x0_mse_mean"], r["x0_mse_std"], 5) if "x0_mse_mean" in r else "—"
-        acc = format_metric(100 * r["accuracy_mean"], 100 * r["accuracy_std"], 1)
+        one_seed = len(r.get("per_seed", ())) == 1  # no spread over seeds to report
+
+        def spread(key: str, scale: float = 1.0, r=r, one_seed=one_seed) -> float | None:
+            return None if one_seed else scale * r[key]
+
+        mse = format_metric(r["x0_mse_mean"], spread("x0_mse_std"), 5) if "x0_mse_mean" in r else "—"
+        acc = format_metric(100 * r["accuracy_mean"], spread("accuracy_std", 100), 1)
         secs = f"{r['seconds']:.0f}" if "seconds" in r else ""
-        lines.append(f"| {r['method']} | {r.get('bits', 'fp32')} | {format_metric(r['fid_mean'], r['fid_std'])} "
+        lines.append(f"| {r['method']} | {r.get('bits', 'fp32')} | {format_metric(r['fid_mean'], spread('fid_std'))} "
                      f"| {acc} | {mse} | {secs} |")
     return "\n".join(lines) + "\n"
 

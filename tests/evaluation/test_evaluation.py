@@ -195,3 +195,14 @@ def test_plot_step_sizes(tmp_path):
         plot_step_sizes({"conv_out": ([0, 1], [0.1])}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="empty"):
         plot_step_sizes({}, tmp_path / "empty.png")
+
+
+def test_results_markdown_shows_a_spread_only_over_several_seeds():
+    from diffusers_qalora.evaluation.report import results_markdown
+
+    row = {"method": "m", "fid_mean": 30.0, "fid_std": 0.0, "accuracy_mean": 0.99, "accuracy_std": 0.0,
+           "x0_mse_mean": 0.002, "x0_mse_std": 0.0}
+    one = results_markdown([{**row, "per_seed": [{}]}], "t", "cmd")
+    assert "| 30.00 | 99.0 | 0.00200 |" in one and "±" not in one
+    three = results_markdown([{**row, "fid_std": 4.5, "per_seed": [{}, {}, {}]}], "t", "cmd")
+    assert "30.00 ± 4.50" in three
