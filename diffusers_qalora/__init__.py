@@ -9,6 +9,7 @@ from .export import IntegerConv2d, IntegerLinear, set_integer_backend
 from .integrations import register as _register
 from .integrations.adapters import load_qalora_adapter, save_qalora_adapter
 from .integrations.diffusers import QALoraQuantConfig, QALoraQuantMethod, export_quantized
+from .integrations.hub import push_qalora_adapter, push_quantized_model
 from .quant import PerChannel, PerGroup, PerTensor, TimestepContext
 from .tuners.qalora import QALoraConfig, QALoraModel, QALoraPeftType
 from .tuners.qalora.api import (
@@ -62,6 +63,9 @@ __all__ = [
     "QALoraQuantMethod",
     "export_quantized",
     "set_integer_backend",
+    # sharing on the Hub
+    "push_qalora_adapter",
+    "push_quantized_model",
     # Winograd convolution
     "DirectQuantConv2d",
     "WinogradConfig",

@@ -58,16 +58,18 @@ class DistillConfig:
         scale_aware (`"lr" | "grad" | "none"`, defaults to `"lr"`): scale-aware LoRA optimization.
         weight_decay (`float`, defaults to `0.0`): AdamW weight decay of the LoRA factors.
         lr_schedule (`"linear" | "constant" | "cosine"`, defaults to `"linear"`): decay over ``max_train_steps``.
-        train_lora / train_weight_steps / train_act_steps (`bool`): which parts are trained (for ablations).
+        train_lora (`bool`, defaults to `True`): train the LoRA factors (off for ablations).
+        train_weight_steps (`bool`, defaults to `True`): train the weight step sizes (off for ablations).
+        train_act_steps (`bool`, defaults to `True`): train the activation step sizes (off for ablations).
         train_base_weights (`bool`, defaults to `False`): also train every parameter of the base model (weights,
             biases, norms, embeddings) at ``base_weight_lr``: full quantization-aware training, the baseline LoRA
             replaces.  The teacher can then no longer be the student with its adapters switched off, so
             [`DataFreeDistiller`] needs a separate frozen ``teacher``.
         base_weight_lr (`float`, defaults to `1e-5`): learning rate of the base parameters (``train_base_weights``).
-        seed (`int`, defaults to `0`).
+        seed (`int`, defaults to `0`): seed of the noise and conditioning draws (offset per process).
         checkpointing_steps (`int`, *optional*): save a resumable checkpoint every so many steps.
         checkpoints_total_limit (`int`, *optional*): keep at most this many checkpoints.
-        gradient_checkpointing (`bool`, defaults to `False`).
+        gradient_checkpointing (`bool`, defaults to `False`): trade compute for activation memory.
         use_8bit_adam (`bool`, defaults to `False`): bitsandbytes' AdamW8bit, as diffusers' training scripts.
         max_grad_norm (`float`, *optional*): gradient clipping.
     """
@@ -155,7 +157,7 @@ class DataFreeDistiller:
         scheduler: a diffusers scheduler whose config builds the DDIM sampler of the teacher trajectories.
         conditioning (`Conditioning`): class labels, prompts or none.
         sample_shape (`tuple[int, ...]`): shape of one latent ``(C, H, W)``.
-        config (`DistillConfig`).
+        config (`DistillConfig`): the training hyper-parameters.
         output_dir (`str`): where checkpoints, logs and the adapter go.
         accelerator (`Accelerator`, *optional*): built from ``mixed_precision``/``report_to`` when not given.
         teacher (`nn.Module`, *optional*): a separate frozen full-precision teacher (its adapters, if any, are

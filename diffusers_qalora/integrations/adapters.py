@@ -27,7 +27,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def unwrap_peft_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -41,17 +41,23 @@ def _strip_wrappers(key: str) -> str:
     return module + sep + rest
 
 
-def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
-    factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
-    moved into place, so a failure leaves ``save_directory`` as it was."""
-    base = _base_model(model)
+def qalora_adapter_of(model: nn.Module, adapter_name: str) -> tuple[nn.Module, QALoraConfig]:
+    """The base model (unwrapped from a ``PeftModel``) and the config of its QALoRA adapter ``adapter_name``."""
+    base = unwrap_peft_model(model)
     configs = getattr(base, "peft_config", None) or {}
     config = configs.get(adapter_name)
     if not isinstance(config, QALoraConfig):
         raise ValueError(
             f"{type(base).__name__} has no QALoRA adapter named {adapter_name!r} (adapters: {sorted(configs)})."
         )
+    return base, config
+
+
+def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
+    factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
+    moved into place, so a failure leaves ``save_directory`` as it was."""
+    base, config = qalora_adapter_of(model, adapter_name)
     state = get_peft_model_state_dict(base, adapter_name=adapter_name)
     state = {_PEFT_PREFIX + _strip_wrappers(k): v.detach().contiguous().cpu() for k, v in state.items()}
     target = Path(save_directory)
@@ -78,9 +84,23 @@ def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | No
         return str(local)
     if isinstance(path_or_repo, os.PathLike) or looks_like_local_path(str(path_or_repo)):
         raise FileNotFoundError(f"{path_or_repo} does not exist; pass an adapter folder or a Hub id like 'org/name'.")
-    from huggingface_hub import hf_hub_download
+    from .hub import describe_repo_for_adapter, hub_file
 
-    return hf_hub_download(str(path_or_repo), filename, subfolder=subfolder, revision=revision, token=token)
+    repo_id = str(path_or_repo)
+    if filename == ADAPTER_CONFIG_NAME:
+        def hint() -> str:
+            return describe_repo_for_adapter(repo_id, revision, token, subfolder)
+    else:
+        def hint() -> str:
+            return f"The upload looks incomplete: push the adapter again (it needs {ADAPTER_CONFIG_NAME} and {filename})."
+    return hub_file(repo_id, filename, subfolder=subfolder, revision=revision, token=token, missing_hint=hint)
+
+
+def _source(path_or_repo: str | os.PathLike, revision: str | None) -> str:
+    """How messages name an adapter: the folder, or the Hub repo and revision."""
+    if Path(path_or_repo).is_dir():
+        return str(path_or_repo)
+    return f"Hub repo {str(path_or_repo)!r} (revision {revision or 'main'!r})"
 
 
 def read_adapter_config(path_or_repo: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
@@ -88,12 +108,17 @@ def read_adapter_config(path_or_repo: str | os.PathLike, subfolder: str | None =
     """Read ``adapter_config.json`` and check that it describes a QALoRA adapter."""
     _ensure_registered()
     path = _resolve(path_or_repo, ADAPTER_CONFIG_NAME, subfolder, revision, token)
+    return _parse_adapter_config(path, _source(path_or_repo, revision))
+
+
+def _parse_adapter_config(path: str, source: str) -> QALoraConfig:
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     if raw.get("peft_type") != QALoraPeftType.QALORA.value:
         raise ValueError(
-            f"{path_or_repo} holds a {raw.get('peft_type')!r} adapter, not a QALoRA one; load it with "
-            f"diffusers' load_lora_weights or peft instead."
+            f"{source} holds a {raw.get('peft_type')!r} adapter, not a QALoRA one (adapter_config.json has "
+            f"peft_type {raw.get('peft_type')!r}, QALoRA adapters have 'QALORA'); load it with diffusers' "
+            f"`pipe.load_lora_weights` or `peft.PeftModel.from_pretrained` instead."
         )
     return QALoraConfig.from_pretrained(str(Path(path).parent))
 
@@ -144,16 +169,38 @@ def load_qalora_adapter(
     tensors.  Safetensors only; nothing is unpickled.  If the adapter does not fit the model, a ``ValueError`` lists
     the mismatched names and the model is left untouched.
 
+    Args:
+        model (`torch.nn.Module`): the base model (e.g. ``pipe.unet``) or a ``PeftModel`` of it.
+        path_or_repo (`str | os.PathLike`): an adapter folder, or a Hub repo id ``"org/name"`` (downloaded through
+            the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` the cached copy is used).
+        adapter_name (`str`, defaults to `"default"`): the name the adapter gets in ``model``.
+        is_trainable (`bool`, defaults to `False`): load for training (step sizes and LoRA factors trainable).
+        subfolder (`str`, *optional*): sub-folder of the adapter inside the folder or repo.
+        revision (`str`, *optional*): branch, tag or commit of a Hub repo; ``main`` by default.
+        token (`str | bool`, *optional*): Hub token for a private repo; by default ``HF_TOKEN`` or the saved one.
+
     Returns the model (same object), with the adapter active and frozen unless ``is_trainable``.
+
+    Raises:
+        ValueError: an adapter of another type (e.g. a plain LoRA), or one that does not fit the model.
+        OSError: huggingface_hub's `RepositoryNotFoundError`, `RevisionNotFoundError`, `EntryNotFoundError` or
+            `LocalEntryNotFoundError` (all `OSError`s) for a missing repo, revision, file or cache entry, each
+            naming the repo, the revision and the fix.
     """
-    config = read_adapter_config(path_or_repo, subfolder, revision, token)
+    _ensure_registered()
+    config_path = _resolve(path_or_repo, ADAPTER_CONFIG_NAME, subfolder, revision, token)
+    config = _parse_adapter_config(config_path, _source(path_or_repo, revision))
     config.inference_mode = not is_trainable
-    weights = _resolve(path_or_repo, ADAPTER_WEIGHTS_NAME, subfolder, revision, token)
+    # From the Hub, read the weights of the very commit the config came from, even if the branch moves meanwhile.
+    from .hub import snapshot_revision
+
+    pinned = None if Path(path_or_repo).is_dir() else snapshot_revision(config_path)
+    weights = _resolve(path_or_repo, ADAPTER_WEIGHTS_NAME, subfolder, pinned or revision, token)
     try:
         state = load_file(weights, device="cpu")
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it.") from err
-    base = _base_model(model)
+    base = unwrap_peft_model(model)
     if adapter_name in (getattr(base, "peft_config", None) or {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already used by this model; choose another name.")
     _check_against_model(base, state, str(path_or_repo))

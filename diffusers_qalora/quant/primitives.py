@@ -202,7 +202,8 @@ def fake_quantize(
         step (`torch.Tensor`): positive step sizes, broadcastable to ``x``.
         zero_point (`torch.Tensor`, *optional*): zero points (rounded to integers in the forward pass),
             broadcastable to ``x``; ``None`` for symmetric quantization.
-        qmin, qmax (`int`): the integer code range, see [`qrange`].
+        qmin (`int`): the lowest integer code, see [`qrange`].
+        qmax (`int`): the highest integer code.
         grad_scale (`float`, defaults to `1.0`): LSQ gradient scale applied to the step and zero-point gradients.
 
     Returns:

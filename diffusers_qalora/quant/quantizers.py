@@ -30,7 +30,7 @@ class WeightQuantizer(nn.Module):
         bits (`int`): 2..8.
         symmetric (`bool`, defaults to `True`): signed codes and no zero point (what integer kernels want);
             `False` gives unsigned codes with a per-cell integer zero point (a frozen buffer).
-        granularity (`PerTensor | PerChannel | PerGroup`, defaults to `PerChannel()`).
+        granularity (`PerTensor | PerChannel | PerGroup`, defaults to `PerChannel()`): how many step sizes.
         lsq_grad_scale (`bool`, defaults to `False`): multiply the step gradient by LSQ's ``1/sqrt(N * qmax)``.
     """
 
@@ -102,7 +102,7 @@ class TemporalActQuantizer(nn.Module):
         bits (`int`): 2..8.
         symmetric (`bool`, defaults to `False`): signed codes without zero point; the default unsigned codes with a
             learnable (integer-rounded) zero point suit post-SiLU/GELU activations.
-        lsq_grad_scale (`bool`, defaults to `False`).
+        lsq_grad_scale (`bool`, defaults to `False`): multiply the step gradient by LSQ's ``1/sqrt(N * qmax)``.
         name (`str`, *optional*): used in error messages.
     """
 

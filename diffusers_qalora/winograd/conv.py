@@ -158,7 +158,8 @@ class WinogradConv2d(nn.Module):
         bias (`bool`, defaults to `True`): whether to learn an additive bias.
         config ([`WinogradConfig`], *optional*): tile, quantization and scale settings; defaults to
             ``WinogradConfig()`` (F(4,3), 8 bits, one group).
-        device, dtype: of the weight and bias.
+        device (`torch.device | str`, *optional*): device of the weight and bias.
+        dtype (`torch.dtype`, *optional*): dtype of the weight and bias.
 
     Attributes:
         weight (`nn.Parameter`): ``(K, C, 3, 3)``, the spatial weight (as in ``nn.Conv2d``).

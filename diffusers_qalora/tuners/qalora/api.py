@@ -44,11 +44,12 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
         model (`torch.nn.Module`): the denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
             ``FluxTransformer2DModel``, ...).
         config (`QALoraConfig`): the method's configuration (it is copied, never modified).
-        adapter_name (`str`, defaults to `"default"`).
+        adapter_name (`str`, defaults to `"default"`): the name of the adapter.
 
     Raises:
-        `TypeError` for a wrong model or config type, `ValueError` for targets that do not exist or cannot be wrapped
-        or an adapter name in use.  On any error the model is left as it was.
+        TypeError: for a wrong model or config type.
+        ValueError: for targets that do not exist or cannot be wrapped, or an adapter name in use.  On any error the
+            model is left as it was.
 
     Example:
 

@@ -1,0 +1,28 @@
+"""Share QALoRA adapters and exported integer models on the Hugging Face Hub (the public face of
+``diffusers_qalora.integrations.hub``, where the Hub-specific code lives next to the other integrations).
+
+```py
+>>> import diffusers_qalora as dq
+>>> dq.push_qalora_adapter(unet, "me/digits-w4a4", results="outputs/distill/results.json")
+>>> dq.load_qalora_adapter(fresh_unet, "me/digits-w4a4")
+```
+"""
+
+from .integrations.hub import (
+    hub_file,
+    push_qalora_adapter,
+    push_quantized_model,
+    qalora_adapter_card,
+    quantized_model_card_for,
+)
+from .integrations.model_card import ModelCardWarning, code_blocks
+
+__all__ = [
+    "ModelCardWarning",
+    "code_blocks",
+    "hub_file",
+    "push_qalora_adapter",
+    "push_quantized_model",
+    "qalora_adapter_card",
+    "quantized_model_card_for",
+]
