@@ -8,8 +8,9 @@ Importing the package registers the ``"QALORA"`` PEFT type (idempotent), so ``pe
 from .export import IntegerConv2d, IntegerLinear, set_integer_backend
 from .integrations import register as _register
 from .integrations.adapters import load_qalora_adapter, save_qalora_adapter
-from .integrations.diffusers import QALoraQuantConfig, QALoraQuantMethod, export_quantized
+from .integrations.diffusers import QALoraAttnProcessor, QALoraQuantConfig, QALoraQuantMethod, export_quantized
 from .integrations.hub import push_qalora_adapter, push_quantized_model
+from .kernels import install as _install_kernels
 from .quant import PerChannel, PerGroup, PerTensor, TimestepContext
 from .tuners.qalora import QALoraConfig, QALoraModel, QALoraPeftType
 from .tuners.qalora.api import (
@@ -62,6 +63,8 @@ __all__ = [
     "QALoraQuantConfig",
     "QALoraQuantMethod",
     "export_quantized",
+    # quantized attention (QALoraConfig(quantize_attention=True))
+    "QALoraAttnProcessor",
     "set_integer_backend",
     # sharing on the Hub
     "push_qalora_adapter",
@@ -78,3 +81,4 @@ __all__ = [
 ]
 
 _register()
+_install_kernels()

@@ -8,10 +8,13 @@ Backends:
   ``s_x * s_w`` epilogue and the bias fused;
 * ``"reference"``: the dequantized float computation, bit-identical to the fake-quant model (the fallback, and the
   oracle of the tests);
-* kernels registered with [`register_kernel`] for other devices (the dispatch point for the CUDA/Triton kernels).
+* ``"triton"``: the Triton integer GEMM of `diffusers_qalora.kernels` (CUDA; CPU tensors under the Triton
+  interpreter), provided through [`set_kernel_provider`] (this package stays plain torch and does not import it);
+* kernels registered with [`register_kernel`] for other devices.
 
-``"auto"`` picks a registered kernel for the input's device, else oneDNN on CPU when it is available and exact on
-this machine, else the reference.
+``"auto"`` picks a registered kernel for the input's device, else what the kernel provider chooses (Triton on CUDA
+when ``triton`` imports, following the global ``diffusers_qalora.kernels.set_kernel_backend``), else oneDNN on CPU
+when it is available and exact on this machine, else the reference.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from functools import lru_cache
 
 import torch
 
-BACKENDS = ("auto", "onednn", "reference")
+BACKENDS = ("auto", "onednn", "reference", "triton")
 KERNEL_OPS = ("linear", "conv2d")
+
+# provider(backend, device, op) -> kernel, or None to fall through to the built-in choice; installed by
+# `diffusers_qalora.kernels.install`.  For ``backend="triton"`` it returns a kernel or raises (naming the reason).
+_PROVIDER: list[Callable | None] = [None]
 
 # (device type, op) -> kernel(module, x, scale, zero_point) -> output.  ``scale``/``zero_point`` are Python numbers
 # (one timestep group per call); the kernel quantizes ``x`` itself so that it can fuse that step.
@@ -60,6 +67,16 @@ def unregister_kernel(device_type: str, op: str) -> None:
 
 def registered_kernel(device_type: str, op: str) -> Callable | None:
     return _KERNELS.get((device_type, op))
+
+
+def set_kernel_provider(provider: Callable | None) -> Callable | None:
+    """Install the provider of the ``"triton"`` backend (and of the CUDA choice of ``"auto"``); return the previous
+    one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [`register_kernel`]
+    (a kernel with ``per_sample_qparams = True`` also accepts ``(B,)`` tensors of per-sample step sizes and zero
+    points, so a batch of mixed timesteps runs in one call), or ``None``."""
+    previous = _PROVIDER[0]
+    _PROVIDER[0] = provider
+    return previous
 
 
 def validate_backend(backend: str) -> str:
@@ -163,6 +180,16 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str | Callab
     kernel = _KERNELS.get((device.type, op))
     if kernel is not None and backend == "auto":
         return kernel
+    provider = _PROVIDER[0]
+    if backend in ("auto", "triton"):
+        provided = None if provider is None else provider(backend, device, op)
+        if provided is not None:
+            return provided
+        if backend == "triton":
+            raise RuntimeError(
+                "backend='triton' needs the kernels of diffusers_qalora.kernels, which `import diffusers_qalora` "
+                "installs; import the package (not only diffusers_qalora.export) or use backend='auto'."
+            )
     if device.type == "cpu":
         usable, reason = onednn_status()
         if usable:

@@ -66,6 +66,12 @@ def _check_layer(layer: QALoraLayer, adapter: str, name: str) -> None:
             f"`{name}`: asymmetric weights (weight_symmetric=False) have no integer kernel; export needs "
             f"QALoraConfig(weight_symmetric=True), the default."
         )
+    if adapter in layer.qal_out_quantizer or adapter in layer.qal_prob_quantizer:
+        raise NotImplementedError(
+            f"`{name}`: adapter {adapter!r} quantizes attention (QALoraConfig(quantize_attention=True)), which integer "
+            f"export does not carry: the integer layers would drop the q/k/v step sizes. Export an adapter trained "
+            f"with quantize_attention=False, or keep the fake-quant model (its attention runs the fused kernel)."
+        )
     aq = layer.qal_act_quantizer[adapter]
     if not bool(aq.calibrated):
         raise ValueError(

@@ -49,7 +49,8 @@ class IntegerLayer(nn.Module):
     Attributes:
         layout ([`IntegerLayout`]): bit widths, granularity and table size.
         context ([`TimestepContext`]): the timesteps of the denoiser call in progress (shared by all layers).
-        backend (`str`): ``"auto"`` (default), ``"onednn"`` or ``"reference"``; see `diffusers_qalora.export.backends`.
+        backend (`str`): ``"auto"`` (default), ``"onednn"``, ``"triton"`` or ``"reference"``; see
+            `diffusers_qalora.export.backends`.
         exact_activation_rounding (`bool`): quantize activations with the fake-quant model's ``x / s`` formula instead
             of torch's fused quantizer (slower; the fused one differs by one code at rare exact ties).
     """
@@ -208,9 +209,14 @@ class IntegerLayer(nn.Module):
         groups = self._timestep_groups(x.shape[0])
         if len(groups) == 1 or x.shape[0] == 0:
             return self._forward_group(x, groups[0][1], groups[0][2])
-        if resolve_backend(self.backend, x.device, self.op) == "reference":
+        impl = resolve_backend(self.backend, x.device, self.op)
+        if impl == "reference":
             # One call with per-sample step sizes, as the fake-quant model computes it (bit-identical).
             return self._reference(x, *self._per_sample_qparams(x, groups))
+        if getattr(impl, "per_sample_qparams", False):
+            # The kernel gathers each sample's step size and zero point itself: one call for the whole batch.
+            scale, zero_point = self._per_sample_qparams(x, groups)
+            return impl(self, x, scale.reshape(-1), zero_point.reshape(-1))
         out = None
         for index, scale, zero_point in groups:
             y = self._forward_group(x.index_select(0, index.to(x.device)), scale, zero_point)

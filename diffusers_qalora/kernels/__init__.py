@@ -1,0 +1,90 @@
+"""Triton kernels, their torch references, and the dispatch between them.
+
+* fused fake quantization with LSQ gradients ([`fused_fake_quantize`], [`fake_quantize_by_index`]), used by the
+  quantizers of `diffusers_qalora.quant` during training and calibration-free inference on CUDA;
+* integer GEMM / implicit-GEMM convolution with a fused dequantize epilogue ([`int8_linear`], [`int8_conv2d`]), used
+  by the exported integer layers on CUDA (backend ``"triton"``);
+* dispatch ([`set_kernel_backend`], [`kernel_backend`], [`set_module_kernel_backend`]): Triton on CUDA when ``triton``
+  imports, the torch reference elsewhere.
+
+Importing this package does not import ``triton``; the kernels are built the first time one runs.  [`install`]
+(called by ``import diffusers_qalora``) connects the dispatch to the quantizers and to the integer layers.
+"""
+
+from .dispatch import (
+    KERNEL_BACKENDS,
+    get_kernel_backend,
+    kernel_backend,
+    module_kernel_backend,
+    resolve_kernel_backend,
+    set_kernel_backend,
+    set_module_kernel_backend,
+    triton_import_error,
+    triton_unavailable_reason,
+)
+from .fake_quant import fake_quantize_by_index, fake_quantize_reference, fused_fake_quantize
+from .int_gemm import (
+    PackedWeight,
+    int8_conv2d,
+    int8_conv2d_reference,
+    int8_linear,
+    int8_linear_reference,
+    quantize_activation_codes,
+    quantize_activation_codes_reference,
+)
+
+__all__ = [
+    "KERNEL_BACKENDS",
+    "PackedWeight",
+    "fake_quantize_by_index",
+    "fake_quantize_reference",
+    "fused_fake_quantize",
+    "get_kernel_backend",
+    "install",
+    "int8_conv2d",
+    "int8_conv2d_reference",
+    "int8_linear",
+    "int8_linear_reference",
+    "kernel_backend",
+    "module_kernel_backend",
+    "quantize_activation_codes",
+    "quantize_activation_codes_reference",
+    "resolve_kernel_backend",
+    "set_kernel_backend",
+    "set_module_kernel_backend",
+    "triton_import_error",
+    "triton_unavailable_reason",
+]
+
+
+def install() -> None:
+    """Connect the dispatch to `diffusers_qalora.quant` (the fake-quantizer modules ask it which implementation to
+    run) and to `diffusers_qalora.export` (the ``"triton"`` backend of the integer layers).  Idempotent; imports
+    nothing heavy."""
+    from ..export.backends import set_kernel_provider
+    from ..quant.quantizers import set_fake_quantize_resolver
+    from .dispatch import fake_quantize_resolver
+    from .integer_layers import integer_kernel_provider
+
+    set_fake_quantize_resolver(fake_quantize_resolver)
+    set_kernel_provider(integer_kernel_provider)
+
+
+# Quantized attention and the integer Winograd convolution (`attention.py`, `winograd.py`).
+from .attention import QuantSpec, quantized_attention, quantized_attention_reference  # noqa: E402
+from .winograd import (  # noqa: E402
+    WinogradPackedWeight,
+    pack_winograd_weight,
+    winograd_int_conv2d,
+    winograd_int_conv2d_reference,
+)
+
+__all__ += [
+    "QuantSpec",
+    "WinogradPackedWeight",
+    "pack_winograd_weight",
+    "quantized_attention",
+    "quantized_attention_reference",
+    "winograd_int_conv2d",
+    "winograd_int_conv2d_reference",
+]

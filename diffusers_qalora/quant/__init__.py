@@ -4,7 +4,7 @@ from .granularity import Granularity, PerChannel, PerGroup, PerTensor, granulari
 from .init import INIT_METHODS, init_qparams, lp_search_qparams, minmax_qparams
 from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
 from .primitives import dequantize, fake_quantize, qrange, quantize, round_ste, scale_gradient, validate_bits
-from .quantizers import TemporalActQuantizer, WeightQuantizer
+from .quantizers import TemporalActQuantizer, WeightQuantizer, fake_quantize_impl, set_fake_quantize_resolver
 from .scale_aware import SCALE_AWARE_MODES, ScaleAwareEntry, ScaleAwareGroups, scale_aware_param_groups
 from .temporal import (
     TemporalValues,
@@ -32,6 +32,7 @@ __all__ = [
     "WeightQuantizer",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_impl",
     "granularity_from_name",
     "grouped_view",
     "init_qparams",
@@ -46,6 +47,7 @@ __all__ = [
     "round_ste",
     "scale_aware_param_groups",
     "scale_gradient",
+    "set_fake_quantize_resolver",
     "step_shape",
     "timesteps_to_tensor",
     "unpack_codes",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,26 @@ from .primitives import lsq_grad_scale as lsq_grad_scale_factor
 from .temporal import TemporalValues, TimestepContext, interpolation_indices
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Which implementation of `fake_quantize` a quantizer module runs.  This package is pure torch and never imports the
+# kernels: `diffusers_qalora.kernels` installs a resolver here (on `import diffusers_qalora`) that picks, once per
+# module and device, its fused Triton kernel or `fake_quantize` itself.  Without a resolver, `fake_quantize` runs.
+FakeQuantizeResolver = Callable[[nn.Module, torch.Tensor], Callable[..., torch.Tensor]]
+_resolver: list[FakeQuantizeResolver | None] = [None]
+
+
+def set_fake_quantize_resolver(resolver: FakeQuantizeResolver | None) -> FakeQuantizeResolver | None:
+    """Install ``resolver(module, x) -> fn`` (``fn`` with the signature of [`fake_quantize`]) and return the previous
+    one; ``None`` restores plain [`fake_quantize`]."""
+    previous = _resolver[0]
+    _resolver[0] = resolver
+    return previous
+
+
+def fake_quantize_impl(module: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The implementation of [`fake_quantize`] that ``module`` runs for its input ``x``."""
+    resolver = _resolver[0]
+    return fake_quantize if resolver is None else resolver(module, x)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -79,7 +99,7 @@ class WeightQuantizer(nn.Module):
         grouped = grouped_view(weight.to(dtype), self.granularity)
         step = self.step.to(dtype)
         zp = None if self.zero_point is None else self.zero_point.to(dtype)
-        out = fake_quantize(grouped, step, zp, self.qmin, self.qmax, self.grad_scale)
+        out = fake_quantize_impl(self, grouped)(grouped, step, zp, self.qmin, self.qmax, self.grad_scale)
         return out.reshape(weight.shape).to(weight.dtype)
 
     @torch.no_grad()
@@ -175,7 +195,11 @@ class TemporalActQuantizer(nn.Module):
         step = step.to(dtype).reshape(view)
         zp = None if zp is None else zp.to(dtype).reshape(view)
         grad_scale = lsq_grad_scale_factor(x[0].numel(), self.qmax) if self.use_lsq_grad_scale else 1.0
-        return fake_quantize(x.to(dtype), step, zp, self.qmin, self.qmax, grad_scale).to(x.dtype)
+        impl = fake_quantize_impl(self, x)
+        # An implementation that computes in float32 itself gets float16/bfloat16 inputs as they are (same numbers,
+        # two full-size casts fewer).
+        x_in = x if getattr(impl, "computes_in_float32", False) else x.to(dtype)
+        return impl(x_in, step, zp, self.qmin, self.qmax, grad_scale).to(x.dtype)
 
     def _single_qparams(self, t: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[`qparams`] at one timestep, as 0-d tensors, without the tensor bookkeeping of a batched lookup.

@@ -146,7 +146,9 @@ class WinogradConv2d(nn.Module):
       differentiable w.r.t. the learnable scales through `fake_quantize`'s STE/LSQ gradients.
     * ``"int"`` (default when ``config.bits`` is set): inference with integer codes and exact integer accumulation
       per group, group steps applied and summed in fp32; the weight codes are cached until the weight or the
-      scales change.  Not differentiable.  Agrees with ``"fake"`` up to fp32 summation order.
+      scales change.  Not differentiable.  Agrees with ``"fake"`` up to fp32 summation order.  On CUDA (float32
+      compute) it runs the fused Triton kernels of `diffusers_qalora.kernels.winograd` when Triton imports; the
+      choice is made once per module and can be overridden (`diffusers_qalora.kernels.set_module_kernel_backend`).
 
     The quantized modes compute in float32 (float64 for a float64 input) whatever the input dtype, with autocast
     disabled; the output is cast back to the input dtype.
@@ -434,6 +436,8 @@ class WinogradConv2d(nn.Module):
         assert bits is not None  # internal invariant: the quant_mode setter checks it
         cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         at, g, bt = self._matrices(x.device)
+        if self._quant_mode == "int" and cdtype == torch.float32 and self._kernel_choice(x) == "triton":
+            return self._forward_int_triton(x, at, g, bt)
         tiles, grid = tile_input(x.to(cdtype), self.tile, 3, self._pad)
         v = input_transform(tiles, bt.to(cdtype))
         if self._quant_mode == "fake":
@@ -451,6 +455,33 @@ class WinogradConv2d(nn.Module):
         if cfg.output_bits is not None:
             prod = quantize_output(prod, cfg.output_bits, fake=self._quant_mode == "fake")
         return output_transform(prod, at.to(cdtype), grid).to(x.dtype)
+
+    def _kernel_choice(self, x: torch.Tensor) -> str:
+        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device, resolved once per module and device
+        (see `diffusers_qalora.kernels.dispatch`; Triton by default for CUDA tensors when it imports)."""
+        from ..kernels.dispatch import module_choice
+
+        return module_choice(self, x.device)
+
+    def _forward_int_triton(self, x: torch.Tensor, at: torch.Tensor, g: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        """The ``"int"`` mode on the fused Triton kernels (`diffusers_qalora.kernels.winograd`): the same codes and
+        steps as the torch path, the weight packed once for the GEMM kernel and cached."""
+        from ..kernels.winograd import pack_winograd_weight, winograd_int_conv2d_triton
+
+        cfg = self.config
+
+        def compute_packed() -> tuple[torch.Tensor, torch.Tensor, Any]:
+            with torch.no_grad():
+                u64 = weight_transform(self.weight.detach().to(torch.float64), g.detach())
+                codes_u, step_u = quantize_weight_codes(u64, cfg.bits, cfg.group_size, cfg.weight_init)
+                return codes_u, step_u, pack_winograd_weight(codes_u, step_u)
+
+        codes_u, step_u, packed = self._cached(self._cache_key("int-triton", x.device, torch.float32), compute_packed)
+        return winograd_int_conv2d_triton(
+            x.detach(), codes_u, step_u, bt.detach().float(), at.detach().float(), None, self._pad, bits=cfg.bits,
+            group_size=cfg.group_size, act_granularity=cfg.act_granularity, output_bits=cfg.output_bits,
+            packed=packed,
+        )
 
     def extra_repr(self) -> str:
         cfg = self.config

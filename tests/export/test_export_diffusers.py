@@ -65,7 +65,7 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError, match="quant_method"):
         dq.QALoraQuantConfig(quant_method="torchao")
     with pytest.raises(ValueError, match="backend"):
-        dq.QALoraQuantConfig(backend="triton")
+        dq.QALoraQuantConfig(backend="cutlass")
     with pytest.raises(ValueError, match="disagrees"):
         dq.QALoraQuantConfig(weight_bits=4, layers={"a": {"kind": "linear", "weight_bits": 6, "act_bits": 8}})
     with pytest.raises(ValueError, match="does not know"):

@@ -1,5 +1,7 @@
-"""The diffusers quantization backend ``"qalora"``: config, quantizer, registration and `export_quantized`."""
+"""The diffusers quantization backend ``"qalora"`` (config, quantizer, registration, `export_quantized`) and the
+quantized attention processor `QALoraAttnProcessor`."""
 
+from .attention_processor import QALoraAttnProcessor, set_qalora_attn_processor
 from .config import QALoraQuantConfig, QALoraQuantMethod
 from .export import export_quantized
 from .quantizer import CHECKSUM_KEY, QALoraDiffusersQuantizer, integer_state_checksum, mark_exported
@@ -7,6 +9,7 @@ from .registry import register_diffusers_backend, unregister_diffusers_backend
 
 __all__ = [
     "CHECKSUM_KEY",
+    "QALoraAttnProcessor",
     "QALoraDiffusersQuantizer",
     "QALoraQuantConfig",
     "QALoraQuantMethod",
@@ -14,5 +17,6 @@ __all__ = [
     "integer_state_checksum",
     "mark_exported",
     "register_diffusers_backend",
+    "set_qalora_attn_processor",
     "unregister_diffusers_backend",
 ]

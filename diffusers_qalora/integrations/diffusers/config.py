@@ -57,7 +57,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         modules_to_not_convert (`list[str]`, *optional*): modules kept in float.
         eight_bit_modules (`list[str]`, *optional*): modules at ``special_bits`` (default: first/last layers).
         timestep_argument (`str`, defaults to `"timestep"`): the denoiser's timestep argument (read by the hook).
-        backend (`"auto" | "onednn" | "reference"`, defaults to `"auto"`): compute path of the integer layers.
+        backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): compute path of the integer layers.
         layers (`dict[str, dict]`, *optional*): the [`IntegerLayout`] of every integer layer of an exported model;
             written by `export_quantized`, never set by hand.
         version (`int`, defaults to `1`): format version.
@@ -81,7 +81,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "Modules kept in float."})
     eight_bit_modules: list[str] | None = field(default=None, metadata={"help": "Modules at special_bits."})
     timestep_argument: str = field(default="timestep", metadata={"help": "The denoiser's timestep argument."})
-    backend: str = field(default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'reference'."})
+    backend: str = field(default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."})
     layers: dict[str, dict] | None = field(default=None, metadata={"help": "Layout of each exported integer layer."})
     version: int = field(default=1, metadata={"help": "Config format version."})
 

@@ -40,7 +40,7 @@ def export_quantized(
     Args:
         model (`torch.nn.Module`): the QALoRA model, activation step sizes calibrated.
         adapter_name (`str`, *optional*): the adapter to export; the active one by default.
-        backend (`"auto" | "onednn" | "reference"`, defaults to `"auto"`): the integer layers' compute path
+        backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): the integer layers' compute path
             (oneDNN int8 on CPU; ``"reference"`` is the dequantized float fallback).
         inplace (`bool`, defaults to `True`): convert ``model`` itself, or (`False`) a deep copy.
 
@@ -50,7 +50,8 @@ def export_quantized(
     Raises:
         `ValueError` when there is nothing to export, several adapters are active, activation step sizes are not
         calibrated, a layer is merged or another (float) adapter is present; `NotImplementedError` for asymmetric
-        weights.  The model is unchanged on error.
+        weights and for adapters that quantize attention (``quantize_attention=True``: the integer layers have no
+        place for the q/k/v step sizes).  The model is unchanged on error.
 
     Example:
 

@@ -100,6 +100,9 @@ def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base_layer)
+    from ...integrations.diffusers.attention_processor import restore_attention_processors
+
+    restore_attention_processors(model)  # attention modules left without quantizers get their default processor
     if had_peft_config:
         model.peft_config = old_peft_config
     elif hasattr(model, "peft_config"):
@@ -114,6 +117,16 @@ def remove_qalora(model: nn.Module) -> nn.Module:
     """Undo [`get_qalora_model`]: put every original layer back and remove the timestep hook."""
     _rollback(model, {}, "", False, None, False)
     return model
+
+
+def _layer_act_quantizers(layer: QALoraLayer, adapter: str) -> list:
+    """The temporal activation quantizers of ``adapter`` in ``layer``: its input quantizer and, on attention
+    projections of adapters with ``quantize_attention``, the q/k/v output and softmax quantizers."""
+    found = [layer.qal_act_quantizer[adapter]]
+    for quantizers in (layer.qal_out_quantizer, layer.qal_prob_quantizer):
+        if adapter in quantizers:
+            found.append(quantizers[adapter])
+    return found
 
 
 @contextmanager
@@ -134,11 +147,11 @@ def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
         adapter = layer._active_qalora_adapter()
         if adapter is None:
             continue
-        quantizer = layer.qal_act_quantizer[adapter]
         chosen = method or getattr(configs.get(adapter), "act_init", "lp")
-        quantizer.start_calibration(chosen)
+        for quantizer in _layer_act_quantizers(layer, adapter):
+            quantizer.start_calibration(chosen)
+            quantizers.append(quantizer)
         layer._calibrating = True
-        quantizers.append(quantizer)
     ok = False
     try:
         with torch.no_grad():
@@ -174,10 +187,19 @@ def copy_activation_calibration(model: nn.Module, source: str, target: str) -> n
     layers = [layer for layer in qalora_layers(model).values() if target in layer.qal_act_quantizer]
     if not layers:
         raise ValueError(f"no QALoRA adapter named {target!r} in {type(model).__name__}.")
+    pairs = []
     for layer in layers:
         if source not in layer.qal_act_quantizer:
             raise ValueError(f"adapter {source!r} does not cover layer {layer.qal_act_quantizer[target].name!r}.")
-        copy_calibration_(layer.qal_act_quantizer[target], layer.qal_act_quantizer[source])
+        targets, sources = _layer_act_quantizers(layer, target), _layer_act_quantizers(layer, source)
+        if len(targets) > len(sources):
+            raise ValueError(
+                f"adapter {target!r} quantizes the attention of {targets[1].name!r} but {source!r} does not; "
+                f"calibrate {target!r} with calibrate_activations instead."
+            )
+        pairs += zip(targets, sources)
+    for dst, src in pairs:
+        copy_calibration_(dst, src)
     return model
 
 
@@ -213,7 +235,8 @@ def get_qalora_param_groups(
     * LoRA factors: per-layer learning rate ``lora_lr * s̄_l / mean(s̄)`` (``scale_aware="lr"``, see
       `diffusers_qalora.quant.scale_aware`), gradient multipliers (``"grad"``) or one rate (``"none"``);
     * weight step sizes: ``weight_step_lr`` (EfficientDM: 1e-6), no weight decay;
-    * activation step sizes and zero points: ``act_step_lr`` (EfficientDM: 5e-4), no weight decay.  Only the
+    * activation step sizes and zero points (the q/k/v and softmax ones of ``quantize_attention`` too):
+      ``act_step_lr`` (EfficientDM: 5e-4), no weight decay.  Only the
       current timestep's entries receive a gradient, and optimizers skip parameters whose gradient is ``None``, so
       inactive timesteps stay bit-identical (zero the gradients with ``set_to_none=True``, PyTorch's default).
     """
@@ -227,7 +250,7 @@ def get_qalora_param_groups(
                 ScaleAwareEntry(name, [layer.qal_A[adapter], layer.qal_B[adapter]], mean_weight_step(layer, adapter))
             )
         weight_steps += [p for p in layer.qal_weight_quantizer[adapter].parameters() if p.requires_grad]
-        act_steps += [p for p in layer.qal_act_quantizer[adapter].parameters() if p.requires_grad]
+        act_steps += [p for q in _layer_act_quantizers(layer, adapter) for p in q.parameters() if p.requires_grad]
     groups = scale_aware_param_groups(entries, lora_lr, scale_aware, weight_decay)
     if weight_steps:
         groups.param_groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0,

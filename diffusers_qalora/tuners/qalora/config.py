@@ -73,6 +73,16 @@ class QALoraConfig(PeftConfig):
         temporal_activations (`bool`, defaults to `True`): one activation step size per table entry (TALSQ);
             `False` gives one step size shared by all timesteps.
         lsq_grad_scale (`bool`, defaults to `False`): LSQ's gradient scale on step sizes.
+        quantize_attention (`bool`, defaults to `False`): also quantize the attention's query, key and value (the
+            outputs of the ``to_q``/``to_k``/``to_v`` layers of diffusers' ``Attention`` modules) with temporal step
+            sizes held on those layers (``qal_out_quantizer``), calibrated and trained like the input step sizes.
+            Injection installs `QALoraAttnProcessor` on those modules (UNet2DModel / UNet2DConditionModel attention;
+            SD3's joint attention and Flux's attention are refused).  Integer export refuses such adapters.
+        attention_bits (`int`, *optional*): bit width of q, k, v and the softmax output; defaults to ``act_bits``.
+            Signed or unsigned as ``act_symmetric`` says; the softmax output is always unsigned.
+        quantize_attention_probs (`bool`, defaults to `False`): also quantize the softmax output (the attention
+            probabilities), with a temporal step size held on the ``to_v`` layer (``qal_prob_quantizer``).  Needs
+            ``quantize_attention``.
         timestep_argument (`str`, defaults to `"timestep"`): name of the denoiser's timestep argument.
         init_weights (`bool`, defaults to `True`): ``B = 0`` so the model starts exactly at its PTQ state; `False`
             draws ``B`` at random (tests only).
@@ -105,6 +115,16 @@ class QALoraConfig(PeftConfig):
     )
     temporal_activations: bool = field(default=True, metadata={"help": "One activation step per timestep entry."})
     lsq_grad_scale: bool = field(default=False, metadata={"help": "Apply LSQ's gradient scale to step sizes."})
+    quantize_attention: bool = field(
+        default=False,
+        metadata={"help": "Quantize the attention's q, k, v (outputs of to_q/to_k/to_v) with temporal step sizes."},
+    )
+    attention_bits: int | None = field(
+        default=None, metadata={"help": "Bits of q, k, v and the softmax output; default act_bits."}
+    )
+    quantize_attention_probs: bool = field(
+        default=False, metadata={"help": "Also quantize the softmax output (needs quantize_attention)."}
+    )
     timestep_argument: str = field(default="timestep", metadata={"help": "The denoiser's timestep argument."})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init (exact PTQ start)."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
@@ -124,6 +144,13 @@ class QALoraConfig(PeftConfig):
         validate_bits(self.weight_bits, "weight_bits")
         validate_bits(self.act_bits, "act_bits")
         validate_bits(self.special_bits, "special_bits")
+        if self.attention_bits is not None:
+            validate_bits(self.attention_bits, "attention_bits")
+        if self.quantize_attention_probs and not self.quantize_attention:
+            raise ValueError(
+                "`quantize_attention_probs=True` needs `quantize_attention=True` (the softmax output is quantized by "
+                "the attention processor that quantize_attention installs)."
+            )
         if self.weight_granularity not in ("channel", "group"):
             raise ValueError(f"`weight_granularity` must be 'channel' or 'group', got {self.weight_granularity!r}.")
         group_size = self.weight_group_size

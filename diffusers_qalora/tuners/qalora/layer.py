@@ -18,11 +18,18 @@ from torch import nn
 from ...quant import PerChannel, PerGroup, TemporalActQuantizer, WeightQuantizer
 from .config import QALoraConfig
 
+# Leaf names of the projections of diffusers' ``Attention`` whose outputs ``quantize_attention`` quantizes.
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v")
+
 
 class QALoraLayer(BaseTunerLayer):
     """Mixin holding the per-adapter state of one wrapped layer."""
 
-    adapter_layer_names = ("qal_A", "qal_B", "qal_weight_quantizer", "qal_act_quantizer")
+    # ``qal_out_quantizer`` (q/k/v of attention) and ``qal_prob_quantizer`` (softmax output) exist only on the
+    # ``to_q``/``to_k``/``to_v`` layers of adapters with ``quantize_attention``; `QALoraAttnProcessor` applies them.
+    adapter_layer_names = (
+        "qal_A", "qal_B", "qal_weight_quantizer", "qal_act_quantizer", "qal_out_quantizer", "qal_prob_quantizer"
+    )
     other_param_names = ("r", "lora_alpha", "scaling", "eight_bit")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -35,6 +42,8 @@ class QALoraLayer(BaseTunerLayer):
         self.qal_B = nn.ParameterDict({})
         self.qal_weight_quantizer = nn.ModuleDict({})
         self.qal_act_quantizer = nn.ModuleDict({})
+        self.qal_out_quantizer = nn.ModuleDict({})
+        self.qal_prob_quantizer = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None
@@ -62,7 +71,9 @@ class QALoraLayer(BaseTunerLayer):
             self.scaling[adapter_name] = 0.0
             bits_w = bits_a = config.special_bits
             table = [0.0]  # one static step size for every timestep, as EfficientDM does for these layers
-            self.frozen_peft_weight_names[adapter_name] = ("qal_weight_quantizer", "qal_act_quantizer")
+            self.frozen_peft_weight_names[adapter_name] = (
+                "qal_weight_quantizer", "qal_act_quantizer", "qal_out_quantizer", "qal_prob_quantizer"
+            )
         else:
             r = config.r
             self.r[adapter_name] = r
@@ -95,7 +106,28 @@ class QALoraLayer(BaseTunerLayer):
             table, bits_a, symmetric=config.act_symmetric, lsq_grad_scale=config.lsq_grad_scale, name=name
         ).to(device)
         self.qal_act_quantizer[adapter_name] = aq
+        self._update_attention_quantizers(adapter_name, config, table, config.special_bits if eight_bit else None, name)
         self.set_adapter(self.active_adapters)
+
+    def _update_attention_quantizers(
+        self, adapter_name: str, config: QALoraConfig, table: list[float], bits: int | None, name: str
+    ) -> None:
+        """With ``config.quantize_attention``, give a ``to_q``/``to_k``/``to_v`` projection a temporal quantizer of its
+        output (and ``to_v`` one of the softmax output if ``quantize_attention_probs``); `QALoraAttnProcessor`
+        applies them.  ``bits`` overrides the attention bits (8-bit layers)."""
+        role = name.rpartition(".")[2]
+        if not config.quantize_attention or role not in ATTENTION_PROJECTIONS:
+            return
+        device = self.get_base_layer().weight.device
+        bits = bits if bits is not None else (config.attention_bits or config.act_bits)
+        self.qal_out_quantizer[adapter_name] = TemporalActQuantizer(
+            table, bits, symmetric=config.act_symmetric, lsq_grad_scale=config.lsq_grad_scale, name=f"{name}:output"
+        ).to(device)
+        if config.quantize_attention_probs and role == "to_v":
+            # Probabilities lie in [0, 1]: unsigned codes whatever act_symmetric says.
+            self.qal_prob_quantizer[adapter_name] = TemporalActQuantizer(
+                table, bits, symmetric=False, lsq_grad_scale=config.lsq_grad_scale, name=f"{name}:softmax"
+            ).to(device)
 
     def _active_qalora_adapter(self) -> str | None:
         active = [a for a in self.active_adapters if a in self.qal_weight_quantizer]

@@ -95,8 +95,13 @@ class QALoraModel(BaseTuner):
         # targets from the model itself, validating them before anything is replaced.
         if peft_config.target_modules is None:
             peft_config.target_modules = set(eligible_module_names(self.model, peft_config))
+            names = sorted(peft_config.target_modules)
         else:
-            eligible_module_names(self.model, peft_config)
+            names = eligible_module_names(self.model, peft_config)
+        if peft_config.quantize_attention:
+            from ...integrations.diffusers.attention_processor import check_attention_targets
+
+            check_attention_targets(self.model, names)
         return peft_config
 
     def _create_and_replace(
@@ -123,6 +128,11 @@ class QALoraModel(BaseTuner):
         # `PeftModel.add_adapter` / `load_adapter`: attach the timestep context after every injection.
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         attach_timestep_context(model, self.peft_config[adapter_name].timestep_argument)
+        if self.peft_config[adapter_name].quantize_attention:
+            # The q/k/v step sizes live on the projections; the processor that applies them is stateless.
+            from ...integrations.diffusers.attention_processor import set_qalora_attn_processor
+
+            set_qalora_attn_processor(model)
 
     def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
         attach_timestep_context(model, config.timestep_argument)
