@@ -13,47 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import built_interpreted
+from . import _triton_helpers
+from ._triton_helpers import reduce_max, reduce_sum, round_half_even
+
+# Read by the launchers (`kernels.INTERPRET`) to pick the interpreter-friendly code paths.
+INTERPRET = _triton_helpers.INTERPRET
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 cdiv = triton.cdiv
 
-INTERPRET = bool(built_interpreted())
-
-
-def device_function(fn):
-    """``triton.jit`` for compiled kernels; the plain function under the interpreter.  There a nested jit call
-    re-patches ``triton.language`` at every call (most of an interpreted kernel's time), and triton's own jit helpers
-    (``tl.max``, ``tl.sum``, ``tl.zeros``) were decorated when ``triton`` was first imported, which ``import peft``
-    does, possibly before ``TRITON_INTERPRET`` was set: the kernels call only builtins of ``triton.language``."""
-    return fn if INTERPRET else triton.jit(fn)
-
-
-@device_function
-def _max(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
-    """``tl.max(x, axis)``; under the interpreter the same reduction through the builtin ``tl.reduce``."""
-    if INTERPRET:
-        return tl.reduce(x, axis, tl.standard._elementwise_max)
-    else:
-        return tl.max(x, axis)
-
-
-@device_function
-def _sum(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
-    """``tl.sum(x, axis)``; under the interpreter the same reduction through the builtin ``tl.reduce``."""
-    if INTERPRET:
-        return tl.reduce(x, axis, tl.standard._sum_combine)
-    else:
-        return tl.sum(x, axis)
-
-
-@device_function
-def round_half_even(v):
-    # torch.round's rounding (half to even), built from exact operations: floor and v - floor(v) are exact.
-    f = tl.floor(v)
-    frac = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return f + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
 
 @triton.jit
 def codes_kernel(
@@ -132,12 +100,12 @@ def attention_kernel(
             s += tl.load(m_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
                          mask=(offs_m[:, None] < N_Q) & (cols[None, :] < N_K), other=0.0).to(tl.float32)
         s = tl.where(cols[None, :] < N_K, s, float("-inf"))
-        m_new = tl.maximum(m_i, _max(s, 1, INTERPRET))
+        m_new = tl.maximum(m_i, reduce_max(s, 1, INTERPRET))
         # A row whose keys so far are all masked (-inf) keeps m = -inf; exp against 0 keeps it NaN-free.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + _sum(p, 1, INTERPRET)
+        l_i = l_i * alpha + reduce_sum(p, 1, INTERPRET)
         if not QUANT_P:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=(cols[:, None] < N_K) & (offs_dv[None, :] < DV), other=0.0).to(PV_DTYPE)

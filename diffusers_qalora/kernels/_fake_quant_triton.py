@@ -16,32 +16,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._build import built_interpreted
+from ._triton_helpers import INTERPRET, device_function, reduce_sum
 
-INTERPRET = bool(built_interpreted())
 # Elements per program.  Interpreted programs cost about the same whatever their size, so there they are large.
 TILE = 16384 if INTERPRET else 2048
-
-
-def device_function(fn):
-    """``triton.jit`` for the compiled kernels; the plain Python function under the interpreter, where every call of
-    a nested jit function re-patches ``triton.language`` (most of an interpreted kernel's time).  Helpers decorated
-    so must avoid chained comparisons and multiple assignment targets (which the interpreter rewrites only in jit
-    functions)."""
-    return fn if INTERPRET else triton.jit(fn)
-
-
-# The kernels call only the *builtins* of triton.language (load, where, full, dot, ...), never its jit-decorated
-# helpers (sum, zeros, cdiv, ...): those are decorated when `triton` is imported, so a process that imported triton
-# before setting TRITON_INTERPRET=1 (peft imports it) holds compiled versions that an interpreted kernel cannot call.
-# Row sums therefore go through `tl.reduce` with triton's own sum combiner, which the interpreter recognises.
-@device_function
-def row_sum(x, INTERPRET: tl.constexpr):
-    """The sum of each row of a 2-D tile (``tl.sum(x, axis=1)`` when compiled)."""
-    if INTERPRET:
-        return tl.reduce(x, 1, tl.standard._sum_combine)
-    else:
-        return tl.sum(x, axis=1)
 
 
 @device_function
@@ -172,11 +150,11 @@ def fake_quant_bwd_kernel(
     if NEED_STEP:
         # LSQ: round(v) - v inside, the clipped code (qmin - z or qmax - z) outside.
         d_step = tl.where(inside, r - v, tl.minimum(tl.maximum(r, lo), hi))
-        tl.store(part_step_ptr + part, row_sum(d_step * g, INTERPRET), mask=row_mask)
+        tl.store(part_step_ptr + part, reduce_sum(d_step * g, 1, INTERPRET), mask=row_mask)
     if NEED_ZP:
         # The zero point only moves clipped values: d out / d z = -s there.
         clipped = tl.where(inside, 0.0, g)
-        tl.store(part_zp_ptr + part, -row_sum(clipped, INTERPRET) * s_row, mask=row_mask)
+        tl.store(part_zp_ptr + part, -reduce_sum(clipped, 1, INTERPRET) * s_row, mask=row_mask)
 
 
 def _tiling(numel: int, inner: int) -> tuple[int, int, int, int, int]:

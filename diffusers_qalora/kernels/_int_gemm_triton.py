@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._build import built_interpreted
-from ._fake_quant_triton import _cast_out, _rint, device_function
+from ._fake_quant_triton import _cast_out, _rint
+from ._triton_helpers import device_function
 
 INTERPRET = bool(built_interpreted())
 MAX_BLOCK = 8192 if INTERPRET else 1024
@@ -94,7 +95,7 @@ def int_gemm_kernel(
 ):
     # Grouped ordering of the output tiles: GROUP_M row blocks share weight tiles in L2.
     pid = tl.program_id(0)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # builtins only (see _fake_quant_triton.row_sum)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # builtins only (see _triton_helpers)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group

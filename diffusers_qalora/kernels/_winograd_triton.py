@@ -16,37 +16,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._build import built_interpreted
+from . import _triton_helpers
+from ._triton_helpers import device_function, reduce_max, round_half_even
+
+# Read by the launchers (`kernels.INTERPRET`) to pick the interpreter-friendly code paths.
+INTERPRET = _triton_helpers.INTERPRET
 
 cdiv = triton.cdiv
-
-INTERPRET = bool(built_interpreted())
-
-
-def device_function(fn):
-    """``triton.jit`` for compiled kernels; the plain function under the interpreter.  There a nested jit call
-    re-patches ``triton.language`` at every call (most of an interpreted kernel's time), and triton's own jit helpers
-    (``tl.max``, ``tl.sum``, ``tl.zeros``) were decorated when ``triton`` was first imported, which ``import peft``
-    does, possibly before ``TRITON_INTERPRET`` was set: the kernels call only builtins of ``triton.language``."""
-    return fn if INTERPRET else triton.jit(fn)
-
-
-@device_function
-def _max(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
-    """``tl.max(x, axis)``; under the interpreter the same reduction through the builtin ``tl.reduce``."""
-    if INTERPRET:
-        return tl.reduce(x, axis, tl.standard._elementwise_max)
-    else:
-        return tl.max(x, axis)
-
-
-@device_function
-def _round_half_even(v):
-    # torch.round's rounding (half to even), built from exact operations: floor and v - floor(v) are exact.
-    f = tl.floor(v)
-    frac = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return f + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
 
 
 @device_function
@@ -104,10 +80,10 @@ def input_codes_kernel(
         v, rows, t, c, row_ok, q = _transformed_chunk(
             x_ptr, kb_ptr, t0, c_lo, c_stop, H, W, TH, TW, P, stride_xn, stride_xc, stride_xh, stride_xw,
             PAD_H, PAD_W, M_TILE, N_TILE, NN_PAD, BLOCK_T, BLOCK_C)
-        amax = tl.maximum(amax, _max(tl.reshape(tl.abs(v), (BLOCK_T, BLOCK_C, NN_PAD)), 1, INTERPRET))
+        amax = tl.maximum(amax, reduce_max(tl.reshape(tl.abs(v), (BLOCK_T, BLOCK_C, NN_PAD)), 1, INTERPRET))
     if not PER_POSITION:
         q_ok = tl.arange(0, NN_PAD) < N_TILE * N_TILE
-        amax = _max(tl.where(q_ok[None, :], amax, 0.0), 1, INTERPRET)[:, None] + tl.full((BLOCK_T, NN_PAD), 0.0,
+        amax = reduce_max(tl.where(q_ok[None, :], amax, 0.0), 1, INTERPRET)[:, None] + tl.full((BLOCK_T, NN_PAD), 0.0,
                                                                                          tl.float32)
     step = tl.maximum(amax / QMAX, 1e-30)
     tiles = t0 + tl.arange(0, BLOCK_T)
@@ -121,7 +97,7 @@ def input_codes_kernel(
             PAD_H, PAD_W, M_TILE, N_TILE, NN_PAD, BLOCK_T, BLOCK_C)
         row_step = tl.reshape(
             tl.broadcast_to(step[:, None, :], (BLOCK_T, BLOCK_C, NN_PAD)), (BLOCK_T * BLOCK_C, NN_PAD))
-        codes = tl.clamp(_round_half_even(tl.div_rn(v, row_step)), QMIN, QMAX)
+        codes = tl.clamp(round_half_even(tl.div_rn(v, row_step)), QMIN, QMAX)
         tl.store(codes_ptr + q[None, :].to(tl.int64) * P * C + t[:, None].to(tl.int64) * C + c[:, None],
                  codes.to(tl.int8), mask=row_ok[:, None] & (q[None, :] < N_TILE * N_TILE))
 
@@ -186,8 +162,8 @@ def output_transform_kernel(
                  mask=row_ok[:, None] & q_ok[None, :], other=0.0)
     if REQUANT:
         # One dynamic step per (tile, output channel) over the n^2 positions: an integer output transform.
-        step = tl.maximum(_max(tl.abs(mv), 1, INTERPRET) / QMAX, 1e-30)
-        mv = tl.clamp(_round_half_even(tl.div_rn(mv, step[:, None])), QMIN, QMAX) * step[:, None]
+        step = tl.maximum(reduce_max(tl.abs(mv), 1, INTERPRET) / QMAX, 1e-30)
+        mv = tl.clamp(round_half_even(tl.div_rn(mv, step[:, None])), QMIN, QMAX) * step[:, None]
     ka = tl.load(ka_ptr + q[:, None] * MM_PAD + tl.arange(0, MM_PAD)[None, :])
     y = tl.dot(mv, ka, input_precision="ieee")  # (rows, MM_PAD)
     if HAS_BIAS:
