@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusers_qalora.evaluation.plots import save_image_grid
-from diffusers_qalora.evaluation.report import evaluate_seeds, format_metric, machine_info, mean_std
+from diffusers_qalora.evaluation.report import evaluate_seeds, fid_ratio_to_fp, format_metric, machine_info
 from diffusers_qalora.testbed import ClassConditionalDDIMPipeline, load_testbed
 from diffusers_qalora.winograd import WinogradConfig, apply_winograd
 
@@ -228,10 +228,9 @@ def assemble(args, command: str) -> None:
         "| method | digits-FID | FID / FP (per seed) | accuracy (%) | x0-MSE vs FP | layer SQNR (dB) | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
-    fp_fid = {s["seed"]: s["fid"] for s in fp["per_seed"]}
     for key, rec in records.items():
-        ratios = [s["fid"] / fp_fid[s["seed"]] for s in rec["per_seed"]]  # paired: same noise and labels per seed
-        ratio = format_metric(*mean_std(ratios), 3)
+        paired = fid_ratio_to_fp(rec, fp)  # per seed: same noise and labels as the FP samples
+        ratio = "—" if paired is None else format_metric(*paired, 3)
         mse = format_metric(rec["x0_mse_mean"], rec["x0_mse_std"], 5) if "x0_mse_mean" in rec else "—"
         sq = _layer_sqnr(rec, "sqnr_before")
         if METHODS[key].get("tuned"):

@@ -99,13 +99,27 @@ def format_metric(mean: float, std: float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def fid_ratio_to_fp(row: Mapping[str, Any], fp_row: Mapping[str, Any]) -> tuple[float, float | None] | None:
+    """FID / FP-FID taken per seed (both rows sample the same noise per seed, so most of the FID's seed-to-seed
+    noise cancels), then its mean and standard deviation over seeds (``None`` for one seed).  ``None`` when the rows
+    do not hold per-seed FIDs of the same seeds."""
+    fid = {s["seed"]: s["fid"] for s in row.get("per_seed", ()) if "seed" in s and "fid" in s}
+    fp = {s["seed"]: s["fid"] for s in fp_row.get("per_seed", ()) if "seed" in s and "fid" in s}
+    if not fid or set(fid) != set(fp):
+        return None
+    mean, std = mean_std([fid[k] / fp[k] for k in sorted(fid)])
+    return mean, (std if len(fid) > 1 else None)
+
+
 def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str, notes: str = "") -> str:
-    """A Markdown table of method rows holding ``fid_mean/std``, ``accuracy_mean/std`` and optionally ``x0_mse``."""
+    """A Markdown table of method rows holding ``fid_mean/std``, ``accuracy_mean/std`` and optionally ``x0_mse``;
+    with a row of method ``"FP"`` among them, also each method's FID / FP per seed (see [`fid_ratio_to_fp`])."""
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     if notes:
         lines += [notes, ""]
-    lines += ["| method | bits (W/A) | digits-FID | accuracy (%) | x0-MSE vs FP | seconds |",
-              "|---|---|---|---|---|---|"]
+    fp_row = next((r for r in rows if r.get("method") == "FP"), None)
+    lines += ["| method | bits (W/A) | digits-FID | FID / FP | accuracy (%) | x0-MSE vs FP | seconds |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         one_seed = len(r.get("per_seed", ())) == 1  # no spread over seeds to report
 
@@ -114,9 +128,11 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str
 
         mse = format_metric(r["x0_mse_mean"], spread("x0_mse_std"), 5) if "x0_mse_mean" in r else "—"
         acc = format_metric(100 * r["accuracy_mean"], spread("accuracy_std", 100), 1)
+        ratio = None if fp_row is None else fid_ratio_to_fp(r, fp_row)
+        rel = "—" if ratio is None else format_metric(*ratio, 3)
         secs = f"{r['seconds']:.0f}" if "seconds" in r else ""
         lines.append(f"| {r['method']} | {r.get('bits', 'fp32')} | {format_metric(r['fid_mean'], spread('fid_std'))} "
-                     f"| {acc} | {mse} | {secs} |")
+                     f"| {rel} | {acc} | {mse} | {secs} |")
     return "\n".join(lines) + "\n"
 
 
