@@ -49,7 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_steps", type=int, default=20)
     p.add_argument("--methods", nargs="+", default=None,
                    help="embedded model: any of fp naive_ptq timestep_ptq distilled (default: all)")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="push the distilled adapter, with a model card, results.json and the sample grid")
+    p.add_argument("--hub_model_id", default=None, help="the repo to push to (default: the --output_dir folder name)")
+    p.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     return p
+
+
+def hub_repo_id(args: argparse.Namespace) -> str:
+    """The repo ``--push_to_hub`` pushes to: ``--hub_model_id``, else the output folder's name (diffusers' rule)."""
+    return args.hub_model_id or Path(args.output_dir).resolve().name
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -79,6 +88,16 @@ def validate_args(args: argparse.Namespace) -> None:
             load_prompts(args.prompt_file)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: --prompt_file: {err}") from None
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(hub_repo_id(args))
+        except HFValidationError as err:
+            raise SystemExit(f"error: --hub_model_id {hub_repo_id(args)!r} is not a valid Hub repo id ({err}); "
+                             f"pass --hub_model_id org/name.") from None
+    elif args.hub_model_id is not None or args.hub_token is not None:
+        raise SystemExit("error: --hub_model_id / --hub_token are used only with --push_to_hub; add it.")
     if args.methods is not None:
         from .embedded import METHODS
 
@@ -118,8 +137,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if results.get("methods"):
             print(json.dumps({k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
                               for k, v in results["methods"].items()}, indent=2))
-        return results
-    from .pipelines import run_pipeline_job
+    else:
+        from .pipelines import run_pipeline_job
 
-    return run_pipeline_job(args, _distill_config(args, args.train_batch_size or 1, args.max_train_steps or 500),
-                            command)
+        results = run_pipeline_job(args, _distill_config(args, args.train_batch_size or 1,
+                                                         args.max_train_steps or 500), command)
+    if args.push_to_hub:
+        push_distilled_adapter(args)
+    return results
+
+
+def push_distilled_adapter(args: argparse.Namespace) -> None:
+    """Push ``<output_dir>/adapter`` (what the job saved) from the main process: the base denoiser is loaded afresh
+    with the saved adapter, so the repo holds exactly the files of the run, plus a model card, ``results.json`` and
+    the distilled sample grid when the job wrote one."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    from ..integrations.adapters import load_qalora_adapter
+    from ..integrations.hub import push_qalora_adapter
+
+    out = Path(args.output_dir)
+    model = args.pretrained_model_name_or_path
+    if model is None:
+        from ..testbed import load_testbed
+
+        denoiser, base_model, subfolder = load_testbed().unet, None, None
+    else:
+        from diffusers import UNet2DConditionModel
+
+        denoiser = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+        # A local folder has no Hub id for the card to name.
+        base_model, subfolder = (None, None) if Path(model).expanduser().exists() else (model, "unet")
+    load_qalora_adapter(denoiser, out / "adapter")
+    grid = out / "grid_distilled.png"
+    # The embedded job's results.json holds a metrics table for the card; a pipeline job measures no metrics, so its
+    # card gets the distillation settings alone.
+    scored = model is None and "methods" in json.loads((out / "results.json").read_text(encoding="utf-8"))
+    defaults = (16, 1600) if model is None else (1, 500)
+    info = push_qalora_adapter(
+        denoiser, hub_repo_id(args), token=args.hub_token, base_model=base_model, base_model_subfolder=subfolder,
+        results=out if scored else None,
+        distill_config=_distill_config(args, args.train_batch_size or defaults[0], args.max_train_steps or defaults[1]),
+        sample_grid=grid if grid.is_file() else None,
+    )
+    print(f"pushed the adapter to {info.commit_url}")

@@ -469,3 +469,41 @@ def test_card_without_base_model_warns(fake_hub):
         card = dq.hub.qalora_adapter_card(model, "test-org/y")
     assert "base_model" not in card.data.to_dict()
     assert "the UNet2DModel this adapter was trained on" in code_blocks(card)[0]
+
+
+# -- examples/distill.py --push_to_hub ----------------------------------------------------------------------------------
+def test_distill_script_pushes_the_adapter_it_saved(fake_hub, tmp_path):
+    from tiny_models import make_tiny_sd_pipeline
+
+    from diffusers_qalora.distill.cli import main
+
+    make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out),
+            "--max_train_steps", "2", "--num_inference_steps", "3", "--train_batch_size", "1",
+            "--calibration_samples", "1", "--rank", "2", "--guidance_scale", "2.0",
+            "--push_to_hub", "--hub_model_id", "test-org/distilled-tiny-sd", "--hub_token", TOKEN]
+    with pytest.warns(ModelCardWarning, match="no base model"):  # a local pipeline folder has no Hub id
+        main(args)
+    local, pulled = make_sd15_unet(), make_sd15_unet()
+    dq.load_qalora_adapter(local, out / "adapter")
+    dq.load_qalora_adapter(pulled, "test-org/distilled-tiny-sd", token=TOKEN)
+    local_state, pulled_state = local.state_dict(), pulled.state_dict()
+    assert local_state.keys() == pulled_state.keys()
+    assert all(torch.equal(local_state[k], pulled_state[k]) for k in local_state)
+    assert any(".qal_B." in k and local_state[k].abs().sum() > 0 for k in local_state)  # trained, not the init
+    files = HfApi().list_repo_files("test-org/distilled-tiny-sd", token=TOKEN)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    card = ModelCard.load("test-org/distilled-tiny-sd", token=TOKEN)
+    assert "W4A4" in card.text and "| optimizer steps | 2 |" in card.text  # the run's settings, not the defaults
+
+
+def test_distill_script_refuses_a_bad_hub_model_id_before_any_work(tmp_path):
+    from diffusers_qalora.distill.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="--hub_model_id 'not a/valid/id'"):
+        main(["--output_dir", str(out), "--push_to_hub", "--hub_model_id", "not a/valid/id"])
+    with pytest.raises(SystemExit, match="only with --push_to_hub"):
+        main(["--output_dir", str(out), "--hub_model_id", "org/name"])
+    assert not out.exists()
