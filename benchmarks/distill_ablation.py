@@ -78,6 +78,7 @@ def _build_student(testbed, name: str, args) -> tuple[torch.nn.Module | None, Di
     _, qalora_overrides, distill_overrides = VARIANTS[name]
     cfg = QALoraConfig(**({"r": 32, "lora_alpha": 32, "weight_bits": 4, "act_bits": 4, "timesteps": table}
                           | qalora_overrides))
+    torch.manual_seed(args.train_seed)  # the LoRA factors are drawn at injection: same start for every variant
     get_qalora_model(unet, cfg, name)
     copy_activation_calibration(unet, per_t, name)
     set_qalora_adapter(unet, name, trainable=True)

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     if accelerate is None:
         raise SystemExit("`accelerate` is not on PATH: install accelerate (pip install accelerate).")
     run_dir = args.output_dir / "run"
-    command = [accelerate, "launch", str(ROOT / "examples" / "distill.py"), "--output_dir", str(run_dir)]
+    # Paths relative to the checkout (the command runs there), so the job's report names no machine's folders.
+    run_arg = os.path.relpath(run_dir.resolve(), ROOT)
+    command = [accelerate, "launch", "examples/distill.py", "--output_dir", run_arg]
     load_before = os.getloadavg()
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
 from ..evaluation.embedded import (
     METHOD_LABELS,
@@ -85,6 +85,9 @@ def run_embedded_job(
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    # As diffusers' training scripts do: the LoRA factors are drawn at injection, so without a seed two runs of the
+    # same command train from different starting points (and end up a few FID points apart).
+    set_seed(config.distill.seed)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)

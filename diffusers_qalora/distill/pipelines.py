@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 
 from ..tuners.qalora.api import calibrate_activations, get_qalora_model, timestep_table
 from ..tuners.qalora.config import QALoraConfig
@@ -64,6 +65,7 @@ def run_pipeline_job(args: argparse.Namespace, distill: DistillConfig, command: 
     table = timestep_table(pipeline.scheduler, args.num_inference_steps)
     cfg = QALoraConfig(r=args.rank, lora_alpha=args.rank, weight_bits=args.weight_bits, act_bits=args.act_bits,
                        timesteps=table)
+    set_seed(distill.seed)  # the LoRA factors are drawn at injection: the same command gives the same adapter
     get_qalora_model(denoiser, cfg)
     samples = args.calibration_samples or max(2, distill.batch_size)
     calibrate_activations(denoiser, _calibration_call(pipeline, conditioning, args.num_inference_steps, samples))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import make_sd15_unet, make_sdxl_unet, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 
 import diffusers_qalora as dq
@@ -40,6 +41,18 @@ def test_distill_text_to_image_pipeline(tmp_path, kind):
     assert all(torch.isfinite(torch.tensor(results["loss_history"])))
     assert (out / "results.json").is_file()
     _assert_adapter_loads(out / "adapter", make_sd15_unet if kind == "sd" else make_sdxl_unet)
+
+
+def test_same_command_same_adapter(tmp_path):
+    """The LoRA factors are drawn when QALoRA is injected: the job seeds that draw, so a rerun is bit-identical."""
+    make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
+    adapters = []
+    for run in ("a", "b"):
+        torch.manual_seed(1000 + len(adapters))  # whatever the caller's RNG state
+        main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / run), *ARGS])
+        adapters.append(load_file(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
 @pytest.mark.slow
