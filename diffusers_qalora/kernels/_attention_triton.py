@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_helpers
-from ._triton_helpers import reduce_max, reduce_sum, round_half_even
+from ._triton_helpers import device_function, reduce_max, reduce_sum, round_half_even
 
 # Read by the launchers (`kernels.INTERPRET`) to pick the interpreter-friendly code paths.
 INTERPRET = _triton_helpers.INTERPRET
@@ -48,6 +48,24 @@ def codes_kernel(
     else:
         c = tl.clamp(r, qmin, qmax)
     tl.store(out_ptr + b.to(tl.int64) * total + offs, c.to(tl.float16), mask=valid)
+
+@device_function
+def _scores(q, k_base, m_base, offs_m, offs_d, cols, N_Q, N_K, D, stride_kn, stride_kd, stride_mm, stride_mn,
+            qk_scale, HAS_MASK: tl.constexpr, QK_DTYPE: tl.constexpr, QK_IEEE: tl.constexpr):
+    """Scaled (and masked) scores of the queries ``q`` against the key block ``cols``; columns past ``N_K`` are
+    ``-inf``.  Both passes of `attention_kernel` compute them the same way."""
+    kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=(cols[None, :] < N_K) & (offs_d[:, None] < D), other=0.0).to(QK_DTYPE)
+    if QK_IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt, out_dtype=tl.float32)
+    s = s * qk_scale
+    if HAS_MASK:
+        s += tl.load(m_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
+                     mask=(offs_m[:, None] < N_Q) & (cols[None, :] < N_K), other=0.0).to(tl.float32)
+    return tl.where(cols[None, :] < N_K, s, float("-inf"))
+
 
 @triton.jit
 def attention_kernel(
@@ -89,17 +107,8 @@ def attention_kernel(
     # Pass 1 (QUANT_P: row max and sum only; otherwise the whole online softmax).
     for start in range(0, N_K, BLOCK_N):
         cols = start + offs_n
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(cols[None, :] < N_K) & (offs_d[:, None] < D), other=0.0).to(QK_DTYPE)
-        if QK_IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt, out_dtype=tl.float32)
-        s = s * qk_scale
-        if HAS_MASK:
-            s += tl.load(m_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
-                         mask=(offs_m[:, None] < N_Q) & (cols[None, :] < N_K), other=0.0).to(tl.float32)
-        s = tl.where(cols[None, :] < N_K, s, float("-inf"))
+        s = _scores(q, k_base, m_base, offs_m, offs_d, cols, N_Q, N_K, D, stride_kn, stride_kd, stride_mm, stride_mn,
+                    qk_scale, HAS_MASK, QK_DTYPE, QK_IEEE)
         m_new = tl.maximum(m_i, reduce_max(s, 1, INTERPRET))
         # A row whose keys so far are all masked (-inf) keeps m = -inf; exp against 0 keeps it NaN-free.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -122,17 +131,8 @@ def attention_kernel(
         p_zp = tl.load(p_zp_ptr + b)
         for start in range(0, N_K, BLOCK_N):
             cols = start + offs_n
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=(cols[None, :] < N_K) & (offs_d[:, None] < D), other=0.0).to(QK_DTYPE)
-            if QK_IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt, out_dtype=tl.float32)
-            s = s * qk_scale
-            if HAS_MASK:
-                s += tl.load(m_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
-                             mask=(offs_m[:, None] < N_Q) & (cols[None, :] < N_K), other=0.0).to(tl.float32)
-            s = tl.where(cols[None, :] < N_K, s, float("-inf"))
+            s = _scores(q, k_base, m_base, offs_m, offs_d, cols, N_Q, N_K, D, stride_kn, stride_kd, stride_mm, stride_mn,
+                        qk_scale, HAS_MASK, QK_DTYPE, QK_IEEE)
             p = tl.exp(s - m_safe[:, None]) / l_i[:, None]
             c = tl.clamp(round_half_even(tl.div_rn(p, p_step)) + p_zp, p_qmin, p_qmax) - p_zp
             c = tl.where(cols[None, :] < N_K, c, 0.0)
