@@ -255,15 +255,29 @@ class DataFreeDistiller:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Save a resumable checkpoint ``checkpoint-<step>``.
+
+        Every process writes into a staging folder that the main process renames once all are done, so a run killed
+        mid-save leaves no half-written ``checkpoint-N`` for ``resume_from_checkpoint="latest"`` to pick."""
+        acc = self.accelerator
         path = self.output_dir / f"checkpoint-{self.progress.global_step}"
-        self.accelerator.save_state(str(path))
-        path.mkdir(parents=True, exist_ok=True)
-        self.progress.save(path, self.accelerator.process_index)
-        self.accelerator.wait_for_everyone()
-        limit = self.config.checkpoints_total_limit
-        if self.accelerator.is_main_process and limit is not None:
-            for old in _checkpoint_dirs(self.output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        staging = self.output_dir / f".{path.name}.partial"
+        if acc.is_main_process and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        staging.mkdir(parents=True, exist_ok=True)
+        self.progress.save(staging, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+            limit = self.config.checkpoints_total_limit
+            if limit is not None:
+                for old in _checkpoint_dirs(self.output_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
         return path
 
     def resume(self, checkpoint: str) -> Path:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,32 @@ def test_two_process_cpu_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint-2" / "rank1_distill_state.json").is_file(), "each process saves its trajectory state"
     _assert_adapter_loads(out / "adapter", make_sd15_unet)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path):
+    """A real SIGKILL of `examples/distill.py` mid-run, then `--resume_from_checkpoint latest` from the command line."""
+    make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
+    steps = ["--max_train_steps", "40", "--checkpointing_steps", "2"]
+    job = ["--pretrained_model_name_or_path", str(tmp_path / "pipe"), *ARGS[2:], *steps]
+    main(["--output_dir", str(tmp_path / "ref"), *job])
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(out), *job],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "adapter").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert killed_at < 40
+
+    main(["--output_dir", str(out), *job, "--resume_from_checkpoint", "latest"])
+    a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
