@@ -117,9 +117,39 @@ def _distill_config(args: argparse.Namespace, batch_size: int, steps: int) -> Di
     )
 
 
+def _requested_cpu_processes() -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch --cpu`` that started this process, if it asked for several.
+
+    Accelerate's ``--cpu`` launcher starts a single process unless an MPI hostfile is configured, and says nothing
+    about it; the launcher's command line (the parent process) is the only place the request survives."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") or "WORLD_SIZE" in os.environ:
+        return None
+    try:
+        import psutil
+
+        parent = psutil.Process().parent()
+        cmdline = parent.cmdline() if parent is not None else []
+    except Exception:  # no psutil or no permission: nothing to warn about
+        return None
+    if "--cpu" not in cmdline or "--mpirun_hostfile" in cmdline:
+        return None
+    for flag, value in zip(cmdline, cmdline[1:]):
+        if flag == "--num_processes" and value.isdigit() and int(value) > 1:
+            return int(value)
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    requested = _requested_cpu_processes()
+    if requested:
+        print(f"warning: `accelerate launch --cpu --num_processes {requested}` starts ONE process (Accelerate needs an "
+              f"MPI hostfile for several CPU processes). For {requested} CPU processes run\n"
+              f"  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {requested} "
+              f"examples/distill.py ...\nThis run uses one process.", file=sys.stderr)
     validate_args(args)
     command = "accelerate launch examples/distill.py " + shlex.join(argv)
     if args.pretrained_model_name_or_path is None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from diffusers_qalora.distill import load_prompts
@@ -45,3 +50,18 @@ def test_bits_and_methods_validated():
 def test_default_prompts_ship_with_the_package():
     prompts = load_prompts()
     assert len(prompts) >= 8 and all(p.strip() == p and p for p in prompts)
+
+
+def test_cpu_launch_of_several_processes_says_it_runs_one(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process without an MPI hostfile: the script says so and
+    names the launch that starts two."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "examples" / "distill.py"),
+           "--weight_bits", "9"]  # fails in validation, right after the warning: no work is done
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "--weight_bits" in proc.stderr
+    assert "starts ONE process" in proc.stderr
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in proc.stderr
+    assert not any(tmp_path.iterdir())
