@@ -198,16 +198,19 @@ def test_conv_output_dtypes_one_scale_and_edges(out_dtype):
 TABLE = torch.tensor([0.0, 250.0, 500.0, 999.0])
 
 
-def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | None, seed: int = 0):
+def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | None, seed: int = 0,
+                   act_bits: int = 8):
     g = torch.Generator().manual_seed(seed)
-    layout = IntegerLayout(kind, weight_bits, 8, signed, group_size, len(TABLE))
+    layout = IntegerLayout(kind, weight_bits, act_bits, signed, group_size, len(TABLE))
     if kind == "linear":
         layer, shape = IntegerLinear(24, 19, True, layout), (19, 24)
     else:
         layer, shape = IntegerConv2d(8, 10, 3, padding=1, bias=True, layout=layout), (10, 8, 3, 3)
     lim = 2 ** (weight_bits - 1)
     groups = 1 if group_size is None else shape[1] // group_size
-    zp = torch.zeros(len(TABLE)) if signed else torch.randint(100, 150, (len(TABLE),), generator=g).float()
+    mid = 2 ** (act_bits - 1)  # unsigned activation codes: a zero point near the middle of [0, 2^bits - 1]
+    zp = torch.zeros(len(TABLE)) if signed else torch.randint(mid - mid // 4, mid + mid // 4 + 1, (len(TABLE),),
+                                                                 generator=g).float()
     layer.load_codes_(torch.randint(-lim, lim, shape, generator=g), 0.005 + 0.01 * torch.rand(shape[0], groups,
                       generator=g), torch.randn(shape[0], generator=g), TABLE, 0.01 + 0.03 * torch.rand(len(TABLE),
                       generator=g), zp)
@@ -216,11 +219,13 @@ def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | 
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("weight_bits, signed, group_size", [(8, False, None), (4, True, None), (4, False, 4)],
-                         ids=["W8A8", "W4A8-signed", "W4A8-group"])
+@pytest.mark.parametrize("weight_bits, act_bits, signed, group_size",
+                         [(8, 8, False, None), (4, 8, True, None), (4, 8, False, 4), (4, 4, False, None),
+                          (4, 4, True, 4)],
+                         ids=["W8A8", "W4A8-signed", "W4A8-group", "W4A4", "W4A4-signed-group"])
 @pytest.mark.parametrize("timesteps", [[500.0], [0.0, 700.0, 999.0]], ids=["one-timestep", "mixed-timesteps"])
-def test_integer_layers_on_the_triton_backend(kind, weight_bits, signed, group_size, timesteps):
-    layer = _integer_layer(kind, weight_bits, signed, group_size)
+def test_integer_layers_on_the_triton_backend(kind, weight_bits, act_bits, signed, group_size, timesteps):
+    layer = _integer_layer(kind, weight_bits, signed, group_size, act_bits=act_bits)
     g = torch.Generator().manual_seed(7)
     x = torch.randn((3, 5, 24) if kind == "linear" else (3, 8, 6, 5), generator=g)
     layer.context.set(torch.tensor(timesteps))
