@@ -17,7 +17,7 @@ import torch
 
 
 # -- denoisers ------------------------------------------------------------------------------------------------------
-def make_unet2d(seed: int = 0):
+def make_unet2d(seed: int = 0, block_out_channels: tuple[int, ...] = (16, 32), norm_num_groups: int = 8):
     """Class-conditional ``UNet2DModel`` (10 classes, one attention block), 1 x 16 x 16 like the testbed."""
     from diffusers import UNet2DModel
 
@@ -26,12 +26,12 @@ def make_unet2d(seed: int = 0):
         sample_size=16,
         in_channels=1,
         out_channels=1,
-        block_out_channels=(16, 32),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         num_class_embeds=10,
-        norm_num_groups=8,
+        norm_num_groups=norm_num_groups,
         attention_head_dim=8,
     ).eval()
 

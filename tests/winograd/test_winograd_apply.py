@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_unet, unet_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from winograd_models import make_tiny_unet, unet_inputs
 
 from diffusers_qalora.winograd import (
     DirectQuantConv2d,

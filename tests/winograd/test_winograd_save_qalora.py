@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_unet, unet_inputs
 from diffusers import UNet2DModel
+from winograd_models import make_tiny_unet, unet_inputs
 
 import diffusers_qalora as dq
 from diffusers_qalora.quant import TemporalActQuantizer
