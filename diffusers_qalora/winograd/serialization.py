@@ -66,20 +66,18 @@ def _timestep_argument(model: nn.Module) -> str:
     return "timestep"
 
 
-def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors (``<module>.<key>`` -> CPU tensor) and the JSON-serialisable record of the replaced layers.
+def winograd_record(model: nn.Module) -> dict[str, Any] | None:
+    """The JSON-serialisable record of the replaced layers (what ``winograd_config.json`` holds), or ``None`` when
+    ``model`` has none.  [`build_winograd_layers`] rebuilds the layers from it.
 
     Raises:
-        ValueError: the model has no replaced layer, or one has an input quantizer that cannot be described.
+        ValueError: a layer has an input quantizer that cannot be described.
     """
     layers = winograd_modules(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no WinogradConv2d / DirectQuantConv2d; call apply_winograd.")
-    tensors: dict[str, torch.Tensor] = {}
+        return None
     modules = []
     for name, layer in layers.items():
-        for key, value in layer.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
         padding = layer.padding
         modules.append({
             "name": name,
@@ -92,12 +90,25 @@ def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
             "config": layer.config.to_dict(),
             "input_quantizer": _describe_quantizer(name, layer.input_quantizer),
         })
-    record = {
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "timestep_argument": _timestep_argument(model),
         "modules": modules,
     }
+
+
+def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors (``<module>.<key>`` -> CPU tensor) and the JSON-serialisable record of the replaced layers.
+
+    Raises:
+        ValueError: the model has no replaced layer, or one has an input quantizer that cannot be described.
+    """
+    record = winograd_record(model)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} has no WinogradConv2d / DirectQuantConv2d; call apply_winograd.")
+    tensors = {f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
+               for name, layer in winograd_modules(model).items() for key, value in layer.state_dict().items()}
     return tensors, record
 
 
@@ -142,11 +153,19 @@ def _read_record(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; save one with `save_winograd(model, path)`.")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    return validate_winograd_record(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def validate_winograd_record(record: Any, where: str) -> dict[str, Any]:
+    """Check the format, version and module list of a record written by [`winograd_record`]; ``where`` names its
+    source in the error."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a Winograd record (format {record.get('format')!r}, expected {FORMAT!r}).")
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where} is not a Winograd record (format {found!r}, expected {FORMAT!r}).")
     if record.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {record.get('version')!r}; this library reads {FORMAT_VERSION}.")
+        raise ValueError(f"{where} has format version {record.get('version')!r}; this library reads {FORMAT_VERSION}.")
+    if not record.get("modules"):
+        raise ValueError(f"{where} lists no module.")
     return record
 
 
@@ -165,6 +184,39 @@ def _target_conv(model: nn.Module, name: str) -> nn.Module:
     return conv
 
 
+def build_winograd_layers(model: nn.Module, record: dict[str, Any], where: str,
+                          device: torch.device | str | None = None) -> list[tuple[str, nn.Module]]:
+    """Build (without swapping them in) the layers that ``record`` lists, checked against ``model``'s convs; their
+    tensors are uninitialised (on ``device``, by default each conv's device).  ``where`` names the record in errors."""
+    built = []
+    for entry in record["modules"]:
+        name = entry["name"]
+        conv = _target_conv(model, name)
+        if (conv.in_channels, conv.out_channels) != (entry["in_channels"], entry["out_channels"]):
+            raise ValueError(
+                f"`{name}` is {conv.in_channels}->{conv.out_channels} channels in this model but "
+                f"{entry['in_channels']}->{entry['out_channels']} in {where}."
+            )
+        cls = _CLASSES.get(entry["class"])
+        if cls is None:
+            raise ValueError(f"`{name}`: unknown layer class {entry['class']!r} in {where}.")
+        padding = entry["padding"]
+        padding = tuple(padding) if isinstance(padding, list) else padding
+        layer = cls(entry["in_channels"], entry["out_channels"], padding=padding, bias=entry["bias"],
+                    config=WinogradConfig.from_dict(entry["config"]), dtype=getattr(torch, entry["dtype"]),
+                    device=conv.weight.device if device is None else device)
+        described = entry.get("input_quantizer")
+        if described is not None:
+            if described.get("type") != "TemporalActQuantizer":
+                raise ValueError(f"`{name}`: unknown input quantizer {described.get('type')!r} in {where}.")
+            layer.input_quantizer = TemporalActQuantizer(described["timesteps"], described["bits"],
+                                                         symmetric=described["symmetric"], name=name)
+            if device is not None:
+                layer.input_quantizer.to(device)
+        built.append((name, layer))
+    return built
+
+
 def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> WinogradReport:
     """Rebuild the Winograd layers saved by [`save_winograd`] in ``model`` (same architecture) and load their state.
 
@@ -180,46 +232,19 @@ def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> Winogr
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}.")
-    if not record.get("modules"):
-        raise ValueError(f"{directory / CONFIG_NAME} lists no module.")
     tensors = load_file(str(weights))  # safetensors: never unpickles
-    built: list[tuple[str, nn.Module]] = []
+    built = build_winograd_layers(model, record, str(directory), device="cpu")
     records: dict[str, LayerRecord] = {}
-    configs: list[WinogradConfig] = []
-    for entry in record["modules"]:
-        name = entry["name"]
-        conv = _target_conv(model, name)
-        if (conv.in_channels, conv.out_channels) != (entry["in_channels"], entry["out_channels"]):
-            raise ValueError(
-                f"`{name}` is {conv.in_channels}->{conv.out_channels} channels in this model but "
-                f"{entry['in_channels']}->{entry['out_channels']} in {directory}."
-            )
-        cls = _CLASSES.get(entry["class"])
-        if cls is None:
-            raise ValueError(f"`{name}`: unknown layer class {entry['class']!r} in {directory}.")
-        config = WinogradConfig.from_dict(entry["config"])
-        padding = entry["padding"]
-        padding = tuple(padding) if isinstance(padding, list) else padding
-        dtype = getattr(torch, entry["dtype"])
-        layer = cls(entry["in_channels"], entry["out_channels"], padding=padding, bias=entry["bias"], config=config,
-                    dtype=dtype)
-        described = entry.get("input_quantizer")
-        if described is not None:
-            if described.get("type") != "TemporalActQuantizer":
-                raise ValueError(f"`{name}`: unknown input quantizer {described.get('type')!r}.")
-            layer.input_quantizer = TemporalActQuantizer(described["timesteps"], described["bits"],
-                                                         symmetric=described["symmetric"], name=name)
+    for name, layer in built:
         prefix = name + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             layer.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"`{name}`: the saved tensors do not fit the layer: {err}") from None
-        layer.to(conv.weight.device)
-        built.append((name, layer))
-        configs.append(config)
+        layer.to(_target_conv(model, name).weight.device)
         records[name] = LayerRecord(name, layer.in_channels, layer.out_channels,
-                                    source="saved", input_quantizer=described is not None)
+                                    source="saved", input_quantizer=layer.input_quantizer is not None)
     if any(layer.input_quantizer is not None for _, layer in built):
         context = _context(model, record.get("timestep_argument", "timestep"))
         for _, layer in built:
@@ -227,4 +252,4 @@ def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> Winogr
                 layer.input_quantizer.context = context
     for name, layer in built:
         _swap(model, name, layer)
-    return WinogradReport(config=configs[0], replaced=records, inputs="none")
+    return WinogradReport(config=built[0][1].config, replaced=records, inputs="none")

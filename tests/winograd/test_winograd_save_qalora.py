@@ -170,3 +170,31 @@ def test_qalora_winograd_layers_save_and_load_into_a_plain_model(tmp_path):
             x = torch.randn(2, layer.in_channels, 8, 8)
             with torch.no_grad():
                 assert torch.equal(loaded(x), layer(x)), name
+
+
+def test_exported_winograd_model_save_pretrained_and_from_pretrained(tmp_path):
+    """QALoRA -> Winograd convs -> export_quantized -> save_pretrained -> from_pretrained: the same layers come back
+    and compute the same numbers; a config naming a module the model lacks fails with a clear error."""
+    model = _qalora_model()
+    apply_winograd(model, TUNED)
+    exported = dq.export_quantized(model)
+    names = sorted(winograd_modules(exported))
+    assert names and any(isinstance(m, dq.IntegerLinear) for m in exported.modules())
+    exported.save_pretrained(tmp_path / "int")
+    saved = json.loads((tmp_path / "int" / "config.json").read_text())["quantization_config"]
+    assert sorted(m["name"] for m in saved["winograd"]["modules"]) == names
+    loaded = UNet2DModel.from_pretrained(tmp_path / "int")
+    assert sorted(winograd_modules(loaded)) == names
+    for name in names:
+        a, b = exported.get_submodule(name), loaded.get_submodule(name)
+        assert type(a) is type(b) and a.config == b.config
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), f"{name}.{key}"
+    for timestep in (100, 700):
+        assert torch.equal(_out(exported, timestep=timestep), _out(loaded, timestep=timestep))
+
+    config = json.loads((tmp_path / "int" / "config.json").read_text())
+    config["quantization_config"]["winograd"]["modules"][0]["name"] = "down_blocks.9.conv"
+    (tmp_path / "int" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="down_blocks.9.conv"):
+        UNet2DModel.from_pretrained(tmp_path / "int")

@@ -11,6 +11,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from ...export import BACKENDS, IntegerLayout
 from ...quant import INIT_METHODS, validate_bits, validate_timestep_table
 from ...tuners.qalora.config import QALoraConfig
+from ...winograd.serialization import validate_winograd_record
 
 
 class QALoraQuantMethod(str, enum.Enum):
@@ -60,6 +61,9 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): compute path of the integer layers.
         layers (`dict[str, dict]`, *optional*): the [`IntegerLayout`] of every integer layer of an exported model;
             written by `export_quantized`, never set by hand.
+        winograd (`dict`, *optional*): the record of the model's Winograd layers (what `save_winograd` writes as
+            ``winograd_config.json``), taken by ``save_pretrained`` of an exported model that has any, so that
+            ``from_pretrained`` rebuilds them; never set by hand.
         version (`int`, defaults to `1`): format version.
     """
 
@@ -83,6 +87,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     timestep_argument: str = field(default="timestep", metadata={"help": "The denoiser's timestep argument."})
     backend: str = field(default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."})
     layers: dict[str, dict] | None = field(default=None, metadata={"help": "Layout of each exported integer layer."})
+    winograd: dict[str, Any] | None = field(default=None, metadata={"help": "Record of the Winograd layers."})
     version: int = field(default=1, metadata={"help": "Config format version."})
 
     def __post_init__(self) -> None:
@@ -121,6 +126,10 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         self.eight_bit_modules = _copy_names(self.eight_bit_modules, "eight_bit_modules")
         if self.layers is not None:
             self.layers = self._validated_layers(self.layers)
+        if self.winograd is not None:
+            if self.layers is None:
+                raise ValueError("`winograd` describes the Winograd layers of an exported model; it needs `layers`.")
+            self.winograd = validate_winograd_record(self.winograd, "quantization_config.winograd")
 
     def _validated_layers(self, layers: Any) -> dict[str, dict]:
         if not isinstance(layers, dict) or not layers:
@@ -210,6 +219,8 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         diff = self.to_diff_dict()
         if "layers" in diff:
             diff["layers"] = f"<{len(self.layers)} integer layers>"
+        if "winograd" in diff:
+            diff["winograd"] = f"<{len(self.winograd['modules'])} Winograd layers>"
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in diff.items())})"
 
     def to_diff_dict(self) -> dict[str, Any]:

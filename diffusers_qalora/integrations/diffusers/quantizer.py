@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ from safetensors import safe_open
 from torch import nn
 
 from ...export import IntegerConv2d, IntegerLayer, IntegerLinear, attach_integer_context, integer_layers
+from ...winograd import winograd_modules
+from ...winograd.replace import _swap
+from ...winograd.serialization import build_winograd_layers, winograd_record
 from .config import QALoraQuantConfig
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,11 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         self._files: list[str] = []
         self._expected_checksum: str | None = None
         self._model: nn.Module | None = None
+        # The model this quantizer belongs to once it is exported or loaded: save_pretrained records its Winograd
+        # layers (a weak reference, so the quantizer does not keep the model alive).
+        self._owner: weakref.ref[nn.Module] | None = None
+        self._winograd_state: dict[str, dict[str, torch.Tensor]] = {}  # Winograd layer -> its tensors, while loading
+        self._winograd_device: dict[str, Any] = {}
         self._torch_dtype: torch.dtype | None = None
 
     # -- environment and dtype -----------------------------------------------------------------------------------
@@ -147,10 +156,19 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             new.name = name
             new.backend = self.quantization_config.backend
             replacements[name] = new
+        winograd = []
+        if self.quantization_config.winograd is not None:
+            # Their tensors arrive through create_quantized_param and are loaded with the layers' own load_state_dict
+            # once all are in (a temporal step-size table is one tensor on disk but one parameter per timestep).
+            winograd = build_winograd_layers(model, self.quantization_config.winograd,
+                                             "config.json's quantization_config.winograd", device="cpu")
+            self._winograd_state = {name: {} for name, _ in winograd}
         for name, new in replacements.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
+        for name, layer in winograd:
+            _swap(model, name, layer)
         return model
 
     def _where(self) -> str:
@@ -208,8 +226,11 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                 )
         return missing_keys
 
+    def _winograd_owner(self, key: str) -> str | None:
+        return next((name for name in self._winograd_state if key.startswith(name + ".")), None)
+
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
-        return self.pre_quantized and self._owns(param_name)
+        return self.pre_quantized and (self._owns(param_name) or self._winograd_owner(param_name) is not None)
 
     def check_quantized_param_shape(self, param_name, current_param, loaded_param) -> bool:
         if tuple(current_param.shape) != tuple(loaded_param.shape):
@@ -222,6 +243,11 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
                                unexpected_keys=None, **kwargs) -> None:
+        owner = self._winograd_owner(param_name)
+        if owner is not None:
+            self._winograd_state[owner][param_name[len(owner) + 1:]] = param_value
+            self._winograd_device[owner] = target_device
+            return
         module_name, _, tensor_name = param_name.rpartition(".")
         if tensor_name != "weight_packed" and param_value.dtype == torch.int32:
             param_value = param_value.view(torch.float32)  # see maybe_update_state_dict
@@ -248,10 +274,27 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                     f"corrupt checkpoint ({self._where()}): the checksum of the integer tensors differs from the one "
                     f"recorded by save_pretrained. Download or save the model again."
                 )
-        attach_integer_context(model, config.timestep_argument)
+        winograd = winograd_modules(model)
+        for name, state in self._winograd_state.items():
+            layer = winograd[name]
+            try:
+                layer.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"{self._where()}: the tensors of Winograd layer `{name}` do not fit the layer that "
+                                 f"config.json describes ({err}); save the model again.") from None
+            device = self._winograd_device.get(name)
+            if device is not None:
+                layer.to(device)
+        self._winograd_state, self._winograd_device = {}, {}
+        context = attach_integer_context(model, config.timestep_argument)
         for layer in integer_layers(model).values():
             layer._derived.clear()
+        for layer in winograd.values():
+            if layer.input_quantizer is not None:
+                layer.input_quantizer.context = context
+            layer.clear_cache()
         self._model = None
+        self._owner = weakref.ref(model)
         return model
 
     # -- saving --------------------------------------------------------------------------------------------------------
@@ -267,6 +310,11 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                 "diffusers_qalora.export_quantized(model) first (or save the adapter with save_qalora_adapter)."
             )
             return False
+        # save_pretrained asks this before it writes config.json: record the Winograd layers the model has at that
+        # moment, so that from_pretrained rebuilds them.
+        model = self._owner() if self._owner is not None else None
+        if model is not None:
+            self.quantization_config.winograd = winograd_record(model)
         return True
 
     @property
@@ -297,6 +345,7 @@ def mark_exported(model: nn.Module, config: QALoraQuantConfig) -> None:
     model.is_quantized = True
     model.quantization_method = config.quant_method
     model.hf_quantizer = quantizer
+    quantizer._owner = weakref.ref(model)
 
 
 def is_integer_layer(module: nn.Module) -> bool:
