@@ -88,6 +88,19 @@ def validate_args(args: argparse.Namespace) -> None:
             load_prompts(args.prompt_file)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: --prompt_file: {err}") from None
+    if args.use_8bit_adam:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SystemExit("error: --use_8bit_adam needs bitsandbytes: pip install 'diffusers-qalora[bitsandbytes]' "
+                             "(or drop --use_8bit_adam).")
+    if args.report_to is not None:
+        import importlib.util
+
+        needs = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
+        module = needs.get(args.report_to)
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise SystemExit(f"error: --report_to {args.report_to} needs the `{module}` package: pip install {module}.")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -65,3 +66,31 @@ def test_cpu_launch_of_several_processes_says_it_runs_one(tmp_path):
     assert "starts ONE process" in proc.stderr
     assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_8bit_adam_without_bitsandbytes_fails_before_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    _fails(["--use_8bit_adam"], "needs bitsandbytes", tmp_path, monkeypatch)
+
+
+def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
+    """The training options of diffusers' scripts on a tiny SD pipeline: tensorboard events are written, and a bf16
+    autocast run with gradient checkpointing trains to a finite loss and an adapter that loads."""
+    from tiny_models import make_sd15_unet, make_tiny_sd_pipeline
+
+    import diffusers_qalora as dq
+
+    make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    results = main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out),
+                    "--max_train_steps", "3", "--num_inference_steps", "3", "--train_batch_size", "1",
+                    "--calibration_samples", "1", "--rank", "2", "--report_to", "tensorboard",
+                    "--gradient_checkpointing", "--mixed_precision", "bf16"])
+    assert results["training"]["steps"] == 3
+    assert all(math.isfinite(v) for v in results["loss_history"])
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard event file"
+    unet = make_sd15_unet()
+    dq.load_qalora_adapter(unet, out / "adapter")
