@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -78,17 +79,23 @@ def test_8bit_adam_without_bitsandbytes_fails_before_work(tmp_path, monkeypatch)
 
 def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
     """The training options of diffusers' scripts on a tiny SD pipeline: tensorboard events are written, and a bf16
-    autocast run with gradient checkpointing trains to a finite loss and an adapter that loads."""
+    autocast run with gradient checkpointing trains to a finite loss and an adapter that loads.  In a subprocess:
+    Accelerate keeps one state per process, so a bf16 run would make later in-process runs bf16 too."""
     from tiny_models import make_sd15_unet, make_tiny_sd_pipeline
 
     import diffusers_qalora as dq
 
+    root = Path(__file__).resolve().parents[2]
     make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "out"
-    results = main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out),
-                    "--max_train_steps", "3", "--num_inference_steps", "3", "--train_batch_size", "1",
-                    "--calibration_samples", "1", "--rank", "2", "--report_to", "tensorboard",
-                    "--gradient_checkpointing", "--mixed_precision", "bf16"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "examples" / "distill.py"), "--pretrained_model_name_or_path",
+           str(tmp_path / "pipe"), "--output_dir", str(out), "--max_train_steps", "3", "--num_inference_steps", "3",
+           "--train_batch_size", "1", "--calibration_samples", "1", "--rank", "2", "--report_to", "tensorboard",
+           "--gradient_checkpointing", "--mixed_precision", "bf16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
     assert results["training"]["steps"] == 3
     assert all(math.isfinite(v) for v in results["loss_history"])
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard event file"
