@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -88,15 +90,10 @@ def validate_args(args: argparse.Namespace) -> None:
             load_prompts(args.prompt_file)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: --prompt_file: {err}") from None
-    if args.use_8bit_adam:
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise SystemExit("error: --use_8bit_adam needs bitsandbytes: pip install 'diffusers-qalora[bitsandbytes]' "
-                             "(or drop --use_8bit_adam).")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit("error: --use_8bit_adam needs bitsandbytes: pip install 'diffusers-qalora[bitsandbytes]' "
+                         "(or drop --use_8bit_adam).")
     if args.report_to is not None:
-        import importlib.util
-
         needs = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
         module = needs.get(args.report_to)
         if module is not None and importlib.util.find_spec(module) is None:
@@ -135,8 +132,6 @@ def _requested_cpu_processes() -> int | None:
 
     Accelerate's ``--cpu`` launcher starts a single process unless an MPI hostfile is configured, and says nothing
     about it; the launcher's command line (the parent process) is the only place the request survives."""
-    import os
-
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") or "WORLD_SIZE" in os.environ:
         return None
     try:
