@@ -114,12 +114,6 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
     return new
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def convert_qalora_to_integer(
     model: nn.Module,
     adapter_name: str | None = None,
@@ -162,7 +156,7 @@ def convert_qalora_to_integer(
     timestep_argument = _timestep_argument(model, adapter)
     for name, new in built.items():
         new.backend = backend
-        _replace(model, name, new)
+        model.set_submodule(name, new)
     if hasattr(model, "peft_config"):
         del model.peft_config
     if getattr(model, "_hf_peft_config_loaded", False):

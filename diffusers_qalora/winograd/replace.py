@@ -264,10 +264,8 @@ def _build(plan: _Plan, config: WinogradConfig) -> tuple[nn.Module, LayerRecord]
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
+    old = model.get_submodule(name)
+    model.set_submodule(name, new)
     return old
 
 

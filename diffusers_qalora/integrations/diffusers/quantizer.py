@@ -26,7 +26,6 @@ from torch import nn
 
 from ...export import IntegerConv2d, IntegerLayer, IntegerLinear, attach_integer_context, integer_layers
 from ...winograd import winograd_modules
-from ...winograd.replace import _swap
 from ...winograd.serialization import build_winograd_layers, winograd_record
 from .config import QALoraQuantConfig
 
@@ -163,12 +162,8 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             winograd = build_winograd_layers(model, self.quantization_config.winograd,
                                              "config.json's quantization_config.winograd", device="cpu")
             self._winograd_state = {name: {} for name, _ in winograd}
-        for name, new in replacements.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
-        for name, layer in winograd:
-            _swap(model, name, layer)
+        for name, new in [*replacements.items(), *winograd]:
+            model.set_submodule(name, new)
         return model
 
     def _where(self) -> str:

@@ -97,9 +97,7 @@ def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had
             if adapter_name in module.qal_weight_quantizer:
                 module.delete_adapter(adapter_name)
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.base_layer)
+        model.set_submodule(name, module.base_layer)
     from ...integrations.diffusers.attention_processor import restore_attention_processors
 
     restore_attention_processors(model)  # attention modules left without quantizers get their default processor
