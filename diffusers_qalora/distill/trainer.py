@@ -216,7 +216,7 @@ class DataFreeDistiller:
         self._scale_aware = groups
         keep = {"weight_steps": cfg.train_weight_steps, "act_steps": cfg.train_act_steps}
         param_groups = []
-        for group in groups.param_groups:
+        for group in groups:
             name = group["name"]
             enabled = keep.get(name, cfg.train_lora)
             for p in group["params"]:

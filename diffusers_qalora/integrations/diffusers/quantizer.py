@@ -8,8 +8,8 @@ Two ways in through ``ModelMixin.from_pretrained``:
   stay float32 whatever ``torch_dtype`` says), a checksum recorded at save time is verified, and the timestep hook is
   installed;
 * **a float checkpoint plus** ``quantization_config=QALoraQuantConfig(...)``: the weights load as usual, then QALoRA
-  is injected (PTQ initialisation of the weight step sizes), ready for ``calibrate_activations``, distillation and
-  ``export_quantized``.
+  layers are injected with min-max weight step sizes (by default; ``weight_init`` says) and the adapter frozen
+  (``trainable_adapter=True`` for distillation), ready for ``calibrate_activations`` and ``export_quantized``.
 """
 
 from __future__ import annotations

@@ -237,6 +237,12 @@ def get_qalora_param_groups(
       ``act_step_lr`` (EfficientDM: 5e-4), no weight decay.  Only the
       current timestep's entries receive a gradient, and optimizers skip parameters whose gradient is ``None``, so
       inactive timesteps stay bit-identical (zero the gradients with ``set_to_none=True``, PyTorch's default).
+
+    Returns:
+        [`ScaleAwareGroups`]: a list of parameter-group dicts (each with a ``"name"``), which ``torch.optim`` takes as
+        it is: ``torch.optim.AdamW(get_qalora_param_groups(model))``.  With ``scale_aware="grad"`` the gradient
+        multipliers are hooks on the LoRA factors, kept in ``groups.hooks``: call ``groups.remove_hooks()`` when
+        training is done.
     """
     entries, weight_steps, act_steps = [], [], []
     for name, layer in qalora_layers(model).items():
@@ -251,11 +257,10 @@ def get_qalora_param_groups(
         act_steps += [p for q in _layer_act_quantizers(layer, adapter) for p in q.parameters() if p.requires_grad]
     groups = scale_aware_param_groups(entries, lora_lr, scale_aware, weight_decay)
     if weight_steps:
-        groups.param_groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0,
-                                    "name": "weight_steps"})
+        groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0, "name": "weight_steps"})
     if act_steps:
-        groups.param_groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
-    if not groups.param_groups:
+        groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
+    if not groups:
         raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
     return groups
 
