@@ -1,6 +1,7 @@
 """Tests of the embedded DiT: the class-conditional SD3-style transformer, its recipe and its loading."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -130,3 +131,43 @@ def test_dit_loading_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="dit_recipe"):
         load_testbed(weights_dir=weights, model="dit")
     load_testbed(weights_dir=weights)  # the UNet does not need the DiT's files
+
+
+def test_main_job_runs_on_the_dit(tmp_path):
+    """The embedded job (PTQ baselines, distillation, evaluation) on a DiT: the same outputs as for the UNet."""
+    from diffusers_qalora.distill import DistillConfig
+    from diffusers_qalora.distill.embedded import EmbeddedJobConfig, run_embedded_job
+
+    weights, _ = _weights_with_dit(tmp_path, _tiny_config())
+    testbed = load_testbed(weights_dir=weights, model="dit")
+    job = EmbeddedJobConfig(
+        weight_bits=8,
+        act_bits=8,
+        rank=2,
+        table_steps=4,
+        calibration_samples=2,
+        eval_samples=6,
+        eval_steps=2,
+        distill=DistillConfig(num_inference_steps=4, batch_size=2, max_train_steps=2),
+        model="dit",
+    )
+    results = run_embedded_job(job, tmp_path / "out", "test", testbed=testbed)
+    torch.set_num_threads(1)
+    assert set(results["methods"]) == {"FP", "naive PTQ", "per-timestep PTQ", "QALoRA distilled"}
+    for row in results["methods"].values():
+        assert math.isfinite(row["fid_mean"])
+    out = tmp_path / "out"
+    assert (out / "adapter").is_dir() and (out / "results.json").is_file()
+    assert (out / "report.md").read_text().startswith("#") and "digits DiT" in (out / "report.md").read_text()
+    # The distilled adapter wraps the transformer's joint-attention projections, context stream included.
+    wrapped = {name for name, module in testbed.unet.named_modules() if "distilled" in getattr(module, "qal_A", {})}
+    assert "transformer_blocks.0.attn.to_q" in wrapped and "transformer_blocks.0.attn.add_k_proj" in wrapped
+
+
+def test_cli_refuses_dit_with_a_pretrained_model(tmp_path, monkeypatch):
+    from diffusers_qalora.distill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--model dit"):
+        main(["--model", "dit", "--pretrained_model_name_or_path", "org/name"])
+    assert not any(tmp_path.iterdir())
