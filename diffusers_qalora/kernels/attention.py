@@ -26,7 +26,7 @@ may land on the neighbouring code (``test_attention_kernel.py`` states the toler
 **The torch reference** ([`quantized_attention_reference`]) fake-quantizes in float32 (float64 for float64 inputs)
 and calls ``F.scaled_dot_product_attention``; with softmax quantization it computes the softmax explicitly, in
 chunks of query rows.  Neither path is differentiable: training goes through the quantizer modules (LSQ gradients)
-and SDPA, see `diffusers_qalora.integrations.diffusers.attention_processor`.
+and SDPA, see `diffusers_qalora.tuners.qalora.attention`.
 """
 
 from __future__ import annotations

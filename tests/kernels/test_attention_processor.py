@@ -23,9 +23,9 @@ from tiny_models import (
 )
 
 import diffusers_qalora as dq
-from diffusers_qalora.integrations.diffusers.attention_processor import QALoraAttnProcessor
 from diffusers_qalora.kernels.dispatch import MODULE_BACKEND_ATTR, MODULE_CHOICE_ATTR
 from diffusers_qalora.tuners.qalora import qalora_layers
+from diffusers_qalora.tuners.qalora.attention import QALoraAttnProcessor
 
 TABLE = [0.0, 250.0, 500.0, 999.0]
 

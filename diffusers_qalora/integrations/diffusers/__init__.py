@@ -1,7 +1,7 @@
 """The diffusers quantization backend ``"qalora"`` (config, quantizer, registration, `export_quantized`) and the
 quantized attention processor `QALoraAttnProcessor`."""
 
-from .attention_processor import QALoraAttnProcessor, set_qalora_attn_processor
+from ...tuners.qalora.attention import QALoraAttnProcessor, set_qalora_attn_processor
 from .config import QALoraQuantConfig, QALoraQuantMethod
 from .export import export_quantized
 from .quantizer import CHECKSUM_KEY, QALoraDiffusersQuantizer, integer_state_checksum, mark_exported

@@ -98,7 +98,7 @@ def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had
                 module.delete_adapter(adapter_name)
             continue
         model.set_submodule(name, module.base_layer)
-    from ...integrations.diffusers.attention_processor import restore_attention_processors
+    from .attention import restore_attention_processors
 
     restore_attention_processors(model)  # attention modules left without quantizers get their default processor
     if had_peft_config:

@@ -99,7 +99,7 @@ class QALoraModel(BaseTuner):
         else:
             names = eligible_module_names(self.model, peft_config)
         if peft_config.quantize_attention:
-            from ...integrations.diffusers.attention_processor import check_attention_targets
+            from .attention import check_attention_targets
 
             check_attention_targets(self.model, names)
         return peft_config
@@ -130,7 +130,7 @@ class QALoraModel(BaseTuner):
         attach_timestep_context(model, self.peft_config[adapter_name].timestep_argument)
         if self.peft_config[adapter_name].quantize_attention:
             # The q/k/v step sizes live on the projections; the processor that applies them is stateless.
-            from ...integrations.diffusers.attention_processor import set_qalora_attn_processor
+            from .attention import set_qalora_attn_processor
 
             set_qalora_attn_processor(model)
 

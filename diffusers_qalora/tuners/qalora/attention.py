@@ -41,7 +41,7 @@ from torch import nn
 
 from ...kernels.attention import QuantSpec, quantized_attention
 from ...quant import TemporalActQuantizer
-from ...tuners.qalora.layer import ATTENTION_PROJECTIONS, QALoraLayer
+from .layer import ATTENTION_PROJECTIONS, QALoraLayer
 
 __all__ = [
     "AttentionQuantizers",
