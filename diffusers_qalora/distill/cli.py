@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM")
+    p.add_argument("--model", choices=("unet", "dit"), default="unet",
+                   help="embedded model: the digits UNet or the digits DiT (an SD3-style transformer)")
     p.add_argument("--output_dir", default="outputs/distill")
     p.add_argument("--weight_bits", type=int, default=4)
     p.add_argument("--act_bits", type=int, default=4)
@@ -74,6 +76,9 @@ def validate_args(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
     model = args.pretrained_model_name_or_path
+    if model is not None and args.model != "unet":
+        raise SystemExit(f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
+                         f"--pretrained_model_name_or_path (drop one of them).")
     if model is not None:
         path = Path(model).expanduser()
         if path.exists():
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             distill=_distill_config(args, args.train_batch_size or 16, args.max_train_steps or 1600),
             table_steps=args.num_inference_steps, calibration_samples=args.calibration_samples or 64,
             eval_samples=args.eval_samples, eval_seeds=tuple(args.eval_seeds), eval_steps=args.eval_steps,
-            methods=tuple(args.methods or METHODS),
+            methods=tuple(args.methods or METHODS), model=args.model,
         )
         results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
                                    args.mixed_precision, args.report_to)
@@ -201,7 +206,7 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     if model is None:
         from ..testbed import load_testbed
 
-        denoiser, base_model, subfolder = load_testbed().unet, None, None
+        denoiser, base_model, subfolder = load_testbed(model=args.model).unet, None, None
     else:
         from diffusers import UNet2DConditionModel
 

@@ -47,6 +47,7 @@ class EmbeddedJobConfig:
         eval_samples / eval_seeds / eval_steps: evaluation protocol (DDIM, eta 0).
         methods (`tuple[str, ...]`): any of ``fp``, ``naive_ptq``, ``timestep_ptq``, ``distilled``.
         qalora_overrides (`dict`): extra ``QALoraConfig`` fields of the distilled adapter (ablations).
+        model (`str`): the embedded denoiser, ``"unet"`` (the digits DDPM) or ``"dit"`` (the digits DiT).
     """
 
     weight_bits: int = 4
@@ -61,8 +62,11 @@ class EmbeddedJobConfig:
     methods: tuple[str, ...] = METHODS
     qalora_overrides: dict[str, Any] = field(default_factory=dict)
     save_grids: bool = True
+    model: str = "unet"
 
     def __post_init__(self) -> None:
+        if self.model not in ("unet", "dit"):
+            raise ValueError(f"model must be 'unet' or 'dit', got {self.model!r}.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {METHODS}.")
@@ -91,7 +95,7 @@ def run_embedded_job(
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    testbed = testbed or load_testbed(device=accelerator.device)
+    testbed = testbed or load_testbed(device=accelerator.device, model=config.model)
     unet = testbed.unet
     table = timestep_table(testbed.pipeline.scheduler, config.table_steps)
     bits = f"W{config.weight_bits}A{config.act_bits}"
@@ -146,7 +150,8 @@ def run_embedded_job(
         notes = (f"{config.eval_samples} samples x seeds {list(config.eval_seeds)}, {config.eval_steps} DDIM steps "
                  f"(eta 0); step sizes interpolated from the {config.table_steps}-step table. x0-MSE: each sample "
                  f"against the FP sample from the same noise and label.")
-        (out / "report.md").write_text(results_markdown(rows, f"Embedded digits DDPM, {bits}", command, notes),
+        title = {"unet": "Embedded digits DDPM", "dit": "Embedded digits DiT"}[testbed.model_name]
+        (out / "report.md").write_text(results_markdown(rows, f"{title}, {bits}", command, notes),
                                        encoding="utf-8")
     accelerator.wait_for_everyone()
     return results
