@@ -80,6 +80,30 @@ def quantize_activation_uint8(
     return v.to(torch.uint8)
 
 
+def quantize_activation_uint8_per_sample(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, exact: bool = False
+) -> torch.Tensor:
+    """``uint8`` codes ``clamp(round(x / s_b) + z_b, lo, hi)`` with one step size ``s_b`` and integer zero point
+    ``z_b`` per sample (``scale``, ``zero_point``: ``(B,)`` float tensors; ``x``: ``(B, ...)``).
+
+    ``exact=False`` runs two passes: ``v = x * (1 / s_b) + z_b`` and torch's fused quantizer with step 1 (rounding
+    and the ``uint8`` saturation in one pass).  Like the per-tensor fast path it rounds ``x * (1 / s)``, and adding
+    ``z_b`` in float32 can move a value within about ``2**-15`` of a rounding tie by one code: both are at most one
+    code away from the fake-quant model's ``round(x / s)``, on rare exact ties.  (torch's own per-channel quantizer
+    takes the same arguments but is about 25x slower on CPU.)  ``exact=True`` uses the fake-quant formula.  The memory
+    format of ``x`` is kept.
+    """
+    view = (-1,) + (1,) * (x.dim() - 1)
+    s = scale.to(device=x.device, dtype=torch.float32).reshape(view)
+    z = zero_point.to(device=x.device, dtype=torch.float32).reshape(view)
+    if not exact and _FAST_QUANTIZE and x.device.type == "cpu":
+        shifted = torch.addcmul(z, x.float(), torch.reciprocal(s))
+        return quantize_activation_uint8(shifted, 1.0, 0, lo, hi)
+    v = torch.div(x.float(), s)
+    v = v.round_().add_(z).clamp_(lo, hi)
+    return v.to(torch.uint8)
+
+
 def unpack_weight_codes(packed: torch.Tensor, packed_bits: int, k: int) -> torch.Tensor:
     """``int8`` weight codes ``(C_out, k)`` from the stored ``uint8`` bytes (padding dropped)."""
     codes = unpack_codes(packed, packed_bits, signed=True, dim=-1)

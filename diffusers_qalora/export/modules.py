@@ -34,6 +34,7 @@ from .functional import (
     dequantize_weight,
     lookup_act_qparams,
     quantize_activation_uint8,
+    quantize_activation_uint8_per_sample,
     unpack_weight_codes,
 )
 from .layout import IntegerLayout
@@ -172,8 +173,8 @@ class IntegerLayer(nn.Module):
         self.backend = validate_backend(backend)
 
     # -- activation step sizes -------------------------------------------------------------------------------------
-    def _timestep_groups(self, batch: int) -> list[tuple[torch.Tensor | None, float, float]]:
-        """``[(sample indices or None for all, step size, zero point)]`` for this call."""
+    def _sample_timesteps(self, batch: int) -> torch.Tensor:
+        """The timestep of each of the ``batch`` samples of this call (from the shared context)."""
         context = self.context
         if context is None:
             raise RuntimeError(
@@ -181,12 +182,15 @@ class IntegerLayer(nn.Module):
                 f"load with from_pretrained (both install the timestep hook), or call "
                 f"diffusers_qalora.export.attach_integer_context(model)."
             )
-        values = context.per_sample(batch, self._where()).tolist()
-        if not values or all(v == values[0] for v in values):
-            t = values[0] if values else float(context.timesteps.reshape(-1)[0])
-            return [(None, *self._qparams_at(t))]
+        if batch == 0:
+            return context.timesteps.reshape(-1)[:1].float()
+        return context.per_sample(batch, self._where())
+
+    def _timestep_groups(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
+        """``[(sample indices, step size, zero point)]``, one entry per distinct timestep (for kernels that take one
+        step size per call)."""
         positions: dict[float, list[int]] = {}
-        for i, v in enumerate(values):
+        for i, v in enumerate(timesteps.tolist()):
             positions.setdefault(v, []).append(i)
         return [(torch.tensor(idx), *self._qparams_at(v)) for v, idx in positions.items()]
 
@@ -204,36 +208,44 @@ class IntegerLayer(nn.Module):
             hit = memo[1][t] = (float(s), float(z))
         return hit
 
+    def sample_qparams(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step size and zero point of each sample, ``(B,)`` float32 each: one vectorised table lookup (the same
+        operations as the fake-quant model's, so the same values)."""
+        return lookup_act_qparams(self.act_timesteps, self.act_scale, self.act_zero_point,
+                                  timesteps.to(device=self.act_timesteps.device, dtype=torch.float32))
+
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = self._timestep_groups(x.shape[0])
-        if len(groups) == 1 or x.shape[0] == 0:
-            return self._forward_group(x, groups[0][1], groups[0][2])
+        timesteps = self._sample_timesteps(x.shape[0])
+        values = timesteps.tolist()
+        if x.shape[0] == 0 or all(v == values[0] for v in values):
+            return self._forward_group(x, *self._qparams_at(values[0]))
+        # Samples at different timesteps: their step sizes are a per-sample (per-row) scale.
         impl = resolve_backend(self.backend, x.device, self.op)
+        view = (-1,) + (1,) * (x.dim() - 1)
         if impl == "reference":
             # One call with per-sample step sizes, as the fake-quant model computes it (bit-identical).
-            return self._reference(x, *self._per_sample_qparams(x, groups))
+            scale, zero_point = self.sample_qparams(timesteps)
+            return self._reference(x, scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device))
+        if impl == "onednn":
+            scale, zero_point = self.sample_qparams(timesteps)
+            lo, hi = self.layout.act_code_range
+            off = self.layout.act_offset
+            z = zero_point + off
+            if float(z.min()) >= 0 and float(z.max()) <= 255:
+                return self._onednn_per_sample(x, scale, z, lo + off, hi + off)
+            return self._reference(x, scale.reshape(view), zero_point.reshape(view))
         if getattr(impl, "per_sample_qparams", False):
             # The kernel gathers each sample's step size and zero point itself: one call for the whole batch.
-            scale, zero_point = self._per_sample_qparams(x, groups)
-            return impl(self, x, scale.reshape(-1), zero_point.reshape(-1))
-        out = None
-        for index, scale, zero_point in groups:
+            scale, zero_point = self.sample_qparams(timesteps)
+            return impl(self, x, scale.to(x.device), zero_point.to(x.device))
+        out = None  # a registered kernel that takes one step size per call: one call per distinct timestep
+        for index, scale, zero_point in self._timestep_groups(timesteps):
             y = self._forward_group(x.index_select(0, index.to(x.device)), scale, zero_point)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, index.to(y.device), y)
         return out
-
-    @staticmethod
-    def _per_sample_qparams(x: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.empty(x.shape[0], dtype=torch.float32)
-        zero_point = torch.empty(x.shape[0], dtype=torch.float32)
-        for index, s, z in groups:
-            scale[index] = s
-            zero_point[index] = z
-        view = (-1,) + (1,) * (x.dim() - 1)
-        return scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device)
 
     def _forward_group(self, x: torch.Tensor, scale: float, zero_point: float) -> torch.Tensor:
         impl = resolve_backend(self.backend, x.device, self.op)
@@ -264,6 +276,37 @@ class IntegerLayer(nn.Module):
 
     def _onednn(self, x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def _onednn_per_sample(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int
+                           ) -> torch.Tensor:
+        """The integer path for a batch with one step size ``s_b`` and ``uint8`` zero point ``z_b`` per sample
+        (``(B,)`` tensors), in one kernel call.
+
+        oneDNN takes one activation step size and zero point per call, so the kernel runs with step 1 and zero point
+        ``z``, the zero point all samples share, or 0 when they differ; its float output is
+        ``A = s_w * sum (q - z) q_w``.  The per-sample scale and zero point are a per-row epilogue:
+        ``y = s_b * (A - (z_b - z) * M) + bias`` with ``M = s_w * sum q_w`` over the weight taps that meet the input
+        (for a convolution, a map over output positions: zero padding contributes no taps, as a padded value ``z_b``
+        would contribute ``(z_b - z_b) = 0``).
+        """
+        raise NotImplementedError
+
+    def _per_sample_epilogue(self, acc: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, common: int,
+                             tap_sums, bias_view: tuple[int, ...]) -> torch.Tensor:
+        """``s_b * (acc - (z_b - common) * tap_sums) + bias`` in place on ``acc`` (``(B, ...)``)."""
+        view = (-1,) + (1,) * (acc.dim() - 1)
+        if tap_sums is not None:
+            acc.addcmul_((zero_point - common).reshape(view), tap_sums, value=-1.0)
+        s = scale.reshape(view).to(acc.dtype)
+        if self.bias is None:
+            return acc.mul_(s)
+        return torch.addcmul(self.bias.to(acc.dtype).reshape(bias_view), acc, s, out=acc)
+
+    @staticmethod
+    def _common_zero_point(zero_point: torch.Tensor) -> tuple[int, bool]:
+        """``(z, True)`` when every sample has the zero point ``z``, else ``(0, False)``."""
+        lo, hi = torch.aminmax(zero_point)
+        return (int(lo), True) if bool(lo == hi) else (0, False)
 
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
@@ -335,6 +378,30 @@ class IntegerLinear(IntegerLayer):
                                      self.bias if g == 0 else None, torch.float32)
                 y = part if y is None else y.add_(part)
             y = y.to(out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _tap_sums(self) -> torch.Tensor:
+        """``M[n] = sum_g s_w[n, g] * sum_{k in g} q_w[n, k]`` (float32, ``(N,)``)."""
+        def build():
+            codes = self.int8_weight().double()
+            return sum(codes[:, a:b].sum(1) * self.weight_scale[:, g].double()
+                       for g, (a, b) in enumerate(self._group_slices())).float()
+
+        return self._cached("tap_sums", self._weight_key(), build)
+
+    def _onednn_per_sample(self, x, scale, zero_point, lo, hi):
+        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
+        codes = codes.reshape(-1, self.in_features)
+        common, shared = self._common_zero_point(zero_point)
+        packed = self._prepacked()
+        acc = None
+        for (a, b), (w, s) in zip(self._group_slices(), packed):
+            part = linear_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common, w, s, None,
+                                 torch.float32)
+            acc = part if acc is None else acc.add_(part)
+        acc = acc.reshape(x.shape[0], -1, self.out_features)
+        y = self._per_sample_epilogue(acc, scale, zero_point, common, None if shared else self._tap_sums(),
+                                      (self.out_features,))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -440,6 +507,40 @@ class IntegerConv2d(IntegerLayer):
                                      torch.float32)
                 y = part if y is None else y.add_(part)
             y = y.to(out_dtype)
+        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
+            y = y.contiguous()
+        return y.to(x.dtype)
+
+    def _tap_sum_map(self, size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+        """``M[o, i, j] = sum_g s_w[o, g] * sum q_w[o, c, u, v]`` over the taps of output position ``(i, j)`` that
+        fall inside an input of spatial ``size`` (float32, ``(1, C_out, H_out, W_out)``; integer sums exact in
+        float64)."""
+        size = tuple(int(v) for v in size)
+
+        def build():
+            weight = self.int8_weight().reshape(self._weight_shape()).double()
+            ones = torch.ones(1, self.in_channels, *size, dtype=torch.float64, device=weight.device)
+            return sum(
+                F.conv2d(ones[:, a:b], weight[:, a:b], None, self.stride, padding, self.dilation)
+                * self.weight_scale[:, g].double().reshape(1, -1, 1, 1)
+                for g, (a, b) in enumerate(self._group_slices())
+            ).float()
+
+        return self._cached(f"tap_sums_{size}_{tuple(padding)}", self._weight_key(), build)
+
+    def _onednn_per_sample(self, x, scale, zero_point, lo, hi):
+        x, padding = self._pad_input(x)
+        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        common, shared = self._common_zero_point(zero_point)
+        packed = self._prepacked()
+        acc = None
+        for (a, b), (w, s) in zip(self._group_slices(), packed):
+            part = conv2d_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(memory_format=torch.channels_last),
+                                 1.0, common, w, s, None, self.stride, padding, self.dilation, 1, torch.float32)
+            acc = part if acc is None else acc.add_(part)
+        tap_sums = None if shared else self._tap_sum_map(x.shape[-2:], padding)
+        y = self._per_sample_epilogue(acc, scale, zero_point, common, tap_sums, (1, -1, 1, 1))
         if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
             y = y.contiguous()
         return y.to(x.dtype)

@@ -194,16 +194,45 @@ def test_integer_path_matches_int64_oracle(kind, kwargs):
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+MIXED = torch.tensor([999.0, 10.0, 999.0, 640.0])  # two samples share a timestep, two sit between table entries
+
+
 @needs_onednn
-def test_integer_path_splits_a_batch_by_timestep():
-    layer, *_, context = _layer("conv2d")
-    x = _x("conv2d", batch=4)
-    t = torch.tensor([999.0, 10.0, 999.0, 640.0])
-    context.set(t)
-    together = layer(x)
-    for i in range(4):
-        context.set(t[i])
-        assert torch.equal(together[i : i + 1], layer(x[i : i + 1]))
+@pytest.mark.parametrize("kind, kwargs", CASES)
+def test_mixed_timesteps_run_one_integer_call_matching_the_oracle(kind, kwargs, monkeypatch):
+    """A batch whose samples sit at different timesteps: per-sample step sizes and zero points in one integer call,
+    equal to the int64 oracle of each sample at its own timestep."""
+    import diffusers_qalora.export.modules as modules
+
+    layer, codes, w_scale, b, context = _layer(kind, **kwargs)
+    layer.exact_activation_rounding = True
+    x = _x(kind, batch=4)
+    context.set(MIXED)
+    calls = []
+    for name in ("linear_onednn", "conv2d_onednn"):
+        original = getattr(modules, name)
+        monkeypatch.setattr(modules, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    got = layer(x).double()
+    assert len(calls) == layer.weight_scale.shape[1]  # one call per weight group, not one per timestep
+    expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t)) for i, t in enumerate(MIXED)])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+    # The default (fused) activation rounding is at most one code away at rare ties: the same result here.
+    layer.exact_activation_rounding = False
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+
+
+@needs_onednn
+def test_mixed_timesteps_with_drifted_zero_points_use_the_tap_map():
+    """Zero points that differ strongly between timesteps (the zero-padding correction is large) and a layer whose
+    padded border matters: still the oracle."""
+    layer, codes, w_scale, b, context = _layer("conv2d", conv_kwargs={"kernel_size": 3, "padding": 2, "stride": 2})
+    layer.act_zero_point.copy_(torch.tensor([0.0, 255.0, 128.0, 3.0]))
+    layer.exact_activation_rounding = True
+    x = _x("conv2d", batch=4) + 1.0
+    context.set(torch.tensor([0.0, 250.0, 500.0, 999.0]))
+    expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], t)
+                          for i, t in enumerate([0.0, 250.0, 500.0, 999.0])])
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
 
 
 @needs_onednn
