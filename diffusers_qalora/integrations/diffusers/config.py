@@ -12,6 +12,7 @@ from peft import PeftConfig
 
 from ...export import BACKENDS, IntegerLayout
 from ...tuners.qalora.config import QALoraConfig
+from ...tuners.qalora.model import validate_adapter_record
 from ...winograd.serialization import validate_winograd_record
 
 
@@ -106,6 +107,9 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         winograd (`dict`, *optional*): the record of the model's Winograd layers (what `save_winograd` writes as
             ``winograd_config.json``), taken by ``save_pretrained`` of an exported model that has any, so that
             ``from_pretrained`` rebuilds them; never set by hand.
+        adapters (`dict`, *optional*): the PEFT adapters (QALoRA and others, with their configs, active adapters and
+            scalings) of a float model carrying QALoRA, written by ``save_pretrained`` of such a model so that
+            ``from_pretrained`` injects them before the weights load; never set by hand.
         version (`int`, defaults to `1`): format version.
     """
 
@@ -120,6 +124,9 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     backend: str = field(default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."})
     layers: dict[str, dict] | None = field(default=None, metadata={"help": "Layout of each exported integer layer."})
     winograd: dict[str, Any] | None = field(default=None, metadata={"help": "Record of the Winograd layers."})
+    adapters: dict[str, Any] | None = field(
+        default=None, metadata={"help": "PEFT adapters to rebuild on load (save_pretrained of a QALoRA model)."}
+    )
     version: int = field(default=1, metadata={"help": "Config format version."})
 
     def __post_init__(self) -> None:
@@ -146,6 +153,11 @@ class QALoraQuantConfig(QuantizationConfigMixin):
             if self.layers is None:
                 raise ValueError("`winograd` describes the Winograd layers of an exported model; it needs `layers`.")
             self.winograd = validate_winograd_record(self.winograd, "quantization_config.winograd")
+        if self.adapters is not None:
+            if self.layers is not None:
+                raise ValueError("quantization_config has both `layers` (an exported model) and `adapters` (a float "
+                                 "model carrying QALoRA); restore the config.json that save_pretrained wrote.")
+            self.adapters = validate_adapter_record(self.adapters, "quantization_config.adapters")
 
     def _validated_layers(self, layers: Any) -> dict[str, dict]:
         if not isinstance(layers, dict) or not layers:
@@ -217,6 +229,8 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         diff = self.to_diff_dict()
         if "layers" in diff:
             diff["layers"] = f"<{len(self.layers)} integer layers>"
+        if "adapters" in diff:
+            diff["adapters"] = f"<adapters {sorted(self.adapters['configs'])}>"
         if "winograd" in diff:
             diff["winograd"] = f"<{len(self.winograd['modules'])} Winograd layers>"
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in diff.items())})"

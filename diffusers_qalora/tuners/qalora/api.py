@@ -13,9 +13,9 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from ...quant import ScaleAwareEntry, ScaleAwareGroups, TimestepHook, scale_aware_param_groups
-from .config import QALoraConfig
+from .config import QALoraConfig, QALoraPeftType
 from .layer import QALoraLayer
-from .model import CONTEXT_ATTR, HOOK_ATTR, eligible_module_names, qalora_layers
+from .model import CONTEXT_ATTR, detach_timestep_context, eligible_module_names, qalora_layers
 
 
 def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
@@ -79,6 +79,7 @@ def _inject_or_rollback(
     had_peft_config = hasattr(model, "peft_config")
     old_peft_config = dict(model.peft_config) if had_peft_config else None
     had_context = getattr(model, CONTEXT_ATTR, None) is not None
+    had_flag = vars(model).get("_hf_peft_config_loaded")
     try:
         with warnings.catch_warnings():
             # PEFT warns whenever a second adapter is added; several QALoRA adapters on one model are supported.
@@ -86,6 +87,10 @@ def _inject_or_rollback(
             return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
     except BaseException:
         _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context)
+        if had_flag is None:
+            vars(model).pop("_hf_peft_config_loaded", None)
+        else:
+            model._hf_peft_config_loaded = had_flag
         raise
 
 
@@ -105,16 +110,35 @@ def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had
         model.peft_config = old_peft_config
     elif hasattr(model, "peft_config"):
         del model.peft_config
-    if not had_context and getattr(model, CONTEXT_ATTR, None) is not None:
-        getattr(model, HOOK_ATTR).remove()
-        object.__delattr__(model, CONTEXT_ATTR)
-        object.__delattr__(model, HOOK_ATTR)
+    if not had_context:
+        detach_timestep_context(model)
 
 
 def remove_qalora(model: nn.Module) -> nn.Module:
-    """Undo [`get_qalora_model`]: put every original layer back and remove the timestep hook."""
-    _rollback(model, {}, "", False, None, False)
+    """Undo [`get_qalora_model`]: put every original layer back, remove the timestep hook and the QALoRA entries of
+    ``model.peft_config``.  Other adapters (e.g. a style LoRA added with ``add_adapter``) keep their layers and
+    their config entries; a style LoRA that wrapped a QALoRA layer now wraps the original layer.  Merged QALoRA
+    layers need no unmerge: their base weight is the original one."""
+    configs = getattr(model, "peft_config", None)
+    qalora_names = {name for name, config in (configs or {}).items() if _is_qalora_config(config)}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QALoraLayer):
+            model.set_submodule(name, module.get_base_layer())
+    from ...integrations.diffusers.attention_processor import restore_attention_processors
+
+    restore_attention_processors(model)  # attention modules left without quantizers get their default processor
+    for name in qalora_names:
+        del configs[name]
+    if configs is not None and not configs and "peft_config" in vars(model):
+        del model.peft_config
+        if getattr(model, "_hf_peft_config_loaded", False):
+            model._hf_peft_config_loaded = False
+    detach_timestep_context(model)
     return model
+
+
+def _is_qalora_config(config: Any) -> bool:
+    return isinstance(config, QALoraConfig) or getattr(config, "peft_type", None) == QALoraPeftType.QALORA
 
 
 def _layer_act_quantizers(layer: QALoraLayer, adapter: str) -> list:
