@@ -3,7 +3,18 @@
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, granularity_from_name, grouped_view, step_shape
 from .init import INIT_METHODS, init_qparams, lp_search_qparams, minmax_qparams
 from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
-from .primitives import dequantize, fake_quantize, qrange, quantize, round_ste, scale_gradient, validate_bits
+from .primitives import (
+    clear_workspace,
+    dequantize,
+    fake_quantize,
+    fake_quantize_lora_merged,
+    qrange,
+    quantize,
+    round_ste,
+    scale_gradient,
+    set_fused_compile,
+    validate_bits,
+)
 from .quantizers import TemporalActQuantizer, WeightQuantizer, fake_quantize_impl, set_fake_quantize_resolver
 from .scale_aware import SCALE_AWARE_MODES, ScaleAwareEntry, ScaleAwareGroups, scale_aware_param_groups
 from .temporal import (
@@ -30,9 +41,11 @@ __all__ = [
     "TimestepContext",
     "TimestepHook",
     "WeightQuantizer",
+    "clear_workspace",
     "dequantize",
     "fake_quantize",
     "fake_quantize_impl",
+    "fake_quantize_lora_merged",
     "granularity_from_name",
     "grouped_view",
     "init_qparams",
@@ -48,6 +61,7 @@ __all__ = [
     "scale_aware_param_groups",
     "scale_gradient",
     "set_fake_quantize_resolver",
+    "set_fused_compile",
     "step_shape",
     "timesteps_to_tensor",
     "unpack_codes",

@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...quant import PerChannel, PerGroup, TemporalActQuantizer, WeightQuantizer
+from ...quant import (
+    PerChannel,
+    PerGroup,
+    TemporalActQuantizer,
+    WeightQuantizer,
+    fake_quantize,
+    fake_quantize_impl,
+    fake_quantize_lora_merged,
+    grouped_view,
+)
 from .config import QALoraConfig
 
 # Leaf names of the projections of diffusers' ``Attention`` whose outputs ``quantize_attention`` quantizes.
@@ -31,6 +40,8 @@ class QALoraLayer(BaseTunerLayer):
         "qal_A", "qal_B", "qal_weight_quantizer", "qal_act_quantizer", "qal_out_quantizer", "qal_prob_quantizer"
     )
     other_param_names = ("r", "lora_alpha", "scaling", "eight_bit")
+    # False runs the reference composition in training too (benchmarks compare the two; same numbers).
+    fused_weight_path = True
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -175,7 +186,22 @@ class QALoraLayer(BaseTunerLayer):
         x_q = act_quantizer(x)
         if self.merged_adapters == [adapter] and self.qal_merged_weight is not None:
             return self._op(x_q, self.qal_merged_weight)
-        return self._op(x_q, self.quantized_weight(adapter))
+        return self._op(x_q, self._forward_weight(adapter))
+
+    def _forward_weight(self, adapter: str) -> torch.Tensor:
+        """[`quantized_weight`] for the forward pass: with gradients on a LoRA layer whose weight quantizer runs
+        the torch reference, the fused `fake_quantize_lora_merged` (same numbers, fewer passes over the weight,
+        no weight-sized allocation per step); otherwise the composition itself (the Triton kernel on CUDA)."""
+        wq = self.qal_weight_quantizer[adapter]
+        weight = self.get_base_layer().weight
+        if (not self.fused_weight_path or adapter not in self.qal_A or not torch.is_grad_enabled()
+                or fake_quantize_impl(wq, weight) is not fake_quantize):
+            return self.quantized_weight(adapter)
+        grouped = grouped_view(weight, wq.granularity).shape
+        return fake_quantize_lora_merged(
+            weight, self.qal_A[adapter], self.qal_B[adapter], self.scaling[adapter], wq.step, wq.zero_point,
+            wq.qmin, wq.qmax, wq.grad_scale, grouped,
+        ).to(weight.dtype)
 
     # -- merge / unmerge / scale (PEFT and diffusers hooks) -------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
