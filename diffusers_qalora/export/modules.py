@@ -14,6 +14,7 @@ bit for bit in float32); it is the fallback where no integer kernel applies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,10 @@ from .functional import (
 from .layout import IntegerLayout
 
 __all__ = ["IntegerConv2d", "IntegerLayer", "IntegerLinear", "integer_layers"]
+
+# Positions of the denoiser call's timesteps in the layers' dense tables, keyed by the context's timestep tensor (kept
+# in the value, so that its id cannot be reused while the entry lives); ``None`` for non-integer timesteps.
+_INDICES: dict[tuple, tuple] = {}
 
 _FLOAT_BUFFERS = ("weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
 
@@ -208,11 +213,44 @@ class IntegerLayer(nn.Module):
             hit = memo[1][t] = (float(s), float(z))
         return hit
 
+    def _table_key(self) -> tuple:
+        return tuple((b.data_ptr(), b._version) for b in (self.act_timesteps, self.act_scale, self.act_zero_point))
+
+    def _dense_qparams(self) -> tuple[int, torch.Tensor, torch.Tensor, float, float]:
+        """``(first, scale, zero_point, z_min, z_max)``: the step size and zero point at every integer timestep from
+        ``first = floor(table[0])`` to ``ceil(table[-1])`` (computed by the same lookup, so the same values), and the
+        range of the rounded zero points at any timestep (interpolation stays between the table's extremes)."""
+        def build():
+            table = self.act_timesteps
+            first, last = math.floor(float(table[0])), math.ceil(float(table[-1]))
+            grid = torch.arange(first, last + 1, dtype=torch.float32, device=table.device)
+            if grid.numel() > 100_000:  # an unusual timestep scale: no dense table, interpolate per call
+                grid = grid[:0]
+            scale, zero_point = lookup_act_qparams(table, self.act_scale, self.act_zero_point, grid)
+            z = torch.round(self.act_zero_point)
+            return first, scale, zero_point, float(z.min()), float(z.max())
+
+        return self._cached("dense_qparams", self._table_key(), build)
+
     def sample_qparams(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step size and zero point of each sample, ``(B,)`` float32 each: one vectorised table lookup (the same
-        operations as the fake-quant model's, so the same values)."""
-        return lookup_act_qparams(self.act_timesteps, self.act_scale, self.act_zero_point,
-                                  timesteps.to(device=self.act_timesteps.device, dtype=torch.float32))
+        """Step size and zero point of each sample, ``(B,)`` float32 each, with the same operations as the fake-quant
+        model's lookup (so the same values).  Integer timesteps (what DDPM/DDIM-style schedulers produce) read a
+        dense per-layer table; their positions are computed once per denoiser call and shared by the layers."""
+        first, dense_scale, dense_zero_point, _, _ = self._dense_qparams()
+        t = timesteps.to(device=self.act_timesteps.device, dtype=torch.float32)
+        source = self.context.timesteps if self.context is not None else None
+        key = (id(source), getattr(source, "_version", None), t.shape[0], str(t.device), first, dense_scale.numel())
+        hit = _INDICES.get(key)
+        if hit is None or hit[0] is not source:
+            if len(_INDICES) > 16:
+                _INDICES.clear()
+            index = None
+            if dense_scale.numel() and bool((t == torch.round(t)).all()):
+                index = (t.long() - first).clamp_(0, dense_scale.numel() - 1)
+            hit = _INDICES[key] = (source, index)
+        if hit[1] is not None:
+            return dense_scale[hit[1]], dense_zero_point[hit[1]]
+        return lookup_act_qparams(self.act_timesteps, self.act_scale, self.act_zero_point, t)
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,9 +269,9 @@ class IntegerLayer(nn.Module):
             scale, zero_point = self.sample_qparams(timesteps)
             lo, hi = self.layout.act_code_range
             off = self.layout.act_offset
-            z = zero_point + off
-            if float(z.min()) >= 0 and float(z.max()) <= 255:
-                return self._onednn_per_sample(x, scale, z, lo + off, hi + off)
+            _, _, z_min, z_max = self._dense_qparams()[1:]
+            if z_min + off >= 0 and z_max + off <= 255:
+                return self._onednn_per_sample(x, scale, zero_point + off, lo + off, hi + off)
             return self._reference(x, scale.reshape(view), zero_point.reshape(view))
         if getattr(impl, "per_sample_qparams", False):
             # The kernel gathers each sample's step size and zero point itself: one call for the whole batch.
@@ -284,23 +322,38 @@ class IntegerLayer(nn.Module):
 
         oneDNN takes one activation step size and zero point per call, so the kernel runs with step 1 and zero point
         ``z``, the zero point all samples share, or 0 when they differ; its float output is
-        ``A = s_w * sum (q - z) q_w``.  The per-sample scale and zero point are a per-row epilogue:
-        ``y = s_b * (A - (z_b - z) * M) + bias`` with ``M = s_w * sum q_w`` over the weight taps that meet the input
-        (for a convolution, a map over output positions: zero padding contributes no taps, as a padded value ``z_b``
-        would contribute ``(z_b - z_b) = 0``).
+        ``A = s_w * sum (q - z) q_w``.  The per-sample scale and zero point are a per-row epilogue, one pass:
+        ``y = s_b * A + (bias - s_b * (z_b - z) * M)`` with ``M = s_w * sum q_w`` over all weight taps.  A
+        convolution with zero padding and differing zero points gets its input padded with each sample's ``z_b``
+        (the code of 0), so that every tap meets a code and ``M`` is one number per output channel.
         """
         raise NotImplementedError
 
+    def _tap_sums(self) -> torch.Tensor:
+        """``M[o] = sum_g s_w[o, g] * sum q_w[o, c, ...]`` over the input channels ``c`` of group ``g`` and all
+        kernel taps (float32, ``(C_out,)``; integer sums exact in float64)."""
+        def build():
+            codes = self.int8_weight().double().reshape(self.weight_scale.shape[0], self._in_channels(), -1).sum(2)
+            return sum(codes[:, a:b].sum(1) * self.weight_scale[:, g].double()
+                       for g, (a, b) in enumerate(self._group_slices())).float()
+
+        return self._cached("tap_sums", self._weight_key(), build)
+
     def _per_sample_epilogue(self, acc: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, common: int,
-                             tap_sums, bias_view: tuple[int, ...]) -> torch.Tensor:
-        """``s_b * (acc - (z_b - common) * tap_sums) + bias`` in place on ``acc`` (``(B, ...)``)."""
+                             shared: bool, channel_view: tuple[int, ...], tap_sums: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+        """``s_b * acc + (bias - s_b * (z_b - common) * M)`` in place on ``acc`` (``(B, ...)``), one pass.  ``M`` is
+        [`_tap_sums`] unless ``tap_sums`` gives it (a map over output positions)."""
         view = (-1,) + (1,) * (acc.dim() - 1)
-        if tap_sums is not None:
-            acc.addcmul_((zero_point - common).reshape(view), tap_sums, value=-1.0)
         s = scale.reshape(view).to(acc.dtype)
-        if self.bias is None:
+        offset = None if self.bias is None else self.bias.to(acc.dtype).reshape(channel_view)
+        if not shared:
+            tap_sums = self._tap_sums().reshape(channel_view) if tap_sums is None else tap_sums
+            shift = (s * (zero_point - common).reshape(view)) * tap_sums
+            offset = -shift if offset is None else offset - shift
+        if offset is None:
             return acc.mul_(s)
-        return torch.addcmul(self.bias.to(acc.dtype).reshape(bias_view), acc, s, out=acc)
+        return torch.addcmul(offset, acc, s, out=acc)
 
     @staticmethod
     def _common_zero_point(zero_point: torch.Tensor) -> tuple[int, bool]:
@@ -380,15 +433,6 @@ class IntegerLinear(IntegerLayer):
             y = y.to(out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _tap_sums(self) -> torch.Tensor:
-        """``M[n] = sum_g s_w[n, g] * sum_{k in g} q_w[n, k]`` (float32, ``(N,)``)."""
-        def build():
-            codes = self.int8_weight().double()
-            return sum(codes[:, a:b].sum(1) * self.weight_scale[:, g].double()
-                       for g, (a, b) in enumerate(self._group_slices())).float()
-
-        return self._cached("tap_sums", self._weight_key(), build)
-
     def _onednn_per_sample(self, x, scale, zero_point, lo, hi):
         codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
         codes = codes.reshape(-1, self.in_features)
@@ -400,8 +444,7 @@ class IntegerLinear(IntegerLayer):
                                  torch.float32)
             acc = part if acc is None else acc.add_(part)
         acc = acc.reshape(x.shape[0], -1, self.out_features)
-        y = self._per_sample_epilogue(acc, scale, zero_point, common, None if shared else self._tap_sums(),
-                                      (self.out_features,))
+        y = self._per_sample_epilogue(acc, scale, zero_point, common, shared, (self.out_features,))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -477,8 +520,12 @@ class IntegerConv2d(IntegerLayer):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x_hat, weight, bias, self.stride, padding, self.dilation, 1)
 
-    def _prepacked(self):
-        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
+    def _conv_padding(self) -> tuple[int, int]:
+        return self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
+
+    def _prepacked(self, padding: tuple[int, int] | None = None):
+        """oneDNN's packed weights for a call with ``padding`` (the layer's own by default)."""
+        padding = tuple(self._conv_padding() if padding is None else padding)
 
         def build():
             weight = self.int8_weight().reshape(self._weight_shape())
@@ -488,7 +535,8 @@ class IntegerConv2d(IntegerLayer):
                 for g, (a, b) in enumerate(self._group_slices())
             ]
 
-        return self._cached("onednn", self._weight_key(), build)
+        name = "onednn" if padding == tuple(self._conv_padding()) else f"onednn_padding_{padding}"
+        return self._cached(name, self._weight_key(), build)
 
     def _onednn(self, x, scale, zero_point, lo, hi):
         x, padding = self._pad_input(x)
@@ -514,7 +562,7 @@ class IntegerConv2d(IntegerLayer):
     def _tap_sum_map(self, size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
         """``M[o, i, j] = sum_g s_w[o, g] * sum q_w[o, c, u, v]`` over the taps of output position ``(i, j)`` that
         fall inside an input of spatial ``size`` (float32, ``(1, C_out, H_out, W_out)``; integer sums exact in
-        float64)."""
+        float64): zero padding that oneDNN fills with the common zero point contributes nothing."""
         size = tuple(int(v) for v in size)
 
         def build():
@@ -530,21 +578,29 @@ class IntegerConv2d(IntegerLayer):
 
     def _onednn_per_sample(self, x, scale, zero_point, lo, hi):
         x, padding = self._pad_input(x)
-        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
-        codes = codes.contiguous(memory_format=torch.channels_last)
         common, shared = self._common_zero_point(zero_point)
-        packed = self._prepacked()
+        # Differing zero points: pad each sample with its own z_b (the code of 0), so that M is one number per output
+        # channel.  A z_b outside the code range cannot be a code: then oneDNN pads, and a map of M corrects.
+        z_min, z_max = (v + self.layout.act_offset for v in self._dense_qparams()[3:])
+        pad_codes = not shared and any(padding) and lo <= z_min and z_max <= hi
+        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
+                                                     padding if pad_codes else (0, 0))
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        tap_sums = None
+        if pad_codes:
+            padding = (0, 0)
+        elif not shared and any(padding):
+            tap_sums = self._tap_sum_map(x.shape[-2:], padding)
+        packed = self._prepacked(padding)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = conv2d_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(memory_format=torch.channels_last),
                                  1.0, common, w, s, None, self.stride, padding, self.dilation, 1, torch.float32)
             acc = part if acc is None else acc.add_(part)
-        tap_sums = None if shared else self._tap_sum_map(x.shape[-2:], padding)
-        y = self._per_sample_epilogue(acc, scale, zero_point, common, tap_sums, (1, -1, 1, 1))
+        y = self._per_sample_epilogue(acc, scale, zero_point, common, shared, (1, -1, 1, 1), tap_sums)
         if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
             y = y.contiguous()
         return y.to(x.dtype)
-
 
 def integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
     """All integer layers of ``model`` by module name."""

@@ -205,25 +205,29 @@ def test_mixed_timesteps_run_one_integer_call_matching_the_oracle(kind, kwargs, 
     import diffusers_qalora.export.modules as modules
 
     layer, codes, w_scale, b, context = _layer(kind, **kwargs)
-    layer.exact_activation_rounding = True
     x = _x(kind, batch=4)
-    context.set(MIXED)
     calls = []
     for name in ("linear_onednn", "conv2d_onednn"):
         original = getattr(modules, name)
         monkeypatch.setattr(modules, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
-    got = layer(x).double()
-    assert len(calls) == layer.weight_scale.shape[1]  # one call per weight group, not one per timestep
-    expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t)) for i, t in enumerate(MIXED)])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
-    # The default (fused) activation rounding is at most one code away at rare ties: the same result here.
-    layer.exact_activation_rounding = False
-    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+    # Integer timesteps read the dense per-layer table; fractional ones (e.g. from a sigma schedule) interpolate.
+    for timesteps in (MIXED, MIXED - 0.25):
+        context.set(timesteps)
+        expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t))
+                              for i, t in enumerate(timesteps)])
+        tol = {"rtol": 1e-5, "atol": 2e-6 * float(expected.abs().max())}
+        layer.exact_activation_rounding = True
+        calls.clear()
+        torch.testing.assert_close(layer(x).double(), expected, **tol)
+        assert len(calls) == layer.weight_scale.shape[1]  # one call per weight group, not one per timestep
+        # The default (fused) activation rounding is at most one code away at rare ties: the same result here.
+        layer.exact_activation_rounding = False
+        torch.testing.assert_close(layer(x).double(), expected, **tol)
 
 
 @needs_onednn
-def test_mixed_timesteps_with_drifted_zero_points_use_the_tap_map():
-    """Zero points that differ strongly between timesteps (the zero-padding correction is large) and a layer whose
+def test_mixed_timesteps_with_drifted_zero_points_pad_with_each_zero_point():
+    """Zero points that differ strongly between timesteps (the per-sample padding matters) and a layer whose
     padded border matters: still the oracle."""
     layer, codes, w_scale, b, context = _layer("conv2d", conv_kwargs={"kernel_size": 3, "padding": 2, "stride": 2})
     layer.act_zero_point.copy_(torch.tensor([0.0, 255.0, 128.0, 3.0]))
