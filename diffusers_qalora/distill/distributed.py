@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,8 +102,8 @@ _configured_timeout: float | None = None  # what make_accelerator gave the proce
 
 
 @contextlib.contextmanager
-def distributed_phase(name: str) -> Iterator[None]:
-    """Run a phase of a job that every process runs.
+def distributed_phase(name: str, seconds: dict[str, float] | None = None) -> Iterator[None]:
+    """Run a phase of a job that every process runs (``seconds[name]``, when given, receives its wall time).
 
     With several processes, every process first tells the others which phase it entered (one small all-gather): if
     they differ, all raise [`DistributedPhaseError`] naming each process's phase.  A collective inside the phase
@@ -110,8 +111,11 @@ def distributed_phase(name: str) -> Iterator[None]:
     Any other exception is logged with the phase and the process index and re-raised unchanged (its process then
     exits non-zero and ``accelerate launch`` stops the others).  With one process this is a no-op.
     """
+    start = time.perf_counter()
     if not _is_distributed():
         yield
+        if seconds is not None:
+            seconds[name] = time.perf_counter() - start
         return
     state = PartialState()
     where = f"process {state.process_index} of {state.num_processes}"
@@ -129,6 +133,8 @@ def distributed_phase(name: str) -> Iterator[None]:
         )
     try:
         yield
+        if seconds is not None:
+            seconds[name] = time.perf_counter() - start
     except DistributedPhaseError:
         raise
     except Exception as err:

@@ -7,6 +7,7 @@ the adapter, ``results.json``, a Markdown report, sample grids and step-size plo
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,15 @@ def run_embedded_job(
     replicated (then the main process's adapters are broadcast, so all hold the same bits), evaluation and training
     are split across the processes, and files are written by the main process while the others wait at a barrier.
     Every process returns the same scores."""
+    job_start = time.perf_counter()
+    phase_seconds: dict[str, float] = {}
     out = Path(output_dir)
     accelerator = make_accelerator(out, mixed_precision, report_to, collective_timeout)
     # As diffusers' training scripts do: the LoRA factors are drawn at injection, so without a seed two runs of the
     # same command train from different starting points (and end up a few FID points apart).
     set_seed(config.distill.seed)
     main = accelerator.is_main_process
-    with distributed_phase("set-up"):
+    with distributed_phase("set-up", phase_seconds):
         if main:
             out.mkdir(parents=True, exist_ok=True)
         testbed = testbed or load_testbed(device=accelerator.device)
@@ -110,7 +113,7 @@ def run_embedded_job(
     # table is measured once, then averaged (naive PTQ) or copied (distilled).  Every process calibrates (it is
     # deterministic and cheaper than idling); the broadcast then makes the adapters bit-identical across processes
     # whatever the hardware, so the shares of the evaluation and DDP's replicas all use the same model.
-    with distributed_phase("calibration"):
+    with distributed_phase("calibration", phase_seconds):
         add_ptq_baselines(unet, testbed, config.weight_bits, config.act_bits, table, config.calibration_samples)
         if "distilled" in config.methods:
             cfg = QALoraConfig(r=config.rank, lora_alpha=config.rank, weight_bits=config.weight_bits,
@@ -121,16 +124,16 @@ def run_embedded_job(
     rows = []
     evaluate = MethodEvaluator(testbed, out, config.eval_samples, config.eval_seeds, config.eval_steps,
                                config.save_grids, distributed=True)
-    with distributed_phase("evaluation: FP"):
+    with distributed_phase("evaluation: FP", phase_seconds):
         fp = evaluate.fp()  # always drawn: every quantized method is scored against these samples
     if "fp" in config.methods:
         rows.append({"method": "FP", "bits": "fp32", **public(fp)})
     for kind in ("naive_ptq", "timestep_ptq"):
         if kind in config.methods:
-            with distributed_phase(f"evaluation: {kind}"):
+            with distributed_phase(f"evaluation: {kind}", phase_seconds):
                 set_qalora_adapter(unet, kind)
                 rows.append({"method": METHOD_LABELS[kind], "bits": bits, **public(evaluate(kind))})
-    with distributed_phase("plot calibrated step sizes"):
+    with distributed_phase("plot calibrated step sizes", phase_seconds):
         if main:
             plot_step_sizes(step_size_table(unet, "timestep_ptq"), out / "step_sizes_timestep_ptq.png",
                             title="Calibrated activation step size per timestep (selected layers)")
@@ -139,21 +142,27 @@ def run_embedded_job(
         set_qalora_adapter(unet, "distilled", trainable=True)
         distiller = DataFreeDistiller(unet, testbed.pipeline.scheduler, ClassLabelConditioning(10), (1, 16, 16),
                                       config.distill, out, accelerator=accelerator)
+        start = time.perf_counter()
         train = distiller.train(resume_from_checkpoint=resume_from_checkpoint)
+        phase_seconds["training"] = time.perf_counter() - start
+        start = time.perf_counter()
         distiller.save_adapter(out / "adapter")
-        with distributed_phase("evaluation: distilled"):
+        phase_seconds["save adapter"] = time.perf_counter() - start
+        with distributed_phase("evaluation: distilled", phase_seconds):
             set_qalora_adapter(unet, "distilled")
             rows.append({"method": METHOD_LABELS["distilled"], "bits": bits, **public(evaluate("distilled")),
                          "train_seconds": train["train_seconds"], "train_steps": train["steps"]})
         results["training"] = {k: v for k, v in train.items() if k != "history"}
         results["training"]["loss_history"] = [h["loss"] for h in train["history"]]
-        with distributed_phase("plot distilled step sizes"):
+        with distributed_phase("plot distilled step sizes", phase_seconds):
             if main:
                 plot_step_sizes(step_size_table(unet, "distilled"), out / "step_sizes_distilled.png",
                                 title="Distilled activation step size per timestep (selected layers)")
             accelerator.wait_for_everyone()
     results["methods"] = {r["method"]: r for r in rows}
     with distributed_phase("write results"):
+        results["phase_seconds"] = phase_seconds
+        results["job_seconds"] = time.perf_counter() - job_start  # from the Accelerator to the results (no imports)
         results["peak_rss_mb_per_process"] = gather_object([peak_rss_mb()])
         results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if main:

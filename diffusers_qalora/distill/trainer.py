@@ -333,7 +333,7 @@ class DataFreeDistiller:
         timesteps = self.timesteps
         bar = tqdm(total=cfg.max_train_steps, initial=self.progress.global_step, disable=not acc.is_local_main_process,
                    desc="distill", dynamic_ncols=True)
-        start = time.perf_counter()
+        start, first_step = time.perf_counter(), self.progress.global_step
         model.train()
         teacher = self.teacher if self.teacher is not None else unwrapped
         if self.teacher is not None:
@@ -391,6 +391,7 @@ class DataFreeDistiller:
         return {
             "train_seconds": elapsed,
             "steps": self.progress.global_step,
+            "steps_per_second": (self.progress.global_step - first_step) / elapsed if elapsed > 0 else None,
             "final_loss": self.history[-1]["loss"] if self.history else None,
             "history": self.history,
         }
