@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..integrations.adapters import looks_like_local_path
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from .trainer import DistillConfig
 
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--report_to", default=None, help="an Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--ddp_timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                   help="several processes: seconds a process waits for the others in one collective before it stops "
+                        "with an error naming the phase (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration_samples", type=int, default=None, help="trajectories for activation calibration")
     p.add_argument("--eval_samples", type=int, default=500, help="embedded model: samples per seed")
@@ -75,6 +79,8 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
+    if not args.ddp_timeout > 0:
+        raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
     if model is not None and args.model != "unet":
         raise SystemExit(f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
@@ -176,8 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             methods=tuple(args.methods or METHODS), model=args.model,
         )
         results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
-                                   args.mixed_precision, args.report_to)
-        if results.get("methods"):
+                                   args.mixed_precision, args.report_to, collective_timeout=args.ddp_timeout)
+        from accelerate import PartialState
+
+        if results.get("methods") and PartialState().is_main_process:
             print(json.dumps({k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
                               for k, v in results["methods"].items()}, indent=2))
     else:

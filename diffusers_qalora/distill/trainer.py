@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from ..integrations.adapters import save_qalora_adapter
 from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
 from .conditioning import Conditioning
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, distributed_phase, make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +121,23 @@ class _Progress:
         self.x: torch.Tensor | None = None
         self.cond: dict[str, torch.Tensor] = {}
 
-    def save(self, directory: Path, rank: int) -> None:
+    def save(self, directory: Path, rank: int, num_processes: int) -> None:
         tensors = {"x": self.x.detach().cpu().contiguous()} if self.x is not None else {}
         tensors.update({f"cond.{k}": v.detach().cpu().contiguous() for k, v in self.cond.items()})
         save_file(tensors, str(directory / f"rank{rank}_{STATE_FILE}"))
-        meta = {"global_step": self.global_step, "trajectory": self.trajectory, "position": self.position}
+        meta = {"global_step": self.global_step, "trajectory": self.trajectory, "position": self.position,
+                "num_processes": num_processes}
         (directory / f"rank{rank}_{STATE_META}").write_text(json.dumps(meta))
 
-    def load(self, directory: Path, rank: int) -> None:
+    def load(self, directory: Path, rank: int, num_processes: int) -> None:
+        # Each process resumes its own trajectory stream, so the checkpoint must come from as many processes.
+        written = len(list(directory.glob(f"rank*_{STATE_META}")))
+        if written != num_processes:
+            raise ValueError(
+                f"checkpoint {directory} was written by {written} process(es) but this run has {num_processes}; "
+                f"resume it with `accelerate launch --num_processes {written}` (each process continues its own "
+                f"trajectories)."
+            )
         meta = json.loads((directory / f"rank{rank}_{STATE_META}").read_text())
         self.global_step, self.trajectory, self.position = meta["global_step"], meta["trajectory"], meta["position"]
         tensors = load_file(str(directory / f"rank{rank}_{STATE_FILE}"))
@@ -160,6 +169,8 @@ class DataFreeDistiller:
         config (`DistillConfig`): the training hyper-parameters.
         output_dir (`str`): where checkpoints, logs and the adapter go.
         accelerator (`Accelerator`, *optional*): built from ``mixed_precision``/``report_to`` when not given.
+        collective_timeout (`float`, *optional*): seconds a collective may wait before it raises (only when the
+            Accelerator is built here; see [`~diffusers_qalora.distill.distributed.make_accelerator`]).
         teacher (`nn.Module`, *optional*): a separate frozen full-precision teacher (its adapters, if any, are
             switched off).  Needed only when ``config.train_base_weights`` changes the weights the student shares
             with the default teacher (e.g. ``copy.deepcopy(model)`` before training).
@@ -177,6 +188,7 @@ class DataFreeDistiller:
         mixed_precision: str | None = None,
         report_to: str | None = None,
         teacher: nn.Module | None = None,
+        collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
     ) -> None:
         if config.train_base_weights and teacher is None:
             raise ValueError(
@@ -189,13 +201,7 @@ class DataFreeDistiller:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if accelerator is None:
-            accelerator = Accelerator(
-                mixed_precision=mixed_precision,
-                log_with=report_to,
-                project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
-                # Only the current timestep's activation step sizes take part in a step: the others are unused.
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-            )
+            accelerator = make_accelerator(self.output_dir, mixed_precision, report_to, collective_timeout)
         self.accelerator = accelerator
         self.model = model
         self.teacher = teacher
@@ -264,20 +270,21 @@ class DataFreeDistiller:
         staging = self.output_dir / f".{path.name}.partial"
         if acc.is_main_process and staging.exists():
             shutil.rmtree(staging)  # left by a run killed while saving
-        acc.wait_for_everyone()
-        acc.save_state(str(staging))
-        staging.mkdir(parents=True, exist_ok=True)
-        self.progress.save(staging, acc.process_index)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
-            limit = self.config.checkpoints_total_limit
-            if limit is not None:
-                for old in _checkpoint_dirs(self.output_dir)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        with distributed_phase(f"checkpoint {path.name}"):
+            acc.wait_for_everyone()
+            acc.save_state(str(staging))
+            staging.mkdir(parents=True, exist_ok=True)
+            self.progress.save(staging, acc.process_index, acc.num_processes)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if path.exists():
+                    shutil.rmtree(path)
+                staging.rename(path)
+                limit = self.config.checkpoints_total_limit
+                if limit is not None:
+                    for old in _checkpoint_dirs(self.output_dir)[:-limit]:
+                        shutil.rmtree(old, ignore_errors=True)
+            acc.wait_for_everyone()
         return path
 
     def resume(self, checkpoint: str) -> Path:
@@ -292,13 +299,21 @@ class DataFreeDistiller:
             path = Path(checkpoint)
             if not path.is_dir():
                 raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint folder or 'latest'.")
-        self.accelerator.load_state(str(path))
-        self.progress.load(path, self.accelerator.process_index)
+        with distributed_phase(f"resume from {path.name}"):
+            self.progress.load(path, self.accelerator.process_index, self.accelerator.num_processes)
+            self.accelerator.load_state(str(path))
         return path
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | None = None) -> dict[str, Any]:
-        """Run until ``max_train_steps``; return a summary (time, peak memory, loss history)."""
+        """Run until ``max_train_steps``; return a summary (time, steps, loss history).
+
+        Distributed: every process trains on its own trajectories (``config.batch_size`` each) and DDP averages the
+        gradients; the loss in the history is the mean over processes."""
+        with distributed_phase("training"):
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint: str | None) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
         unwrapped = self.model
         if cfg.gradient_checkpointing:
@@ -307,7 +322,8 @@ class DataFreeDistiller:
             unwrapped.enable_gradient_checkpointing()
         optimizer = self._optimizer()
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_schedule, cfg.max_train_steps))
-        model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        with distributed_phase("training: prepare (DDP / FSDP wrap)"):
+            model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
         if acc.is_main_process and acc.log_with:
             acc.init_trackers("qalora-distill", config={k: v for k, v in asdict(cfg).items() if k != "extra"})
         last_checkpoint = None
@@ -317,7 +333,7 @@ class DataFreeDistiller:
         timesteps = self.timesteps
         bar = tqdm(total=cfg.max_train_steps, initial=self.progress.global_step, disable=not acc.is_local_main_process,
                    desc="distill", dynamic_ncols=True)
-        start = time.perf_counter()
+        start, first_step = time.perf_counter(), self.progress.global_step
         model.train()
         teacher = self.teacher if self.teacher is not None else unwrapped
         if self.teacher is not None:
@@ -375,6 +391,7 @@ class DataFreeDistiller:
         return {
             "train_seconds": elapsed,
             "steps": self.progress.global_step,
+            "steps_per_second": (self.progress.global_step - first_step) / elapsed if elapsed > 0 else None,
             "final_loss": self.history[-1]["loss"] if self.history else None,
             "history": self.history,
         }
@@ -387,7 +404,9 @@ class DataFreeDistiller:
                 "model; save the whole state dict with `safetensors.torch.save_model` instead."
             )
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
-        if self.accelerator.is_main_process:
-            save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory, active_qalora_adapter(self.model))
-        self.accelerator.wait_for_everyone()
+        with distributed_phase("save adapter"):
+            if self.accelerator.is_main_process:
+                save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory,
+                                    active_qalora_adapter(self.model))
+            self.accelerator.wait_for_everyone()
         return directory
