@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
 from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
+from .checkpoint_files import verify_checksum_manifest, write_checksum_manifest
 from .conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class DataFreeDistiller:
         self.progress.save(staging, acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            write_checksum_manifest(staging)
             if path.exists():
                 shutil.rmtree(path)
             staging.rename(path)
@@ -292,6 +294,7 @@ class DataFreeDistiller:
             path = Path(checkpoint)
             if not path.is_dir():
                 raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint folder or 'latest'.")
+        verify_checksum_manifest(path)
         self.accelerator.load_state(str(path))
         self.progress.load(path, self.accelerator.process_index)
         return path
