@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
 from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
+from .checkpoint_files import verify_checksum_manifest, write_checksum_manifest
 from .conditioning import Conditioning
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, distributed_phase, make_accelerator
 
@@ -277,6 +278,7 @@ class DataFreeDistiller:
             self.progress.save(staging, acc.process_index, acc.num_processes)
             acc.wait_for_everyone()
             if acc.is_main_process:
+                write_checksum_manifest(staging)
                 if path.exists():
                     shutil.rmtree(path)
                 staging.rename(path)
@@ -300,6 +302,7 @@ class DataFreeDistiller:
             if not path.is_dir():
                 raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint folder or 'latest'.")
         with distributed_phase(f"resume from {path.name}"):
+            verify_checksum_manifest(path)
             self.progress.load(path, self.accelerator.process_index, self.accelerator.num_processes)
             self.accelerator.load_state(str(path))
         return path

@@ -14,7 +14,7 @@ Two ways in through ``ModelMixin.from_pretrained``:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import weakref
 from typing import Any
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ...export import IntegerConv2d, IntegerLayer, IntegerLinear, attach_integer_context, integer_layers
+from ...quant.checksum import streamed_tensor_checksum, tensor_checksum
 from ...tuners.qalora.model import adapter_keys, finish_rebuild, rebuild_adapters
 from ...winograd import winograd_modules
 from ...winograd.serialization import build_winograd_layers, winograd_record
@@ -32,7 +33,8 @@ from .config import QALoraQuantConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKSUM_KEY = "qalora_integer_checksum"
+CHECKSUM_KEY = "qalora_integer_checksum"  # over the integer layers' tensors, checked after loading
+STATE_CHECKSUM_KEY = "qalora_state_checksum"  # over every tensor of the checkpoint as stored, checked before loading
 FORMAT_KEY = "qalora_format"
 FORMAT_VERSION = "1"
 _TENSOR_NAMES = ("weight_packed", "weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
@@ -41,12 +43,7 @@ _EXPECTED_DTYPES = {"weight_packed": torch.uint8}
 
 def integer_state_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """blake2b over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return tensor_checksum(tensors)
 
 
 def _integer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,7 +122,7 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         if self.pre_quantized:
             self._files = [str(f) for f in checkpoint_files or [] if isinstance(f, str)]
-            checksums = set()
+            checksums, state_checksums = set(), set()
             for path in [] if self.rebuilds_adapters else self._files:
                 if not path.endswith(".safetensors"):
                     raise ValueError(
@@ -142,8 +139,34 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                     ) from err
                 if metadata.get(CHECKSUM_KEY):
                     checksums.add(metadata[CHECKSUM_KEY])
+                if metadata.get(STATE_CHECKSUM_KEY):
+                    state_checksums.add(metadata[STATE_CHECKSUM_KEY])
             self._expected_checksum = checksums.pop() if len(checksums) == 1 else None
+            if len(state_checksums) > 1:
+                raise ValueError(
+                    f"the shards {self._where()} come from different saves (their checksums differ). Download or save "
+                    f"the model again."
+                )
+            if state_checksums:
+                self._verify_state_checksum(state_checksums.pop())
         return loaded_keys
+
+    def _verify_state_checksum(self, expected: str) -> None:
+        # Every tensor as stored (float ones too, before any dtype cast), read one at a time: a flipped byte in any
+        # tensor is caught before the model is touched.
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(path, framework="pt")) for path in self._files]
+            owner = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118 (not a dict)
+            try:
+                actual = streamed_tensor_checksum(sorted(owner), lambda name: owner[name].get_tensor(name))
+            except Exception as err:  # safetensors raises its own error types for data cut short
+                raise OSError(f"{self._where()} cannot be read whole ({err}); it is truncated or damaged. Download "
+                              f"or save the model again.") from err
+        if actual != expected:
+            raise ValueError(
+                f"corrupt checkpoint ({self._where()}): the checksum of its tensors differs from the one recorded by "
+                f"save_pretrained. Download or save the model again."
+            )
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         if not self.pre_quantized:
@@ -342,7 +365,10 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         if not self.quantization_config.is_exported:
             return state_dict, {}
         tensors = {k: v for k, v in state_dict.items() if self._owns(k)}
-        return state_dict, {FORMAT_KEY: FORMAT_VERSION, CHECKSUM_KEY: integer_state_checksum(tensors)}
+        metadata = {FORMAT_KEY: FORMAT_VERSION, CHECKSUM_KEY: integer_state_checksum(tensors)}
+        if safe_serialization:  # what a .safetensors file stores: every tensor as it is in the state dict
+            metadata[STATE_CHECKSUM_KEY] = tensor_checksum(state_dict)
+        return state_dict, metadata
 
     @property
     def is_serializable(self) -> bool:

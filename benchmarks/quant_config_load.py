@@ -1,0 +1,168 @@
+"""Load time of an SD1.5-shaped UNet with ``from_pretrained(..., quantization_config=QALoraQuantConfig(...))``.
+
+Builds ``UNet2DConditionModel(cross_attention_dim=768)`` (the SD1.5 UNet's shape) with random weights (seed 0),
+saves it once to a temporary folder, then times ``UNet2DConditionModel.from_pretrained`` of that folder in a fresh
+subprocess per load (so each starts cold in memory and is measured alone), for:
+
+* ``float``: no quantization config (the reference);
+* ``default``: ``QALoraQuantConfig()``, i.e. min-max weight step sizes and a frozen adapter;
+* ``previous_default``: ``QALoraQuantConfig(weight_init="mse", trainable_adapter=True)``, what ``QALoraQuantConfig()``
+  did before (MSE search of every weight step size, trainable adapter).
+
+The variants run interleaved (``--repeats`` rounds; the slow ``previous_default`` in the first round only unless
+``--repeat-previous``), each with ``--threads`` torch threads.
+
+    python benchmarks/quant_config_load.py --threads 1     # writes benchmarks/results/quant_config_load.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "float": None,
+    "default": {},
+    "previous_default": {"weight_init": "mse", "trainable_adapter": True},
+}
+
+
+def _load_once(folder: str, variant: str, threads: int) -> dict:
+    """Runs in the child process: one timed from_pretrained."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from diffusers import UNet2DConditionModel
+
+    import diffusers_qalora as dq
+
+    kwargs = VARIANTS[variant]
+    extra = {} if kwargs is None else {"quantization_config": dq.QALoraQuantConfig(**kwargs)}
+    start = time.perf_counter()
+    model = UNet2DConditionModel.from_pretrained(folder, **extra)
+    seconds = time.perf_counter() - start
+    layers = sum(1 for name, _ in model.named_modules() if name.endswith(".qal_weight_quantizer"))
+    return {
+        "seconds": seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "qalora_layers": layers,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeat-previous", action="store_true", help="time previous_default in every round")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", nargs=2, metavar=("FOLDER", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_load_once(args.child[0], args.child[1], args.threads)))
+        return {}
+
+    import diffusers
+    import peft
+    import torch
+
+    import diffusers_qalora as dq
+
+    torch.set_num_threads(args.threads)
+    from diffusers import UNet2DConditionModel
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        UNet2DConditionModel(cross_attention_dim=768).save_pretrained(folder)
+        for round_index in range(args.repeats):
+            for name in VARIANTS:
+                if name == "previous_default" and round_index > 0 and not args.repeat_previous:
+                    continue
+                command = [sys.executable, __file__, "--threads", str(args.threads), "--child", folder, name]
+                out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(name, runs[name][-1], flush=True)
+        n_params = runs["float"][0]["parameters"]
+
+    summary = {
+        name: {
+            "seconds": [round(r["seconds"], 2) for r in rs],
+            "median_seconds": round(statistics.median(r["seconds"] for r in rs), 2),
+            "qalora_layers": rs[0]["qalora_layers"],
+            "trainable_parameters": rs[0]["trainable_parameters"],
+            "peak_rss_gib": round(max(r["peak_rss_gib"] for r in rs), 2),
+        }
+        for name, rs in runs.items()
+        if rs
+    }
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "model": "UNet2DConditionModel(cross_attention_dim=768) (SD1.5 UNet shape), random weights, seed 0, fp32, "
+        "saved as safetensors",
+        "unet_parameters": n_params,
+        "variants": {name: ("no quantization_config" if kw is None else f"QALoraQuantConfig(**{kw})")
+                     for name, kw in VARIANTS.items()},
+        "results": summary,
+        "speedup_default_vs_previous": round(
+            summary["previous_default"]["median_seconds"] / summary["default"]["median_seconds"], 1
+        ),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "peft": peft.__version__,
+            "diffusers_qalora": dq.__version__,
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quant_config_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "quant_config_load.md").write_text(_markdown(result))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _markdown(r: dict) -> str:
+    rows = "\n".join(
+        f"| `{name}` | {r['variants'][name]} | {s['median_seconds']} | {', '.join(map(str, s['seconds']))} | "
+        f"{s['qalora_layers']} | {s['trainable_parameters']:,} | {s['peak_rss_gib']} |"
+        for name, s in r["results"].items()
+    )
+    return f"""# Loading an SD1.5-shaped UNet with `QALoraQuantConfig`
+
+Command: `{r["command"]}`
+
+Model: {r["model"]}, {r["unet_parameters"]:,} parameters. Each load runs in a fresh process with {r["threads"]} torch \
+thread(s); variants interleaved over {r["repeats"]} round(s) on a shared machine ({r["machine"]["cpu_count"]} CPUs), \
+so absolute times are inflated by other work; compare within the table.
+
+| variant | config | median s | all runs (s) | QALoRA layers | trainable parameters | peak RSS (GiB) |
+| --- | --- | --- | --- | --- | --- | --- |
+{rows}
+
+`QALoraQuantConfig()` now loads {r["speedup_default_vs_previous"]}x faster than its previous default (the MSE search
+of every weight step size inside `from_pretrained`), and injects the adapter frozen: train it with
+`QALoraQuantConfig(trainable_adapter=True)` or `set_qalora_adapter(model, "default", trainable=True)`.
+Versions: {", ".join(f"{k} {v}" for k, v in r["versions"].items())}.
+"""
+
+
+if __name__ == "__main__":
+    main()
