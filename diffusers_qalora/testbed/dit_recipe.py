@@ -1,7 +1,7 @@
 """The recipe that trains the embedded DiT: a class-conditional SD3-style transformer on the same digits as the UNet.
 
-Run it from the repository root (about 10 minutes on one idle CPU core; the shipped run's time, on a machine shared with
-other jobs, is in `dit.json`):
+Run it from the repository root (about 6 minutes of one CPU core plus the final evaluation; the shipped run's wall
+time, on a machine shared with other jobs, is in `dit.json`):
 
 ```bash
 python -m diffusers_qalora.testbed.dit_recipe --out diffusers_qalora/testbed/weights
@@ -57,7 +57,7 @@ class DitRecipeConfig:
         split_seed (`int`, defaults to `0`): seed of the train / held-out split (must match the UNet testbed's).
         num_threads (`int`, defaults to `1`): torch CPU threads (recorded: the thread count changes float rounding).
         num_layers / attention_head_dim / num_attention_heads (`int`): the transformer's size.
-        steps (`int`, defaults to `1600`): optimisation steps.
+        steps (`int`, defaults to `1000`): optimisation steps.
         lr (`float`, defaults to `1e-3`): peak learning rate (AdamW, linear warm-up, cosine decay).
         warmup_steps (`int`, defaults to `100`): warm-up steps.
         min_lr_ratio (`float`, defaults to `0.05`): final / peak learning rate.
@@ -74,7 +74,7 @@ class DitRecipeConfig:
     num_layers: int = field(default=DEFAULT_DIT_CONFIG["num_layers"], metadata={"help": "Joint transformer blocks."})
     attention_head_dim: int = field(default=DEFAULT_DIT_CONFIG["attention_head_dim"], metadata={"help": "Head width."})
     num_attention_heads: int = field(default=DEFAULT_DIT_CONFIG["num_attention_heads"], metadata={"help": "Heads."})
-    steps: int = field(default=1600, metadata={"help": "Optimisation steps."})
+    steps: int = field(default=1000, metadata={"help": "Optimisation steps."})
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps of the learning rate."})
     min_lr_ratio: float = field(default=0.05, metadata={"help": "Final / peak learning rate."})

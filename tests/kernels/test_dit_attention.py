@@ -102,12 +102,15 @@ def _fake_quant(x: torch.Tensor, quantizer, t: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _explicit_attention(attn, q, k, v, t, scale):
+def _explicit_attention(attn, q, k, v, t, scale, mask=None):
     """``(B, H, N, D)`` heads: fake-quantized q, k, v, explicit softmax, fake-quantized probabilities."""
     q = _fake_quant(q, attn.to_q.qal_out_quantizer["default"], t)
     k = _fake_quant(k, attn.to_k.qal_out_quantizer["default"], t)
     v = _fake_quant(v, attn.to_v.qal_out_quantizer["default"], t)
-    probs = (q @ k.transpose(-1, -2) * scale).softmax(-1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
     if "default" in attn.to_v.qal_prob_quantizer:
         probs = _fake_quant(probs, attn.to_v.qal_prob_quantizer["default"], t)
     return probs @ v
@@ -135,7 +138,7 @@ def _rotate(x, cos, sin):
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-def _independent_flux(attn, hidden, context, rotary, t):
+def _independent_flux(attn, hidden, context, rotary, t, mask=None):
     """Flux's attention written out: context tokens first, RMS norms, rotary embedding, then the quantized product."""
     d = attn.head_dim
 
@@ -149,7 +152,7 @@ def _independent_flux(attn, hidden, context, rotary, t):
         q, k, v = torch.cat([attn.norm_added_q(cq), q], 1), torch.cat([attn.norm_added_k(ck), k], 1), torch.cat([cv, v], 1)
     cos, sin = rotary
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    out = _explicit_attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), t, d**-0.5)
+    out = _explicit_attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), t, d**-0.5, mask)
     out = out.transpose(1, 2).flatten(2)
     if context is None:
         return out
@@ -195,7 +198,7 @@ def test_sd3_joint_attention_matches_independent_computation(backend, probs):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("block", ["double", "single"])
+@pytest.mark.parametrize("block", ["double", "single", "masked"])
 def test_flux_attention_matches_independent_computation(backend, block):
     model = _calibrated("flux", quantize_attention_probs=True, attention_bits=6)
     inputs = flux_inputs(0.5)
@@ -211,6 +214,15 @@ def test_flux_attention_matches_independent_computation(backend, block):
             hidden, context = torch.randn(2, 16, attn.query_dim, generator=g), torch.randn(2, 3, 16, generator=g)
             got = attn(hidden, encoder_hidden_states=context, image_rotary_emb=rotary)
             want = _independent_flux(attn, hidden, context, rotary, t)
+        elif block == "masked":  # sample 0 does not attend to its last two context tokens
+            attn = model.transformer_blocks[0].attn
+            hidden, context = torch.randn(2, 16, attn.query_dim, generator=g), torch.randn(2, 3, 16, generator=g)
+            mask = torch.ones(2, 1, 1, 19, dtype=torch.bool)
+            mask[0, ..., 1:3] = False
+            got = attn(hidden, encoder_hidden_states=context, attention_mask=mask, image_rotary_emb=rotary)
+            want = _independent_flux(attn, hidden, context, rotary, t, mask)
+            unmasked = attn(hidden, encoder_hidden_states=context, image_rotary_emb=rotary)
+            assert (got[0] - unmasked[0])[0].abs().max() > 1e-4 and torch.allclose(got[0][1], unmasked[0][1])
         else:
             attn = model.single_transformer_blocks[0].attn
             hidden = torch.randn(2, 19, attn.query_dim, generator=g)  # context + image tokens, already joined
