@@ -255,6 +255,31 @@ def test_fast_activation_rounding_is_at_most_one_code_off():
 
 
 @needs_onednn
+def test_per_sample_activation_rounding_is_at_most_one_code_off():
+    from diffusers_qalora.export.functional import quantize_activation_uint8_per_sample
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 32, 16, 16, generator=g) * 3).contiguous(memory_format=torch.channels_last)
+    scale = 0.01 + 0.02 * torch.rand(8, generator=g)
+    zp = torch.randint(0, 256, (8,), generator=g).float()
+    view = (-1, 1, 1, 1)
+    expected = torch.clamp(torch.round(x / scale.reshape(view)) + zp.reshape(view), 0, 255)
+    exact = quantize_activation_uint8_per_sample(x, scale, zp, 0, 255, exact=True)
+    fast = quantize_activation_uint8_per_sample(x, scale, zp, 0, 255)
+    assert torch.equal(exact.float(), expected) and fast.is_contiguous(memory_format=torch.channels_last)
+    diff = (fast.int() - exact.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4
+    # Padded codes: the border holds each sample's zero point, the interior the codes of x.
+    padded = quantize_activation_uint8_per_sample(x, scale, zp, 0, 255, padding=(1, 2))
+    assert padded.shape == (8, 32, 18, 20)
+    assert torch.equal(padded[:, :, 1:-1, 2:-2], fast)
+    border = padded.clone()
+    border[:, :, 1:-1, 2:-2] = 0
+    assert torch.equal(border[:, :, 0, 0], zp.to(torch.uint8)[:, None].expand(8, 32))
+    assert int((border.float() - zp.reshape(view)).abs()[:, :, [0, -1]].max()) == 0
+
+
+@needs_onednn
 def test_bfloat16_input_and_channels_last():
     layer, *_, context = _layer("conv2d")
     context.set(torch.tensor(500.0))
