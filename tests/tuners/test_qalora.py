@@ -810,7 +810,7 @@ def test_style_lora_on_top_of_qalora_with_set_adapters():
     both = run(model, case)
     assert not torch.equal(both, qalora_out)
     to_q = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
-    assert isinstance(to_q.base_layer, QLinear) and to_q.base_layer._active_qalora_adapter() == "default"
+    assert isinstance(to_q.base_layer, QLinear) and to_q.base_layer.active_qalora_adapter() == "default"
 
 
 @pytest.mark.xfail(
@@ -822,7 +822,7 @@ def test_style_lora_on_top_of_qalora_with_set_adapters():
 )
 def test_add_adapter_keeps_qalora_active():
     case, model, _ = _sd15_with_style()
-    assert all(layer._active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
+    assert all(layer.active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
 
 
 def test_qalora_after_a_lora_is_refused():

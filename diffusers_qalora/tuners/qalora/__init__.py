@@ -3,16 +3,17 @@
 from .config import DEFAULT_EIGHT_BIT_ROOTS, QALoraConfig, QALoraPeftType
 from .layer import Conv2d, Linear, QALoraLayer
 from .model import QALoraModel, attach_timestep_context, eligible_module_names, qalora_layers
+from .registration import register_peft_method
 
 __all__ = [
-    "DEFAULT_EIGHT_BIT_ROOTS",
     "Conv2d",
     "Linear",
     "QALoraConfig",
     "QALoraLayer",
     "QALoraModel",
     "QALoraPeftType",
-    "attach_timestep_context",
-    "eligible_module_names",
     "qalora_layers",
 ]
+
+# As PEFT's own tuners register in their package __init__ (`register_peft_method(name="lora", ...)`); idempotent.
+register_peft_method()
