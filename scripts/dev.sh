@@ -53,8 +53,8 @@ test_floor() {
     "$fvenv/bin/python" -m pip install -q "torch==2.13.0"
     local constraints="$fvenv/floor-constraints.txt"
     echo "$pins" > "$constraints"
-    # -c pins the Hugging Face packages wherever they are required; the package itself is installed without extras.
-    "$fvenv/bin/python" -m pip install -q -c "$constraints" $pins -e . "pytest>=8" "hypothesis>=6.100"
+    # -c pins the Hugging Face packages wherever they are required; the package with the demo extra (the tests build the embedded testbed).
+    "$fvenv/bin/python" -m pip install -q -c "$constraints" $pins -e ".[demo]" "pytest>=8" "hypothesis>=6.100"
     echo "$pins" > "$fvenv/.floor-pins"
   fi
   echo "floor versions:"; "$fvenv/bin/python" -m pip list 2>/dev/null | grep -i -E "^(torch|$(echo $FLOOR_PACKAGES | sed 's/ /|/g' | sed 's/_/[-_]/g')) "

@@ -14,7 +14,10 @@ from typing import Any
 
 from accelerate.utils import gather_object, set_seed
 
-from ..evaluation.embedded import (
+from ..evaluation.plots import plot_step_sizes
+from ..evaluation.report import machine_info, results_markdown
+from ..testbed import Testbed, load_testbed
+from ..testbed.evaluation import (
     METHOD_LABELS,
     MethodEvaluator,
     add_ptq_baselines,
@@ -22,9 +25,6 @@ from ..evaluation.embedded import (
     public,
     step_size_table,
 )
-from ..evaluation.plots import plot_step_sizes
-from ..evaluation.report import machine_info, results_markdown
-from ..testbed import Testbed, load_testbed
 from ..tuners.qalora.api import copy_activation_calibration, get_qalora_model, set_qalora_adapter, timestep_table
 from ..tuners.qalora.config import QALoraConfig
 from .conditioning import ClassLabelConditioning

@@ -29,7 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
-from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
+from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
+from ..tuners.qalora.api import adapters_disabled, get_qalora_param_groups
+from ..tuners.qalora.model import active_qalora_adapter
 from .checkpoint_files import verify_checksum_manifest, write_checksum_manifest
 from .conditioning import Conditioning
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, distributed_phase, make_accelerator
@@ -79,9 +81,9 @@ class DistillConfig:
     eta: float = 0.0
     batch_size: int = 8
     max_train_steps: int = 1000
-    lora_lr: float = 1e-4
-    weight_step_lr: float = 1e-5
-    act_step_lr: float = 1e-4
+    lora_lr: float = DEFAULT_LORA_LR
+    weight_step_lr: float = DEFAULT_WEIGHT_STEP_LR
+    act_step_lr: float = DEFAULT_ACT_STEP_LR
     scale_aware: str = "lr"
     weight_decay: float = 0.0
     lr_schedule: str = "linear"

@@ -65,10 +65,6 @@ def unregister_kernel(device_type: str, op: str) -> None:
     _KERNELS.pop((device_type, op), None)
 
 
-def registered_kernel(device_type: str, op: str) -> Callable | None:
-    return _KERNELS.get((device_type, op))
-
-
 def set_kernel_provider(provider: Callable | None) -> Callable | None:
     """Install the provider of the ``"triton"`` backend (and of the CUDA choice of ``"auto"``); return the previous
     one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [`register_kernel`]

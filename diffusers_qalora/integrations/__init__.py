@@ -1,16 +1,15 @@
-"""Thin integrations with PEFT, diffusers and the Hub.  Registration happens in [`register`], called once on import
-of ``diffusers_qalora``."""
+"""Integrations with PEFT, diffusers and the Hub: adapter files, the diffusers quantization backend, Hub sharing.
 
-from .versions import check_dependency_versions
+Registration is automatic (see `diffusers_qalora._registration`); [register][diffusers_qalora.integrations.register]
+does it explicitly.
+"""
 
-# Before importing anything that needs them: a too-old PEFT or diffusers gives a clear upgrade message, not a silent
-# wrong model or an obscure error later.
-check_dependency_versions()
+from ..tuners.qalora.registration import register_peft_method
+from ..versions import check_dependency_versions
 
-from .diffusers import register_diffusers_backend  # noqa: E402
-from .peft import register_peft_method  # noqa: E402
-
-__all__ = ["register", "register_diffusers_backend", "register_peft_method"]
+__all__ = [
+    "register",
+]
 
 
 def register() -> None:
@@ -20,6 +19,8 @@ def register() -> None:
         ImportError: PEFT, diffusers, huggingface_hub or safetensors is older than this package supports; the
             message names the ``pip install -U`` command.
     """
+    from .diffusers.registry import register_diffusers_backend
+
     check_dependency_versions()
     register_peft_method()
     register_diffusers_backend()

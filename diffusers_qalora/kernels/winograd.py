@@ -40,7 +40,7 @@ import torch
 
 from ..quant import qrange
 from ..winograd.functional import TileGrid, conv_output_size, input_transform, output_transform, tile_input
-from ..winograd.quantized import _groups, exact_accumulator_dtype, hadamard_int, quantize_output
+from ..winograd.quantized import channel_groups, exact_accumulator_dtype, hadamard_int, quantize_output
 
 __all__ = [
     "WinogradPackedWeight",
@@ -123,7 +123,7 @@ def winograd_input_codes_reference(
     tiles, _ = tile_input(x.float(), m, 3, padding)
     v = input_transform(tiles, bt.float())  # (n^2, C, P)
     n2, c, p = v.shape
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     qmin, qmax = qrange(bits, True)
     vg = v.reshape(n2, groups, g, p)
     dims = (2,) if act_granularity == "position" else (0, 2)
@@ -226,7 +226,7 @@ def winograd_input_codes_triton(
     batch, c, h, w = x.shape
     grid_ = _grid(x, m, padding)
     p = grid_.num_tiles
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     nn_pad = _pow2(n * n)
     kb = torch.zeros(nn_pad, nn_pad, dtype=torch.float32, device=x.device)
     kb[: n * n, : n * n] = torch.kron(bt.float(), bt.float()).to(x.device).T
@@ -376,3 +376,17 @@ def winograd_int_conv2d(
     with torch.no_grad():
         return fn(x, codes_u, step_u, bt, at, bias, padding, bits=bits, group_size=group_size,
                   act_granularity=act_granularity, output_bits=output_bits, packed=packed)
+
+
+class WinogradKernels:
+    """The Triton ``"int"`` mode of `diffusers_qalora.winograd.WinogradConv2d`, installed by [install][] through
+    `diffusers_qalora.winograd.conv.set_winograd_kernel_provider` (so ``winograd`` never imports ``kernels``)."""
+
+    @staticmethod
+    def choice(module, device: torch.device) -> str:
+        from .dispatch import module_choice
+
+        return module_choice(module, device)
+
+    pack = staticmethod(pack_winograd_weight)
+    conv2d = staticmethod(winograd_int_conv2d_triton)

@@ -22,6 +22,13 @@ from torch import nn
 
 SCALE_AWARE_MODES = ("lr", "grad", "none")
 
+# The default learning rates of the three parameter groups (LoRA factors, weight step sizes, activation step sizes),
+# shared by `get_qalora_param_groups`, `DistillConfig` and the distillation CLI.  They are the rates the committed
+# distillation results use; EfficientDM's paper uses 1e-6 for the weight and 5e-4 for the activation step sizes.
+DEFAULT_LORA_LR = 1e-4
+DEFAULT_WEIGHT_STEP_LR = 1e-5
+DEFAULT_ACT_STEP_LR = 1e-4
+
 
 @dataclass
 class ScaleAwareEntry:

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..utils import atomic_write
 from .data import DEFAULT_SPLIT_SEED, DigitsSplit, load_digits_split, to_model_range
 from .loading import sha256_file
 from .models import (
@@ -274,17 +274,6 @@ def _save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str]) -
     save_file(state, str(path), metadata=metadata)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_recipe(out_dir: str | os.PathLike, config: RecipeConfig | None = None) -> dict[str, Any]:
     """Train both models and write the testbed files into `out_dir`.
 
@@ -357,7 +346,8 @@ def run_recipe(out_dir: str | os.PathLike, config: RecipeConfig | None = None) -
     }
     for component, path in files.items():
         os.replace(tmp_files[component], path)
-    _atomic_write_text(out_dir / "testbed.json", json.dumps(record, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(record, indent=2, sort_keys=False) + "\n"
+    atomic_write(out_dir / "testbed.json", lambda tmp: Path(tmp).write_text(text))
     return record
 
 

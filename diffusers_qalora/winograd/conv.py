@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,32 @@ from .transforms import WinogradTransforms, balanced_multipliers, winograd_trans
 
 QUANT_MODES = ("fp", "fake", "int")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class WinogradKernelProvider(Protocol):
+    """The fast implementation of the ``"int"`` mode, installed by `diffusers_qalora.kernels` on import (the same
+    kind of hook the quantizers of `diffusers_qalora.quant` and the integer layers of `diffusers_qalora.export`
+    have), so this package never imports the kernels."""
+
+    def choice(self, module: nn.Module, device: torch.device) -> str:
+        """``"triton"`` or ``"torch"`` for ``module`` on ``device``."""
+
+    def pack(self, codes: torch.Tensor, step: torch.Tensor) -> Any:
+        """The weight codes and steps packed for ``conv2d``."""
+
+    def conv2d(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The integer Winograd convolution (signature of ``kernels.winograd.winograd_int_conv2d_triton``)."""
+
+
+_KERNEL_PROVIDER: list[WinogradKernelProvider | None] = [None]
+
+
+def set_winograd_kernel_provider(provider: WinogradKernelProvider | None) -> WinogradKernelProvider | None:
+    """Install the fast ``"int"``-mode implementation of [WinogradConv2d][diffusers_qalora.WinogradConv2d] (``None``:
+    the torch path only); return the previous one."""
+    previous = _KERNEL_PROVIDER[0]
+    _KERNEL_PROVIDER[0] = provider
+    return previous
 
 
 class WinogradWarning(UserWarning):
@@ -457,27 +483,26 @@ class WinogradConv2d(nn.Module):
         return output_transform(prod, at.to(cdtype), grid).to(x.dtype)
 
     def _kernel_choice(self, x: torch.Tensor) -> str:
-        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device, resolved once per module and device
-        (see `diffusers_qalora.kernels.dispatch`; Triton by default for CUDA tensors when it imports)."""
-        from ..kernels.dispatch import module_choice
-
-        return module_choice(self, x.device)
+        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device: what the installed kernel provider
+        (see [set_winograd_kernel_provider][diffusers_qalora.winograd.conv.set_winograd_kernel_provider]) resolves,
+        ``"torch"`` without one."""
+        provider = _KERNEL_PROVIDER[0]
+        return "torch" if provider is None else provider.choice(self, x.device)
 
     def _forward_int_triton(self, x: torch.Tensor, at: torch.Tensor, g: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
         """The ``"int"`` mode on the fused Triton kernels (`diffusers_qalora.kernels.winograd`): the same codes and
         steps as the torch path, the weight packed once for the GEMM kernel and cached."""
-        from ..kernels.winograd import pack_winograd_weight, winograd_int_conv2d_triton
-
+        kernels = _KERNEL_PROVIDER[0]
         cfg = self.config
 
         def compute_packed() -> tuple[torch.Tensor, torch.Tensor, Any]:
             with torch.no_grad():
                 u64 = weight_transform(self.weight.detach().to(torch.float64), g.detach())
                 codes_u, step_u = quantize_weight_codes(u64, cfg.bits, cfg.group_size, cfg.weight_init)
-                return codes_u, step_u, pack_winograd_weight(codes_u, step_u)
+                return codes_u, step_u, kernels.pack(codes_u, step_u)
 
         codes_u, step_u, packed = self._cached(self._cache_key("int-triton", x.device, torch.float32), compute_packed)
-        return winograd_int_conv2d_triton(
+        return kernels.conv2d(
             x.detach(), codes_u, step_u, bt.detach().float(), at.detach().float(), None, self._pad, bits=cfg.bits,
             group_size=cfg.group_size, act_granularity=cfg.act_granularity, output_bits=cfg.output_bits,
             packed=packed,

@@ -35,7 +35,8 @@ def absmax_step(x: torch.Tensor, dims: int | tuple[int, ...], qmax: int) -> torc
     return (x.abs().amax(dim=dims, keepdim=True) / qmax).clamp_min(_MIN_STEP)
 
 
-def _groups(channels: int, group_size: int | None) -> tuple[int, int]:
+def channel_groups(channels: int, group_size: int | None) -> tuple[int, int]:
+    """``(number of groups, group size)`` of ``channels`` input channels; ``group_size=None`` is one group."""
     g = channels if group_size is None else group_size
     if channels % g:
         raise ValueError(f"`group_size` ({g}) must divide the number of input channels ({channels}).")
@@ -58,7 +59,7 @@ def weight_qparams(
         `tuple[torch.Tensor, torch.Tensor]`: ``u`` viewed as ``(n^2, K, G, g)`` and its step ``(n^2, K, G, 1)``.
     """
     n2, k, c = u.shape
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     ug = u.reshape(n2, k, groups, g)
     _, qmax = qrange(bits, True)
     step = absmax_step(ug, -1, qmax)
@@ -77,7 +78,7 @@ def act_step(v: torch.Tensor, bits: int, group_size: int | None, granularity: st
     The step is ``(n^2, G, 1, P)`` for ``granularity="position"`` and ``(1, G, 1, P)`` for ``"tile"``.
     """
     n2, c, p = v.shape
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     vg = v.reshape(n2, groups, g, p)
     _, qmax = qrange(bits, True)
     if granularity == "position":

@@ -129,6 +129,8 @@ class WinogradReport:
 
 
 def _matches(patterns: tuple[str, ...] | str | None, name: str) -> bool:
+    # PEFT's rule (``check_target_module_exists``), which the QALoRA tuner calls; this package stays free of Hugging
+    # Face imports, so it is restated here and tests/winograd checks that both agree.
     if patterns is None:
         return False
     if isinstance(patterns, str):
@@ -139,7 +141,7 @@ def _matches(patterns: tuple[str, ...] | str | None, name: str) -> bool:
 def _qalora_base(module: nn.Module) -> nn.Module | None:
     """The wrapped layer of a QALoRA layer (recognised by its interface), else ``None``."""
     if all(hasattr(module, a) for a in ("get_base_layer", "merged_float_weight", "qal_act_quantizer",
-                                        "_active_qalora_adapter")):
+                                        "active_qalora_adapter")):
         return module.get_base_layer()
     return None
 
@@ -225,7 +227,7 @@ def _plan(model: nn.Module, config: WinogradConfig) -> tuple[list[_Plan], dict[s
 def _qalora_parts(plan: _Plan, config: WinogradConfig) -> tuple[torch.Tensor, nn.Module | None, str | None]:
     """``(spatial weight, input quantizer or None, adapter)`` of a QALoRA layer."""
     layer = plan.module
-    adapter = None if getattr(layer, "disable_adapters", False) else layer._active_qalora_adapter()
+    adapter = None if getattr(layer, "disable_adapters", False) else layer.active_qalora_adapter()
     base = plan.conv
     if adapter is None:
         return base.weight.detach(), None, None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..quant import TemporalActQuantizer, TimestepContext, install_timestep_hook
+from ..quant import TemporalActQuantizer, attach_timestep_context
 from ..quant.checksum import tensor_checksum
+from ..utils import atomic_write
 from .config import WinogradConfig
 from .conv import WinogradConv2d, winograd_ineligibility
 from .direct import DirectQuantConv2d
@@ -39,9 +39,6 @@ CONFIG_NAME = "winograd_config.json"
 FORMAT = "diffusers_qalora.winograd"
 FORMAT_VERSION = 1
 CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
-_QALORA_CONTEXT_ATTR = "_qalora_timestep_context"  # set by the QALoRA tuner; reused so both share one context
-_CONTEXT_ATTR = "_winograd_timestep_context"
-_HOOK_ATTR = "_winograd_timestep_hook"
 _CLASSES = {"WinogradConv2d": WinogradConv2d, "DirectQuantConv2d": DirectQuantConv2d}
 
 
@@ -115,18 +112,6 @@ def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, record
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_winograd(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``winograd.safetensors`` and ``winograd_config.json`` into ``save_directory`` (atomically).
 
@@ -137,20 +122,10 @@ def save_winograd(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "producer": FORMAT, CHECKSUM_KEY: tensor_checksum(tensors)}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     text = json.dumps(record, indent=2) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return out
-
-
-def _context(model: nn.Module, argument: str) -> TimestepContext:
-    context = getattr(model, _QALORA_CONTEXT_ATTR, None) or getattr(model, _CONTEXT_ATTR, None)
-    if context is None:
-        context = TimestepContext()
-        handle = install_timestep_hook(model, context, argument)
-        object.__setattr__(model, _CONTEXT_ATTR, context)
-        object.__setattr__(model, _HOOK_ATTR, handle)
-    return context
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
@@ -272,10 +247,11 @@ def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> Winogr
         records[name] = LayerRecord(name, layer.in_channels, layer.out_channels,
                                     source="saved", input_quantizer=layer.input_quantizer is not None)
     if any(layer.input_quantizer is not None for _, layer in built):
-        context = _context(model, record.get("timestep_argument", "timestep"))
-        for _, layer in built:
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.context = context
+        # The model's one timestep context (the QALoRA tuner's if it has one already).
+        attach_timestep_context(
+            model, record.get("timestep_argument", "timestep"),
+            [layer.input_quantizer for _, layer in built if layer.input_quantizer is not None],
+        )
     for name, layer in built:
         _swap(model, name, layer)
     return WinogradReport(config=built[0][1].config, replaced=records, inputs="none")

@@ -183,11 +183,13 @@ def test_refusals_change_nothing():
         dq.export_quantized(model, backend="cuda")
 
 
-def test_context_attributes_match_the_tuner():
-    from diffusers_qalora.export import context
-    from diffusers_qalora.tuners.qalora import model as tuner
-
-    assert (context.CONTEXT_ATTR, context.HOOK_ATTR) == (tuner.CONTEXT_ATTR, tuner.HOOK_ATTR)
+def test_export_reuses_the_tuner_timestep_hook():
+    # One timestep context and one pre-hook per model, whoever attached it first (diffusers_qalora.quant owns it).
+    model = qalora(make_unet2d(), unet2d_inputs)
+    context = model._qalora_timestep_context
+    hooks = len(model._forward_pre_hooks)
+    exported = dq.export_quantized(model)
+    assert exported._qalora_timestep_context is context and len(exported._forward_pre_hooks) == hooks == 1
 
 
 def test_peft_model_wrapper_is_unwrapped():

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_qalora import integrations
-from diffusers_qalora.integrations import versions
+from diffusers_qalora import integrations, versions
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

@@ -215,7 +215,7 @@ def test_diffusers_adapter_verbs_with_a_style_lora(kind):
     model = quantized(case)
     q_out = run(model, case)
     add_style(model)
-    assert all(layer._active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
+    assert all(layer.active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
     both = run(model, case)
     assert not torch.equal(both, q_out)
     model.set_adapters(["default", "style"])

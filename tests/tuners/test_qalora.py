@@ -817,7 +817,7 @@ def test_style_lora_on_top_of_qalora_with_set_adapters():
     both = run(model, case)
     assert not torch.equal(both, qalora_out)
     to_q = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
-    assert isinstance(to_q.base_layer, QLinear) and to_q.base_layer._active_qalora_adapter() == "default"
+    assert isinstance(to_q.base_layer, QLinear) and to_q.base_layer.active_qalora_adapter() == "default"
 
 
 def test_add_adapter_keeps_qalora_active():
@@ -829,7 +829,7 @@ def test_add_adapter_keeps_qalora_active():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PEFT: "Already found a `peft_config` attribute"
         model.add_adapter(LoraConfig(**STYLE), adapter_name="style")
-    assert all(layer._active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
+    assert all(layer.active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
     style = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
     assert style and {n for n, p in model.named_parameters() if p.requires_grad} - style == {
         n.replace("to_q.", "to_q.base_layer.").replace("to_k.", "to_k.base_layer.").replace(

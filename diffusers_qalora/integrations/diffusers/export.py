@@ -5,19 +5,20 @@ from __future__ import annotations
 from peft import PeftModel
 from torch import nn
 
-from ...export import convert_qalora_to_integer
 from ...tuners.qalora.config import QALoraConfig
-from ...tuners.qalora.model import qalora_layers
+from ...tuners.qalora.convert import convert_qalora_to_integer
+from ...tuners.qalora.model import active_qalora_adapter
 from .config import QALoraQuantConfig
 from .quantizer import mark_exported
 
 
 def _adapter_config(model: nn.Module, adapter_name: str | None) -> QALoraConfig | None:
     configs = getattr(model, "peft_config", None) or {}
-    if adapter_name is None:
-        active = {layer._active_qalora_adapter() for layer in qalora_layers(model).values()} - {None}
-        adapter_name = next(iter(active)) if len(active) == 1 else None
-    config = configs.get(adapter_name) if adapter_name is not None else None
+    try:
+        adapter_name = active_qalora_adapter(model, adapter_name)
+    except ValueError:  # convert_qalora_to_integer raises the error that names the fix
+        return None
+    config = configs.get(adapter_name)
     return config if isinstance(config, QALoraConfig) else None
 
 

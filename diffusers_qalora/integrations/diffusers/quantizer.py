@@ -24,7 +24,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from safetensors import safe_open
 from torch import nn
 
-from ...export import IntegerConv2d, IntegerLayer, IntegerLinear, attach_integer_context, integer_layers
+from ...export import IntegerConv2d, IntegerLinear, attach_integer_context, integer_layers
 from ...quant.checksum import streamed_tensor_checksum, tensor_checksum
 from ...tuners.qalora.model import adapter_keys, finish_rebuild, rebuild_adapters
 from ...winograd import winograd_modules
@@ -417,6 +417,3 @@ def mark_exported(model: nn.Module, config: QALoraQuantConfig) -> None:
     model.hf_quantizer = quantizer
     quantizer._owner = weakref.ref(model)
 
-
-def is_integer_layer(module: nn.Module) -> bool:
-    return isinstance(module, IntegerLayer)

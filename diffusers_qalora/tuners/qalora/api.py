@@ -13,9 +13,11 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from ...quant import ScaleAwareEntry, ScaleAwareGroups, TimestepHook, scale_aware_param_groups
+from ...quant.quantizers import TIMESTEP_CONTEXT_ATTR, detach_timestep_context
+from ...quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
 from .config import QALoraConfig, QALoraPeftType
 from .layer import QALoraLayer
-from .model import CONTEXT_ATTR, detach_timestep_context, eligible_module_names, qalora_layers
+from .model import eligible_module_names, qalora_layers
 
 
 def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
@@ -25,12 +27,6 @@ def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_inference_steps)
     return sorted({float(t) for t in scheduler.timesteps.tolist()})
-
-
-def _ensure_registered() -> None:
-    from ...integrations import register
-
-    register()
 
 
 def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str = "default") -> nn.Module:
@@ -59,7 +55,6 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
     >>> dq.calibrate_activations(unet, lambda: pipe(prompt, num_inference_steps=100))
     ```
     """
-    _ensure_registered()
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module (e.g. pipe.unet), got {type(model).__name__}.")
     if not isinstance(config, QALoraConfig):
@@ -69,22 +64,32 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
     config = copy.deepcopy(config)
     TimestepHook(None, model.forward, config.timestep_argument)  # validates the timestep argument up front
     eligible_module_names(model, config)  # validates the targets up front
-    return _inject_or_rollback(model, config, adapter_name)
+    return inject_qalora_adapter(model, config, adapter_name)
 
 
-def _inject_or_rollback(
+def inject_qalora_adapter(
     model: nn.Module, config: QALoraConfig, adapter_name: str, state_dict: dict | None = None
 ) -> nn.Module:
+    """``peft.inject_adapter_in_model`` for QALoRA, without validation (see [get_qalora_model][diffusers_qalora.get_qalora_model]
+    for the checked entry point); on any error the model is restored as it was."""
+    with restore_on_error(model, adapter_name), warnings.catch_warnings():
+        # PEFT warns whenever a second adapter is added; several QALoRA adapters on one model are supported.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
+
+
+@contextmanager
+def restore_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """If the block raises, undo what it did to ``model`` for adapter ``adapter_name``: new QALoRA layers are replaced
+    by their base layers, the adapter is deleted from layers that existed before, and ``peft_config``, the timestep
+    hook and the attention processors are restored.  The exception is re-raised."""
     before = {name: m for name, m in model.named_modules()}
     had_peft_config = hasattr(model, "peft_config")
     old_peft_config = dict(model.peft_config) if had_peft_config else None
-    had_context = getattr(model, CONTEXT_ATTR, None) is not None
+    had_context = getattr(model, TIMESTEP_CONTEXT_ATTR, None) is not None
     had_flag = vars(model).get("_hf_peft_config_loaded")
     try:
-        with warnings.catch_warnings():
-            # PEFT warns whenever a second adapter is added; several QALoRA adapters on one model are supported.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
+        yield
     except BaseException:
         _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context)
         if had_flag is None:
@@ -124,7 +129,7 @@ def remove_qalora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QALoraLayer):
             model.set_submodule(name, module.get_base_layer())
-    from ...integrations.diffusers.attention_processor import restore_attention_processors
+    from .attention import restore_attention_processors
 
     restore_attention_processors(model)  # attention modules left without quantizers get their default processor
     for name in qalora_names:
@@ -166,7 +171,7 @@ def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
     configs = getattr(model, "peft_config", {})
     quantizers = []
     for layer in layers:
-        adapter = layer._active_qalora_adapter()
+        adapter = layer.active_qalora_adapter()
         if adapter is None:
             continue
         chosen = method or getattr(configs.get(adapter), "act_init", "lp")
@@ -186,8 +191,7 @@ def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
             if ok:
                 quantizer.finish_calibration()
             else:
-                quantizer._calibrating = False
-                quantizer._calib_sum = None
+                quantizer.cancel_calibration()
 
 
 def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str | None = None) -> nn.Module:
@@ -246,9 +250,9 @@ def mean_weight_step(layer: QALoraLayer, adapter: str) -> float:
 
 def get_qalora_param_groups(
     model: nn.Module,
-    lora_lr: float = 1e-4,
-    weight_step_lr: float = 1e-6,
-    act_step_lr: float = 5e-4,
+    lora_lr: float = DEFAULT_LORA_LR,
+    weight_step_lr: float = DEFAULT_WEIGHT_STEP_LR,
+    act_step_lr: float = DEFAULT_ACT_STEP_LR,
     scale_aware: str = "lr",
     weight_decay: float = 0.0,
 ) -> ScaleAwareGroups:
@@ -256,9 +260,9 @@ def get_qalora_param_groups(
 
     * LoRA factors: per-layer learning rate ``lora_lr * s̄_l / mean(s̄)`` (``scale_aware="lr"``, see
       `diffusers_qalora.quant.scale_aware`), gradient multipliers (``"grad"``) or one rate (``"none"``);
-    * weight step sizes: ``weight_step_lr`` (EfficientDM: 1e-6), no weight decay;
+    * weight step sizes: ``weight_step_lr`` (default 1e-5; EfficientDM: 1e-6), no weight decay;
     * activation step sizes and zero points (the q/k/v and softmax ones of ``quantize_attention`` too):
-      ``act_step_lr`` (EfficientDM: 5e-4), no weight decay.  Only the
+      ``act_step_lr`` (default 1e-4; EfficientDM: 5e-4), no weight decay.  Only the
       current timestep's entries receive a gradient, and optimizers skip parameters whose gradient is ``None``, so
       inactive timesteps stay bit-identical (zero the gradients with ``set_to_none=True``, PyTorch's default).
 
@@ -270,7 +274,7 @@ def get_qalora_param_groups(
     """
     entries, weight_steps, act_steps = [], [], []
     for name, layer in qalora_layers(model).items():
-        adapter = layer._active_qalora_adapter()
+        adapter = layer.active_qalora_adapter()
         if adapter is None:
             continue
         if adapter in layer.qal_A and layer.qal_A[adapter].requires_grad:
@@ -287,14 +291,6 @@ def get_qalora_param_groups(
     if not groups:
         raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
     return groups
-
-
-def active_qalora_adapter(model: nn.Module) -> str:
-    """The name of the QALoRA adapter active in ``model``'s layers (one name; an error if none or several)."""
-    names = {layer._active_qalora_adapter() for layer in qalora_layers(model).values()} - {None}
-    if len(names) != 1:
-        raise ValueError(f"expected one active QALoRA adapter, found {sorted(names)}; call set_qalora_adapter.")
-    return names.pop()
 
 
 def set_qalora_adapter(model: nn.Module, adapter_name: str, trainable: bool = False) -> nn.Module:

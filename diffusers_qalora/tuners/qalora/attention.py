@@ -84,12 +84,12 @@ class AttentionQuantizers(NamedTuple):
 def _active(layer: nn.Module | None, attribute: str) -> TemporalActQuantizer | None:
     if not isinstance(layer, QALoraLayer) or layer.disable_adapters:
         return None
-    adapter = layer._active_qalora_adapter()
+    adapter = layer.active_qalora_adapter()
     quantizers = getattr(layer, attribute)
     if adapter is None or adapter not in quantizers:
         return None
     quantizer = quantizers[adapter]
-    return quantizer if quantizer.enabled or quantizer._calibrating else None
+    return quantizer if quantizer.enabled or quantizer.is_calibrating else None
 
 
 def attention_quantizers(attn: nn.Module) -> AttentionQuantizers:
@@ -112,11 +112,7 @@ def _quant_spec(quantizer: TemporalActQuantizer | None, batch: int) -> QuantSpec
             f"`diffusers_qalora.calibrate_activations(model, ...)` (or load a calibrated adapter) before the quantized "
             f"forward pass."
         )
-    t = quantizer._sample_timesteps(batch)
-    if batch and bool((t == t[0]).all()):
-        step, zero_point = quantizer._single_qparams(float(t[0]))  # the cheap lookup, as the quantizer's forward
-    else:
-        step, zero_point = quantizer.qparams(t)
+    step, zero_point = quantizer.batch_qparams(batch)  # the cheap lookup for one shared timestep, as forward
     step = step.detach().float().reshape(-1)
     zero_point = None if zero_point is None else zero_point.detach().float().reshape(-1)
     return QuantSpec(step, zero_point, quantizer.qmin, quantizer.qmax)
@@ -246,7 +242,7 @@ def quantized_module_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
         )
     active = [q for q in quantizers if q is not None]
-    calibrating = any(q._calibrating for q in active)
+    calibrating = any(q.is_calibrating for q in active)
     needs_grad = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
         or any(q.step.values[0].requires_grad for q in active)  # PEFT freezes a quantizer as a whole

@@ -8,7 +8,6 @@ that contain neither ``lora_`` nor ``lora_A``/``lora_B`` (PEFT and diffusers det
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +141,8 @@ class QALoraLayer(BaseTunerLayer):
                 table, bits, symmetric=False, lsq_grad_scale=config.lsq_grad_scale, name=f"{name}:softmax"
             ).to(device)
 
-    def _active_qalora_adapter(self) -> str | None:
+    def active_qalora_adapter(self) -> str | None:
+        """The QALoRA adapter active in this layer (``None`` if none is; an error if several are)."""
         active = [a for a in self.active_adapters if a in self.qal_weight_quantizer]
         if len(active) > 1:
             raise ValueError(
@@ -161,8 +161,10 @@ class QALoraLayer(BaseTunerLayer):
         return (b @ a.reshape(a.shape[0], -1)).reshape(weight.shape) * self.scaling[adapter]
 
     def merged_float_weight(self, adapter: str) -> torch.Tensor:
-        """``W0 + scaling * B @ A`` (before quantization), in fp32."""
-        return self.get_base_layer().weight.float() + self.delta_weight(adapter)
+        """``W0 + scaling * B @ A`` (before quantization), in fp32; ``W0`` is the weight from before `merge`."""
+        original = self._weight_before_merge
+        weight = original if original is not None else self.get_base_layer().weight
+        return weight.float() + self.delta_weight(adapter)
 
     def quantized_weight(self, adapter: str) -> torch.Tensor:
         """``Q_w(W0 + scaling * B @ A)`` in the dtype of the base weight."""
@@ -175,7 +177,7 @@ class QALoraLayer(BaseTunerLayer):
 
     def _qalora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        adapter = None if self.disable_adapters else self._active_qalora_adapter()
+        adapter = None if self.disable_adapters else self.active_qalora_adapter()
         if adapter is None:
             return base(x, *args, **kwargs)  # W0 is never overwritten, so a merged layer needs no unmerge here
         act_quantizer = self.qal_act_quantizer[adapter]
@@ -295,16 +297,6 @@ class QALoraLayer(BaseTunerLayer):
                     self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
                 else:
                     self.scaling[adapter] /= scale
-
-    @contextmanager
-    def adapters_disabled(self):
-        """Run the base layer in full precision inside the block (used for the teacher pass)."""
-        previous = self._disable_adapters
-        self._disable_adapters = True
-        try:
-            yield
-        finally:
-            self._disable_adapters = previous
 
 
 class Linear(nn.Module, QALoraLayer):

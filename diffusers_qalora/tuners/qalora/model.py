@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import re
 import warnings
@@ -13,20 +14,24 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from ...quant import TemporalActQuantizer, TimestepContext, install_timestep_hook
+from ...quant import attach_timestep_context, detach_timestep_context
+from .attention import restore_attention_processors
 from .config import QALoraConfig
 from .layer import QALoraLayer, dispatch_qalora, unsupported_reason
 
-CONTEXT_ATTR = "_qalora_timestep_context"
-HOOK_ATTR = "_qalora_timestep_hook"
+
+@dataclasses.dataclass
+class _Patterns:
+    """The fields PEFT's ``check_target_module_exists`` reads, for matching one set of patterns with PEFT's rule
+    (exact name or ``.``-suffix for a set, ``re.fullmatch`` for a string) without the config's other fields."""
+
+    target_modules: set[str] | str
+    exclude_modules: None = None
+    target_parameters: None = None
 
 
 def _matches(patterns: set[str] | str | None, name: str) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return patterns is not None and bool(check_target_module_exists(_Patterns(patterns), name))
 
 
 def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
@@ -61,7 +66,7 @@ def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
             if not _matches(config.target_modules, name):
                 continue
             if isinstance(config.target_modules, set):
-                matched_patterns.update(p for p in config.target_modules if name == p or name.endswith("." + p))
+                matched_patterns.update(p for p in config.target_modules if _matches({p}, name))
             reason = unsupported_reason(module)
             if reason is not None:
                 raise ValueError(
@@ -145,9 +150,6 @@ class QALoraModel(BaseTuner):
 
             set_qalora_attn_processor(model)
 
-    def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
-        attach_timestep_context(model, config.timestep_argument)
-
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # PEFT's default strips the adapter name only where it is the last or second-to-last key component; the
@@ -157,10 +159,6 @@ class QALoraModel(BaseTuner):
         pattern = r"(^|\.)(qal_[A-Za-z_]+)\." + re.escape(adapter_name) + r"(?=\.|$)"
         new_key, count = re.subn(pattern, r"\1\2", key)
         return new_key if count else super()._remove_adapter_name_from_key(key, adapter_name)
-
-    @staticmethod
-    def _check_target_module_exists(peft_config: QALoraConfig, key: str):
-        return check_target_module_exists(peft_config, key)
 
     def _unload_and_optionally_merge(
         self,
@@ -185,32 +183,8 @@ class QALoraModel(BaseTuner):
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         detach_timestep_context(model)
-        from ...integrations.diffusers.attention_processor import restore_attention_processors
-
         restore_attention_processors(model)
         return model
-
-
-def attach_timestep_context(model: nn.Module, timestep_argument: str = "timestep") -> TimestepContext:
-    """Give every temporal quantizer of ``model`` one shared [`TimestepContext`] fed by a pre-hook (idempotent)."""
-    context = getattr(model, CONTEXT_ATTR, None)
-    if context is None:
-        context = TimestepContext()
-        handle = install_timestep_hook(model, context, timestep_argument)
-        object.__setattr__(model, CONTEXT_ATTR, context)
-        object.__setattr__(model, HOOK_ATTR, handle)
-    for module in model.modules():
-        if isinstance(module, TemporalActQuantizer):
-            module.context = context
-    return context
-
-
-def detach_timestep_context(model: nn.Module) -> None:
-    """Remove the pre-hook and the shared context that [`attach_timestep_context`] installed (if any)."""
-    if getattr(model, CONTEXT_ATTR, None) is not None:
-        getattr(model, HOOK_ATTR).remove()
-        object.__delattr__(model, CONTEXT_ATTR)
-        object.__delattr__(model, HOOK_ATTR)
 
 
 def qalora_layers(model: nn.Module) -> dict[str, QALoraLayer]:
@@ -395,3 +369,24 @@ def finish_rebuild(model: nn.Module, record: dict[str, Any], tensors: dict[str, 
             layer.merge(adapter_names=list(adapters))
         else:  # other adapters merge into the base weight, which was saved merged
             layer.merged_adapters = list(adapters)
+
+
+def active_qalora_adapter(model: nn.Module, adapter_name: str | None = None) -> str:
+    """The QALoRA adapter that model-level operations (export, saving, optimizer groups) act on.
+
+    With ``adapter_name``, check that some QALoRA layer of ``model`` has it and return it; without, return the one
+    adapter active in ``model``'s QALoRA layers.  Raises a ``ValueError`` naming the adapters found otherwise.
+    """
+    layers = qalora_layers(model).values()
+    if adapter_name is not None:
+        if not any(adapter_name in layer.qal_weight_quantizer for layer in layers):
+            names = sorted({a for layer in layers for a in layer.qal_weight_quantizer})
+            raise ValueError(f"no QALoRA adapter named {adapter_name!r}; the model has {names}.")
+        return adapter_name
+    active = {layer.active_qalora_adapter() for layer in layers} - {None}
+    if len(active) != 1:
+        raise ValueError(
+            f"expected exactly one active QALoRA adapter, found {sorted(active)}; pass `adapter_name` or call "
+            f"set_qalora_adapter(model, name) first."
+        )
+    return active.pop()
