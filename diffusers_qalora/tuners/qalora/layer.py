@@ -161,10 +161,8 @@ class QALoraLayer(BaseTunerLayer):
         return (b @ a.reshape(a.shape[0], -1)).reshape(weight.shape) * self.scaling[adapter]
 
     def merged_float_weight(self, adapter: str) -> torch.Tensor:
-        """``W0 + scaling * B @ A`` (before quantization), in fp32; ``W0`` is the weight from before `merge`."""
-        original = self._weight_before_merge
-        weight = original if original is not None else self.get_base_layer().weight
-        return weight.float() + self.delta_weight(adapter)
+        """``W0 + scaling * B @ A`` (before quantization), in fp32."""
+        return self.get_base_layer().weight.float() + self.delta_weight(adapter)
 
     def quantized_weight(self, adapter: str) -> torch.Tensor:
         """``Q_w(W0 + scaling * B @ A)`` in the dtype of the base weight."""

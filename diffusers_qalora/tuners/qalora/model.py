@@ -15,7 +15,6 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from ...quant import attach_timestep_context, detach_timestep_context
-from .attention import restore_attention_processors
 from .config import QALoraConfig
 from .layer import QALoraLayer, dispatch_qalora, unsupported_reason
 
@@ -183,6 +182,9 @@ class QALoraModel(BaseTuner):
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         detach_timestep_context(model)
+        # Imported here: the processors import diffusers, whose import registers the backend, which imports this module.
+        from .attention import restore_attention_processors
+
         restore_attention_processors(model)
         return model
 
