@@ -138,8 +138,8 @@ def test_merged_layer_follows_a_dtype_cast_in_its_forward():
     unmerged = run(model, case, dtype=torch.float64)
     for layer in qalora_layers(model).values():
         layer.merge()
-        assert layer.qal_merged_weight.dtype == torch.float64
     assert torch.equal(run(model, case, dtype=torch.float64), unmerged)  # the merged cache is exactly the on-the-fly weight
+    assert all(layer.qal_merged_weight.dtype == torch.float64 for layer in qalora_layers(model).values())
 
 
 # -- merge_and_unload, unload ------------------------------------------------------------------------------------------
@@ -234,6 +234,25 @@ def test_diffusers_adapter_verbs_with_a_style_lora(kind):
     model.delete_adapters("style")
     assert set(model.peft_config) == {"default"}
     assert torch.equal(run(model, case), q_out)
+
+
+def test_fuse_lora_with_a_style_lora_quantizes_the_fused_weight_and_unfuses_exactly():
+    """diffusers' fuse_lora merges the QALoRA layer first, then the style LoRA wrapping it adds its delta to W0: the
+    merged QALoRA weight must be Q_w(W0 + style + B A), not a stale Q_w(W0 + B A) that drops the style."""
+    case = MODEL_KINDS["sd15"]
+    model = quantized(case)
+    q_out = run(model, case)
+    add_style(model)
+    both = run(model, case)
+    model.fuse_lora()
+    fused = run(model, case)
+    with torch.no_grad():
+        for name, layer in qalora_layers(model).items():
+            assert layer.merged and torch.equal(layer.qal_merged_weight, layer.quantized_weight("default")), name
+    assert not torch.equal(fused, q_out)
+    model.unfuse_lora()
+    assert torch.equal(run(model, case), both)
+    assert all(not layer.merged for layer in qalora_layers(model).values())
 
 
 def test_diffusers_verbs_on_a_qalora_only_model():
