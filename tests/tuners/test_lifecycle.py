@@ -408,3 +408,41 @@ def test_save_pretrained_with_missing_adapter_tensors_fails_naming_the_file(tmp_
     save_file({k: v for k, v in tensors.items() if "conv_out.qal_" not in k}, path)
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors lacks .* adapter tensor"):
         type(model).from_pretrained(tmp_path)
+
+
+# -- the tiny Stable Diffusion pipeline -------------------------------------------------------------------------------
+PIPE_CALL = dict(prompt="a photo of a cat", num_inference_steps=2, height=16, width=16, output_type="np")
+
+
+def test_pipeline_with_a_loaded_style_lora_saves_and_reloads_to_the_same_images(tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from tiny_models import make_sd15_unet, make_tiny_sd_pipeline
+
+    def sample(pipe):
+        return pipe(**PIPE_CALL, generator=torch.Generator().manual_seed(0)).images
+
+    # A style LoRA file, written by diffusers from a plain UNet.
+    style_unet = add_style(make_sd15_unet())
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(style_unet, adapter_name="style"))
+
+    pipe = make_tiny_sd_pipeline()
+    pipe.unet = dq.get_qalora_model(pipe.unet, dq.QALoraConfig(r=2, weight_init="minmax", init_weights=False))
+    dq.calibrate_activations(pipe.unet, lambda: sample(pipe))
+    quantized_image = sample(pipe)
+    pipe.load_lora_weights(tmp_path / "style", adapter_name="style")
+    assert all(layer._active_qalora_adapter() == "default" for layer in qalora_layers(pipe.unet).values())
+    image = sample(pipe)
+    assert not (image == quantized_image).all()
+    pipe.set_adapters(["default", "style"], [1.0, 0.0])
+    assert (sample(pipe) == quantized_image).all()
+    pipe.set_adapters(["default", "style"], [1.0, 0.7])
+    image = sample(pipe)
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    assert_same_state(reloaded.unet, pipe.unet)
+    assert (sample(reloaded) == image).all()
