@@ -138,8 +138,8 @@ def test_merged_layer_follows_a_dtype_cast_in_its_forward():
     unmerged = run(model, case, dtype=torch.float64)
     for layer in qalora_layers(model).values():
         layer.merge()
-        assert layer.qal_merged_weight.dtype == torch.float64
     assert torch.equal(run(model, case, dtype=torch.float64), unmerged)  # the merged cache is exactly the on-the-fly weight
+    assert all(layer.qal_merged_weight.dtype == torch.float64 for layer in qalora_layers(model).values())
 
 
 # -- merge_and_unload, unload ------------------------------------------------------------------------------------------
@@ -234,6 +234,25 @@ def test_diffusers_adapter_verbs_with_a_style_lora(kind):
     model.delete_adapters("style")
     assert set(model.peft_config) == {"default"}
     assert torch.equal(run(model, case), q_out)
+
+
+def test_fuse_lora_with_a_style_lora_quantizes_the_fused_weight_and_unfuses_exactly():
+    """diffusers' fuse_lora merges the QALoRA layer first, then the style LoRA wrapping it adds its delta to W0: the
+    merged QALoRA weight must be Q_w(W0 + style + B A), not a stale Q_w(W0 + B A) that drops the style."""
+    case = MODEL_KINDS["sd15"]
+    model = quantized(case)
+    q_out = run(model, case)
+    add_style(model)
+    both = run(model, case)
+    model.fuse_lora()
+    fused = run(model, case)
+    with torch.no_grad():
+        for name, layer in qalora_layers(model).items():
+            assert layer.merged and torch.equal(layer.qal_merged_weight, layer.quantized_weight("default")), name
+    assert not torch.equal(fused, q_out)
+    model.unfuse_lora()
+    assert torch.equal(run(model, case), both)
+    assert all(not layer.merged for layer in qalora_layers(model).values())
 
 
 def test_diffusers_verbs_on_a_qalora_only_model():
@@ -389,3 +408,41 @@ def test_save_pretrained_with_missing_adapter_tensors_fails_naming_the_file(tmp_
     save_file({k: v for k, v in tensors.items() if "conv_out.qal_" not in k}, path)
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors lacks .* adapter tensor"):
         type(model).from_pretrained(tmp_path)
+
+
+# -- the tiny Stable Diffusion pipeline -------------------------------------------------------------------------------
+PIPE_CALL = dict(prompt="a photo of a cat", num_inference_steps=2, height=16, width=16, output_type="np")
+
+
+def test_pipeline_with_a_loaded_style_lora_saves_and_reloads_to_the_same_images(tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from tiny_models import make_sd15_unet, make_tiny_sd_pipeline
+
+    def sample(pipe):
+        return pipe(**PIPE_CALL, generator=torch.Generator().manual_seed(0)).images
+
+    # A style LoRA file, written by diffusers from a plain UNet.
+    style_unet = add_style(make_sd15_unet())
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(style_unet, adapter_name="style"))
+
+    pipe = make_tiny_sd_pipeline()
+    pipe.unet = dq.get_qalora_model(pipe.unet, dq.QALoraConfig(r=2, weight_init="minmax", init_weights=False))
+    dq.calibrate_activations(pipe.unet, lambda: sample(pipe))
+    quantized_image = sample(pipe)
+    pipe.load_lora_weights(tmp_path / "style", adapter_name="style")
+    assert all(layer._active_qalora_adapter() == "default" for layer in qalora_layers(pipe.unet).values())
+    image = sample(pipe)
+    assert not (image == quantized_image).all()
+    pipe.set_adapters(["default", "style"], [1.0, 0.0])
+    assert (sample(pipe) == quantized_image).all()
+    pipe.set_adapters(["default", "style"], [1.0, 0.7])
+    image = sample(pipe)
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    assert_same_state(reloaded.unet, pipe.unet)
+    assert (sample(reloaded) == image).all()

@@ -986,12 +986,15 @@ def test_merge_unmerge_exact(kind):
 def test_merged_weight_is_the_fake_quantized_merged_weight():
     case = MODEL_KINDS["sd15"]
     model = quantized_model(case, init_weights=False)
-    for name, layer in qalora_layers(model).items():
-        expected = manual_weight(layer)
-        original = layer.get_base_layer().weight.detach().clone()
+    layers = qalora_layers(model)
+    expected = {name: manual_weight(layer) for name, layer in layers.items()}
+    original = {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
+    for layer in layers.values():
         layer.merge()
-        torch.testing.assert_close(layer.qal_merged_weight, expected, atol=0, rtol=0, msg=name)
-        assert torch.equal(layer.get_base_layer().weight, original), name  # W0 is never overwritten
+    run(model, case)  # the merged weight is built at the first forward pass after merge()
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.qal_merged_weight, expected[name], atol=0, rtol=0, msg=name)
+        assert torch.equal(layer.get_base_layer().weight, original[name]), name  # W0 is never overwritten
         layer.unmerge()
 
 

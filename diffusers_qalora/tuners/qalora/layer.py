@@ -184,7 +184,12 @@ class QALoraLayer(BaseTunerLayer):
             act_quantizer(x)
             return base(x, *args, **kwargs)
         x_q = act_quantizer(x)
-        if self.merged_adapters == [adapter] and self.qal_merged_weight is not None:
+        if self.merged_adapters == [adapter]:
+            if self.qal_merged_weight is None:
+                # Built at the first forward after merge(), not in merge(): diffusers' fuse_lora merges this layer
+                # before a style LoRA wrapping it adds its delta to W0, and the merged weight must include it.
+                with torch.no_grad():
+                    self.qal_merged_weight = self.quantized_weight(adapter)
             return self._op(x_q, self.qal_merged_weight)
         return self._op(x_q, self._forward_weight(adapter))
 
@@ -205,15 +210,19 @@ class QALoraLayer(BaseTunerLayer):
 
     # -- merge / unmerge / scale (PEFT and diffusers hooks) -------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Cache ``Q_w(W0 + scaling * B A)`` so that forward passes skip the fake quantization of the weight (the
+        """Freeze ``Q_w(W0 + scaling * B A)`` so that forward passes skip the fake quantization of the weight (the
         activation quantizer stays active).
 
         Quantization is not additive, so only one adapter can be merged.  Unlike PEFT's LoRA, the base weight W0 is
-        left untouched: the merged weight lives in the non-persistent buffer ``qal_merged_weight``, which follows
-        ``.to()`` / ``.half()`` and never enters a state dict, and [`unmerge`] just drops it.  A merged model cannot
+        left untouched: the merged weight is built at the next forward pass (so that it includes whatever a style LoRA
+        wrapping this layer merges into W0 in the same ``fuse_lora``) into the non-persistent buffer
+        ``qal_merged_weight``, which follows ``.to()`` / ``.half()`` and never enters a state dict; [`unmerge`] just
+        drops it.  A merged model cannot
         be unloaded into plain layers (``merge_and_unload``); `export_quantized` is the way to a standalone model.
         """
-        # Other adapters named here (a style LoRA around this layer) are merged by their own layers.
+        # Other adapters named here (a style LoRA around this layer) are merged by their own layers, possibly into W0:
+        # drop the merged weight so that the next forward pass rebuilds it from the W0 they leave.
+        self.qal_merged_weight = None
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.qal_weight_quantizer]
         if not adapter_names:
             return
@@ -223,11 +232,10 @@ class QALoraLayer(BaseTunerLayer):
                 f"{self.merged_adapters} already merged."
             )
         adapter = adapter_names[0]
-        with torch.no_grad():
-            new_weight = self.quantized_weight(adapter)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter!r} seems to be broken.")
-        self.qal_merged_weight = new_weight
+        if safe_merge:
+            with torch.no_grad():
+                if not torch.isfinite(self.quantized_weight(adapter)).all():
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {adapter!r} seems to be broken.")
         self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
