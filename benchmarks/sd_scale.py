@@ -226,8 +226,9 @@ class Bench:
             p.requires_grad_(False)
         groups = get_qalora_param_groups(base, 1e-4, 1e-5, 1e-4, "lr", 0.0)
         self.scale_aware = groups
-        self.opt = {"qalora": torch.optim.AdamW(groups.param_groups), "qalora_ref": None,
-                    "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4)}
+        # AdamW as DataFreeDistiller builds it (fused: one kernel for all tensors).
+        self.opt = {"qalora": torch.optim.AdamW(groups.param_groups, fused=True), "qalora_ref": None,
+                    "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, fused=True)}
         self.opt["qalora_ref"] = self.opt["qalora"]
         self.bf16 = False
 
@@ -319,15 +320,16 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
         momentum and weight decay would move them).  Adam's step count (bias correction) is then per table, not per
         entry: a rarely used entry gets the bias correction of the whole table, which changes its updates.
 
-    Both optimizers see the same gradients (those of one real student step) and the same LoRA / weight-step
-    parameters; the times are medians over ``repeats`` interleaved steps (``step()`` + ``zero_grad``).
+    Both optimizers (fused AdamW, as `DataFreeDistiller` builds it) see the same gradients (those of one real
+    student step) and the same LoRA / weight-step parameters; the times are medians over ``repeats`` interleaved
+    steps (``step()`` + ``zero_grad``).
     """
     import io
 
     from diffusers_qalora.quant import TemporalActQuantizer
 
     model = bench.unet
-    opt_a = torch.optim.AdamW(bench.scale_aware.param_groups)
+    opt_a = torch.optim.AdamW(bench.scale_aware.param_groups, fused=True)
     # One real step's gradients, kept (an optimizer step does not modify them).
     pred = output(model, bench.inputs, bench.t).float()
     F.mse_loss(pred, target).backward()
@@ -348,7 +350,7 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
                 used[i] = True
         dense.append((param, grad, used))
     opt_b = torch.optim.AdamW([{"params": other, "lr": 1e-4}, {"params": [d[0] for d in dense], "lr": 1e-4,
-                                                                  "weight_decay": 0.0}])
+                                                                  "weight_decay": 0.0}], fused=True)
 
     def step_a():
         for p, g in grads.items():
@@ -512,7 +514,8 @@ def main(argv: list[str] | None = None) -> dict:
         "qalora_trainable_values": bench.trainable_values, "build_seconds": build_seconds,
         "teacher_seconds_median": {st: statistics.median(v) for st, v in teacher_times.items()},
         "runs": [{"variant": v, "setting": st, "steps": r} for (v, st), r in runs.items()], "summary": summary,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "machine": machine_info(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(),
+        "machine": machine_info(),
     }
     bench.use("plain")
     if args.temporal_values_study:
@@ -548,7 +551,7 @@ def markdown(result: dict, tag: str) -> str:
         f"batch {result['batch']}, {result['threads']} thread(s), {result['device']}; "
         f"{result['repeats']} interleaved rounds (medians; ratios are medians of per-round ratios, within a setting). "
         f"Load average before/after: {result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f} "
-        f"on {result['machine'].get('cpu_count', '?')} CPUs.  Settings: plain = fp32, gc = gradient checkpointing, "
+        f"on {result['cpu_count']} CPUs.  Settings: plain = fp32, gc = gradient checkpointing, "
         "bf16 = bf16 autocast of teacher and student.",
         "",
         "Teacher pass (no gradient): " + ", ".join(f"{st} {t:.2f} s" for st, t in result["teacher_seconds_median"].items())
