@@ -27,8 +27,7 @@ starts from the same state.  Weights use the min-max step init (the MSE search w
 
     python benchmarks/sd_scale.py --model sd15 --latent 16 --repeats 3 --with_reference --profile
     python benchmarks/sd_scale.py --model sd15 --latent 32 --repeats 2
-    python benchmarks/sd_scale.py --model sd15 --latent 16 --gradient_checkpointing --repeats 1
-    python benchmarks/sd_scale.py --model sd15 --latent 16 --bf16 --repeats 1
+    python benchmarks/sd_scale.py --model sd15 --latent 16 --settings gc bf16 --repeats 1
     python benchmarks/sd_scale.py --model sdxl --latent 16 --repeats 1
     python benchmarks/sd_scale.py --model flux --latent 16 --repeats 1
 
@@ -227,15 +226,23 @@ class Bench:
             p.requires_grad_(False)
         groups = get_qalora_param_groups(base, 1e-4, 1e-5, 1e-4, "lr", 0.0)
         self.scale_aware = groups
-        self.opt = {"qalora": torch.optim.AdamW(groups.param_groups), "qalora_ref": None,
-                    "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4)}
+        # AdamW as DataFreeDistiller builds it (fused: one kernel for all tensors).
+        self.opt = {"qalora": torch.optim.AdamW(groups.param_groups, fused=True), "qalora_ref": None,
+                    "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, fused=True)}
         self.opt["qalora_ref"] = self.opt["qalora"]
-        if args.gradient_checkpointing:
-            base.enable_gradient_checkpointing()
-            twin.enable_gradient_checkpointing()
+        self.bf16 = False
+
+    def use(self, setting: str) -> None:
+        """``plain``, ``gc`` (gradient checkpointing), ``bf16`` (autocast) or ``gc_bf16``, for both models."""
+        for model in (self.unet, self.twin):
+            if "gc" in setting:
+                model.enable_gradient_checkpointing()
+            else:
+                model.disable_gradient_checkpointing()
+        self.bf16 = "bf16" in setting
 
     def autocast(self):
-        dtype = torch.bfloat16 if self.args.bf16 else None
+        dtype = torch.bfloat16 if self.bf16 else None
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def sync(self) -> None:
@@ -303,6 +310,112 @@ class _null:
         return False
 
 
+def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) -> dict:
+    """Optimizer cost of the activation step-size tables at this model's shape, two designs (issue 16):
+
+    (a) today's `TemporalValues`: one 0-d parameter per timestep entry; an entry a step does not use gets no
+        gradient (``None``), so AdamW skips it: exact freezing for free, per-entry Adam step counts;
+    (b) one ``(T,)`` parameter per table, with a dense gradient that is zero except at the used entries, and AdamW
+        made exact by restoring the unused entries' values and moments after each step (without the restore, AdamW's
+        momentum and weight decay would move them).  Adam's step count (bias correction) is then per table, not per
+        entry: a rarely used entry gets the bias correction of the whole table, which changes its updates.
+
+    Both optimizers (fused AdamW, as `DataFreeDistiller` builds it) see the same gradients (those of one real
+    student step) and the same LoRA / weight-step parameters; the times are medians over ``repeats`` interleaved
+    steps (``step()`` + ``zero_grad``).
+    """
+    import io
+
+    from diffusers_qalora.quant import TemporalActQuantizer
+
+    model = bench.unet
+    opt_a = torch.optim.AdamW(bench.scale_aware.param_groups, fused=True)
+    # One real step's gradients, kept (an optimizer step does not modify them).
+    pred = output(model, bench.inputs, bench.t).float()
+    F.mse_loss(pred, target).backward()
+    grads = {p: p.grad for g in opt_a.param_groups for p in g["params"] if p.grad is not None}
+    quantizers = [m for m in model.modules() if isinstance(m, TemporalActQuantizer)]
+    tables = [tv for q in quantizers for tv in (q.step, q.zero_point) if tv is not None]
+    entry_params = {p for tv in tables for p in tv.values}
+    other = [p for g in opt_a.param_groups for p in g["params"] if p not in entry_params]
+    # (b): one (T,) tensor per table, its gradient scattered from the per-entry gradients.
+    dense = []
+    for tv in tables:
+        param = torch.nn.Parameter(torch.stack([p.detach() for p in tv.values]))
+        grad = torch.zeros_like(param)
+        used = torch.zeros(len(tv), dtype=torch.bool)
+        for i, p in enumerate(tv.values):
+            if p in grads:
+                grad[i] = grads[p]
+                used[i] = True
+        dense.append((param, grad, used))
+    opt_b = torch.optim.AdamW([{"params": other, "lr": 1e-4}, {"params": [d[0] for d in dense], "lr": 1e-4,
+                                                                  "weight_decay": 0.0}], fused=True)
+
+    def step_a():
+        for p, g in grads.items():
+            p.grad = g
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+
+    def step_b():
+        for p in other:
+            p.grad = grads.get(p)
+        kept = []
+        for param, grad, used in dense:
+            param.grad = grad
+            state = opt_b.state.get(param)
+            idle = ~used
+            kept.append((param.detach()[idle].clone(),
+                         None if not state else state["exp_avg"][idle].clone(),
+                         None if not state else state["exp_avg_sq"][idle].clone()))
+        opt_b.step()
+        with torch.no_grad():
+            for (param, _, used), (value, m, v) in zip(dense, kept):
+                idle = ~used
+                param[idle] = value
+                state = opt_b.state[param]
+                if m is not None:
+                    state["exp_avg"][idle] = m
+                    state["exp_avg_sq"][idle] = v
+                else:  # first step: the moments of unused entries start at zero
+                    state["exp_avg"][idle] = 0.0
+                    state["exp_avg_sq"][idle] = 0.0
+        opt_b.zero_grad(set_to_none=True)
+
+    times = {"a_per_entry_parameters": [], "b_one_tensor_per_table_masked": []}
+    for rep in range(repeats + 1):
+        for name, fn in (("a_per_entry_parameters", step_a), ("b_one_tensor_per_table_masked", step_b)):
+            start = time.perf_counter()
+            fn()
+            if rep:  # the first round builds the optimizer state
+                times[name].append(time.perf_counter() - start)
+    # Checkpoint size of the optimizer state once every entry has been used (a full 100-step trajectory).
+    for tv in tables:
+        for p in tv.values:
+            p.grad = torch.ones_like(p)
+    opt_a.step()
+    opt_a.zero_grad(set_to_none=True)
+
+    def saved(opt):
+        buf = io.BytesIO()
+        start = time.perf_counter()
+        torch.save(opt.state_dict(), buf)
+        elapsed = time.perf_counter() - start
+        tensors = sum(sum(isinstance(v, torch.Tensor) for v in st.values()) for st in opt.state_dict()["state"].values())
+        return {"seconds": elapsed, "bytes": buf.tell(), "tensors": tensors}
+
+    return {
+        "tables": len(tables), "entries": sum(len(tv) for tv in tables),
+        "parameters_a": sum(1 for g in opt_a.param_groups for _ in g["params"]),
+        "parameters_b": len(other) + len(dense),
+        "state_dict_keys_per_table": 2,  # "timesteps" and "values" in both designs
+        "optimizer_step_seconds": {k: statistics.median(v) for k, v in times.items()},
+        "optimizer_checkpoint_after_full_trajectory": {"a_per_entry_parameters": saved(opt_a),
+                                                       "b_one_tensor_per_table_masked": saved(opt_b)},
+    }
+
+
 def profile_step(bench: Bench, variant: str, target: torch.Tensor, rows: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -313,6 +426,9 @@ def profile_step(bench: Bench, variant: str, target: torch.Tensor, rows: int = 2
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
+SETTINGS = ("plain", "gc", "bf16", "gc_bf16")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("sd15", "sdxl", "flux", "embedded"), default="sd15")
@@ -320,71 +436,102 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the teacher and student forward")
+    p.add_argument("--settings", nargs="+", default=["plain"], choices=SETTINGS,
+                   help="gradient checkpointing (gc) and/or bf16 autocast, interleaved in the same run")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("qalora_ref",))
     p.add_argument("--with_reference", action="store_true", help="also time qalora_ref (the pre-fusion path)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler tables of one student step")
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of one plain student step")
+    p.add_argument("--temporal_values_study", action="store_true",
+                   help="optimizer cost of per-entry vs per-table activation step parameters (issue 16)")
     p.add_argument("--tag", default=None)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = list(args.variants) + (["qalora_ref"] if args.with_reference and "qalora_ref" not in args.variants
                                       else [])
-    tag = args.tag or "_".join([args.model, f"{args.latent}x{args.latent}"] + (["gc"] if args.gradient_checkpointing
-                               else []) + (["bf16"] if args.bf16 else []) + ([args.device] if args.device != "cpu"
-                               else []))
+    tag = args.tag or "_".join([args.model, f"{args.latent}x{args.latent}"] + [s for s in args.settings if s != "plain"]
+                               + ([args.device] if args.device != "cpu" else []))
+    cases = [(v, st) for st in args.settings for v in variants]
     load_before = os.getloadavg()
     t_build = time.perf_counter()
     bench = Bench(args)
     build_seconds = time.perf_counter() - t_build
     device = bench.device
-    # Warm-up step per variant (first-touch allocations, compilation), measured for peak memory.
+    # Warm-up step per case (first-touch allocations, compilation), measured for peak memory.
     memory = {}
-    for variant in variants:
+    for variant, setting in cases:
+        bench.use(setting)
         target, _ = bench.teacher()
         clear_workspace()
         trim()
         with PeakSampler(device) as peak:
             bench.student_step(variant, target)
-        memory[variant] = peak.above_start + (4 * bench.num_params if variant == "full_ft" else 0)
-        print(f"warm-up {variant}: step peak +{peak.above_start / 2**30:.2f} GiB", flush=True)
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    teacher_times = []
+        memory[(variant, setting)] = peak.above_start + (4 * bench.num_params if variant == "full_ft" else 0)
+        print(f"warm-up {variant} {setting}: step peak +{peak.above_start / 2**30:.2f} GiB", flush=True)
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in cases}
+    teacher_times: dict[str, list[float]] = {st: [] for st in args.settings}
+    pool_cold = False
     for rep in range(args.repeats):
-        order = variants[rep % len(variants):] + variants[:rep % len(variants)]
-        for variant in order:
+        shift = rep % len(cases)
+        for variant, setting in cases[shift:] + cases[:shift]:
+            bench.use(setting)
+            if variant == "qalora_ref":
+                # The reference path allocates its own buffers: free the pool so both do not sit in memory at once,
+                # and re-fill it (untimed) before the next fused step, which would otherwise pay the page faults.
+                clear_workspace()
+                trim()
+                pool_cold = True
+            elif variant == "qalora" and pool_cold:
+                bench.student_step(variant, bench.teacher()[0])
+                pool_cold = False
             target, t_teacher = bench.teacher()
-            teacher_times.append(t_teacher)
+            teacher_times[setting].append(t_teacher)
             times = bench.student_step(variant, target)
-            runs[variant].append(times)
-            print(f"round {rep} {variant}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()), flush=True)
+            runs[(variant, setting)].append(times)
+            print(f"round {rep} {variant} {setting}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()),
+                  flush=True)
     # Ratios per round (same conditions), then the median over rounds.
-    summary = {}
-    for variant in variants:
-        med = {k: statistics.median(r[k] for r in runs[variant]) for k in runs[variant][0]}
-        row = {"median_seconds": med, "peak_memory_above_start_bytes": memory[variant]}
+    summary = []
+    for variant, setting in cases:
+        case_runs = runs[(variant, setting)]
+        med = {k: statistics.median(r[k] for r in case_runs) for k in case_runs[0]}
+        row = {"variant": variant, "setting": setting, "median_seconds": med,
+               "peak_memory_above_start_bytes": memory[(variant, setting)]}
         for ref in ("full_ft", "lora"):
-            if ref in runs and variant != ref:
-                ratios = [a["fwd_bwd"] / b["fwd_bwd"] for a, b in zip(runs[variant], runs[ref])]
+            if (ref, setting) in runs and variant != ref:
+                ratios = [a["fwd_bwd"] / b["fwd_bwd"] for a, b in zip(case_runs, runs[(ref, setting)])]
                 row[f"fwd_bwd_ratio_to_{ref}"] = statistics.median(ratios)
         if "optimizer" in med:
-            step = med["fwd_bwd"] + med["optimizer"] + statistics.median(teacher_times)
+            step = med["fwd_bwd"] + med["optimizer"] + statistics.median(teacher_times[setting])
             row["optimizer_share_of_step"] = med["optimizer"] / step
-        summary[variant] = row
+        summary.append(row)
     result = {
-        "command": "python benchmarks/sd_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": args.model, "latent": args.latent, "batch": 1, "repeats": args.repeats, "threads": args.threads,
-        "device": str(device), "gradient_checkpointing": args.gradient_checkpointing, "bf16_autocast": args.bf16,
+        "command": "python benchmarks/sd_scale.py " + " ".join(argv),
+        "model": args.model, "latent": args.latent, "batch": 8 if args.model == "embedded" else 1,
+        "repeats": args.repeats, "threads": args.threads, "device": str(device), "settings": args.settings,
         "seed": 0, "parameters": bench.num_params, "qalora_layers": bench.qalora_layers,
         "lora_layers": bench.lora_layers, "qalora_trainable_tensors": bench.trainable_tensors,
         "qalora_trainable_values": bench.trainable_values, "build_seconds": build_seconds,
-        "teacher_seconds_median": statistics.median(teacher_times), "runs": runs, "summary": summary,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "machine": machine_info(),
+        "teacher_seconds_median": {st: statistics.median(v) for st, v in teacher_times.items()},
+        "runs": [{"variant": v, "setting": st, "steps": r} for (v, st), r in runs.items()], "summary": summary,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(),
+        "machine": machine_info(),
     }
+    bench.use("plain")
+    if args.temporal_values_study:
+        target, _ = bench.teacher()
+        result["temporal_values_study"] = temporal_values_study(bench, target)
+        print(json.dumps(result["temporal_values_study"], indent=1), flush=True)
     if args.profile:
         target, _ = bench.teacher()
-        result["profile"] = {v: profile_step(bench, v, target) for v in variants if v.startswith("qalora")
-                             or v == "full_ft"}
+        result["profile"] = {}
+        for v in [v for v in variants if v.startswith("qalora") or v == "full_ft"]:
+            if v == "qalora_ref":
+                clear_workspace()
+                trim()
+            elif v == "qalora":
+                bench.student_step(v, target)  # pool filled, as in a real run after its first step
+            result["profile"][v] = profile_step(bench, v, target)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (RESULTS / f"{tag}.md").write_text(markdown(result, tag), encoding="utf-8")
@@ -401,30 +548,48 @@ def markdown(result: dict, tag: str) -> str:
         f"{result['model']}: {result['parameters'] / 1e6:.0f}M parameters, {result['qalora_layers']} QALoRA layers "
         f"({result['lora_layers']} with LoRA r=32), {result['qalora_trainable_tensors']} trainable tensors "
         f"({result['qalora_trainable_values'] / 1e6:.1f}M values); latent {result['latent']}x{result['latent']}, "
-        f"batch 1, {result['threads']} thread(s), {result['device']}, gradient checkpointing "
-        f"{'on' if result['gradient_checkpointing'] else 'off'}, bf16 autocast {'on' if result['bf16_autocast'] else 'off'}; "
-        f"{result['repeats']} interleaved rounds (medians; ratios are medians of per-round ratios). "
+        f"batch {result['batch']}, {result['threads']} thread(s), {result['device']}; "
+        f"{result['repeats']} interleaved rounds (medians; ratios are medians of per-round ratios, within a setting). "
         f"Load average before/after: {result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f} "
-        f"on {result['machine'].get('cpu_count', '?')} CPUs.",
+        f"on {result['cpu_count']} CPUs.  Settings: plain = fp32, gc = gradient checkpointing, "
+        "bf16 = bf16 autocast of teacher and student.",
         "",
-        f"Teacher pass (no gradient): {result['teacher_seconds_median']:.2f} s.",
+        "Teacher pass (no gradient): " + ", ".join(f"{st} {t:.2f} s" for st, t in result["teacher_seconds_median"].items())
+        + ".",
         "",
-        "| variant | student forward (s) | backward (s) | fwd+bwd (s) | optimizer step (s) | fwd+bwd / full FT |"
-        " fwd+bwd / LoRA | optimizer share of step | step peak memory (GiB above start) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | setting | student forward (s) | backward (s) | fwd+bwd (s) | optimizer step (s) |"
+        " fwd+bwd / full FT | fwd+bwd / LoRA | optimizer share of step | step peak memory (GiB above start) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for variant, row in result["summary"].items():
+    for row in result["summary"]:
+        variant = row["variant"]
         med = row["median_seconds"]
         opt = f"{med['optimizer']:.3f}" if "optimizer" in med else "—"
         share = f"{100 * row['optimizer_share_of_step']:.1f}%" if "optimizer_share_of_step" in row else "—"
         ft = f"{row['fwd_bwd_ratio_to_full_ft']:.2f}" if "fwd_bwd_ratio_to_full_ft" in row else "—"
         lo = f"{row['fwd_bwd_ratio_to_lora']:.2f}" if "fwd_bwd_ratio_to_lora" in row else "—"
-        lines.append(f"| {variant} | {med['forward']:.2f} | {med['backward']:.2f} | {med['fwd_bwd']:.2f} | {opt} | "
+        lines.append(f"| {variant} | {row['setting']} | {med['forward']:.2f} | {med['backward']:.2f} | {med['fwd_bwd']:.2f} | {opt} | "
                      f"{ft} | {lo} | {share} | {row['peak_memory_above_start_bytes'] / gib:.2f} |")
     lines += ["", "Optimizer share = optimizer / (teacher + fwd + bwd + optimizer).  full_ft has no optimizer "
               "step here (its AdamW state would not fit next to the other variants); its peak memory adds its weight "
               "gradients (4 bytes per parameter) to what was measured, as they are dropped right after they are "
               "computed in this run."]
+    study = result.get("temporal_values_study")
+    if study:
+        opt, ckpt = study["optimizer_step_seconds"], study["optimizer_checkpoint_after_full_trajectory"]
+        lines += [
+            "", "## Activation step-size tables: one parameter per entry (a) or one per table (b)", "",
+            f"{study['tables']} tables, {study['entries']} entries; optimizer parameters (a) {study['parameters_a']}, "
+            f"(b) {study['parameters_b']}.  Same gradients (one real step), AdamW `step()` + `zero_grad`, median of "
+            "interleaved steps; (b) restores the unused entries' values and moments after each step.", "",
+            "| design | optimizer step (s) | optimizer state tensors after a full trajectory | its checkpoint (MB) |"
+            " torch.save (s) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, label in (("a_per_entry_parameters", "(a) one 0-d parameter per entry (today)"),
+                           ("b_one_tensor_per_table_masked", "(b) one (T,) tensor per table, masked")):
+            c = ckpt[key]
+            lines.append(f"| {label} | {opt[key]:.3f} | {c['tensors']} | {c['bytes'] / 1e6:.1f} | {c['seconds']:.2f} |")
     for variant, table in result.get("profile", {}).items():
         lines += ["", f"## Profile of one `{variant}` student step", "", "```", table, "```"]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from .primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_lora_merged,
+    fused_path_enabled,
     qrange,
     quantize,
     round_ste,

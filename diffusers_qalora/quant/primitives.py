@@ -296,14 +296,34 @@ def clear_workspace() -> None:
 
 
 def _merged_fake_quant_forward(
-    merged: torch.Tensor, step: torch.Tensor, lo, hi, w_hat_out: torch.Tensor, inside_out: torch.Tensor
+    merged: torch.Tensor, w0: torch.Tensor, step: torch.Tensor, lo, hi, w_hat_out: torch.Tensor
 ) -> None:
-    """One elementwise pass: ``v = merged / s``, ``c = clamp(round(v), lo, hi)``; writes ``s * c`` into
-    ``w_hat_out``, ``round(v) == c`` into ``inside_out`` and LSQ's ``d x_hat / d s = c - v * inside`` over ``merged``.
+    """One elementwise pass over the weight: ``v = (merged + W0) / s``, ``r = round(v)``, ``c = clamp(r, lo, hi)``;
+    writes ``s * c`` into ``w_hat_out`` and LSQ's ``d x_hat / d s`` over ``merged``: ``c - v`` where ``r`` lies in
+    ``[lo, hi]`` (inside), ``c`` elsewhere -- the numbers of [`_LSQFakeQuantize`] (``c - v * inside``).
 
-    The same arithmetic as [`_LSQFakeQuantize`] (``c - v * 1 = c - v`` inside, ``c - v * 0 = c`` outside), written
-    as mutations of given buffers so that ``torch.compile`` turns it into one loop without allocations."""
-    v = merged / step
+    Written as mutations of given buffers so that ``torch.compile`` makes it one loop without allocations.  No mask
+    is stored: with symmetric bounds (``lo <= -1``, ``hi >= 1``) an inside element has ``|d| <= 0.5`` and an
+    outside one ``|d| = |lo|`` or ``|hi| >= 1``, so the backward pass reads the mask off ``d``."""
+    v = (merged + w0) / step
+    r = torch.round(v)
+    c = torch.clamp(r, lo, hi)
+    w_hat_out.copy_(c * step)
+    merged.copy_(torch.where((r >= lo) & (r <= hi), c - v, c))
+
+
+def _merged_fake_quant_backward(grad: torch.Tensor, d_step: torch.Tensor) -> torch.Tensor:
+    """One pass over the weight gradient (viewed as ``d``): the step gradient ``sum(grad * d)`` per cell (last dim), and the
+    straight-through gradient ``grad * inside`` (``inside = |d| <= 0.5``, see above) written over ``grad``."""
+    step_grad = (grad * d_step).sum(dim=-1, keepdim=True)
+    grad.copy_(grad * (d_step.abs() <= 0.5))
+    return step_grad
+
+
+def _merged_fake_quant_forward_masked(merged, w0, step, lo, hi, w_hat_out, inside_out) -> None:
+    """[`_merged_fake_quant_forward`] for asymmetric bounds (a bound may be 0, so ``d`` cannot tell inside from
+    outside): the mask is stored.  Always eager (a bool store keeps Inductor's loop from vectorising)."""
+    v = (merged + w0) / step
     r = torch.round(v)
     c = torch.clamp(r, lo, hi)
     inside = r == c
@@ -312,38 +332,54 @@ def _merged_fake_quant_forward(
     merged.copy_(c - v * inside)
 
 
-def _merged_fake_quant_backward(grad: torch.Tensor, d_step: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """One pass over the weight gradient: the step gradient ``sum(grad * d_step)`` per cell (last dim), and
-    ``grad * inside`` written over ``grad`` (the straight-through gradient of the merged weight)."""
+def _merged_fake_quant_backward_masked(grad, d_step, inside) -> torch.Tensor:
     step_grad = (grad * d_step).sum(dim=-1, keepdim=True)
-    grad.copy_(grad * inside)
+    grad.mul_(inside)
     return step_grad
 
 
 # The compiled versions of the two passes (torch.compile / Inductor: one C++ loop each), built on first use.
 _COMPILED: dict[str, Any] = {}
-# Tensors smaller than this run the two passes eagerly: compiling pays only on SD-scale weights.
+# Weights smaller than this keep the reference composition in "auto" mode: measured on the embedded model, the fused
+# path run eagerly is no faster than the reference (3% slower), and compiling pays only on SD-scale weights.
 COMPILE_MIN_NUMEL = 1 << 18
+FUSED_MODES = ("auto", "always", "eager", "never")
 _compile_setting: list[str] = [os.environ.get("QALORA_FUSED_COMPILE", "auto")]
 
 
 def set_fused_compile(mode: str) -> str:
-    """Whether the fused weight path compiles its elementwise passes with ``torch.compile``: ``"auto"`` (CPU tensors
-    of at least ``COMPILE_MIN_NUMEL`` elements, when Inductor works here), ``"always"`` or ``"never"``.  Returns the
-    previous mode.  The environment variable ``QALORA_FUSED_COMPILE`` sets the initial mode."""
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"`mode` must be 'auto', 'always' or 'never', got {mode!r}.")
+    """How QALoRA layers fake-quantize ``W0 + scaling * B @ A`` in training; returns the previous mode.
+
+    * ``"auto"`` (default): on CPU, weights of at least ``COMPILE_MIN_NUMEL`` elements take the fused path with its
+      two passes compiled by ``torch.compile`` (Inductor); smaller weights, other devices (the Triton kernel on CUDA)
+      and machines where Inductor fails take the reference composition;
+    * ``"always"``: the fused path, compiled, for every LoRA weight;
+    * ``"eager"``: the fused path with eager passes (same numbers, for tests and debugging);
+    * ``"never"``: the reference composition everywhere.
+
+    The environment variable ``QALORA_FUSED_COMPILE`` sets the initial mode.
+    """
+    if mode not in FUSED_MODES:
+        raise ValueError(f"`mode` must be one of {FUSED_MODES}, got {mode!r}.")
     previous = _compile_setting[0]
     _compile_setting[0] = mode
     return previous
 
 
+def fused_path_enabled(numel: int, device: torch.device) -> bool:
+    """Whether a QALoRA weight of ``numel`` elements on ``device`` takes [`fake_quantize_lora_merged`] in training."""
+    mode = _compile_setting[0]
+    if mode in ("always", "eager"):
+        return True
+    if mode == "never" or "failed" in _COMPILED:
+        return False
+    return device.type == "cpu" and numel >= COMPILE_MIN_NUMEL
+
+
 def _passes(numel: int, device: torch.device):
     """The (forward, backward) elementwise passes to run: compiled or eager."""
     mode = _compile_setting[0]
-    if mode == "never" or (mode == "auto" and (device.type != "cpu" or numel < COMPILE_MIN_NUMEL)):
-        return _merged_fake_quant_forward, _merged_fake_quant_backward
-    if "failed" in _COMPILED:
+    if mode in ("eager", "never") or "failed" in _COMPILED:
         return _merged_fake_quant_forward, _merged_fake_quant_backward
     if "forward" not in _COMPILED:
         _COMPILED["forward"] = torch.compile(_merged_fake_quant_forward, dynamic=True, fullgraph=True)
@@ -369,10 +405,12 @@ def _run_pass(which: int, numel: int, device: torch.device, *args):
 
 class _MergedLSQFakeQuantize(torch.autograd.Function):
     """``Q(W0 + scaling * B @ A)`` with the gradients of [`_LSQFakeQuantize`] for ``B``, ``A``, the step and (when it
-    is trained) ``W0``, in three weight-sized passes and two rank-``r`` GEMMs:
+    is trained) ``W0``, with one elementwise pass over the weight each way besides the rank-``r`` GEMMs:
 
-      forward:  ``B @ A`` into a pooled buffer; one pass writes ``x_hat``, the mask and ``d x_hat / d s``;
-      backward: one pass over the weight gradient (step gradient, mask); ``B``'s and ``A``'s gradients.
+      forward:  ``B @ A`` into a pooled buffer; one pass reads it and ``W0`` and writes ``x_hat`` and
+                ``d x_hat / d s`` (over the product);
+      backward: one pass over the weight gradient (step gradient, straight-through mask); ``B``'s and ``A``'s
+                gradients (two GEMMs).
 
     Weight-sized buffers come from [`WORKSPACE`] and go back there at the end of the backward pass.  The numbers are
     those of the reference composition ``fake_quantize(W0 + (B @ A) * scaling, ...)`` (bit-identical output and
@@ -384,15 +422,19 @@ class _MergedLSQFakeQuantize(torch.autograd.Function):
         device = w0.device
         out_features, rank = b.shape
         merged = WORKSPACE.take(grouped_shape, torch.float32, device)
-        flat = merged.view(out_features, -1)
-        torch.mm(b, a.reshape(rank, -1), out=flat)
+        torch.mm(b, a.reshape(rank, -1), out=merged.view(out_features, -1))
         if scaling != 1.0:
-            flat.mul_(scaling)
-        flat.add_(w0.reshape(out_features, -1))
+            merged.mul_(scaling)
         w_hat = WORKSPACE.take(grouped_shape, torch.float32, device)
-        inside = WORKSPACE.take(grouped_shape, torch.bool, device)
         lo, hi = _code_bounds(zero_point, qmin, qmax)
-        _run_pass(0, merged.numel(), device, merged, step, lo, hi, w_hat, inside)
+        # Views are passed as detached aliases: a view's base would become part of the compiled code's guards.
+        w0g = w0.view(grouped_shape).detach()
+        if zero_point is None:
+            inside = None
+            _run_pass(0, merged.numel(), device, merged, w0g, step, lo, hi, w_hat)
+        else:
+            inside = WORKSPACE.take(grouped_shape, torch.bool, device)
+            _merged_fake_quant_forward_masked(merged, w0g, step, lo, hi, w_hat, inside)
         ctx.save_for_backward(a, b, step, merged, inside, w_hat)
         ctx.settings = (scaling, grad_scale, w0.shape)
         return w_hat.view(w0.shape)
@@ -408,11 +450,14 @@ class _MergedLSQFakeQuantize(torch.autograd.Function):
         # The incoming weight gradient is the op's own fresh output, so it is masked in place (a view or an
         # expanded gradient is copied first).
         g = grad if grad.is_contiguous() and grad._base is None else grad.contiguous().clone()
-        g = g.view(d_step.shape)
-        step_grad = _run_pass(1, g.numel(), g.device, g, d_step, inside)
+        g3 = g.view(d_step.shape).detach()
+        if inside is None:
+            step_grad = _run_pass(1, g.numel(), g.device, g3, d_step)
+        else:
+            step_grad = _merged_fake_quant_backward_masked(g3, d_step, inside)
         WORKSPACE.give(d_step, inside)
         grad_step = step_grad.reshape(step.shape) * grad_scale if need_step else None
-        g2 = g.view(b.shape[0], -1)
+        g2 = g.reshape(b.shape[0], -1)
         grad_w0 = g2.view(w_shape) if need_w0 else None
         grad_a = grad_b = None
         if need_a or need_b:

@@ -4,7 +4,7 @@ The embedded default model with the default job's adapter (W4A4, r = 32, 100-ent
 is distilled for a few steps twice from the same start: once with the fused `fake_quantize_lora_merged` (what
 training runs) and once with ``QALoraLayer.fused_weight_path = False`` (the reference composition
 ``fake_quantize(W0 + B @ A)`` through autograd).  Every adapter tensor must agree to ``rtol=1e-5, atol=1e-7``
-(on this model's small layers the eager passes run, which are bit-identical in practice).
+(the fused path is forced with its eager passes; they are bit-identical in practice).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import diffusers_qalora as dq
 from diffusers_qalora.distill.embedded import EmbeddedJobConfig, timestep_table
-from diffusers_qalora.quant import clear_workspace
+from diffusers_qalora.quant import clear_workspace, set_fused_compile
 from diffusers_qalora.testbed import load_testbed
 from diffusers_qalora.tuners.qalora.api import get_qalora_param_groups
 from diffusers_qalora.tuners.qalora.layer import QALoraLayer
@@ -55,6 +55,8 @@ def distill(model, table, fused: bool):
     opt = torch.optim.AdamW(groups.param_groups)
     gen = torch.Generator().manual_seed(1)
     previous = QALoraLayer.fused_weight_path
+    # This model's weights are below the size at which "auto" takes the fused path: force it (eager passes).
+    previous_mode = set_fused_compile("eager")
     QALoraLayer.fused_weight_path = fused
     try:
         for step in range(STEPS):
@@ -69,6 +71,7 @@ def distill(model, table, fused: bool):
             opt.zero_grad(set_to_none=True)
     finally:
         QALoraLayer.fused_weight_path = previous
+        set_fused_compile(previous_mode)
         groups.remove_hooks()
         clear_workspace()
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".qal_" in n}

@@ -22,6 +22,7 @@ from ...quant import (
     fake_quantize,
     fake_quantize_impl,
     fake_quantize_lora_merged,
+    fused_path_enabled,
     grouped_view,
 )
 from .config import QALoraConfig
@@ -195,11 +196,13 @@ class QALoraLayer(BaseTunerLayer):
 
     def _forward_weight(self, adapter: str) -> torch.Tensor:
         """[`quantized_weight`] for the forward pass: with gradients on a LoRA layer whose weight quantizer runs
-        the torch reference, the fused `fake_quantize_lora_merged` (same numbers, fewer passes over the weight,
-        no weight-sized allocation per step); otherwise the composition itself (the Triton kernel on CUDA)."""
+        the torch reference, the fused `fake_quantize_lora_merged` where `fused_path_enabled` says so (SD-scale
+        weights on CPU: same numbers, one compiled pass over the weight each way, no weight-sized allocation per
+        step); otherwise the composition itself (small weights, and the Triton kernel on CUDA)."""
         wq = self.qal_weight_quantizer[adapter]
         weight = self.get_base_layer().weight
         if (not self.fused_weight_path or adapter not in self.qal_A or not torch.is_grad_enabled()
+                or not fused_path_enabled(weight.numel(), weight.device)
                 or fake_quantize_impl(wq, weight) is not fake_quantize):
             return self.quantized_weight(adapter)
         grouped = grouped_view(weight, wq.granularity).shape
