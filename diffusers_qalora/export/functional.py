@@ -104,7 +104,7 @@ def _scratch(shape: tuple[int, ...], device: torch.device, channels_last: bool) 
 
 def quantize_activation_uint8_per_sample(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, exact: bool = False,
-    padding: tuple[int, int] = (0, 0),
+    padding: tuple[int, int] = (0, 0), inv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``uint8`` codes ``clamp(round(x / s_b) + z_b, lo, hi)`` with one step size ``s_b`` and integer zero point
     ``z_b`` per sample (``scale``, ``zero_point``: ``(B,)`` float tensors; ``x``: ``(B, ...)``).
@@ -117,11 +117,12 @@ def quantize_activation_uint8_per_sample(
     ``z_b`` in float32 can move a value within about ``2**-15`` of a rounding tie by one code: both are at most one
     code away from the fake-quant model's ``round(x / s)``, on rare exact ties.  (torch's own per-channel quantizer
     takes the same arguments but is about 25x slower on CPU.)  ``exact=True`` uses the fake-quant formula.  Without
-    padding, the memory format of ``x`` is kept.
+    padding, the memory format of ``x`` is kept.  ``inv_scale``: ``1 / scale`` when the caller has it already.
     """
     view = (-1,) + (1,) * (x.dim() - 1)
     s = scale.to(device=x.device, dtype=torch.float32).reshape(view)
     z = zero_point.to(device=x.device, dtype=torch.float32).reshape(view)
+    inv = torch.reciprocal(s) if inv_scale is None else inv_scale.to(device=x.device, dtype=torch.float32).reshape(view)
     fast = not exact and _FAST_QUANTIZE and x.device.type == "cpu"
     ph, pw = padding
     if ph or pw:
@@ -132,14 +133,14 @@ def quantize_activation_uint8_per_sample(
             buf.zero_()
             inner.copy_(x)
             return quantize_activation_uint8_per_sample(buf, scale, zero_point, lo, hi, exact=True)
-        torch.addcmul(z, x.float(), torch.reciprocal(s), out=inner)  # written in place into the padded buffer
+        torch.addcmul(z, x.float(), inv, out=inner)  # written in place into the padded buffer
         for strip in (buf[:, :, :ph], buf[:, :, ph + h :], buf[:, :, ph : ph + h, :pw], buf[:, :, ph : ph + h, pw + w :]):
             if strip.numel():
                 strip.copy_(z.expand_as(strip))
         return quantize_activation_uint8(buf, 1.0, 0, lo, hi)
     if fast:
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        shifted = torch.addcmul(z, x.float(), torch.reciprocal(s), out=_scratch(x.shape, x.device, channels_last))
+        shifted = torch.addcmul(z, x.float(), inv, out=_scratch(x.shape, x.device, channels_last))
         return quantize_activation_uint8(shifted, 1.0, 0, lo, hi)
     v = torch.div(x.float(), s)
     v = v.round_().add_(z).clamp_(lo, hi)

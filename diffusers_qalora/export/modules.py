@@ -232,25 +232,52 @@ class IntegerLayer(nn.Module):
 
         return self._cached("dense_qparams", self._table_key(), build)
 
-    def sample_qparams(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step size and zero point of each sample, ``(B,)`` float32 each, with the same operations as the fake-quant
-        model's lookup (so the same values).  Integer timesteps (what DDPM/DDIM-style schedulers produce) read a
-        dense per-layer table; their positions are computed once per denoiser call and shared by the layers."""
-        first, dense_scale, dense_zero_point, _, _ = self._dense_qparams()
-        t = timesteps.to(device=self.act_timesteps.device, dtype=torch.float32)
+    def _dense_index(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Positions of integer ``timesteps`` in the dense table (``None`` for fractional ones), computed once per
+        denoiser call and shared by the layers."""
+        first, dense_scale = self._dense_qparams()[:2]
         source = self.context.timesteps if self.context is not None else None
-        key = (id(source), getattr(source, "_version", None), t.shape[0], str(t.device), first, dense_scale.numel())
+        key = (id(source), getattr(source, "_version", None), timesteps.shape[0], str(timesteps.device), first,
+               dense_scale.numel())
         hit = _INDICES.get(key)
         if hit is None or hit[0] is not source:
             if len(_INDICES) > 16:
                 _INDICES.clear()
+            t = timesteps.to(device=dense_scale.device, dtype=torch.float32)
             index = None
             if dense_scale.numel() and bool((t == torch.round(t)).all()):
                 index = (t.long() - first).clamp_(0, dense_scale.numel() - 1)
             hit = _INDICES[key] = (source, index)
-        if hit[1] is not None:
-            return dense_scale[hit[1]], dense_zero_point[hit[1]]
+        return hit[1]
+
+    def sample_qparams(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step size and zero point of each sample, ``(B,)`` float32 each, with the same operations as the fake-quant
+        model's lookup (so the same values).  Integer timesteps (what DDPM/DDIM-style schedulers produce) read a
+        dense per-layer table."""
+        _, dense_scale, dense_zero_point, _, _ = self._dense_qparams()
+        index = self._dense_index(timesteps)
+        if index is not None:
+            return dense_scale[index], dense_zero_point[index]
+        t = timesteps.to(device=self.act_timesteps.device, dtype=torch.float32)
         return lookup_act_qparams(self.act_timesteps, self.act_scale, self.act_zero_point, t)
+
+    def _sample_terms(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(s_b, 1 / s_b, z_b, s_b * z_b)`` per sample for the oneDNN path, ``z_b`` in the ``uint8`` domain: one
+        gather from a dense ``(4, T)`` table for integer timesteps."""
+        off = self.layout.act_offset
+
+        def build():
+            _, scale, zero_point, _, _ = self._dense_qparams()
+            z = zero_point + off
+            return torch.stack([scale, torch.reciprocal(scale), z, scale * z])
+
+        index = self._dense_index(timesteps)
+        if index is not None:
+            terms = self._cached("dense_terms", self._table_key(), build)
+            return terms.index_select(1, index).unbind(0)
+        scale, zero_point = self.sample_qparams(timesteps)
+        z = zero_point + off
+        return scale, torch.reciprocal(scale), z, scale * z
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,12 +293,12 @@ class IntegerLayer(nn.Module):
             scale, zero_point = self.sample_qparams(timesteps)
             return self._reference(x, scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device))
         if impl == "onednn":
-            scale, zero_point = self.sample_qparams(timesteps)
             lo, hi = self.layout.act_code_range
             off = self.layout.act_offset
-            _, _, z_min, z_max = self._dense_qparams()[1:]
+            z_min, z_max = self._dense_qparams()[3:]
             if z_min + off >= 0 and z_max + off <= 255:
-                return self._onednn_per_sample(x, scale, zero_point + off, lo + off, hi + off)
+                return self._onednn_per_sample(x, self._sample_terms(timesteps), lo + off, hi + off)
+            scale, zero_point = self.sample_qparams(timesteps)
             return self._reference(x, scale.reshape(view), zero_point.reshape(view))
         if getattr(impl, "per_sample_qparams", False):
             # The kernel gathers each sample's step size and zero point itself: one call for the whole batch.
@@ -315,10 +342,9 @@ class IntegerLayer(nn.Module):
     def _onednn(self, x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def _onednn_per_sample(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int
-                           ) -> torch.Tensor:
+    def _onednn_per_sample(self, x: torch.Tensor, terms: tuple[torch.Tensor, ...], lo: int, hi: int) -> torch.Tensor:
         """The integer path for a batch with one step size ``s_b`` and ``uint8`` zero point ``z_b`` per sample
-        (``(B,)`` tensors), in one kernel call.
+        (``terms``: [`_sample_terms`]), in one kernel call.
 
         oneDNN takes one activation step size and zero point per call, so the kernel runs with step 1 and zero point
         ``z``, the zero point all samples share, or 0 when they differ; its float output is
@@ -339,27 +365,29 @@ class IntegerLayer(nn.Module):
 
         return self._cached("tap_sums", self._weight_key(), build)
 
-    def _per_sample_epilogue(self, acc: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, common: int,
-                             shared: bool, channel_view: tuple[int, ...], tap_sums: torch.Tensor | None = None
-                             ) -> torch.Tensor:
-        """``s_b * acc + (bias - s_b * (z_b - common) * M)`` in place on ``acc`` (``(B, ...)``), one pass.  ``M`` is
-        [`_tap_sums`] unless ``tap_sums`` gives it (a map over output positions)."""
-        view = (-1,) + (1,) * (acc.dim() - 1)
-        s = scale.reshape(view).to(acc.dtype)
-        offset = None if self.bias is None else self.bias.to(acc.dtype).reshape(channel_view)
-        if not shared:
-            tap_sums = self._tap_sums().reshape(channel_view) if tap_sums is None else tap_sums
-            shift = (s * (zero_point - common).reshape(view)) * tap_sums
-            offset = -shift if offset is None else offset - shift
-        if offset is None:
-            return acc.mul_(s)
-        return torch.addcmul(offset, acc, s, out=acc)
+    def _shared_zero_point(self) -> int | None:
+        """The ``uint8`` zero point of every timestep when the table's is constant (signed codes: 128), else ``None``
+        (samples at different timesteps are then taken to differ)."""
+        z_min, z_max = self._dense_qparams()[3:]
+        return int(z_min) + self.layout.act_offset if z_min == z_max else None
 
-    @staticmethod
-    def _common_zero_point(zero_point: torch.Tensor) -> tuple[int, bool]:
-        """``(z, True)`` when every sample has the zero point ``z``, else ``(0, False)``."""
-        lo, hi = torch.aminmax(zero_point)
-        return (int(lo), True) if bool(lo == hi) else (0, False)
+    def _per_sample_epilogue(self, acc: torch.Tensor, terms: tuple[torch.Tensor, ...], shared: bool,
+                             channel_view: tuple[int, ...], tap_sums: torch.Tensor | None = None) -> torch.Tensor:
+        """``s_b * acc + (bias - s_b * z_b * M)`` in place on ``acc`` (``(B, ...)``), one pass; the ``z_b`` term only
+        when the kernel ran with zero point 0 (``shared=False``).  ``M`` is [`_tap_sums`] unless ``tap_sums`` gives
+        it (a map over output positions)."""
+        view = (-1,) + (1,) * (acc.dim() - 1)
+        scale, _, _, scaled_zero_point = terms
+        s = scale.reshape(view)
+        bias = None if self.bias is None else self.bias.reshape(channel_view)
+        if shared:
+            return acc.mul_(s) if bias is None else torch.addcmul(bias, acc, s, out=acc)
+        tap_sums = self._tap_sums().reshape(channel_view) if tap_sums is None else tap_sums
+        if bias is None:
+            offset = torch.mul(scaled_zero_point.reshape(view), tap_sums).neg_()
+        else:
+            offset = torch.addcmul(bias, scaled_zero_point.reshape(view), tap_sums, value=-1.0)
+        return torch.addcmul(offset, acc, s, out=acc)
 
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
@@ -433,20 +461,21 @@ class IntegerLinear(IntegerLayer):
             y = y.to(out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _onednn_per_sample(self, x, scale, zero_point, lo, hi):
-        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
+    def _onednn_per_sample(self, x, terms, lo, hi):
+        scale, inv_scale, zero_point, _ = terms
+        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
+                                                     inv_scale=inv_scale)
         codes = codes.reshape(-1, self.in_features)
-        common, shared = self._common_zero_point(zero_point)
+        common = self._shared_zero_point()
         packed = self._prepacked()
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
-            part = linear_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common, w, s, None,
-                                 torch.float32)
+            part = linear_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common or 0, w, s,
+                                 None, torch.float32)
             acc = part if acc is None else acc.add_(part)
         acc = acc.reshape(x.shape[0], -1, self.out_features)
-        y = self._per_sample_epilogue(acc, scale, zero_point, common, shared, (self.out_features,))
+        y = self._per_sample_epilogue(acc, terms, common is not None, (self.out_features,))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
 
 def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, tuple | list) else (v, v)
@@ -576,15 +605,17 @@ class IntegerConv2d(IntegerLayer):
 
         return self._cached(f"tap_sums_{size}_{tuple(padding)}", self._weight_key(), build)
 
-    def _onednn_per_sample(self, x, scale, zero_point, lo, hi):
+    def _onednn_per_sample(self, x, terms, lo, hi):
+        scale, inv_scale, zero_point, _ = terms
         x, padding = self._pad_input(x)
-        common, shared = self._common_zero_point(zero_point)
+        common = self._shared_zero_point()
+        shared = common is not None
         # Differing zero points: pad each sample with its own z_b (the code of 0), so that M is one number per output
         # channel.  A z_b outside the code range cannot be a code: then oneDNN pads, and a map of M corrects.
         z_min, z_max = (v + self.layout.act_offset for v in self._dense_qparams()[3:])
         pad_codes = not shared and any(padding) and lo <= z_min and z_max <= hi
         codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
-                                                     padding if pad_codes else (0, 0))
+                                                     padding if pad_codes else (0, 0), inv_scale=inv_scale)
         codes = codes.contiguous(memory_format=torch.channels_last)
         tap_sums = None
         if pad_codes:
@@ -595,9 +626,9 @@ class IntegerConv2d(IntegerLayer):
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = conv2d_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(memory_format=torch.channels_last),
-                                 1.0, common, w, s, None, self.stride, padding, self.dilation, 1, torch.float32)
+                                 1.0, common or 0, w, s, None, self.stride, padding, self.dilation, 1, torch.float32)
             acc = part if acc is None else acc.add_(part)
-        y = self._per_sample_epilogue(acc, scale, zero_point, common, shared, (1, -1, 1, 1), tap_sums)
+        y = self._per_sample_epilogue(acc, terms, shared, (1, -1, 1, 1), tap_sums)
         if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
             y = y.contiguous()
         return y.to(x.dtype)
