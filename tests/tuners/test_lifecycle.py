@@ -236,6 +236,17 @@ def test_diffusers_adapter_verbs_with_a_style_lora(kind):
     assert torch.equal(run(model, case), q_out)
 
 
+def test_quantized_attention_stays_on_under_a_style_lora():
+    """With ``quantize_attention``, the q/k/v step sizes live on the QALoRA projections; a style LoRA wrapping
+    ``to_q``/``to_k``/``to_v`` must not hide them from the attention processor."""
+    case = MODEL_KINDS["sd15"]
+    model = quantized(case, quantize_attention=True)
+    q_out = run(model, case)
+    add_style(model)
+    model.set_adapters(["default", "style"], [1.0, 0.0])
+    assert torch.equal(run(model, case), q_out)
+
+
 def test_fuse_lora_with_a_style_lora_quantizes_the_fused_weight_and_unfuses_exactly():
     """diffusers' fuse_lora merges the QALoRA layer first, then the style LoRA wrapping it adds its delta to W0: the
     merged QALoRA weight must be Q_w(W0 + style + B A), not a stale Q_w(W0 + B A) that drops the style."""
@@ -347,6 +358,18 @@ def test_save_pretrained_round_trip(kind, tmp_path):
     reloaded.double()
 
 
+def test_reloaded_model_exports_like_the_original(tmp_path):
+    case = MODEL_KINDS["unet2d"]
+    model = quantized(case)
+    model.save_pretrained(tmp_path / "a")
+    reloaded = reload(model, tmp_path / "a")
+    expected = run(dq.export_quantized(model, backend="reference"), case)
+    exported = dq.export_quantized(reloaded, backend="reference")
+    assert torch.equal(run(exported, case), expected)
+    exported.save_pretrained(tmp_path / "b")  # the export's quantization_config replaced the adapter record
+    assert torch.equal(run(reload(model, tmp_path / "b"), case), expected)
+
+
 def test_save_pretrained_keeps_style_lora_weights_active_set_disabled_and_merged_state(tmp_path):
     case = MODEL_KINDS["sd15"]
     model = quantized(case)
@@ -431,7 +454,7 @@ def test_pipeline_with_a_loaded_style_lora_saves_and_reloads_to_the_same_images(
     dq.calibrate_activations(pipe.unet, lambda: sample(pipe))
     quantized_image = sample(pipe)
     pipe.load_lora_weights(tmp_path / "style", adapter_name="style")
-    assert all(layer._active_qalora_adapter() == "default" for layer in qalora_layers(pipe.unet).values())
+    assert all(layer.active_qalora_adapter() == "default" for layer in qalora_layers(pipe.unet).values())
     image = sample(pipe)
     assert not (image == quantized_image).all()
     pipe.set_adapters(["default", "style"], [1.0, 0.0])

@@ -81,7 +81,17 @@ class AttentionQuantizers(NamedTuple):
         return any(q is not None for q in self)
 
 
+def _qalora_projection(layer: nn.Module | None) -> nn.Module | None:
+    """The QALoRA layer of a projection, also under a style LoRA that wraps it (else the layer itself)."""
+    while layer is not None and not isinstance(layer, QALoraLayer) and isinstance(
+        getattr(layer, "base_layer", None), nn.Module
+    ):
+        layer = layer.base_layer
+    return layer
+
+
 def _active(layer: nn.Module | None, attribute: str) -> TemporalActQuantizer | None:
+    layer = _qalora_projection(layer)
     if not isinstance(layer, QALoraLayer) or layer.disable_adapters:
         return None
     adapter = layer.active_qalora_adapter()
@@ -509,7 +519,7 @@ def quantized_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not _is_attention_module(module):
             continue
-        layers = [getattr(module, leaf, None) for leaf in ATTENTION_PROJECTIONS]
+        layers = [_qalora_projection(getattr(module, leaf, None)) for leaf in ATTENTION_PROJECTIONS]
         if any(isinstance(layer, QALoraLayer) and len(layer.qal_out_quantizer) for layer in layers):
             found[name] = module
     return found
