@@ -29,14 +29,14 @@ class Testbed:
     """The embedded default model, ready to sample and to score.
 
     Args:
-        pipeline ([`ClassConditionalDDIMPipeline`]): the UNet with a `DDIMScheduler` built from the training config.
+        pipeline ([ClassConditionalDDIMPipeline][diffusers_qalora.testbed.ClassConditionalDDIMPipeline]): the UNet with a `DDIMScheduler` built from the training config.
         unet (`UNet2DModel`): the class-conditional UNet (eval mode, float32); the same object as `pipeline.unet`.
-        classifier ([`DigitsClassifier`]): the digits classifier (eval mode).
+        classifier ([DigitsClassifier][diffusers_qalora.testbed.DigitsClassifier]): the digits classifier (eval mode).
         reference_images (`torch.Tensor`): held-out real digits `(500, 1, 16, 16)` in `[0, 1]`, never trained on.
         reference_labels (`torch.Tensor`): their labels `(500,)`.
         config (`dict`): the content of `testbed.json`.
         weights_dir (`pathlib.Path`): the folder the weights were loaded from.
-        split ([`DigitsSplit`]): the whole train / held-out split (`reference_*` is its held-out part).
+        split ([DigitsSplit][diffusers_qalora.testbed.DigitsSplit]): the whole train / held-out split (`reference_*` is its held-out part).
     """
 
     pipeline: ClassConditionalDDIMPipeline
@@ -126,7 +126,7 @@ def load_testbed(
         verify (`bool`, *optional*, defaults to `True`): check the sha256 of the weight files first.
 
     Returns:
-        [`Testbed`]: models in eval mode, in float32.
+        [Testbed][diffusers_qalora.testbed.Testbed]: models in eval mode, in float32.
 
     Raises:
         ValueError: a weight file does not match its recorded sha256 (the message names the file).

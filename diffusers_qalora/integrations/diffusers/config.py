@@ -59,7 +59,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         eight_bit_modules (`list[str]`, *optional*): modules at ``special_bits`` (default: first/last layers).
         timestep_argument (`str`, defaults to `"timestep"`): the denoiser's timestep argument (read by the hook).
         backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): compute path of the integer layers.
-        layers (`dict[str, dict]`, *optional*): the [`IntegerLayout`] of every integer layer of an exported model;
+        layers (`dict[str, dict]`, *optional*): the [IntegerLayout][diffusers_qalora.export.IntegerLayout] of every integer layer of an exported model;
             written by `export_quantized`, never set by hand.
         winograd (`dict`, *optional*): the record of the model's Winograd layers (what `save_winograd` writes as
             ``winograd_config.json``), taken by ``save_pretrained`` of an exported model that has any, so that
@@ -155,11 +155,11 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         return self.layers is not None
 
     def layouts(self) -> dict[str, IntegerLayout]:
-        """``layers`` as [`IntegerLayout`] objects."""
+        """``layers`` as [IntegerLayout][diffusers_qalora.export.IntegerLayout] objects."""
         return {name: IntegerLayout.from_dict(spec, f"layers[{name!r}]") for name, spec in (self.layers or {}).items()}
 
     def to_qalora_config(self) -> QALoraConfig:
-        """The [`QALoraConfig`] used for PTQ initialisation on load."""
+        """The [QALoraConfig][diffusers_qalora.QALoraConfig] used for PTQ initialisation on load."""
         return QALoraConfig(
             r=self.r, lora_alpha=self.lora_alpha, weight_bits=self.weight_bits, act_bits=self.act_bits,
             special_bits=self.special_bits, weight_granularity=self.weight_granularity,
@@ -196,7 +196,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     # -- serialisation ---------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Rebuild from [`to_dict`] (what ``config.json`` holds); unknown keys are an error naming them."""
+        """Rebuild from `to_dict` (what ``config.json`` holds); unknown keys are an error naming them."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"a QALoRA quantization_config must be a dict, got {type(config_dict).__name__}.")
         unknown = sorted(set(config_dict) - {f.name for f in fields(cls)})

@@ -14,7 +14,7 @@ no quantizer at all the processor computes exactly what ``AttnProcessor2_0`` com
 
 Three paths:
 
-* **inference** (no gradient needed): [`diffusers_qalora.kernels.attention.quantized_attention`] with the step sizes at
+* **inference** (no gradient needed): [quantized_attention][diffusers_qalora.kernels.quantized_attention] with the step sizes at
   each sample's timestep: the fused Triton kernel on CUDA, the torch reference elsewhere (chosen once per attention
   module, see `diffusers_qalora.kernels.dispatch`);
 * **training** (a gradient is needed): the quantizer modules (LSQ gradients for the values and the step sizes), then
@@ -320,7 +320,7 @@ def quantized_attention_modules(model: nn.Module) -> dict[str, Attention]:
 
 
 def set_qalora_attn_processor(model: nn.Module) -> nn.Module:
-    """Install a [`QALoraAttnProcessor`] on every attention module of ``model`` that has attention quantizers
+    """Install a [QALoraAttnProcessor][diffusers_qalora.QALoraAttnProcessor] on every attention module of ``model`` that has attention quantizers
     (idempotent); other modules keep their processor.  Returns ``model``."""
     modules = quantized_attention_modules(model)
     for name, module in modules.items():
@@ -336,7 +336,7 @@ def set_qalora_attn_processor(model: nn.Module) -> nn.Module:
 
 
 def restore_attention_processors(model: nn.Module) -> nn.Module:
-    """Give every attention module running a [`QALoraAttnProcessor`] whose projections no longer carry attention
+    """Give every attention module running a [QALoraAttnProcessor][diffusers_qalora.QALoraAttnProcessor] whose projections no longer carry attention
     quantizers diffusers' default processor back (``AttnProcessor2_0``, or ``AttnProcessor`` without ``scale_qk``)."""
     quantized = set(quantized_attention_modules(model).values())
     for module in model.modules():

@@ -186,7 +186,7 @@ class QALoraLayer(BaseTunerLayer):
         """Write ``Q_w(W0 + scaling * B A)`` into the base weight (the activation quantizer stays active).
 
         Quantization is not additive, so only one adapter can be merged; the original weight is kept so that
-        [`unmerge`] restores it exactly.
+        `unmerge` restores it exactly.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
