@@ -1,6 +1,6 @@
 """The main job on the embedded default model: PTQ baselines, data-free distillation and their evaluation.
 
-``examples/distill.py`` (no arguments) and the benchmarks call [`run_embedded_job`]; it writes an output folder with
+``examples/distill.py`` (no arguments) and the benchmarks call `run_embedded_job`; it writes an output folder with
 the adapter, ``results.json``, a Markdown report, sample grids and step-size plots.
 """
 

@@ -48,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class DistillConfig:
-    """Hyper-parameters of [`DataFreeDistiller`].
+    """Hyper-parameters of [DataFreeDistiller][diffusers_qalora.distill.DataFreeDistiller].
 
     Args:
         num_inference_steps (`int`, defaults to `100`): DDIM steps of each teacher trajectory (one optimizer step each).
@@ -67,7 +67,7 @@ class DistillConfig:
         train_base_weights (`bool`, defaults to `False`): also train every parameter of the base model (weights,
             biases, norms, embeddings) at ``base_weight_lr``: full quantization-aware training, the baseline LoRA
             replaces.  The teacher can then no longer be the student with its adapters switched off, so
-            [`DataFreeDistiller`] needs a separate frozen ``teacher``.
+            [DataFreeDistiller][diffusers_qalora.distill.DataFreeDistiller] needs a separate frozen ``teacher``.
         base_weight_lr (`float`, defaults to `1e-5`): learning rate of the base parameters (``train_base_weights``).
         seed (`int`, defaults to `0`): seed of the noise and conditioning draws (offset per process).
         checkpointing_steps (`int`, *optional*): save a resumable checkpoint every so many steps.

@@ -9,8 +9,8 @@ Backends:
 * ``"reference"``: the dequantized float computation, bit-identical to the fake-quant model (the fallback, and the
   oracle of the tests);
 * ``"triton"``: the Triton integer GEMM of `diffusers_qalora.kernels` (CUDA; CPU tensors under the Triton
-  interpreter), provided through [`set_kernel_provider`] (this package stays plain torch and does not import it);
-* kernels registered with [`register_kernel`] for other devices.
+  interpreter), provided through `set_kernel_provider` (this package stays plain torch and does not import it);
+* kernels registered with [register_kernel][diffusers_qalora.export.register_kernel] for other devices.
 
 ``"auto"`` picks a registered kernel for the input's device, else what the kernel provider chooses (Triton on CUDA
 when ``triton`` imports, following the global ``diffusers_qalora.kernels.set_kernel_backend``), else oneDNN on CPU
@@ -61,13 +61,13 @@ def register_kernel(device_type: str, op: str, kernel: Callable, replace: bool =
 
 
 def unregister_kernel(device_type: str, op: str) -> None:
-    """Remove a kernel registered with [`register_kernel`] (no error if there is none)."""
+    """Remove a kernel registered with [register_kernel][diffusers_qalora.export.register_kernel] (no error if there is none)."""
     _KERNELS.pop((device_type, op), None)
 
 
 def set_kernel_provider(provider: Callable | None) -> Callable | None:
     """Install the provider of the ``"triton"`` backend (and of the CUDA choice of ``"auto"``); return the previous
-    one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [`register_kernel`]
+    one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [register_kernel][diffusers_qalora.export.register_kernel]
     (a kernel with ``per_sample_qparams = True`` also accepts ``(B,)`` tensors of per-sample step sizes and zero
     points, so a batch of mixed timesteps runs in one call), or ``None``."""
     previous = _PROVIDER[0]

@@ -1,4 +1,4 @@
-"""The timestep plumbing of an integer model: the shared [`TimestepContext`], the denoiser's pre-hook that fills it,
+"""The timestep plumbing of an integer model: the shared [TimestepContext][diffusers_qalora.TimestepContext], the denoiser's pre-hook that fills it,
 and the backend switch.  Pure torch (the QALoRA tuner uses the same model attributes, so a model exported from QALoRA
 keeps its hook)."""
 
@@ -33,7 +33,7 @@ def _contiguous_output_hook(module: nn.Module, args, output):
 
 
 def attach_integer_context(model: nn.Module, timestep_argument: str = "timestep") -> TimestepContext:
-    """Give every integer layer of ``model`` the model's shared [`TimestepContext`], installing the forward pre-hook
+    """Give every integer layer of ``model`` the model's shared [TimestepContext][diffusers_qalora.TimestepContext], installing the forward pre-hook
     that fills it from the ``timestep_argument`` of ``model.forward`` if the model has none yet, and a forward hook
     that returns the model's 4-D outputs contiguous (NCHW) (idempotent)."""
     # The context and hook `get_qalora_model` installed, if any, are reused: a model exported from QALoRA keeps them.

@@ -1,9 +1,9 @@
 """Integer layers: ``IntegerLinear`` and ``IntegerConv2d``.
 
 Each holds integer weight codes (packed), per-channel or per-group weight step sizes, the bias and the activation
-step-size table keyed by timestep (see [`IntegerLayout`]).  A call
+step-size table keyed by timestep (see [IntegerLayout][diffusers_qalora.export.IntegerLayout]).  A call
 
-1. looks the activation step size and zero point up at the current timestep (from the shared [`TimestepContext`]
+1. looks the activation step size and zero point up at the current timestep (from the shared [TimestepContext][diffusers_qalora.TimestepContext]
    that the denoiser's forward pre-hook fills; a batch with several timesteps is split by timestep),
 2. quantizes the input to ``uint8`` codes,
 3. runs the integer product (``int32`` accumulation) with one epilogue ``acc * s_x * s_w + bias``.
@@ -53,8 +53,8 @@ class IntegerLayer(nn.Module):
     """Common state and call logic of the integer layers (not used directly).
 
     Attributes:
-        layout ([`IntegerLayout`]): bit widths, granularity and table size.
-        context ([`TimestepContext`]): the timesteps of the denoiser call in progress (shared by all layers).
+        layout ([IntegerLayout][diffusers_qalora.export.IntegerLayout]): bit widths, granularity and table size.
+        context ([TimestepContext][diffusers_qalora.TimestepContext]): the timesteps of the denoiser call in progress (shared by all layers).
         backend (`str`): ``"auto"`` (default), ``"onednn"``, ``"triton"`` or ``"reference"``; see
             `diffusers_qalora.export.backends`.
         exact_activation_rounding (`bool`): quantize activations with the fake-quant model's ``x / s`` formula instead

@@ -345,7 +345,7 @@ def push_quantized_model(
     create_pr: bool = False,
     max_shard_size: int | str | None = None,
 ) -> CommitInfo:
-    """Push an exported integer model (from [`export_quantized`]) to the Hub repo ``repo_id``, with a model card.
+    """Push an exported integer model (from [export_quantized][diffusers_qalora.export_quantized]) to the Hub repo ``repo_id``, with a model card.
 
     The repo receives what diffusers' ``save_pretrained`` writes for it (``config.json`` with the ``"qalora"``
     ``quantization_config``, packed integer weights as safetensors), a ``README.md`` card and, when given,
@@ -361,8 +361,11 @@ def push_quantized_model(
             named with ``base_model_relation: quantized``; results were measured on the fake-quantized model before
             export, which the card says).
         commit_message (`str`, *optional*): default ``"Upload W4A8 integer <ModelClass> with diffusers-qalora"``.
-        commit_description, private, token, revision, create_pr: as in
-            [push_qalora_adapter][diffusers_qalora.push_qalora_adapter].
+        commit_description (`str`, *optional*): as in [push_qalora_adapter][diffusers_qalora.push_qalora_adapter].
+        private (`bool`, *optional*): as in [push_qalora_adapter][diffusers_qalora.push_qalora_adapter].
+        token (`str | bool`, *optional*): as in [push_qalora_adapter][diffusers_qalora.push_qalora_adapter].
+        revision (`str`, *optional*): as in [push_qalora_adapter][diffusers_qalora.push_qalora_adapter].
+        create_pr (`bool`, defaults to `False`): as in [push_qalora_adapter][diffusers_qalora.push_qalora_adapter].
         max_shard_size (`int | str`, *optional*): passed to ``save_pretrained`` (e.g. ``"2GB"``).
 
     Returns:

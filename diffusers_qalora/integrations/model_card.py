@@ -349,7 +349,7 @@ def quantized_model_card(
     revision: str | None = None,
 ) -> ModelCard:
     """The card of an exported integer model (``library_name: diffusers``: it is a diffusers model folder that
-    ``from_pretrained`` loads once ``diffusers_qalora`` is imported).  ``info`` as in [`adapter_card`]."""
+    ``from_pretrained`` loads once ``diffusers_qalora`` is imported).  ``info`` as in `adapter_card`."""
     bits = f"W{config.weight_bits}A{config.act_bits}"
     base_model = info.base_model
     data = _card_data(info, relation="quantized", library_name="diffusers", weight_bits=config.weight_bits,

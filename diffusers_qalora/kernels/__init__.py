@@ -1,13 +1,13 @@
 """Triton kernels, their torch references, and the dispatch between them.
 
-* fused fake quantization with LSQ gradients ([`fused_fake_quantize`], [`fake_quantize_by_index`]), used by the
+* fused fake quantization with LSQ gradients ([fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize], [fake_quantize_by_index][diffusers_qalora.kernels.fake_quantize_by_index]), used by the
   quantizers of `diffusers_qalora.quant` during training and calibration-free inference on CUDA;
-* integer GEMM / implicit-GEMM convolution with a fused dequantize epilogue ([`int8_linear`], [`int8_conv2d`]), used
+* integer GEMM / implicit-GEMM convolution with a fused dequantize epilogue ([int8_linear][diffusers_qalora.kernels.int8_linear], [int8_conv2d][diffusers_qalora.kernels.int8_conv2d]), used
   by the exported integer layers on CUDA (backend ``"triton"``);
-* dispatch ([`set_kernel_backend`], [`kernel_backend`], [`set_module_kernel_backend`]): Triton on CUDA when ``triton``
+* dispatch ([set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend], [kernel_backend][diffusers_qalora.kernels.kernel_backend], [set_module_kernel_backend][diffusers_qalora.kernels.set_module_kernel_backend]): Triton on CUDA when ``triton``
   imports, the torch reference elsewhere.
 
-Importing this package does not import ``triton``; the kernels are built the first time one runs.  [`install`]
+Importing this package does not import ``triton``; the kernels are built the first time one runs.  `install`
 (called when this package is imported) connects the dispatch to the quantizers, the integer layers and the Winograd
 convolution.
 """

@@ -7,8 +7,8 @@ Rules (see ``docs/kernels.md``):
   Triton interpreter is on (``TRITON_INTERPRET=1`` in the environment before the kernels are first built);
 * ``"torch"``: the torch reference.
 
-The request is looked up in this order: the module's own setting ([`set_module_kernel_backend`]), then the global
-one ([`set_kernel_backend`], the [`kernel_backend`] context manager, or the ``QALORA_KERNEL_BACKEND`` environment
+The request is looked up in this order: the module's own setting ([set_module_kernel_backend][diffusers_qalora.kernels.set_module_kernel_backend]), then the global
+one ([set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend], the [kernel_backend][diffusers_qalora.kernels.kernel_backend] context manager, or the ``QALORA_KERNEL_BACKEND`` environment
 variable), then ``"auto"``.  A module resolves its choice once per device (at its first forward there) and keeps it
 until one of these settings changes.
 
@@ -70,7 +70,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
 
 # -- global and per-module requests ------------------------------------------------------------------------------------
 def get_kernel_backend() -> str:
-    """The global request: what [`set_kernel_backend`] set, else ``QALORA_KERNEL_BACKEND``, else ``"auto"``."""
+    """The global request: what [set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend] set, else ``QALORA_KERNEL_BACKEND``, else ``"auto"``."""
     backend = _state["backend"]
     if backend is None:
         env = os.environ.get(ENV_BACKEND, "").strip().lower()

@@ -114,7 +114,7 @@ def _fake_quantize_values(
     qmax: int,
     keep_scaled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``s * clamp(round(x / s), qmin - z, qmax - z)`` (see [`_LSQFakeQuantize`]) and, if ``keep_scaled``, ``x / s``.
+    """``s * clamp(round(x / s), qmin - z, qmax - z)`` (see `_LSQFakeQuantize`) and, if ``keep_scaled``, ``x / s``.
 
     Without ``keep_scaled`` everything after the division happens in place in one buffer.
     """
@@ -206,7 +206,7 @@ def fake_quantize(
         step (`torch.Tensor`): positive step sizes, broadcastable to ``x``.
         zero_point (`torch.Tensor`, *optional*): zero points (rounded to integers in the forward pass),
             broadcastable to ``x``; ``None`` for symmetric quantization.
-        qmin (`int`): the lowest integer code, see [`qrange`].
+        qmin (`int`): the lowest integer code, see [qrange][diffusers_qalora.quant.qrange].
         qmax (`int`): the highest integer code.
         grad_scale (`float`, defaults to `1.0`): LSQ gradient scale applied to the step and zero-point gradients.
 

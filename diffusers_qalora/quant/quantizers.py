@@ -24,15 +24,15 @@ _resolver: list[FakeQuantizeResolver | None] = [None]
 
 
 def set_fake_quantize_resolver(resolver: FakeQuantizeResolver | None) -> FakeQuantizeResolver | None:
-    """Install ``resolver(module, x) -> fn`` (``fn`` with the signature of [`fake_quantize`]) and return the previous
-    one; ``None`` restores plain [`fake_quantize`]."""
+    """Install ``resolver(module, x) -> fn`` (``fn`` with the signature of [fake_quantize][diffusers_qalora.quant.fake_quantize]) and return the previous
+    one; ``None`` restores plain [fake_quantize][diffusers_qalora.quant.fake_quantize]."""
     previous = _resolver[0]
     _resolver[0] = resolver
     return previous
 
 
 def fake_quantize_impl(module: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The implementation of [`fake_quantize`] that ``module`` runs for its input ``x``."""
+    """The implementation of [fake_quantize][diffusers_qalora.quant.fake_quantize] that ``module`` runs for its input ``x``."""
     resolver = _resolver[0]
     return fake_quantize if resolver is None else resolver(module, x)
 
@@ -112,9 +112,9 @@ class WeightQuantizer(nn.Module):
 class TemporalActQuantizer(nn.Module):
     """Per-tensor activation fake-quantizer with one step size (and zero point) per calibrated timestep (TALSQ).
 
-    The step sizes are looked up by the timesteps in the shared [`TimestepContext`] (set by the denoiser's forward
+    The step sizes are looked up by the timesteps in the shared [TimestepContext][diffusers_qalora.TimestepContext] (set by the denoiser's forward
     pre-hook), with linear interpolation between table entries.  A table of a single entry is a plain static
-    quantizer used at every timestep.  Until [`finish_calibration`] (or a loaded state) marks it calibrated, a forward
+    quantizer used at every timestep.  Until `finish_calibration` (or a loaded state) marks it calibrated, a forward
     raises instead of quantizing with arbitrary step sizes.
 
     Args:
@@ -221,7 +221,7 @@ class TemporalActQuantizer(nn.Module):
         self._calib_sum = None
 
     def _single_qparams(self, t: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[`qparams`] at one timestep, as 0-d tensors, without the tensor bookkeeping of a batched lookup.
+        """`qparams` at one timestep, as 0-d tensors, without the tensor bookkeeping of a batched lookup.
 
         This runs once per quantized layer and denoiser call, so it is written in plain Python (the batched lookup
         costs ~0.1 ms of small tensor ops per call).  It gives the same numbers as ``TemporalValues.lookup``: the
@@ -258,7 +258,7 @@ class TemporalActQuantizer(nn.Module):
     # -- calibration -------------------------------------------------------------------------------------------
     def start_calibration(self, method: str = "lp", max_elements: int = 8192) -> None:
         """Observe inputs (passed through unchanged) and accumulate per-timestep step sizes until
-        [`finish_calibration`].  Each observed call is assigned to its nearest table entry."""
+        `finish_calibration`.  Each observed call is assigned to its nearest table entry."""
         if method not in INIT_METHODS:
             raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
         self._calibrating = True

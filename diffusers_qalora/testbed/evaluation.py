@@ -1,6 +1,6 @@
 """Evaluation on the embedded digits DDPM: the full-precision model and the PTQ baselines at several bit widths.
 
-``examples/evaluate.py`` is a thin command line over [`run_ptq_evaluation`]; the distillation job reuses the helpers.
+``examples/evaluate.py`` is a thin command line over `run_ptq_evaluation`; the distillation job reuses the helpers.
 """
 
 from __future__ import annotations

@@ -145,8 +145,8 @@ def train_classifier(split: DigitsSplit, config: RecipeConfig) -> tuple[DigitsCl
     """Train the digits classifier on the train split (random shifts), and measure it on the held-out split.
 
     Args:
-        split ([`DigitsSplit`]): the data; only `train_*` is trained on.
-        config ([`RecipeConfig`]): hyper-parameters.
+        split ([DigitsSplit][diffusers_qalora.testbed.DigitsSplit]): the data; only `train_*` is trained on.
+        config (`RecipeConfig`): hyper-parameters.
 
     Returns:
         `tuple[DigitsClassifier, dict]`: the classifier in eval mode and a summary (accuracies, time).
@@ -192,8 +192,8 @@ def train_ddpm(split: DigitsSplit, config: RecipeConfig, log_every: int = 100) -
     """Train the class-conditional UNet with the epsilon-prediction DDPM loss on the train split.
 
     Args:
-        split ([`DigitsSplit`]): the data; only `train_*` is trained on.
-        config ([`RecipeConfig`]): hyper-parameters.
+        split ([DigitsSplit][diffusers_qalora.testbed.DigitsSplit]): the data; only `train_*` is trained on.
+        config (`RecipeConfig`): hyper-parameters.
         log_every (`int`, *optional*, defaults to `100`): steps between loss log lines.
 
     Returns:
@@ -279,7 +279,7 @@ def run_recipe(out_dir: str | os.PathLike, config: RecipeConfig | None = None) -
 
     Args:
         out_dir (`str` or `os.PathLike`): output folder (created).
-        config ([`RecipeConfig`], *optional*): hyper-parameters; defaults to `RecipeConfig()`.
+        config (`RecipeConfig`, *optional*): hyper-parameters; defaults to `RecipeConfig()`.
 
     Returns:
         `dict`: the content written to `testbed.json`.

@@ -59,7 +59,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTrans
 
 
 def winograd_ineligibility(conv: nn.Module) -> str | None:
-    """Why ``conv`` cannot be replaced by a [`WinogradConv2d`], or ``None`` if it can.
+    """Why ``conv`` cannot be replaced by a [WinogradConv2d][diffusers_qalora.WinogradConv2d], or ``None`` if it can.
 
     Eligible: a plain ``nn.Conv2d`` (or a subclass that does not override ``forward``) with a 3x3 kernel,
     stride 1, dilation 1, ``groups=1``, ``padding_mode="zeros"`` and any zero padding (``"same"``/``"valid"`` too),
@@ -184,7 +184,7 @@ class WinogradConv2d(nn.Module):
         out_channels (`int`): ``K``.
         padding (`int | tuple[int, int] | str`, defaults to `1`): zero padding, ``"same"`` or ``"valid"``.
         bias (`bool`, defaults to `True`): whether to learn an additive bias.
-        config ([`WinogradConfig`], *optional*): tile, quantization and scale settings; defaults to
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): tile, quantization and scale settings; defaults to
             ``WinogradConfig()`` (F(4,3), 8 bits, one group).
         device (`torch.device | str`, *optional*): device of the weight and bias.
         dtype (`torch.dtype`, *optional*): dtype of the weight and bias.
@@ -192,12 +192,12 @@ class WinogradConv2d(nn.Module):
     Attributes:
         weight (`nn.Parameter`): ``(K, C, 3, 3)``, the spatial weight (as in ``nn.Conv2d``).
         bias (`nn.Parameter | None`): ``(K,)``.
-        scales ([`WinogradScales`]): the learnable transform scales.
+        scales (`WinogradScales`): the learnable transform scales.
         quant_mode (`str`): ``"fp"``, ``"fake"`` or ``"int"``.
         last_input_shape (`tuple[int, ...] | None`): shape of the last input seen (used by `tune_scales_`).
         input_quantizer (`nn.Module | None`): optional quantizer applied to the spatial input before everything else
-            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [`apply_winograd`]); ``None`` by
-            default.  [`forward_core`] is the layer without it.
+            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [apply_winograd][diffusers_qalora.apply_winograd]); ``None`` by
+            default.  `forward_core` is the layer without it.
     """
 
     kernel_size = (3, 3)
@@ -288,13 +288,13 @@ class WinogradConv2d(nn.Module):
         config: WinogradConfig | None = None,
         **overrides: Any,
     ) -> WinogradConv2d:
-        """Build a [`WinogradConv2d`] computing the same function as ``conv`` (sharing its weight and bias).
+        """Build a [WinogradConv2d][diffusers_qalora.WinogradConv2d] computing the same function as ``conv`` (sharing its weight and bias).
 
         Args:
-            conv (`nn.Conv2d`): an eligible convolution (see [`winograd_ineligibility`]).
+            conv (`nn.Conv2d`): an eligible convolution (see `winograd_ineligibility`).
             tile (`int`, *optional*): ``m`` in 2, 4, 6; overrides ``config.tile`` (default 4).
-            config ([`WinogradConfig`], *optional*): defaults to ``WinogradConfig()``.
-            **overrides: fields of [`WinogradConfig`] replacing those of ``config`` (e.g. ``bits=None``,
+            config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): defaults to ``WinogradConfig()``.
+            **overrides: fields of [WinogradConfig][diffusers_qalora.WinogradConfig] replacing those of ``config`` (e.g. ``bits=None``,
                 ``group_size=32``).
 
         Raises:
@@ -409,7 +409,7 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``.
 
-        Applies ``input_quantizer`` (if any), then [`forward_core`].
+        Applies ``input_quantizer`` (if any), then `forward_core`.
         """
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)

@@ -11,9 +11,9 @@ All quantizers are symmetric with signed codes in ``[qmin, qmax] = [-2^(b-1), 2^
 * ``M: (n^2, K, P)`` (optional, dynamic): one step per (output channel, tile) over all positions - ``(1, K, P)``.
 
 The Hadamard stage is ``M[xi, k, t] = sum_j sU[xi, k, j] sV[xi, j, t] sum_{c in group j} qU[xi, k, c] qV[xi, c, t]``.
-[`hadamard_fake`] computes it with fake-quantized floats (differentiable: STE for the values, LSQ gradients for the
-steps, which are functions of the transform scales); [`hadamard_int`] computes the inner sums on integer codes
-(exactly: see [`exact_accumulator_dtype`]) and applies the two steps per group in floating point.
+`hadamard_fake` computes it with fake-quantized floats (differentiable: STE for the values, LSQ gradients for the
+steps, which are functions of the transform scales); `hadamard_int` computes the inner sums on integer codes
+(exactly: see `exact_accumulator_dtype`) and applies the two steps per group in floating point.
 """
 
 from __future__ import annotations
@@ -149,10 +149,10 @@ def hadamard_int(
     accumulation, scale each group's sum by ``sU * sV`` and add the groups in the dtype of ``v``.
 
     Args:
-        codes_u (`torch.Tensor`): ``(G, n^2, K, g)`` integer weight codes from [`quantize_weight_codes`].
+        codes_u (`torch.Tensor`): ``(G, n^2, K, g)`` integer weight codes from `quantize_weight_codes`.
         step_u (`torch.Tensor`): ``(G, n^2, K, 1)`` weight steps.
         v (`torch.Tensor`): ``(n^2, C, P)`` input-transform output (float32 or float64).
-        bits, group_size, act_granularity: as for [`hadamard_fake`].
+        bits, group_size, act_granularity: as for `hadamard_fake`.
 
     Returns:
         `torch.Tensor`: ``M: (n^2, K, P)`` in the dtype of ``v``.  Not differentiable.

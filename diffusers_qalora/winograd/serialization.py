@@ -1,17 +1,17 @@
 """Saving and loading the Winograd layers of a model: safetensors tensors plus a JSON record of what was replaced.
 
-A folder written by [`save_winograd`] holds
+A folder written by [save_winograd][diffusers_qalora.save_winograd] holds
 
 * ``winograd.safetensors``: every tensor of every replaced layer, keyed ``<module name>.<key>`` exactly as in
   ``model.state_dict()`` (weight, bias, the transform scales ``scales.log_b`` / ``scales.log_g`` and, for layers that
   came from QALoRA, the input quantizer's per-timestep step sizes);
 * ``winograd_config.json``: the format version, the denoiser's timestep argument and, per replaced module, its
-  class, shape, padding, [`WinogradConfig`] and input quantizer description.
+  class, shape, padding, [WinogradConfig][diffusers_qalora.WinogradConfig] and input quantizer description.
 
-[`load_winograd`] rebuilds those modules on a model of the same architecture (a fresh full-precision model, or one
+[load_winograd][diffusers_qalora.load_winograd] rebuilds those modules on a model of the same architecture (a fresh full-precision model, or one
 carrying the same QALoRA adapter) and loads the tensors; nothing is unpickled.  The layers also keep all their state
 in ``state_dict()``, so ``model.load_state_dict(other.state_dict())`` works between two models that went through
-[`apply_winograd`] with the same configuration.
+[apply_winograd][diffusers_qalora.apply_winograd] with the same configuration.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _timestep_argument(model: nn.Module) -> str:
 
 def winograd_record(model: nn.Module) -> dict[str, Any] | None:
     """The JSON-serialisable record of the replaced layers (what ``winograd_config.json`` holds), or ``None`` when
-    ``model`` has none.  [`build_winograd_layers`] rebuilds the layers from it.
+    ``model`` has none.  `build_winograd_layers` rebuilds the layers from it.
 
     Raises:
         ValueError: a layer has an input quantizer that cannot be described.
@@ -141,7 +141,7 @@ def _read_record(directory: Path) -> dict[str, Any]:
 
 
 def validate_winograd_record(record: Any, where: str) -> dict[str, Any]:
-    """Check the format, version and module list of a record written by [`winograd_record`]; ``where`` names its
+    """Check the format, version and module list of a record written by `winograd_record`; ``where`` names its
     source in the error."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
@@ -219,14 +219,14 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> WinogradReport:
-    """Rebuild the Winograd layers saved by [`save_winograd`] in ``model`` (same architecture) and load their state.
+    """Rebuild the Winograd layers saved by [save_winograd][diffusers_qalora.save_winograd] in ``model`` (same architecture) and load their state.
 
     Every module is built and loaded before the first one is swapped in, so a failure leaves the model unchanged.
     Layers with an input quantizer read the model's timestep through the QALoRA tuner's timestep pre-hook when the
     model has one, else through a pre-hook installed here.
 
     Returns:
-        [`WinogradReport`]: the loaded modules (no SQNR measured) and the configuration of the first one.
+        [WinogradReport][diffusers_qalora.WinogradReport]: the loaded modules (no SQNR measured) and the configuration of the first one.
     """
     directory = Path(load_directory)
     record = _read_record(directory)

@@ -183,7 +183,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         return self.layers is not None
 
     def layouts(self) -> dict[str, IntegerLayout]:
-        """``layers`` as [`IntegerLayout`] objects."""
+        """``layers`` as [IntegerLayout][diffusers_qalora.export.IntegerLayout] objects."""
         return {name: IntegerLayout.from_dict(spec, f"layers[{name!r}]") for name, spec in (self.layers or {}).items()}
 
     def to_qalora_config(self) -> QALoraConfig:
@@ -206,7 +206,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     # -- serialisation ---------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Rebuild from [`to_dict`] (what ``config.json`` holds); unknown keys are an error naming them."""
+        """Rebuild from `to_dict` (what ``config.json`` holds); unknown keys are an error naming them."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"a QALoRA quantization_config must be a dict, got {type(config_dict).__name__}.")
         unknown = sorted(set(config_dict) - {f.name for f in fields(cls)})

@@ -57,7 +57,7 @@ def _integer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class QALoraDiffusersQuantizer(DiffusersQuantizer):
-    """diffusers quantizer for [`QALoraQuantConfig`] (see the module docstring)."""
+    """diffusers quantizer for [QALoraQuantConfig][diffusers_qalora.QALoraQuantConfig] (see the module docstring)."""
 
     requires_calibration = False
     required_packages = None

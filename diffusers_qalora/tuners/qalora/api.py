@@ -34,7 +34,7 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
 
     The returned model is a drop-in for ``pipe.unet`` / ``pipe.transformer``: ``model.config`` still reads and the
     pipeline still runs.  Weight step sizes are initialised from the weights (``config.weight_init``); activation step
-    sizes must be calibrated with [`calibrate_activations`] before the first quantized forward pass.
+    sizes must be calibrated with [calibrate_activations][diffusers_qalora.calibrate_activations] before the first quantized forward pass.
 
     Args:
         model (`torch.nn.Module`): the denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
@@ -196,7 +196,7 @@ def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
 
 def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str | None = None) -> nn.Module:
     """Calibrate every activation step size per timestep by running ``run()`` (e.g. a pipeline call that samples a
-    few trajectories with the model) in full precision.  See [`calibrating`]."""
+    few trajectories with the model) in full precision.  See [calibrating][diffusers_qalora.calibrating]."""
     if not callable(run):
         raise TypeError(f"`run` must be a callable that samples with the model, got {type(run).__name__}.")
     with calibrating(model, method):
@@ -207,7 +207,7 @@ def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str 
 def copy_activation_calibration(model: nn.Module, source: str, target: str) -> nn.Module:
     """Calibrate adapter ``target`` from the calibrated adapter ``source`` of the same model (same activation bits and
     symmetry) without running the model again: calibration observes the full-precision model, so both would see the
-    same inputs.  See [`diffusers_qalora.quant.quantizers.copy_calibration_`] for tables that differ."""
+    same inputs.  See `diffusers_qalora.quant.quantizers.copy_calibration_` for tables that differ."""
     from ...quant.quantizers import copy_calibration_
 
     layers = [layer for layer in qalora_layers(model).values() if target in layer.qal_act_quantizer]

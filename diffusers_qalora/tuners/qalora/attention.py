@@ -14,7 +14,7 @@ no quantizer at all the processor computes exactly what ``AttnProcessor2_0`` com
 
 Three paths:
 
-* **inference** (no gradient needed): [`diffusers_qalora.kernels.attention.quantized_attention`] with the step sizes at
+* **inference** (no gradient needed): [quantized_attention][diffusers_qalora.kernels.quantized_attention] with the step sizes at
   each sample's timestep: the fused Triton kernel on CUDA, the torch reference elsewhere (chosen once per attention
   module, see `diffusers_qalora.kernels.dispatch`);
 * **training** (a gradient is needed): the quantizer modules (LSQ gradients for the values and the step sizes), then

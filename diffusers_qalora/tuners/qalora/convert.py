@@ -1,7 +1,7 @@
 """From a (distilled) QALoRA model to integer layers: the LoRA update is merged into the integer weight codes.
 
-Each QALoRA ``Linear``/``Conv2d`` (the 8-bit first and last layers included) becomes an [`IntegerLinear`] /
-[`IntegerConv2d`] holding ``Q_w(W0 + scaling * B @ A)`` as codes, the weight step sizes, the bias and the activation
+Each QALoRA ``Linear``/``Conv2d`` (the 8-bit first and last layers included) becomes an [IntegerLinear][diffusers_qalora.IntegerLinear] /
+[IntegerConv2d][diffusers_qalora.IntegerConv2d] holding ``Q_w(W0 + scaling * B @ A)`` as codes, the weight step sizes, the bias and the activation
 step-size table.  The QALoRA tensors (LoRA factors, quantizer parameters, the original float weight) are gone.
 """
 

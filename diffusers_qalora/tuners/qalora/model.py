@@ -90,10 +90,10 @@ def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
 
 
 class QALoraModel(BaseTuner):
-    """PEFT tuner for QALoRA (EfficientDM).  Usually reached through [`get_qalora_model`], ``peft.get_peft_model``,
+    """PEFT tuner for QALoRA (EfficientDM).  Usually reached through [get_qalora_model][diffusers_qalora.get_qalora_model], ``peft.get_peft_model``,
     ``PeftModel.from_pretrained`` or diffusers' ``model.add_adapter`` once ``diffusers_qalora`` is imported.
 
-    Every wrapped layer shares one [`TimestepContext`], fed by a forward pre-hook on the wrapped denoiser.
+    Every wrapped layer shares one [TimestepContext][diffusers_qalora.TimestepContext], fed by a forward pre-hook on the wrapped denoiser.
     """
 
     prefix: str = "qal_"
