@@ -3,11 +3,13 @@
 import json
 import math
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_qalora.testbed import (
@@ -171,3 +173,26 @@ def test_cli_refuses_dit_with_a_pretrained_model(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--model dit"):
         main(["--model", "dit", "--pretrained_model_name_or_path", "org/name"])
     assert not any(tmp_path.iterdir())
+
+
+def test_shipped_dit_loads_offline_and_matches_its_record():
+    record = json.loads((WEIGHTS_DIR / "dit.json").read_text())
+    path = WEIGHTS_DIR / record["files"]["dit"]["name"]
+    assert sha256_file(path) == record["files"]["dit"]["sha256"]
+    assert path.stat().st_size < 6 * 2**20, "the shipped DiT must stay a few MB"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["component"] == "dit" and metadata["recipe_version"] == record["recipe_version"]
+    assert json.loads(metadata["config"]) == record["dit_config"] == DEFAULT_DIT_CONFIG
+    assert record["hyperparameters"] == {**asdict(DitRecipeConfig()), "num_threads": record["environment"]["num_threads"]}
+    tb = load_testbed(model="dit")
+    assert isinstance(tb.unet, ClassConditionalTransformer) and not tb.unet.training
+    assert sum(p.numel() for p in tb.unet.parameters()) == record["num_parameters"]["dit"]
+    assert record["split"] == {"seed": 0, "train_size": 1297, "heldout_size": 500}
+    # A trained model: its predictions depend on the class and are not the zero of the initialisation.
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = tb.unet(x, 500, class_labels=torch.tensor([0, 1])).sample
+        b = tb.unet(x, 500, class_labels=torch.tensor([7, 1])).sample
+    assert a.abs().mean() > 0.1 and (a[0] - b[0]).abs().max() > 1e-2
+    assert record["fp_evaluation"]["num_samples"] == 1000 and record["fp_evaluation"]["class_accuracy"] > 0.5
