@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from ..evaluation.plots import plot_step_sizes
 from ..evaluation.report import machine_info, results_markdown
@@ -93,6 +93,13 @@ def run_embedded_job(
     phase_seconds: dict[str, float] = {}
     out = Path(output_dir)
     accelerator = make_accelerator(out, mixed_precision, report_to, collective_timeout)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # The evaluation reads the model's own parameters, which a sharding engine leaves as shards.
+        raise SystemExit(
+            f"error: the embedded model (a few MB) trains on one process or several with DDP, not with "
+            f"{accelerator.distributed_type.value}; launch without --use_fsdp / --use_deepspeed (sharding is for "
+            f"pipelines too large for one device: --pretrained_model_name_or_path)."
+        )
     # As diffusers' training scripts do: the LoRA factors are drawn at injection, so without a seed two runs of the
     # same command train from different starting points (and end up a few FID points apart).
     set_seed(config.distill.seed)

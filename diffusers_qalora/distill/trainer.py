@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -214,6 +215,7 @@ class DataFreeDistiller:
         self.ddim.set_timesteps(config.num_inference_steps)
         self.timesteps = self.ddim.timesteps.clone()
         self.progress = _Progress()
+        self._prepared_model: nn.Module = model  # the engine's wrapper once `train` has prepared it
         self.history: list[dict[str, float]] = []
 
     # -- set-up --------------------------------------------------------------------------------------------------
@@ -332,8 +334,10 @@ class DataFreeDistiller:
             unwrapped.enable_gradient_checkpointing()
         optimizer = self._optimizer()
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_schedule, cfg.max_train_steps))
+        self._check_engine()
         with distributed_phase("training: prepare (DDP / FSDP wrap)"):
             model, optimizer, lr_scheduler = acc.prepare(self.model, optimizer, lr_scheduler)
+        self._prepared_model = model
         if acc.is_main_process and acc.log_with:
             acc.init_trackers("qalora-distill", config={k: v for k, v in asdict(cfg).items() if k != "extra"})
         last_checkpoint = None
@@ -406,6 +410,22 @@ class DataFreeDistiller:
             "history": self.history,
         }
 
+    def _sharded(self) -> bool:
+        """Whether the prepared model holds only a shard of its parameters on each process."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _check_engine(self) -> None:
+        acc = self.accelerator
+        plugin = getattr(acc.state, "fsdp_plugin", None)
+        if acc.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2:
+            scalars = [n for n, p in self.model.named_parameters() if p.dim() == 0 and p.requires_grad]
+            if scalars:
+                raise ValueError(
+                    f"FSDP2 (fsdp_version: 2) cannot shard 0-d parameters, and this model trains {len(scalars)} "
+                    f"(the per-timestep activation step sizes, e.g. {scalars[0]}). Use FSDP1 in your accelerate "
+                    f"config (fsdp_version: 1, fsdp_use_orig_params: true); see docs/distillation.md."
+                )
+
     def save_adapter(self, directory: str | os.PathLike | None = None) -> Path | None:
         """Write the trained (active) adapter (main process only) as ``adapter_name`` ``default`` on disk."""
         if self.config.train_base_weights:
@@ -415,8 +435,11 @@ class DataFreeDistiller:
             )
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
         with distributed_phase("save adapter"):
+            # A sharded model holds a shard of each tensor per process: gather the whole first (every process
+            # takes part), then the main process writes the adapter from it.
+            full = self.accelerator.get_state_dict(self._prepared_model) if self._sharded() else None
             if self.accelerator.is_main_process:
                 save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory,
-                                    active_qalora_adapter(self.model))
+                                    active_qalora_adapter(self.model), state_dict=full)
             self.accelerator.wait_for_everyone()
         return directory

@@ -58,12 +58,15 @@ def qalora_adapter_of(model: nn.Module, adapter_name: str) -> tuple[nn.Module, Q
     return base, config
 
 
-def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
     factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
-    moved into place, so a failure leaves ``save_directory`` as it was."""
+    moved into place, so a failure leaves ``save_directory`` as it was.  ``state_dict``: the model's full state dict
+    to read the adapter from instead of its own tensors (a model sharded by FSDP or DeepSpeed holds only a shard;
+    ``Accelerator.get_state_dict`` gathers the whole)."""
     base, config = qalora_adapter_of(model, adapter_name)
-    state = get_peft_model_state_dict(base, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(base, state_dict=state_dict, adapter_name=adapter_name)
     state = {_PEFT_PREFIX + _strip_wrappers(k): v.detach().contiguous().cpu() for k, v in state.items()}
     target = Path(save_directory)
     target.mkdir(parents=True, exist_ok=True)

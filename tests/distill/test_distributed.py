@@ -156,3 +156,67 @@ def test_phases_metrics_evaluation_and_broadcast_on_two_processes(tmp_path):
         assert seen[r]["broadcast_count"] == 3
         assert torch.equal(seen[r]["weight_after_broadcast"], torch.zeros(3, 3))
         assert bool(seen[r]["flag_after_broadcast"])
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_student_and_shared_teacher_match_one_process(tmp_path):
+    """torch's FSDP2 on two CPU processes: the student sharded, the teacher the same sharded model with its adapters
+    off; the gathered adapter equals one process training on the whole batch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    script, steps = HERE / "fsdp_cpu_launch.py", "6"
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                              str(tmp_path / "sharded.pt"), steps], env=env, capture_output=True, text=True,
+                             timeout=LAUNCH_TIMEOUT)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.pt"), steps], env=env,
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert single.returncode == 0, single.stderr[-4000:]
+    a, b = torch.load(tmp_path / "sharded.pt"), torch.load(tmp_path / "single.pt")
+    assert a["before"].keys() == b["before"].keys() == a["after"].keys() == b["after"].keys()
+    moved = 0
+    for key in a["after"]:
+        assert torch.equal(a["before"][key], b["before"][key]), key
+        update_sharded = a["after"][key] - a["before"][key]
+        update_single = b["after"][key] - b["before"][key]
+        torch.testing.assert_close(update_sharded, update_single, rtol=1e-3, atol=1e-8, msg=key)
+        moved += int(update_single.abs().max() > 1e-7)
+    kinds = {k.split(".qal_")[1].split(".")[0] for k in a["after"]}
+    assert {"A", "B", "weight_quantizer", "act_quantizer"} <= kinds
+    assert moved > 100, "the test would pass with nothing trained"
+    assert any("act_quantizer" in k and (b["after"][k] - b["before"][k]).abs().max() > 1e-7 for k in b["after"]), \
+        "no activation step size (the 0-d parameters FSDP2 leaves out) was trained"
+
+
+def test_sharded_engine_saves_the_adapter_from_the_gathered_state(tmp_path, monkeypatch):
+    """Under FSDP / DeepSpeed each process holds a shard: save_adapter writes what `get_state_dict` gathered, not the
+    process's own tensors; FSDP2 is refused with the config that works; the embedded job refuses sharding."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from test_trainer import _distiller, _model_and_scheduler
+
+    model, scheduler = _model_and_scheduler()
+    d = _distiller(model, scheduler, tmp_path)
+    d.save_adapter(tmp_path / "plain")
+    gathered = {k: v + 1.0 if ".qal_B." in k else v for k, v in model.state_dict().items()}
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(d.accelerator, "get_state_dict", lambda m: gathered)
+    d.save_adapter(tmp_path / "sharded")
+    plain, sharded = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "sharded"))
+    b_keys = [k for k in plain if ".qal_B" in k]
+    assert b_keys and plain.keys() == sharded.keys()
+    for key in plain:
+        expected = plain[key] + 1.0 if key in b_keys else plain[key]
+        torch.testing.assert_close(sharded[key], expected, rtol=0, atol=0, msg=key)
+
+    class FSDP2Plugin:
+        fsdp_version = 2
+
+    monkeypatch.setattr(d.accelerator.state, "fsdp_plugin", FSDP2Plugin(), raising=False)
+    with pytest.raises(ValueError, match="fsdp_version: 1, fsdp_use_orig_params: true"):
+        d.train()
+
+    from diffusers_qalora.distill.embedded import EmbeddedJobConfig, run_embedded_job
+
+    with pytest.raises(SystemExit, match="launch without --use_fsdp"):
+        run_embedded_job(EmbeddedJobConfig(), tmp_path / "embedded")
+    assert not (tmp_path / "embedded").exists()
