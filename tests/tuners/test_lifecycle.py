@@ -142,6 +142,28 @@ def test_merged_layer_follows_a_dtype_cast_in_its_forward():
     assert all(layer.qal_merged_weight.dtype == torch.float64 for layer in qalora_layers(model).values())
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_merge_then_move_then_unmerge_keeps_everything_on_the_new_device(device):
+    case = MODEL_KINDS["unet2d"]
+    model = quantized(case)
+    for layer in qalora_layers(model).values():
+        layer.merge()
+    out = run(model, case)  # builds the merged weights
+    original = {n: m.get_base_layer().weight.detach().clone() for n, m in qalora_layers(model).items()}
+    model.to(device)
+    for name, layer in qalora_layers(model).items():
+        assert layer.qal_merged_weight.device.type == device, name
+        layer.unmerge()
+        assert layer.get_base_layer().weight.device.type == device, name
+        if device != "meta":
+            assert torch.equal(layer.get_base_layer().weight.cpu(), original[name]), name
+    if device != "meta":
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in case.inputs(case.timesteps[1]).items()}
+        with torch.no_grad():
+            torch.testing.assert_close(output_of(model(**inputs)).cpu(), out, atol=1e-4, rtol=1e-4)
+
+
 # -- merge_and_unload, unload ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_peft_merge_and_unload_is_refused_before_any_change(kind):
