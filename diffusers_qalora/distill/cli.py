@@ -13,6 +13,7 @@ from typing import Any
 
 from ..integrations.adapters import looks_like_local_path
 from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR, SCALE_AWARE_MODES
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from .trainer import DistillConfig
 
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM")
+    p.add_argument("--model", choices=("unet", "dit"), default="unet",
+                   help="embedded model: the digits UNet or the digits DiT (an SD3-style transformer)")
     p.add_argument("--output_dir", default="outputs/distill")
     p.add_argument("--weight_bits", type=int, default=4)
     p.add_argument("--act_bits", type=int, default=4)
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--report_to", default=None, help="an Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--ddp_timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                   help="several processes: seconds a process waits for the others in one collective before it stops "
+                        "with an error naming the phase (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration_samples", type=int, default=None, help="trajectories for activation calibration")
     p.add_argument("--eval_samples", type=int, default=500, help="embedded model: samples per seed")
@@ -74,7 +80,12 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
+    if not args.ddp_timeout > 0:
+        raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
+    if model is not None and args.model != "unet":
+        raise SystemExit(f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
+                         f"--pretrained_model_name_or_path (drop one of them).")
     if model is not None:
         path = Path(model).expanduser()
         if path.exists():
@@ -169,11 +180,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             distill=_distill_config(args, args.train_batch_size or 16, args.max_train_steps or 1600),
             table_steps=args.num_inference_steps, calibration_samples=args.calibration_samples or 64,
             eval_samples=args.eval_samples, eval_seeds=tuple(args.eval_seeds), eval_steps=args.eval_steps,
-            methods=tuple(args.methods or METHODS),
+            methods=tuple(args.methods or METHODS), model=args.model,
         )
         results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
-                                   args.mixed_precision, args.report_to)
-        if results.get("methods"):
+                                   args.mixed_precision, args.report_to, collective_timeout=args.ddp_timeout)
+        from accelerate import PartialState
+
+        if results.get("methods") and PartialState().is_main_process:
             print(json.dumps({k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
                               for k, v in results["methods"].items()}, indent=2))
     else:
@@ -202,7 +215,7 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     if model is None:
         from ..testbed import load_testbed
 
-        denoiser, base_model, subfolder = load_testbed().unet, None, None
+        denoiser, base_model, subfolder = load_testbed(model=args.model).unet, None, None
     else:
         from diffusers import UNet2DConditionModel
 

@@ -130,6 +130,9 @@ def prepack_conv2d(weight_int8: torch.Tensor, scale: torch.Tensor, stride, paddi
     )
 
 
+# Run eagerly under torch.compile: inductor lowers these ops only when the pre-packed weight is a graph constant, and
+# a layer that ran before being compiled holds it in its cache (an assertion deep in inductor otherwise).
+@torch.compiler.disable
 def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, out_dtype) -> torch.Tensor:
     """``(codes - zero_point) @ W^T * (scale * w_scale) + bias`` with ``int32`` accumulation; ``codes`` ``uint8``
     of shape ``(..., K)``."""
@@ -139,6 +142,7 @@ def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, o
     )
 
 
+@torch.compiler.disable
 def conv2d_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, stride, padding, dilation, groups,
                   out_dtype) -> torch.Tensor:
     """Integer convolution of ``uint8`` codes (channels-last preferred); zero padding pads with the zero point."""

@@ -15,9 +15,11 @@ import torch
 from huggingface_hub import HfApi
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..quant.checksum import tensor_checksum
 from ..tuners.qalora.api import inject_qalora_adapter, restore_on_error
 from ..tuners.qalora.config import QALoraConfig, QALoraPeftType
 from ..tuners.qalora.model import attach_timestep_context, qalora_layers
@@ -27,6 +29,7 @@ from .downloads import hub_file, snapshot_revision
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
 
 
 def unwrap_peft_model(model: nn.Module) -> nn.Module:
@@ -55,17 +58,21 @@ def qalora_adapter_of(model: nn.Module, adapter_name: str) -> tuple[nn.Module, Q
     return base, config
 
 
-def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
     factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
-    moved into place, so a failure leaves ``save_directory`` as it was."""
+    moved into place, so a failure leaves ``save_directory`` as it was.  ``state_dict``: the model's full state dict
+    to read the adapter from instead of its own tensors (a model sharded by FSDP or DeepSpeed holds only a shard;
+    ``Accelerator.get_state_dict`` gathers the whole)."""
     base, config = qalora_adapter_of(model, adapter_name)
-    state = get_peft_model_state_dict(base, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(base, state_dict=state_dict, adapter_name=adapter_name)
     state = {_PEFT_PREFIX + _strip_wrappers(k): v.detach().contiguous().cpu() for k, v in state.items()}
     target = Path(save_directory)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".tmp-qalora-") as tmp:
-        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "QALORA"})
+        metadata = {"format": "pt", "peft_type": "QALORA", CHECKSUM_KEY: tensor_checksum(state)}
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
         config.save_pretrained(tmp)
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
             os.replace(os.path.join(tmp, name), target / name)
@@ -135,8 +142,14 @@ def read_adapter_config(path_or_repo: str | os.PathLike, subfolder: str | None =
 
 
 def _parse_adapter_config(path: str, source: str) -> QALoraConfig:
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} ({source}) is not valid JSON ({err}): it is truncated or damaged; download it again "
+                         f"or save the adapter again with save_qalora_adapter.") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} ({source}) does not hold a JSON object; it is not an adapter_config.json.")
     if raw.get("peft_type") != QALoraPeftType.QALORA.value:
         raise ValueError(
             f"{source} holds a {raw.get('peft_type')!r} adapter, not a QALoRA one (adapter_config.json has "
@@ -179,6 +192,30 @@ def _check_against_model(model: nn.Module, state: dict[str, torch.Tensor], sourc
         )
 
 
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.safetensors``, with its checksum verified (files saved before the checksum
+    existed have none and load as they are).
+
+    Raises:
+        ValueError: the file is truncated or damaged, or its tensors do not match the checksum recorded at save time;
+            the message names the file and the fix.
+    """
+    fix = "download it again (from the Hub: delete its copy in the Hugging Face cache first) or save it again with " \
+          "save_qalora_adapter"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+        state = load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}.") \
+            from err
+    if expected is not None and tensor_checksum(state) != expected:
+        raise ValueError(
+            f"corrupt adapter file {path}: its tensors do not match the checksum recorded when it was saved; {fix}."
+        )
+    return state
+
+
 def load_qalora_adapter(
     model: nn.Module,
     path_or_repo: str | os.PathLike,
@@ -217,10 +254,7 @@ def load_qalora_adapter(
     # From the Hub, read the weights of the very commit the config came from, even if the branch moves meanwhile.
     pinned = None if Path(path_or_repo).is_dir() else snapshot_revision(config_path)
     weights = _resolve(path_or_repo, ADAPTER_WEIGHTS_NAME, subfolder, pinned or revision, token)
-    try:
-        state = load_file(weights, device="cpu")
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it.") from err
+    state = read_adapter_weights(weights)
     base = unwrap_peft_model(model)
     if adapter_name in (getattr(base, "peft_config", None) or {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already used by this model; choose another name.")

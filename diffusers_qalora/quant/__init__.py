@@ -3,7 +3,19 @@
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, grouped_view, step_shape
 from .init import INIT_METHODS, init_qparams, lp_search_qparams, minmax_qparams
 from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
-from .primitives import dequantize, fake_quantize, qrange, quantize, round_ste, scale_gradient, validate_bits
+from .primitives import (
+    clear_workspace,
+    dequantize,
+    fake_quantize,
+    fake_quantize_lora_merged,
+    fused_path_enabled,
+    qrange,
+    quantize,
+    round_ste,
+    scale_gradient,
+    set_fused_compile,
+    validate_bits,
+)
 from .quantizers import (
     TemporalActQuantizer,
     WeightQuantizer,

@@ -231,12 +231,11 @@ def _qalora_parts(plan: _Plan, config: WinogradConfig) -> tuple[torch.Tensor, nn
     base = plan.conv
     if adapter is None:
         return base.weight.detach(), None, None
-    merged = bool(getattr(layer, "merged", False))
-    with torch.no_grad():
+    with torch.no_grad():  # a merged QALoRA layer keeps W0 as its base weight, so both work merged or not
         if config.qalora_weight == "quantized":
-            weight = base.weight.detach() if merged else layer.quantized_weight(adapter)
+            weight = layer.quantized_weight(adapter)
         else:
-            weight = layer.merged_float_weight(adapter)  # from the weight before `merge` if merged
+            weight = layer.merged_float_weight(adapter)
     quantizer = None
     if config.qalora_act == "keep":
         quantizer = layer.qal_act_quantizer[adapter]

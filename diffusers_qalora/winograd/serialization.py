@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..quant import TemporalActQuantizer, attach_timestep_context
+from ..quant.checksum import tensor_checksum
 from ..utils import atomic_write
 from .config import WinogradConfig
 from .conv import WinogradConv2d, winograd_ineligibility
@@ -36,6 +38,7 @@ WEIGHTS_NAME = "winograd.safetensors"
 CONFIG_NAME = "winograd_config.json"
 FORMAT = "diffusers_qalora.winograd"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
 _CLASSES = {"WinogradConv2d": WinogradConv2d, "DirectQuantConv2d": DirectQuantConv2d}
 
 
@@ -118,7 +121,8 @@ def save_winograd(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     tensors, record = winograd_state_dict(model)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "producer": FORMAT}))
+    metadata = {"format": "pt", "producer": FORMAT, CHECKSUM_KEY: tensor_checksum(tensors)}
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return out
@@ -128,7 +132,12 @@ def _read_record(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; save one with `save_winograd(model, path)`.")
-    return validate_winograd_record(json.loads(path.read_text(encoding="utf-8")), str(path))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it is truncated or damaged; save the Winograd layers "
+                         f"again with `save_winograd(model, path)`.") from None
+    return validate_winograd_record(record, str(path))
 
 
 def validate_winograd_record(record: Any, where: str) -> dict[str, Any]:
@@ -192,6 +201,23 @@ def build_winograd_layers(model: nn.Module, record: dict[str, Any], where: str,
     return built
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``winograd.safetensors`` (safetensors: never unpickles), checksum verified when the file has one
+    (files saved before it existed have none)."""
+    fix = "save the Winograd layers again with `save_winograd(model, path)` (or copy the folder again)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}.") \
+            from err
+    if expected is not None and tensor_checksum(tensors) != expected:
+        raise ValueError(f"corrupt Winograd file {path}: its tensors do not match the checksum recorded when it was "
+                         f"saved; {fix}.")
+    return tensors
+
+
 def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> WinogradReport:
     """Rebuild the Winograd layers saved by [save_winograd][diffusers_qalora.save_winograd] in ``model`` (same architecture) and load their state.
 
@@ -207,7 +233,7 @@ def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> Winogr
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}.")
-    tensors = load_file(str(weights))  # safetensors: never unpickles
+    tensors = _read_weights(weights)
     built = build_winograd_layers(model, record, str(directory), device="cpu")
     records: dict[str, LayerRecord] = {}
     for name, layer in built:

@@ -1,6 +1,7 @@
 """The diffusers quantization backend ``"qalora"``: config, quantizer, registration, `export_quantized`."""
 
 from ...kernels import install as install_kernels
+from ...versions import check_dependency_versions
 from .config import QALoraQuantConfig, QALoraQuantMethod
 from .export import export_quantized
 from .quantizer import CHECKSUM_KEY, QALoraDiffusersQuantizer, integer_state_checksum, mark_exported
@@ -19,4 +20,5 @@ __all__ = [
 install_kernels()
 # Like the PEFT tuner, the backend registers when first imported (idempotent); `import diffusers_qalora` arranges
 # for it to be imported as soon as diffusers is (see diffusers_qalora._registration).
+check_dependency_versions()
 register_diffusers_backend()

@@ -1,10 +1,15 @@
 """QALoRA as a PEFT tuner: config, layers, model."""
 
-from ...kernels import install as install_kernels
-from .config import DEFAULT_EIGHT_BIT_ROOTS, QALoraConfig, QALoraPeftType
-from .layer import Conv2d, Linear, QALoraLayer
-from .model import QALoraModel, attach_timestep_context, eligible_module_names, qalora_layers
-from .registration import register_peft_method
+from ...versions import check_dependency_versions
+
+# Before anything touches PEFT: a too-old PEFT gives an upgrade message, not a wrong model or an obscure error later.
+check_dependency_versions()
+
+from ...kernels import install as install_kernels  # noqa: E402
+from .config import DEFAULT_EIGHT_BIT_ROOTS, QALoraConfig, QALoraPeftType  # noqa: E402
+from .layer import Conv2d, Linear, QALoraLayer  # noqa: E402
+from .model import QALoraModel, attach_timestep_context, eligible_module_names, qalora_layers  # noqa: E402
+from .registration import register_peft_method  # noqa: E402
 
 __all__ = [
     "Conv2d",

@@ -15,7 +15,7 @@ from torch import nn
 from ...quant import ScaleAwareEntry, ScaleAwareGroups, TimestepHook, scale_aware_param_groups
 from ...quant.quantizers import TIMESTEP_CONTEXT_ATTR, detach_timestep_context
 from ...quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
-from .config import QALoraConfig
+from .config import QALoraConfig, QALoraPeftType
 from .layer import QALoraLayer
 from .model import eligible_module_names, qalora_layers
 
@@ -27,13 +27,6 @@ def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_inference_steps)
     return sorted({float(t) for t in scheduler.timesteps.tolist()})
-
-
-def _ensure_registered() -> None:
-    # Registration runs when this package is imported; again here in case a test unregistered it meanwhile.
-    from .registration import register_peft_method
-
-    register_peft_method()
 
 
 def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str = "default") -> nn.Module:
@@ -62,7 +55,6 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
     >>> dq.calibrate_activations(unet, lambda: pipe(prompt, num_inference_steps=100))
     ```
     """
-    _ensure_registered()
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module (e.g. pipe.unet), got {type(model).__name__}.")
     if not isinstance(config, QALoraConfig):
@@ -95,10 +87,15 @@ def restore_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
     had_peft_config = hasattr(model, "peft_config")
     old_peft_config = dict(model.peft_config) if had_peft_config else None
     had_context = getattr(model, TIMESTEP_CONTEXT_ATTR, None) is not None
+    had_flag = vars(model).get("_hf_peft_config_loaded")
     try:
         yield
     except BaseException:
         _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context)
+        if had_flag is None:
+            vars(model).pop("_hf_peft_config_loaded", None)
+        else:
+            model._hf_peft_config_loaded = had_flag
         raise
 
 
@@ -123,9 +120,30 @@ def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had
 
 
 def remove_qalora(model: nn.Module) -> nn.Module:
-    """Undo [get_qalora_model][diffusers_qalora.get_qalora_model]: put every original layer back and remove the timestep hook."""
-    _rollback(model, {}, "", False, None, False)
+    """Undo [`get_qalora_model`]: put every original layer back, remove the timestep hook and the QALoRA entries of
+    ``model.peft_config``.  Other adapters (e.g. a style LoRA added with ``add_adapter``) keep their layers and
+    their config entries; a style LoRA that wrapped a QALoRA layer now wraps the original layer.  Merged QALoRA
+    layers need no unmerge: their base weight is the original one."""
+    configs = getattr(model, "peft_config", None)
+    qalora_names = {name for name, config in (configs or {}).items() if _is_qalora_config(config)}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QALoraLayer):
+            model.set_submodule(name, module.get_base_layer())
+    from .attention import restore_attention_processors
+
+    restore_attention_processors(model)  # attention modules left without quantizers get their default processor
+    for name in qalora_names:
+        del configs[name]
+    if configs is not None and not configs and "peft_config" in vars(model):
+        del model.peft_config
+        if getattr(model, "_hf_peft_config_loaded", False):
+            model._hf_peft_config_loaded = False
+    detach_timestep_context(model)
     return model
+
+
+def _is_qalora_config(config: Any) -> bool:
+    return isinstance(config, QALoraConfig) or getattr(config, "peft_type", None) == QALoraPeftType.QALORA
 
 
 def _layer_act_quantizers(layer: QALoraLayer, adapter: str) -> list:
@@ -247,6 +265,12 @@ def get_qalora_param_groups(
       ``act_step_lr`` (default 1e-4; EfficientDM: 5e-4), no weight decay.  Only the
       current timestep's entries receive a gradient, and optimizers skip parameters whose gradient is ``None``, so
       inactive timesteps stay bit-identical (zero the gradients with ``set_to_none=True``, PyTorch's default).
+
+    Returns:
+        [`ScaleAwareGroups`]: a list of parameter-group dicts (each with a ``"name"``), which ``torch.optim`` takes as
+        it is: ``torch.optim.AdamW(get_qalora_param_groups(model))``.  With ``scale_aware="grad"`` the gradient
+        multipliers are hooks on the LoRA factors, kept in ``groups.hooks``: call ``groups.remove_hooks()`` when
+        training is done.
     """
     entries, weight_steps, act_steps = [], [], []
     for name, layer in qalora_layers(model).items():
@@ -261,11 +285,10 @@ def get_qalora_param_groups(
         act_steps += [p for q in _layer_act_quantizers(layer, adapter) for p in q.parameters() if p.requires_grad]
     groups = scale_aware_param_groups(entries, lora_lr, scale_aware, weight_decay)
     if weight_steps:
-        groups.param_groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0,
-                                    "name": "weight_steps"})
+        groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0, "name": "weight_steps"})
     if act_steps:
-        groups.param_groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
-    if not groups.param_groups:
+        groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
+    if not groups:
         raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
     return groups
 
