@@ -217,10 +217,12 @@ def test_import_registers_before_first_use(peft_first):
         "import sys; print('tuner loaded before peft:', 'diffusers_qalora.tuners' in sys.modules)\n"
         "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
         "from diffusers.quantizers import auto\n"
-        "print(PEFT_TYPE_TO_TUNER_MAPPING['QALORA'].__name__, auto.AUTO_QUANTIZER_MAPPING['qalora'].__name__)\n",
+        "print(PEFT_TYPE_TO_TUNER_MAPPING['QALORA'].__name__, auto.AUTO_QUANTIZER_MAPPING['qalora'].__name__)\n"
+        "from diffusers_qalora.quant import quantizers\n"
+        "print('kernels installed:', quantizers._resolver[0] is not None)\n",
         ROOT.parent,
     )
-    assert "QALoraModel QALoraDiffusersQuantizer" in out
+    assert "QALoraModel QALoraDiffusersQuantizer" in out and "kernels installed: True" in out
     assert "tuner loaded before peft: False" in out or peft_first
 
 

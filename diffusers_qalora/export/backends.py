@@ -187,8 +187,9 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str | Callab
             return provided
         if backend == "triton":
             raise RuntimeError(
-                "backend='triton' needs the kernels of diffusers_qalora.kernels, which `import diffusers_qalora` "
-                "installs; import the package (not only diffusers_qalora.export) or use backend='auto'."
+                "backend='triton' needs the kernels of diffusers_qalora.kernels, which install themselves when "
+                "imported; `import diffusers_qalora.kernels` (the tuner and `diffusers_qalora.<name>` do) or use "
+                "backend='auto'."
             )
     if device.type == "cpu":
         usable, reason = onednn_status()

@@ -151,7 +151,36 @@ class WinogradScales(nn.Module):
         return f"n={self.n}"
 
 
-class WinogradConv2d(nn.Module):
+class Conv3x3Layer(nn.Module):
+    """What `WinogradConv2d` and `DirectQuantConv2d` share: the ``nn.Conv2d`` attributes of a 3x3 stride-1 layer
+    (so code that inspects convolutions keeps working), the checked constructor arguments and the weight and bias
+    (allocated, not initialised), and the slots `apply_winograd` and `tune_scales_` use."""
+
+    kernel_size = (3, 3)
+    stride = (1, 1)
+    dilation = (1, 1)
+    groups = 1
+    padding_mode = "zeros"
+    transposed = False
+
+    def _init_layer(self, in_channels: int, out_channels: int, padding: int | tuple[int, int] | str, bias: bool,
+                    config: WinogradConfig, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.padding, self._pad = _normalize_padding(padding)
+        self.config = dataclasses.replace(config)  # a private copy: never mutate the caller's config
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self._cache: dict[str, Any] = {}
+        self.last_input_shape: tuple[int, ...] | None = None
+        self.input_quantizer: nn.Module | None = None
+        self._capture: Any = None  # set by apply_winograd while it records the layer's inputs
+
+
+class WinogradConv2d(Conv3x3Layer):
     r"""A 3x3, stride-1 convolution computed with the Winograd algorithm F(m x m, 3 x 3), optionally fully quantized.
 
     For an input tile ``d: (n, n)`` (``n = m + 2``) of channel ``c`` and the kernel ``w[k, c]``,
@@ -200,13 +229,6 @@ class WinogradConv2d(nn.Module):
             default.  `forward_core` is the layer without it.
     """
 
-    kernel_size = (3, 3)
-    stride = (1, 1)
-    dilation = (1, 1)
-    groups = 1
-    padding_mode = "zeros"
-    transposed = False
-
     def __init__(
         self,
         in_channels: int,
@@ -226,30 +248,18 @@ class WinogradConv2d(nn.Module):
                 f"a WinogradConv2d needs `algorithm='winograd'`, got {config.algorithm!r} (the 'direct' baseline is "
                 "DirectQuantConv2d)."
             )
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self._init_layer(in_channels, out_channels, padding, bias, config, device, dtype)
         if config.bits is not None and config.group_size is not None and in_channels % config.group_size:
             divisors = [d for d in range(1, in_channels + 1) if in_channels % d == 0]
             raise ValueError(
                 f"`group_size` ({config.group_size}) must divide in_channels ({in_channels}); "
                 f"choose one of {divisors[-8:]} or group_size=None (one group)."
             )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.padding, self._pad = _normalize_padding(padding)
-        self.config = dataclasses.replace(config)  # a private copy: never mutate the caller's config
         self.tile = config.tile
         self._base = winograd_transforms(config.tile, 3, config.resolved_points, scaling="lavin")
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         scale_device = None if torch.device(device or "cpu").type == "meta" else device
         self.scales = self._initial_scales(config.scale_init, scale_device)
         self._quant_mode = "int" if config.bits is not None else "fp"
-        self._cache: dict[str, Any] = {}
-        self.last_input_shape: tuple[int, ...] | None = None
-        self.input_quantizer: nn.Module | None = None
-        self._capture: Any = None  # set by apply_winograd while it records the layer's inputs
         if self.weight.device.type != "meta":
             self.reset_parameters()
 

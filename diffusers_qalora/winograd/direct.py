@@ -22,7 +22,7 @@ from torch import nn
 
 from ..quant import lp_search_qparams, qrange, quantize
 from .config import WinogradConfig
-from .conv import _normalize_padding, winograd_ineligibility
+from .conv import Conv3x3Layer, winograd_ineligibility
 from .quantized import absmax_step
 
 DIRECT_MODES = ("fp", "int")
@@ -38,7 +38,7 @@ def _weight_step(weight: torch.Tensor, bits: int, method: str) -> torch.Tensor:
     return step.reshape(-1, 1, 1, 1)
 
 
-class DirectQuantConv2d(nn.Module):
+class DirectQuantConv2d(Conv3x3Layer):
     """A 3x3 stride-1 convolution with ``bits``-bit weights (per output channel) and inputs (dynamic, per sample),
     computed directly: the baseline of the Winograd layers (``WinogradConfig(algorithm="direct")``).
 
@@ -57,13 +57,6 @@ class DirectQuantConv2d(nn.Module):
         input_quantizer (`nn.Module | None`): as for [WinogradConv2d][diffusers_qalora.WinogradConv2d].
     """
 
-    kernel_size = (3, 3)
-    stride = (1, 1)
-    dilation = (1, 1)
-    groups = 1
-    padding_mode = "zeros"
-    transposed = False
-
     def __init__(
         self,
         in_channels: int,
@@ -80,24 +73,12 @@ class DirectQuantConv2d(nn.Module):
             raise TypeError(f"`config` must be a WinogradConfig, got {type(config).__name__}.")
         if config.algorithm != "direct" or config.bits is None:
             raise ValueError(f"a DirectQuantConv2d needs `algorithm='direct'` and `bits`, got {config!r}.")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.padding, self._pad = _normalize_padding(padding)
-        self.config = dataclasses.replace(config)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self._init_layer(in_channels, out_channels, padding, bias, config, device, dtype)
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=5**0.5)
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -((in_channels * 9) ** -0.5), (in_channels * 9) ** -0.5)
         self._quant_mode = "int"
-        self._cache: dict[str, Any] = {}
-        self.last_input_shape: tuple[int, ...] | None = None
-        self.input_quantizer: nn.Module | None = None
-        self._capture: Any = None
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, *, config: WinogradConfig | None = None, **overrides: Any) -> DirectQuantConv2d:
