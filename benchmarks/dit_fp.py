@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from diffusers_qalora.evaluation.embedded import MethodEvaluator, peak_rss_mb, public
+
 from diffusers_qalora.evaluation.report import format_metric, machine_info
 from diffusers_qalora.testbed import load_testbed
 

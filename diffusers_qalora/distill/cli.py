@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..integrations.adapters import looks_like_local_path
+from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR, SCALE_AWARE_MODES
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from .trainer import DistillConfig
 
 
@@ -31,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the teacher trajectories")
     p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
     p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="LoRA learning rate (scale-aware reference)")
-    p.add_argument("--weight_step_lr", type=float, default=1e-5)
-    p.add_argument("--act_step_lr", type=float, default=1e-4)
-    p.add_argument("--scale_aware", choices=("lr", "grad", "none"), default="lr")
+    p.add_argument("--learning_rate", type=float, default=DEFAULT_LORA_LR, help="LoRA learning rate (scale-aware reference)")
+    p.add_argument("--weight_step_lr", type=float, default=DEFAULT_WEIGHT_STEP_LR)
+    p.add_argument("--act_step_lr", type=float, default=DEFAULT_ACT_STEP_LR)
+    p.add_argument("--scale_aware", choices=SCALE_AWARE_MODES, default="lr")
     p.add_argument("--lr_schedule", choices=("linear", "constant", "cosine"), default="linear")
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (text-to-image: 7.5)")
     p.add_argument("--prompt_file", default=None, help="one prompt per line; default: the shipped prompt list")
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--report_to", default=None, help="an Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--ddp_timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                   help="several processes: seconds a process waits for the others in one collective before it stops "
+                        "with an error naming the phase (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration_samples", type=int, default=None, help="trajectories for activation calibration")
     p.add_argument("--eval_samples", type=int, default=500, help="embedded model: samples per seed")
@@ -75,6 +80,8 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
+    if not args.ddp_timeout > 0:
+        raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
     if model is not None and args.model != "unet":
         raise SystemExit(f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
@@ -176,8 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             methods=tuple(args.methods or METHODS), model=args.model,
         )
         results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
-                                   args.mixed_precision, args.report_to)
-        if results.get("methods"):
+                                   args.mixed_precision, args.report_to, collective_timeout=args.ddp_timeout)
+        from accelerate import PartialState
+
+        if results.get("methods") and PartialState().is_main_process:
             print(json.dumps({k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
                               for k, v in results["methods"].items()}, indent=2))
     else:
@@ -199,7 +208,7 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     if not PartialState().is_main_process:
         return
     from ..integrations.adapters import load_qalora_adapter
-    from ..integrations.hub import push_qalora_adapter
+    from ..integrations.hub import CardInfo, push_qalora_adapter
 
     out = Path(args.output_dir)
     model = args.pretrained_model_name_or_path
@@ -219,10 +228,10 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     # card gets the distillation settings alone.
     scored = model is None and "methods" in json.loads((out / "results.json").read_text(encoding="utf-8"))
     defaults = (16, 1600) if model is None else (1, 500)
-    info = push_qalora_adapter(
-        denoiser, hub_repo_id(args), token=args.hub_token, base_model=base_model, base_model_subfolder=subfolder,
-        results=out if scored else None,
+    card = CardInfo(
+        base_model=base_model, base_model_subfolder=subfolder, results=out if scored else None,
         distill_config=_distill_config(args, args.train_batch_size or defaults[0], args.max_train_steps or defaults[1]),
         sample_grid=grid if grid.is_file() else None,
     )
+    info = push_qalora_adapter(denoiser, hub_repo_id(args), token=args.hub_token, card=card)
     print(f"pushed the adapter to {info.commit_url}")

@@ -1,9 +1,16 @@
 """Quality metrics: the digits-FID, class accuracy and paired MSE, plus thin hooks to the standard FID / CLIP score.
 
 The digits-FID is the Frechet distance between Gaussians fitted to the penultimate features of the testbed's
-digits classifier, computed by torchmetrics' `FrechetInceptionDistance` with [`DigitsFeatureExtractor`] as its
+digits classifier, computed by torchmetrics' `FrechetInceptionDistance` with `DigitsFeatureExtractor` as its
 custom feature extractor. It needs neither torch-fidelity nor Inception weights. Its scale is that of the
 classifier's features, so it is comparable only between runs that use the same classifier (the shipped one).
+
+Distributed runs: every function here scores exactly the tensors it is given, on the calling process alone (its
+torchmetrics object is built with ``sync_on_compute=False``, a process group of one).  torchmetrics' default would
+all-gather the metric state across every process of an initialised ``torch.distributed`` group at ``compute()``,
+which deadlocks when only the main process scores, and double-counts when every process scores the same images.
+To score samples spread over several processes, gather them first (``accelerate.utils.gather_object`` or
+``Accelerator.gather_for_metrics``) and call these functions on the gathered tensors.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ class DigitsFeatureExtractor(nn.Module):
     Args:
         classifier (`nn.Module`):
             A classifier with a `features(x) -> (B, D)` method taking `(B, 1, S, S)` images in `[-1, 1]`, such as
-            [`~diffusers_qalora.testbed.DigitsClassifier`].
+            [DigitsClassifier][diffusers_qalora.testbed.DigitsClassifier].
         image_size (`int`, *optional*, defaults to `16`):
             Side `S` of the classifier's input.
     """
@@ -109,7 +116,7 @@ def digits_fid(
     """Digits-FID: the Frechet distance between classifier features of generated and real digits.
 
     `FID = |mu_f - mu_r|^2 + Tr(S_f + S_r - 2 (S_f S_r)^(1/2))` over the classifier's penultimate features,
-    computed by `torchmetrics.image.fid.FrechetInceptionDistance` with a [`DigitsFeatureExtractor`].
+    computed by `torchmetrics.image.fid.FrechetInceptionDistance` with a `DigitsFeatureExtractor`.
 
     Args:
         fake (`torch.Tensor`):
@@ -130,7 +137,8 @@ def digits_fid(
     _check_images(fake, "fake", min_count=2)
     _check_images(real, "real", min_count=2)
     was_training = classifier.training
-    metric = FrechetInceptionDistance(feature=DigitsFeatureExtractor(classifier), normalize=True)
+    metric = FrechetInceptionDistance(feature=DigitsFeatureExtractor(classifier), normalize=True,
+                                      sync_on_compute=False)
     try:
         for images, is_real in ((real, True), (fake, False)):
             for chunk in images.split(batch_size):
@@ -182,7 +190,7 @@ def class_accuracy(
 def paired_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean squared error between two batches of images sampled from the same noise and labels.
 
-    Sampled with [`~diffusers_qalora.evaluation.sample_class_conditional`] and the same seed, image `i` of a
+    Sampled with [sample_class_conditional][diffusers_qalora.evaluation.sample_class_conditional] and the same seed, image `i` of a
     quantized model is compared with image `i` of the full-precision model; this separates methods far more sharply
     than FID at a few hundred samples.
 
@@ -247,7 +255,8 @@ def fid(
     fake_u8, real_u8 = _to_uint8_rgb(fake), _to_uint8_rgb(real)
     try:
         metric = FrechetInceptionDistance(
-            feature=feature, normalize=False, feature_extractor_weights_path=feature_extractor_weights_path
+            feature=feature, normalize=False, feature_extractor_weights_path=feature_extractor_weights_path,
+            sync_on_compute=False,
         ).to(device)
     except (OSError, RuntimeError, ValueError) as err:
         raise RuntimeError(
@@ -309,7 +318,7 @@ def clip_score(
         return model, processor
 
     try:
-        metric = CLIPScore(model_name_or_path=_load).to(device)
+        metric = CLIPScore(model_name_or_path=_load, sync_on_compute=False).to(device)
     except (OSError, ValueError) as err:
         raise RuntimeError(
             f"Could not load the CLIP model {model_name_or_path!r} for `clip_score`. Download it on a machine with "

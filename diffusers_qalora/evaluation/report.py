@@ -53,17 +53,34 @@ def evaluate_seeds(
     fp_samples: Mapping[int, torch.Tensor] | None = None,
     batch_size: int = 250,
     show_progress: bool = True,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` per seed with the pipeline's current model state and score each seed.
 
+    With ``distributed=True`` and several processes (Accelerate's state), every process must call this: each
+    samples its contiguous share of the images, the shares are all-gathered, and every process scores the whole set
+    on its own (the metrics never synchronise), so all return the same summary, equal to the one-process result.
+
     Returns ``{"per_seed": [...], "samples": {seed: images}, "<metric>_mean": ..., "<metric>_std": ...}``.
     """
+    shard = None
+    if distributed:
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:
+            shard = (state.process_index, state.num_processes)
     per_seed, samples = [], {}
     for seed in seeds:
         images, labels = sample_class_conditional(
             pipeline, num_samples, seed, num_inference_steps=num_inference_steps, batch_size=batch_size,
-            show_progress=show_progress,
+            show_progress=show_progress, shard=shard,
         )
+        if shard is not None:
+            from accelerate.utils import gather_object
+
+            shares = gather_object([(images, labels)])
+            images, labels = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
         fp = None if fp_samples is None else fp_samples.get(seed)
         scores = score_samples(images, labels, classifier, reference_images, fp)
         per_seed.append({"seed": seed, **scores})
@@ -113,7 +130,7 @@ def fid_ratio_to_fp(row: Mapping[str, Any], fp_row: Mapping[str, Any]) -> tuple[
 
 def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str, notes: str = "") -> str:
     """A Markdown table of method rows holding ``fid_mean/std``, ``accuracy_mean/std`` and optionally ``x0_mse``;
-    with a row of method ``"FP"`` among them, also each method's FID / FP per seed (see [`fid_ratio_to_fp`])."""
+    with a row of method ``"FP"`` among them, also each method's FID / FP per seed (see `fid_ratio_to_fp`)."""
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     if notes:
         lines += [notes, ""]

@@ -43,6 +43,7 @@ def sample_class_conditional(
     batch_size: int = 250,
     labels: Sequence[int] | torch.Tensor | None = None,
     show_progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample a class-conditional pipeline with seeded, paired noise.
 
@@ -57,7 +58,7 @@ def sample_class_conditional(
         pipeline:
             A pipeline with a `unet` (a class-conditional `UNet2DModel`) whose `__call__` takes
             `(class_labels, num_inference_steps=, eta=, generator=, latents=, output_type="pt")` and returns images in
-            `[0, 1]`, such as [`~diffusers_qalora.testbed.ClassConditionalDDIMPipeline`].
+            `[0, 1]`, such as [ClassConditionalDDIMPipeline][diffusers_qalora.testbed.ClassConditionalDDIMPipeline].
         num_samples (`int`):
             Number of images.
         seed (`int`):
@@ -72,6 +73,12 @@ def sample_class_conditional(
             Labels to use instead of balanced ones; must hold `num_samples` labels.
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm bar over batches (the pipeline's own per-step bar is disabled during the call).
+        shard (`tuple[int, int]`, *optional*):
+            ``(index, count)``: sample only the ``index``-th of ``count`` contiguous shares of the `num_samples`
+            images (``index * N // count`` to ``(index + 1) * N // count``), with the same labels and noise as the
+            unsharded call; concatenated in index order the shares are the unsharded result.  Used to spread
+            evaluation over processes; needs ``eta=0`` (with ``eta > 0`` the per-step noise would depend on the
+            share).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: images `(N, C, H, W)` float32 in `[0, 1]` on the CPU, and labels
@@ -79,6 +86,12 @@ def sample_class_conditional(
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"`shard` must be (index, count) with 0 <= index < count, got {shard!r}.")
+        if eta != 0.0 and count > 1:
+            raise ValueError("`shard` needs `eta=0`: with eta > 0 the per-step noise depends on the share.")
     unet_config = pipeline.unet.config
     num_classes = unet_config.num_class_embeds
     if num_classes is None:
@@ -94,6 +107,11 @@ def sample_class_conditional(
     size = (size, size) if isinstance(size, int) else tuple(size)
     # All noise is drawn up front on the CPU, so the pairing holds whatever the batch size or device.
     noise = torch.randn((num_samples, unet_config.in_channels, *size), generator=generator, dtype=torch.float32)
+    first, last = 0, num_samples
+    if shard is not None:
+        first, last = shard[0] * num_samples // shard[1], (shard[0] + 1) * num_samples // shard[1]
+        if first == last:  # more processes than samples: this one has none
+            return noise[:0].clone(), labels[:0].clone()
 
     # The per-step bars of the pipeline would print once per batch; silence them and restore the user's setting.
     previous_config = dict(getattr(pipeline, "_progress_bar_config", {}))
@@ -101,9 +119,9 @@ def sample_class_conditional(
         pipeline.set_progress_bar_config(disable=True)
     chunks = []
     try:
-        starts = range(0, num_samples, batch_size)
+        starts = range(first, last, batch_size)
         for start in tqdm(starts, desc="sampling", unit="batch", disable=not show_progress):
-            stop = min(start + batch_size, num_samples)
+            stop = min(start + batch_size, last)
             out = pipeline(
                 labels[start:stop],
                 num_inference_steps=num_inference_steps,
@@ -116,4 +134,4 @@ def sample_class_conditional(
     finally:
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline._progress_bar_config = previous_config
-    return torch.cat(chunks), labels
+    return torch.cat(chunks), labels[first:last]

@@ -37,28 +37,11 @@ from .models import (
 from .pipeline import ClassConditionalDDIMPipeline
 
 __all__ = [
-    "DEFAULT_CLASSIFIER_CONFIG",
-    "DEFAULT_DIT_CONFIG",
-    "DEFAULT_SCHEDULER_CONFIG",
-    "DEFAULT_UNET_CONFIG",
-    "TESTBED_MODELS",
-    "WEIGHTS_DIR",
     "ClassConditionalDDIMPipeline",
     "ClassConditionalTransformer",
     "DigitsClassifier",
     "DigitsSplit",
     "Testbed",
-    "build_ddim_scheduler",
-    "build_ddpm_scheduler",
-    "build_dit",
-    "build_unet",
-    "load_digits_16x16",
     "load_digits_split",
     "load_testbed",
-    "read_dit_config",
-    "read_testbed_config",
-    "sha256_file",
-    "to_model_range",
-    "to_unit_range",
-    "verify_weights",
 ]

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..utils import atomic_write
 from .data import DEFAULT_SPLIT_SEED, DigitsSplit, load_digits_split, to_model_range
 from .dit import DEFAULT_DIT_CONFIG, build_dit
 from .loading import WEIGHTS_DIR, read_testbed_config, sha256_file, verify_weights
 from .models import DEFAULT_SCHEDULER_CONFIG, DigitsClassifier, build_ddim_scheduler, build_ddpm_scheduler
-from .recipe import _atomic_write_text, _cosine_lr, _ema_update, _epoch_batches, _jsonable, _save_safetensors
+from .recipe import _cosine_lr, _ema_update, _epoch_batches, _jsonable, _save_safetensors
 
 __all__ = ["DIT_CONFIG_NAME", "DIT_RECIPE_VERSION", "DitRecipeConfig", "main", "run_dit_recipe", "train_dit"]
 
@@ -235,7 +236,8 @@ def run_dit_recipe(
         },
     }
     os.replace(tmp, path)
-    _atomic_write_text(out_dir / DIT_CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(out_dir / DIT_CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return record
 
 

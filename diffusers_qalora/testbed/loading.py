@@ -163,7 +163,7 @@ def load_testbed(
             [`ClassConditionalTransformer`]). Both share the classifier, the split and the noise schedule.
 
     Returns:
-        [`Testbed`]: models in eval mode, in float32.
+        [Testbed][diffusers_qalora.testbed.Testbed]: models in eval mode, in float32.
 
     Raises:
         ValueError: a weight file does not match its recorded sha256 (the message names the file).

@@ -90,7 +90,7 @@ class ClassConditionalDDIMPipeline(DiffusionPipeline):
                 Return an `ImagePipelineOutput` instead of a one-element tuple.
 
         Returns:
-            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images.
+            `pipelines.ImagePipelineOutput` or `tuple`: the images.
 
         Example:
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,32 @@ QUANT_MODES = ("fp", "fake", "int")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+class WinogradKernelProvider(Protocol):
+    """The fast implementation of the ``"int"`` mode, installed by `diffusers_qalora.kernels` on import (the same
+    kind of hook the quantizers of `diffusers_qalora.quant` and the integer layers of `diffusers_qalora.export`
+    have), so this package never imports the kernels."""
+
+    def choice(self, module: nn.Module, device: torch.device) -> str:
+        """``"triton"`` or ``"torch"`` for ``module`` on ``device``."""
+
+    def pack(self, codes: torch.Tensor, step: torch.Tensor) -> Any:
+        """The weight codes and steps packed for ``conv2d``."""
+
+    def conv2d(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The integer Winograd convolution (signature of ``kernels.winograd.winograd_int_conv2d_triton``)."""
+
+
+_KERNEL_PROVIDER: list[WinogradKernelProvider | None] = [None]
+
+
+def set_winograd_kernel_provider(provider: WinogradKernelProvider | None) -> WinogradKernelProvider | None:
+    """Install the fast ``"int"``-mode implementation of [WinogradConv2d][diffusers_qalora.WinogradConv2d] (``None``:
+    the torch path only); return the previous one."""
+    previous = _KERNEL_PROVIDER[0]
+    _KERNEL_PROVIDER[0] = provider
+    return previous
+
+
 class WinogradWarning(UserWarning):
     """Base class of the warnings of the Winograd package."""
 
@@ -33,7 +59,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTrans
 
 
 def winograd_ineligibility(conv: nn.Module) -> str | None:
-    """Why ``conv`` cannot be replaced by a [`WinogradConv2d`], or ``None`` if it can.
+    """Why ``conv`` cannot be replaced by a [WinogradConv2d][diffusers_qalora.WinogradConv2d], or ``None`` if it can.
 
     Eligible: a plain ``nn.Conv2d`` (or a subclass that does not override ``forward``) with a 3x3 kernel,
     stride 1, dilation 1, ``groups=1``, ``padding_mode="zeros"`` and any zero padding (``"same"``/``"valid"`` too),
@@ -158,7 +184,7 @@ class WinogradConv2d(nn.Module):
         out_channels (`int`): ``K``.
         padding (`int | tuple[int, int] | str`, defaults to `1`): zero padding, ``"same"`` or ``"valid"``.
         bias (`bool`, defaults to `True`): whether to learn an additive bias.
-        config ([`WinogradConfig`], *optional*): tile, quantization and scale settings; defaults to
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): tile, quantization and scale settings; defaults to
             ``WinogradConfig()`` (F(4,3), 8 bits, one group).
         device (`torch.device | str`, *optional*): device of the weight and bias.
         dtype (`torch.dtype`, *optional*): dtype of the weight and bias.
@@ -166,12 +192,12 @@ class WinogradConv2d(nn.Module):
     Attributes:
         weight (`nn.Parameter`): ``(K, C, 3, 3)``, the spatial weight (as in ``nn.Conv2d``).
         bias (`nn.Parameter | None`): ``(K,)``.
-        scales ([`WinogradScales`]): the learnable transform scales.
+        scales (`WinogradScales`): the learnable transform scales.
         quant_mode (`str`): ``"fp"``, ``"fake"`` or ``"int"``.
         last_input_shape (`tuple[int, ...] | None`): shape of the last input seen (used by `tune_scales_`).
         input_quantizer (`nn.Module | None`): optional quantizer applied to the spatial input before everything else
-            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [`apply_winograd`]); ``None`` by
-            default.  [`forward_core`] is the layer without it.
+            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [apply_winograd][diffusers_qalora.apply_winograd]); ``None`` by
+            default.  `forward_core` is the layer without it.
     """
 
     kernel_size = (3, 3)
@@ -262,13 +288,13 @@ class WinogradConv2d(nn.Module):
         config: WinogradConfig | None = None,
         **overrides: Any,
     ) -> WinogradConv2d:
-        """Build a [`WinogradConv2d`] computing the same function as ``conv`` (sharing its weight and bias).
+        """Build a [WinogradConv2d][diffusers_qalora.WinogradConv2d] computing the same function as ``conv`` (sharing its weight and bias).
 
         Args:
-            conv (`nn.Conv2d`): an eligible convolution (see [`winograd_ineligibility`]).
+            conv (`nn.Conv2d`): an eligible convolution (see `winograd_ineligibility`).
             tile (`int`, *optional*): ``m`` in 2, 4, 6; overrides ``config.tile`` (default 4).
-            config ([`WinogradConfig`], *optional*): defaults to ``WinogradConfig()``.
-            **overrides: fields of [`WinogradConfig`] replacing those of ``config`` (e.g. ``bits=None``,
+            config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): defaults to ``WinogradConfig()``.
+            **overrides: fields of [WinogradConfig][diffusers_qalora.WinogradConfig] replacing those of ``config`` (e.g. ``bits=None``,
                 ``group_size=32``).
 
         Raises:
@@ -383,7 +409,7 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``.
 
-        Applies ``input_quantizer`` (if any), then [`forward_core`].
+        Applies ``input_quantizer`` (if any), then `forward_core`.
         """
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
@@ -457,27 +483,26 @@ class WinogradConv2d(nn.Module):
         return output_transform(prod, at.to(cdtype), grid).to(x.dtype)
 
     def _kernel_choice(self, x: torch.Tensor) -> str:
-        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device, resolved once per module and device
-        (see `diffusers_qalora.kernels.dispatch`; Triton by default for CUDA tensors when it imports)."""
-        from ..kernels.dispatch import module_choice
-
-        return module_choice(self, x.device)
+        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device: what the installed kernel provider
+        (see [set_winograd_kernel_provider][diffusers_qalora.winograd.conv.set_winograd_kernel_provider]) resolves,
+        ``"torch"`` without one."""
+        provider = _KERNEL_PROVIDER[0]
+        return "torch" if provider is None else provider.choice(self, x.device)
 
     def _forward_int_triton(self, x: torch.Tensor, at: torch.Tensor, g: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
         """The ``"int"`` mode on the fused Triton kernels (`diffusers_qalora.kernels.winograd`): the same codes and
         steps as the torch path, the weight packed once for the GEMM kernel and cached."""
-        from ..kernels.winograd import pack_winograd_weight, winograd_int_conv2d_triton
-
+        kernels = _KERNEL_PROVIDER[0]
         cfg = self.config
 
         def compute_packed() -> tuple[torch.Tensor, torch.Tensor, Any]:
             with torch.no_grad():
                 u64 = weight_transform(self.weight.detach().to(torch.float64), g.detach())
                 codes_u, step_u = quantize_weight_codes(u64, cfg.bits, cfg.group_size, cfg.weight_init)
-                return codes_u, step_u, pack_winograd_weight(codes_u, step_u)
+                return codes_u, step_u, kernels.pack(codes_u, step_u)
 
         codes_u, step_u, packed = self._cached(self._cache_key("int-triton", x.device, torch.float32), compute_packed)
-        return winograd_int_conv2d_triton(
+        return kernels.conv2d(
             x.detach(), codes_u, step_u, bt.detach().float(), at.detach().float(), None, self._pad, bits=cfg.bits,
             group_size=cfg.group_size, act_granularity=cfg.act_granularity, output_bits=cfg.output_bits,
             packed=packed,

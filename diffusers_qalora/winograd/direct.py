@@ -43,16 +43,18 @@ class DirectQuantConv2d(nn.Module):
     computed directly: the baseline of the Winograd layers (``WinogradConfig(algorithm="direct")``).
 
     Args:
-        in_channels, out_channels (`int`): ``C``, ``K``.
+        in_channels (`int`): ``C``.
+        out_channels (`int`): ``K``.
         padding (`int | tuple[int, int] | str`, defaults to `1`): zero padding, ``"same"`` or ``"valid"``.
-        bias (`bool`, defaults to `True`).
-        config ([`WinogradConfig`], *optional*): ``bits`` and ``weight_init`` are used; defaults to
-            ``WinogradConfig(algorithm="direct")`` (8 bits).
-        device, dtype: of the weight and bias.
+        bias (`bool`, defaults to `True`): whether the layer has a bias.
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): ``bits`` and ``weight_init`` are
+            used; defaults to ``WinogradConfig(algorithm="direct")`` (8 bits).
+        device (`torch.device`, *optional*): of the weight and bias.
+        dtype (`torch.dtype`, *optional*): of the weight and bias.
 
     Attributes:
         quant_mode (`str`): ``"int"`` (quantized, the default) or ``"fp"`` (plain ``F.conv2d``).
-        input_quantizer (`nn.Module | None`): as for [`WinogradConv2d`].
+        input_quantizer (`nn.Module | None`): as for [WinogradConv2d][diffusers_qalora.WinogradConv2d].
     """
 
     kernel_size = (3, 3)
@@ -140,7 +142,7 @@ class DirectQuantConv2d(nn.Module):
         return self._cache["value"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies ``input_quantizer`` (if any), then [`forward_core`]."""
+        """Applies ``input_quantizer`` (if any), then `forward_core`."""
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self._capture is not None:

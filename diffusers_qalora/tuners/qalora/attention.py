@@ -14,7 +14,7 @@ no quantizer at all the processor computes exactly what ``AttnProcessor2_0`` com
 
 Three paths:
 
-* **inference** (no gradient needed): [`diffusers_qalora.kernels.attention.quantized_attention`] with the step sizes at
+* **inference** (no gradient needed): [quantized_attention][diffusers_qalora.kernels.quantized_attention] with the step sizes at
   each sample's timestep: the fused Triton kernel on CUDA, the torch reference elsewhere (chosen once per attention
   module, see `diffusers_qalora.kernels.dispatch`);
 * **training** (a gradient is needed): the quantizer modules (LSQ gradients for the values and the step sizes), then
@@ -81,15 +81,25 @@ class AttentionQuantizers(NamedTuple):
         return any(q is not None for q in self)
 
 
+def _qalora_projection(layer: nn.Module | None) -> nn.Module | None:
+    """The QALoRA layer of a projection, also under a style LoRA that wraps it (else the layer itself)."""
+    while layer is not None and not isinstance(layer, QALoraLayer) and isinstance(
+        getattr(layer, "base_layer", None), nn.Module
+    ):
+        layer = layer.base_layer
+    return layer
+
+
 def _active(layer: nn.Module | None, attribute: str) -> TemporalActQuantizer | None:
+    layer = _qalora_projection(layer)
     if not isinstance(layer, QALoraLayer) or layer.disable_adapters:
         return None
-    adapter = layer._active_qalora_adapter()
+    adapter = layer.active_qalora_adapter()
     quantizers = getattr(layer, attribute)
     if adapter is None or adapter not in quantizers:
         return None
     quantizer = quantizers[adapter]
-    return quantizer if quantizer.enabled or quantizer._calibrating else None
+    return quantizer if quantizer.enabled or quantizer.is_calibrating else None
 
 
 def attention_quantizers(attn: nn.Module) -> AttentionQuantizers:
@@ -112,11 +122,7 @@ def _quant_spec(quantizer: TemporalActQuantizer | None, batch: int) -> QuantSpec
             f"`diffusers_qalora.calibrate_activations(model, ...)` (or load a calibrated adapter) before the quantized "
             f"forward pass."
         )
-    t = quantizer._sample_timesteps(batch)
-    if batch and bool((t == t[0]).all()):
-        step, zero_point = quantizer._single_qparams(float(t[0]))  # the cheap lookup, as the quantizer's forward
-    else:
-        step, zero_point = quantizer.qparams(t)
+    step, zero_point = quantizer.batch_qparams(batch)  # the cheap lookup for one shared timestep, as forward
     step = step.detach().float().reshape(-1)
     zero_point = None if zero_point is None else zero_point.detach().float().reshape(-1)
     return QuantSpec(step, zero_point, quantizer.qmin, quantizer.qmax)
@@ -246,7 +252,7 @@ def quantized_module_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
         )
     active = [q for q in quantizers if q is not None]
-    calibrating = any(q._calibrating for q in active)
+    calibrating = any(q.is_calibrating for q in active)
     needs_grad = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
         or any(q.step.values[0].requires_grad for q in active)  # PEFT freezes a quantizer as a whole
@@ -513,7 +519,7 @@ def quantized_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not _is_attention_module(module):
             continue
-        layers = [getattr(module, leaf, None) for leaf in ATTENTION_PROJECTIONS]
+        layers = [_qalora_projection(getattr(module, leaf, None)) for leaf in ATTENTION_PROJECTIONS]
         if any(isinstance(layer, QALoraLayer) and len(layer.qal_out_quantizer) for layer in layers):
             found[name] = module
     return found

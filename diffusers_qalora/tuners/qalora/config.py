@@ -42,7 +42,7 @@ DEFAULT_EIGHT_BIT_ROOTS = (
 
 @dataclass
 class QALoraConfig(PeftConfig):
-    """Configuration for [`QALoraModel`]: LoRA merged into the weight *before* fake quantization (EfficientDM).
+    """Configuration for [QALoraModel][diffusers_qalora.QALoraModel]: LoRA merged into the weight *before* fake quantization (EfficientDM).
 
     A wrapped layer computes ``op(Q_a(x; t), Q_w(W0 + scaling * B @ A))`` where ``Q_w`` is an LSQ weight quantizer and
     ``Q_a`` a temporal activation quantizer with one step size per calibrated timestep.

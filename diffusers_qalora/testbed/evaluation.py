@@ -1,6 +1,6 @@
 """Evaluation on the embedded digits DDPM: the full-precision model and the PTQ baselines at several bit widths.
 
-``examples/evaluate.py`` is a thin command line over [`run_ptq_evaluation`]; the distillation job reuses the helpers.
+``examples/evaluate.py`` is a thin command line over `run_ptq_evaluation`; the distillation job reuses the helpers.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from ..evaluation.baselines import add_calibrated_adapter, baseline_config
+from ..evaluation.plots import plot_step_sizes, save_image_grid
+from ..evaluation.report import evaluate_seeds, machine_info, results_markdown
 from ..quant import TemporalActQuantizer
-from ..testbed import Testbed, load_testbed
 from ..tuners.qalora.api import (
     adapters_disabled,
     copy_activation_calibration,
@@ -25,9 +28,7 @@ from ..tuners.qalora.api import (
     timestep_table,
 )
 from ..tuners.qalora.model import qalora_layers
-from .baselines import add_calibrated_adapter, baseline_config
-from .plots import plot_step_sizes, save_image_grid
-from .report import evaluate_seeds, machine_info, results_markdown
+from .loading import Testbed, load_testbed
 
 PTQ_METHODS = ("fp", "naive_ptq", "timestep_ptq")
 METHOD_LABELS = {"fp": "FP", "naive_ptq": "naive PTQ", "timestep_ptq": "per-timestep PTQ", "distilled": "QALoRA distilled"}
@@ -70,21 +71,24 @@ def public(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 class MethodEvaluator:
-    """Samples and scores the testbed pipeline in its current state; keeps the FP samples for paired scores."""
+    """Samples and scores the testbed pipeline in its current state; keeps the FP samples for paired scores.
+
+    With ``distributed=True`` every process of the run must call it: each samples its share, all score the gathered
+    set (see [`evaluate_seeds`]); the main process alone writes the sample grids."""
 
     def __init__(self, testbed: Testbed, out: Path, samples: int, seeds: Sequence[int], steps: int,
-                 save_grids: bool = True) -> None:
+                 save_grids: bool = True, distributed: bool = False) -> None:
         self.testbed, self.out, self.samples, self.seeds, self.steps = testbed, out, samples, tuple(seeds), steps
-        self.save_grids = save_grids
+        self.save_grids, self.distributed = save_grids, distributed
         self.fp_samples: dict[int, torch.Tensor] | None = None
 
     def __call__(self, name: str) -> dict[str, Any]:
         start = time.perf_counter()
         summary = evaluate_seeds(self.testbed.pipeline, self.testbed.classifier, self.testbed.reference_images,
                                  self.seeds, self.samples, self.steps, fp_samples=self.fp_samples,
-                                 show_progress=False)
+                                 show_progress=False, distributed=self.distributed)
         summary["seconds"] = time.perf_counter() - start
-        if self.save_grids:
+        if self.save_grids and (not self.distributed or PartialState().is_main_process):
             save_image_grid(summary["samples"][self.seeds[0]][:100], self.out / f"grid_{name}.png", nrow=10)
         return summary
 
