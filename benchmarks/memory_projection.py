@@ -2,8 +2,8 @@
 
     python benchmarks/memory_projection.py
 
-Reads ``benchmarks/results/sd_scale/sd15_16x16.json`` and ``sd15_32x32.json`` (written by ``sd_scale.py``) and
-writes ``benchmarks/results/sd_scale/memory_projection.{json,md}``.
+Reads the ``benchmarks/results/sd_scale/sd15_*.json`` runs (written by ``sd_scale.py``) and writes
+``benchmarks/results/sd_scale/memory_projection.{json,md}``.
 
 The model (bytes; ``P`` parameters, ``Q`` of them in QALoRA layers with LoRA, ``L`` LoRA values, ``A`` activations):
 
@@ -15,7 +15,7 @@ The model (bytes; ``P`` parameters, ``Q`` of them in QALoRA layers with LoRA, ``
 * plain LoRA: ``16 L``;
 * bf16 autocast: each op keeps the bf16 copy of the weight it used for its backward pass: ``+2 Q``;
 * activations ``A``: the measured step peak of plain LoRA minus its LoRA state, fitted as ``a0 + a1 * pixels`` from
-  the two latent sizes and extrapolated (attention runs through ``scaled_dot_product_attention``, whose memory is
+  two latent sizes (proportional to the pixels when one size was measured) and extrapolated (attention runs through ``scaled_dot_product_attention``, whose memory is
   linear in the tokens).  For SDXL and Flux, ``a1`` is scaled by the ratio of their quantized parameters to SD1.5's
   (activations per pixel grow with width and depth about as parameters do) -- an estimate, not a measurement.
 
@@ -79,24 +79,35 @@ def models() -> dict[str, dict]:
 
 
 def main() -> dict:
-    runs = {s: json.loads((RESULTS / f"sd15_{s}x{s}.json").read_text()) for s in (16, 32)}
-
-    def peak(run, variant, setting="plain"):
-        return next(r["peak_memory_above_start_bytes"] for r in run["summary"]
-                    if r["variant"] == variant and r["setting"] == setting)
-
-    sd = runs[16]
-    lora_state = 16 * sd["qalora_trainable_values"]  # the same LoRA shapes as the plain LoRA (+ step sizes)
-    act = {s: max(peak(runs[s], "lora") - lora_state, 0) for s in (16, 32)}
-    a1 = (act[32] - act[16]) / (32 * 32 - 16 * 16)
-    a0 = act[16] - a1 * 16 * 16
+    runs = {}
+    for path in sorted(RESULTS.glob("sd15_*.json")):
+        run = json.loads(path.read_text())
+        for row in run["summary"]:
+            runs[(run["latent"], row["setting"], row["variant"])] = (row["peak_memory_above_start_bytes"], run)
+    lora_state = 16 * next(iter(runs.values()))[1]["qalora_trainable_values"] if runs else 0  # + the step sizes
+    projections = {}
+    for setting in ("plain", "gc"):
+        sizes = sorted(latent for (latent, st, v) in runs if st == setting and v == "lora")
+        if not sizes:
+            continue
+        act = {s: max(runs[(s, setting, "lora")][0] - lora_state, 0) for s in sizes}
+        if len(sizes) > 1:
+            lo, hi = sizes[0], sizes[-1]
+            a1 = (act[hi] - act[lo]) / (hi * hi - lo * lo)
+            a0 = act[lo] - a1 * lo * lo
+        else:  # one size: activations proportional to the pixels
+            a0, a1 = 0.0, act[sizes[0]] / sizes[0] ** 2
+        projections[setting] = {"a0": a0, "a1": a1, "from_latents": sizes}
+    basis = "plain" if "plain" in projections else "gc" if "gc" in projections else None
+    # Without a measured SD1.5 run the table holds the parameter side only (exact byte counts, no activations).
+    plain = projections[basis] if basis else {"a0": 0.0, "a1": 0.0, "from_latents": []}
     sd15_quantized = None
     rows = []
     for name, m in models().items():
         if sd15_quantized is None:
             sd15_quantized = m["quantized"]
         scale = m["quantized"] / sd15_quantized
-        activations = max(a0, 0) + a1 * scale * m["pixels"]
+        activations = max(plain["a0"], 0) + plain["a1"] * scale * m["pixels"]
         p, q, lora = m["parameters"], m["quantized"], m["lora_values"]
         est = {
             "QALoRA": 4 * p + 8 * q + 16 * lora + activations,
@@ -108,17 +119,26 @@ def main() -> dict:
         }
         rows.append({"model": name, **m, "activations_bytes": activations,
                      "peak_bytes": est})
-    result = {"measured_from": [f"sd15_{s}x{s}.json" for s in (16, 32)], "activation_fit": {"a0": a0, "a1": a1},
-              "sd15_measured_peak_above_start": {s: {v: peak(runs[s], v) for v in ("qalora", "full_ft", "lora")}
-                                                 for s in (16, 32)},
+    result = {"activation_fit": projections,
+              "sd15_measured_peak_above_start": {f"{lat}x{lat} {st} {v}": peak for (lat, st, v), (peak, _) in runs.items()},
               "projections": rows}
-    (RESULTS / "memory_projection.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     lines = ["| model | params | in LoRA layers | LoRA values | activations (est.) | "
              + " | ".join(rows[0]["peak_bytes"]) + " |", "|---|" + "---:|" * (4 + len(rows[0]["peak_bytes"]))]
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['quantized'] / 1e9:.2f} B | "
                      f"{r['lora_values'] / 1e6:.0f} M | {r['activations_bytes'] / GIB:.1f} GiB | "
                      + " | ".join(f"{v / GIB:.1f} GiB" for v in r["peak_bytes"].values()) + " |")
+    note = (f"Activations from the SD1.5 runs with setting `{basis}` at latents {plain['from_latents']} "
+            f"({'fitted a0 + a1 * pixels' if len(plain['from_latents']) > 1 else 'proportional to the pixels'}).")
+    if basis is None:
+        note = ("No SD1.5 run with a JSON result was found: parameter side only (weights, buffers, optimizer), "
+                "activations not included.")
+    if basis == "gc":
+        note += (" Only checkpointed runs were measured: the activation column (and every column built on it) is "
+                 "what gradient checkpointing keeps, which understates a step without it.")
+    lines = [note, ""] + lines
+    result["activations_from_setting"] = basis
+    (RESULTS / "memory_projection.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (RESULTS / "memory_projection.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return result

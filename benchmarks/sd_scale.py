@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="gradient checkpointing (gc) and/or bf16 autocast, interleaved in the same run")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("qalora_ref",))
     p.add_argument("--with_reference", action="store_true", help="also time qalora_ref (the pre-fusion path)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler tables of one plain student step")
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of one student step")
+    p.add_argument("--profile_setting", default="plain", choices=SETTINGS)
     p.add_argument("--temporal_values_study", action="store_true",
                    help="optimizer cost of per-entry vs per-table activation step parameters (issue 16)")
     p.add_argument("--tag", default=None)
@@ -517,12 +518,16 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(),
         "machine": machine_info(),
     }
-    bench.use("plain")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")  # before the extras
     if args.temporal_values_study:
+        bench.use(args.settings[-1])  # the gradients of one step in the last setting measured (gc needs less memory)
         target, _ = bench.teacher()
         result["temporal_values_study"] = temporal_values_study(bench, target)
         print(json.dumps(result["temporal_values_study"], indent=1), flush=True)
     if args.profile:
+        bench.use(args.profile_setting)
+        result["profile_setting"] = args.profile_setting
         target, _ = bench.teacher()
         result["profile"] = {}
         for v in [v for v in variants if v.startswith("qalora") or v == "full_ft"]:
@@ -591,7 +596,8 @@ def markdown(result: dict, tag: str) -> str:
             c = ckpt[key]
             lines.append(f"| {label} | {opt[key]:.3f} | {c['tensors']} | {c['bytes'] / 1e6:.1f} | {c['seconds']:.2f} |")
     for variant, table in result.get("profile", {}).items():
-        lines += ["", f"## Profile of one `{variant}` student step", "", "```", table, "```"]
+        lines += ["", f"## Profile of one `{variant}` student step ({result.get('profile_setting', 'plain')})", "",
+                  "```", table, "```"]
     return "\n".join(lines) + "\n"
 
 
