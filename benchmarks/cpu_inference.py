@@ -166,7 +166,7 @@ def forward_memory(model: nn.Module, inp: dict) -> dict:
 
 # -- one pass over variants --------------------------------------------------------------------------------------------
 def measure(case: str, models: dict[str, nn.Module], threads: list[int], repeats: int, profile_threads: int,
-            budget_s: float) -> dict:
+            budget_s: float, profile_mixed: bool = True) -> dict:
     shared, mixed = inputs(case, False), inputs(case, True)
     fns = {}
     for name, model in models.items():
@@ -198,18 +198,19 @@ def measure(case: str, models: dict[str, nn.Module], threads: list[int], repeats
     for name in OURS:
         if name in models:
             profiled[name] = (models[name], shared)
-            profiled[f"{name} mixed"] = (models[name], mixed)
+            if profile_mixed:
+                profiled[f"{name} mixed"] = (models[name], mixed)
     result["profile"] = {k: profile_table(m, i) for k, (m, i) in profiled.items()}
     result["memory"] = {k: forward_memory(m, shared) for k, m in models.items()}
     return result
 
 
-def run_unet(threads: list[int], repeats: int, budget_s: float) -> dict:
+def run_unet(threads: list[int], repeats: int, budget_s: float, peers: bool = True) -> dict:
     models: dict[str, nn.Module] = {"fp32": build_float("unet")}
     errors = {}
     for name, bits in OURS.items():
         models[name] = build_ours("unet", bits)
-    for name in PEERS:
+    for name in PEERS if peers else ():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -233,10 +234,11 @@ def sd15_worker(variant: str, threads: list[int], repeats: int) -> dict:
         models[variant] = build_peer("sd15", variant)
     gc.collect()
     models = {"fp32": build_float("sd15"), **models}
-    return measure("sd15", models, threads, repeats, threads[0], budget_s=0.0)
+    return measure("sd15", models, threads, repeats, threads[0], budget_s=0.0, profile_mixed=False)
 
 
-def run_sd15(variants: list[str], threads: list[int], repeats: int) -> dict:
+def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None) -> dict:
+    """Each variant in its own subprocess; ``save(partial)`` after each, so that a long run keeps what it has."""
     out = {"case": "SD1.5-shaped UNet2DConditionModel, 4x64x64 latents, batch 2", "per_variant": {}}
     for variant in variants:
         cmd = [sys.executable, __file__, "--sd15-worker", variant, "--threads", *map(str, threads),
@@ -249,6 +251,8 @@ def run_sd15(variants: list[str], threads: list[int], repeats: int) -> dict:
         else:
             out["per_variant"][variant] = json.loads(done.stdout.strip().splitlines()[-1])
         print("sd15", variant, f"{time.time() - t0:.0f} s", flush=True)
+        if save is not None:
+            save(out)
     return out
 
 
@@ -333,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=6.0,
                         help="extra repeats for short cases, within about this many seconds per variant")
     parser.add_argument("--sd15-peers", action="store_true")
+    parser.add_argument("--no-peers", action="store_true", help="only fp32 and the project's integer models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--sd15-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -350,18 +355,24 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(args.threads[0]), "onednn": onednn_status()[1], "seeds": {"weights": 0,
             "inputs": 1, "calibration": 7}, "load_average_before": load_before}
     results = {}
+
+    def save(partial_sd15=None) -> None:
+        if partial_sd15 is not None:
+            results["sd15"] = partial_sd15
+        with open("/proc/loadavg", encoding="utf-8") as f:
+            meta["load_average_after"] = f.read().split()[:3]
+        meta["total_seconds"] = round(time.time() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu_inference.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        (args.out / "cpu_inference.md").write_text(markdown(meta, results))
+        print(f"wrote {args.out / 'cpu_inference.json'} and .md ({meta['total_seconds']} s)", flush=True)
+
     if "unet" in args.cases:
-        results["unet"] = run_unet(args.threads, args.repeats, args.budget_s)
+        results["unet"] = run_unet(args.threads, args.repeats, args.budget_s, peers=not args.no_peers)
+        save()
     if "sd15" in args.cases:
         variants = list(OURS) + (list(PEERS) if args.sd15_peers else [])
-        results["sd15"] = run_sd15(variants, args.threads, max(3, args.repeats // 2))
-    with open("/proc/loadavg", encoding="utf-8") as f:
-        meta["load_average_after"] = f.read().split()[:3]
-    meta["total_seconds"] = round(time.time() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_inference.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    (args.out / "cpu_inference.md").write_text(markdown(meta, results))
-    print(f"wrote {args.out / 'cpu_inference.json'} and .md ({meta['total_seconds']} s)")
+        run_sd15(variants, args.threads, max(3, args.repeats // 2), save=save)
     return 0
 
 
