@@ -37,7 +37,7 @@ def launch_command(processes: int) -> list[str]:
     return head + (["--multi_gpu"] if processes > 1 else []) + ["examples/distill.py"]
 
 
-def run(processes: int, batch_total: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def start(processes: int, batch_total: int, args: argparse.Namespace, out: Path) -> tuple[subprocess.Popen, dict]:
     if batch_total % processes:
         raise SystemExit(f"--batch_total {batch_total} is not a multiple of {processes} processes.")
     job_args = ["--train_batch_size", str(batch_total // processes), "--max_train_steps", str(args.max_train_steps),
@@ -45,15 +45,21 @@ def run(processes: int, batch_total: int, args: argparse.Namespace, out: Path) -
                 "--output_dir", os.path.relpath(out.resolve(), ROOT), *shlex.split(args.job_args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
     command = launch_command(processes) + job_args
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - start
-    load_after = os.getloadavg()
+    return subprocess.Popen(command, cwd=ROOT, env=env), {
+        "processes": processes, "batch_total": batch_total, "command": command, "out": out,
+        "load_before": os.getloadavg(), "start": time.perf_counter()}
+
+
+def finish(proc: subprocess.Popen, info: dict) -> dict[str, Any]:
+    if proc.wait() != 0:
+        raise SystemExit(f"{' '.join(info['command'])} failed with exit code {proc.returncode}.")
+    wall = time.perf_counter() - info["start"]
+    load_before, load_after = info["load_before"], os.getloadavg()
+    processes, batch_total, command, out = info["processes"], info["batch_total"], info["command"], info["out"]
     job = json.loads((out / "results.json").read_text(encoding="utf-8"))
     fp_row = job["methods"]["FP"]
     quality = {}
-    for method in METHODS:
+    for method in (m for m in METHODS if m in job["methods"]):
         row = job["methods"][method]
         entry = {"fid": (row["fid_mean"], row["fid_std"]), "fid_per_seed": [s["fid"] for s in row["per_seed"]]}
         if method != "FP":
@@ -71,6 +77,7 @@ def run(processes: int, batch_total: int, args: argparse.Namespace, out: Path) -
         "job_seconds": job["job_seconds"],
         "phase_seconds": job["phase_seconds"],
         "train_seconds": training["train_seconds"],
+        "train_cpu_seconds_per_process": training["train_cpu_seconds_per_process"],
         "train_steps": training["steps"],
         "steps_per_second": training["steps_per_second"],
         "trajectories_per_second": training["steps_per_second"] * batch_total / len_table(job),
@@ -88,22 +95,24 @@ def len_table(job: dict[str, Any]) -> int:
 
 def markdown(report: dict[str, Any]) -> str:
     runs = report["runs"]
-    one = runs[0]
     lines = [
         "# The default distillation job on 1 and 2 CPU processes",
         "",
         f"Command: `{report['benchmark_command']}`. {report['protocol']}",
         "",
-        "| processes x threads | batch per process | wall (launch to exit) | training | steps/s | speed-up (training) |"
-        " calibration | evaluation (all methods) | peak RSS per process | load average before / after |",
+        "| processes x threads | batch per process | wall (launch to exit) | training (wall) | steps/s (wall) |"
+        " training CPU s per step, per process | calibration | evaluation (all methods) | peak RSS per process |"
+        " load average before / after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        steps = r["train_steps"]
         evaluation = sum(v for k, v in r["phase_seconds"].items() if k.startswith("evaluation"))
         lines.append(
             f"| {r['processes']} x 1 | {r['train_batch_size_per_process']} | {r['wall_seconds'] / 60:.1f} min | "
-            f"{r['train_seconds'] / 60:.1f} min | {r['steps_per_second']:.2f} | "
-            f"{one['train_seconds'] / r['train_seconds']:.2f}x | {r['phase_seconds']['calibration']:.0f} s | "
+            f"{r['train_seconds'] / 60:.1f} min | {r['steps_per_second']:.3f} | "
+            f"{' / '.join(f'{c / steps:.2f}' for c in r['train_cpu_seconds_per_process'])} | "
+            f"{r['phase_seconds']['calibration']:.0f} s | "
             f"{evaluation:.0f} s | {' / '.join(f'{m / 1024:.2f} GB' for m in r['peak_rss_mb_per_process'])} | "
             f"{r['load_average_before'][0]:.1f} / {r['load_average_after'][0]:.1f} |"
         )
@@ -129,14 +138,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--output_dir", type=Path, default=RESULTS)
+    p.add_argument("--concurrent", action="store_true",
+                   help="start the runs together, so that they share the same machine load (wall times then include "
+                        "each other's load; compare CPU seconds per step)")
     p.add_argument("--job_args", default="", help="more options of examples/distill.py, e.g. for a smoke run")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
+    runs, started = [], []
     for processes in args.processes:
         work = args.output_dir / f"run_{processes}proc"
         shutil.rmtree(work, ignore_errors=True)
-        runs.append(run(processes, args.batch_total, args, work))
+        started.append(start(processes, args.batch_total, args, work))
+        if not args.concurrent:
+            runs.append(finish(*started.pop()))
+    runs += [finish(*s) for s in started]
+    for processes in args.processes:
+        work = args.output_dir / f"run_{processes}proc"
         shutil.copy(work / "report.md", args.output_dir / f"report_{processes}proc.md")
         shutil.rmtree(work)  # the adapter, checkpoints and grids stay out of the repository
     seeds = args.eval_seeds
@@ -144,16 +161,23 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark_command": "python benchmarks/distill_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "protocol": (f"{args.max_train_steps} optimizer steps of {args.batch_total} trajectories in total (split "
                      f"evenly over the processes), W4A4, rank 32; evaluation {args.eval_samples} samples x seeds "
-                     f"{seeds}, 20 DDIM steps, split over the processes; mean ± std over seeds."),
+                     f"{seeds}, 20 DDIM steps, split over the processes; mean ± std over seeds"
+                     + (f"; job options `{args.job_args}`." if args.job_args else ".")),
         "seeds": seeds,
         "eval_samples_per_seed": args.eval_samples,
         "cpu_count": os.cpu_count(),
         "machine": machine_info(threads=1),
         "runs": runs,
-        "notes": ("The machine is shared with other jobs (see the load averages): wall times are inflated by an "
-                  "amount that varies between the runs, which ran one after the other. Two processes draw other "
-                  "trajectories than one (each process seeds its own noise), so their adapters differ by the "
-                  "training noise; the FID spread over seeds is mostly the sample noise of a 500-sample FID."),
+        "concurrent": args.concurrent,
+        "notes": ("The machine is shared with other jobs (see the load averages): wall times are inflated, by an "
+                  "amount that varies over time"
+                  + (" (the runs ran at the same time, each also loading the other)" if args.concurrent else
+                     " (the runs ran one after the other)")
+                  + ". The CPU seconds per step of each process are the cost an idle machine would show: two "
+                  "processes of half the batch each take about half the CPU time per step, so on two free cores "
+                  "the training steps/s about doubles. Two processes draw other trajectories than one (each "
+                  "process seeds its own noise), so their adapters differ by the training noise; the FID spread "
+                  "over seeds is mostly the sample noise of a small-sample FID."),
     }
     (args.output_dir / "scaling.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     text = markdown(report)

@@ -175,6 +175,8 @@ def run_embedded_job(
         results["phase_seconds"] = phase_seconds
         results["job_seconds"] = time.perf_counter() - job_start  # from the Accelerator to the results (no imports)
         results["peak_rss_mb_per_process"] = gather_object([peak_rss_mb()])
+        if "training" in results:
+            results["training"]["train_cpu_seconds_per_process"] = gather_object([train["train_cpu_seconds"]])
         results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if main:
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
