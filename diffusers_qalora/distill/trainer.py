@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
+from ..quant import clear_workspace
 from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
 from .conditioning import Conditioning
 
@@ -373,6 +374,7 @@ class DataFreeDistiller:
         elapsed = time.perf_counter() - start
         acc.wait_for_everyone()
         self._scale_aware.remove_hooks()
+        clear_workspace()  # the fused weight path's buffers, kept between steps (GBs at SD scale)
         if cfg.gradient_checkpointing:
             unwrapped.disable_gradient_checkpointing()
         if acc.log_with:
