@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
+from ..quant import clear_workspace
 from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
 from ..tuners.qalora.api import adapters_disabled, get_qalora_param_groups
 from ..tuners.qalora.model import active_qalora_adapter
@@ -398,6 +399,7 @@ class DataFreeDistiller:
         elapsed, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         acc.wait_for_everyone()
         self._scale_aware.remove_hooks()
+        clear_workspace()  # the fused weight path's buffers, kept between steps (GBs at SD scale)
         if cfg.gradient_checkpointing:
             unwrapped.disable_gradient_checkpointing()
         if acc.log_with:
