@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from diffusers_qalora.evaluation.baselines import add_calibrated_adapter, baseline_config
-from diffusers_qalora.evaluation.embedded import MethodEvaluator, calibration_run, peak_rss_mb, public
 from diffusers_qalora.evaluation.report import machine_info, results_markdown
 from diffusers_qalora.testbed import load_testbed
+from diffusers_qalora.testbed.evaluation import MethodEvaluator, calibration_run, peak_rss_mb, public
 from diffusers_qalora.tuners.qalora.api import set_qalora_adapter, timestep_table
 
 RESULTS = Path(__file__).parent / "results" / "attention_quality"

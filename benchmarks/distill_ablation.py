@@ -39,9 +39,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusers_qalora.distill import ClassLabelConditioning, DataFreeDistiller, DistillConfig
-from diffusers_qalora.evaluation.embedded import MethodEvaluator, add_ptq_baselines, peak_rss_mb, public
 from diffusers_qalora.evaluation.report import machine_info, results_markdown
 from diffusers_qalora.testbed import load_testbed
+from diffusers_qalora.testbed.evaluation import MethodEvaluator, add_ptq_baselines, peak_rss_mb, public
 from diffusers_qalora.tuners.qalora.api import (
     copy_activation_calibration,
     get_qalora_model,

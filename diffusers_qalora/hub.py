@@ -3,24 +3,24 @@
 
 ```py
 >>> import diffusers_qalora as dq
->>> dq.push_qalora_adapter(unet, "me/digits-w4a4", results="outputs/distill/results.json")
+>>> from diffusers_qalora.hub import CardInfo
+>>> dq.push_qalora_adapter(unet, "me/digits-w4a4", card=CardInfo(results="outputs/distill/results.json"))
 >>> dq.load_qalora_adapter(fresh_unet, "me/digits-w4a4")
 ```
 """
 
 from .integrations.hub import (
-    hub_file,
+    CardInfo,
     push_qalora_adapter,
     push_quantized_model,
     qalora_adapter_card,
     quantized_model_card_for,
 )
-from .integrations.model_card import ModelCardWarning, code_blocks
+from .integrations.model_card import ModelCardWarning
 
 __all__ = [
+    "CardInfo",
     "ModelCardWarning",
-    "code_blocks",
-    "hub_file",
     "push_qalora_adapter",
     "push_quantized_model",
     "qalora_adapter_card",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_qalora.evaluation.embedded import PTQ_METHODS, run_ptq_evaluation
+from diffusers_qalora.testbed.evaluation import PTQ_METHODS, run_ptq_evaluation
 
 
 def parse_bits(text: str) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..integrations.adapters import looks_like_local_path
+from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR, SCALE_AWARE_MODES
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from .trainer import DistillConfig
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM")
+    p.add_argument("--model", choices=("unet", "dit"), default="unet",
+                   help="embedded model: the digits UNet or the digits DiT (an SD3-style transformer)")
     p.add_argument("--output_dir", default="outputs/distill")
     p.add_argument("--weight_bits", type=int, default=4)
     p.add_argument("--act_bits", type=int, default=4)
@@ -30,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the teacher trajectories")
     p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
     p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="LoRA learning rate (scale-aware reference)")
-    p.add_argument("--weight_step_lr", type=float, default=1e-5)
-    p.add_argument("--act_step_lr", type=float, default=1e-4)
-    p.add_argument("--scale_aware", choices=("lr", "grad", "none"), default="lr")
+    p.add_argument("--learning_rate", type=float, default=DEFAULT_LORA_LR, help="LoRA learning rate (scale-aware reference)")
+    p.add_argument("--weight_step_lr", type=float, default=DEFAULT_WEIGHT_STEP_LR)
+    p.add_argument("--act_step_lr", type=float, default=DEFAULT_ACT_STEP_LR)
+    p.add_argument("--scale_aware", choices=SCALE_AWARE_MODES, default="lr")
     p.add_argument("--lr_schedule", choices=("linear", "constant", "cosine"), default="linear")
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (text-to-image: 7.5)")
     p.add_argument("--prompt_file", default=None, help="one prompt per line; default: the shipped prompt list")
@@ -80,6 +83,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.ddp_timeout > 0:
         raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
+    if model is not None and args.model != "unet":
+        raise SystemExit(f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
+                         f"--pretrained_model_name_or_path (drop one of them).")
     if model is not None:
         path = Path(model).expanduser()
         if path.exists():
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             distill=_distill_config(args, args.train_batch_size or 16, args.max_train_steps or 1600),
             table_steps=args.num_inference_steps, calibration_samples=args.calibration_samples or 64,
             eval_samples=args.eval_samples, eval_seeds=tuple(args.eval_seeds), eval_steps=args.eval_steps,
-            methods=tuple(args.methods or METHODS),
+            methods=tuple(args.methods or METHODS), model=args.model,
         )
         results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
                                    args.mixed_precision, args.report_to, collective_timeout=args.ddp_timeout)
@@ -202,14 +208,14 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     if not PartialState().is_main_process:
         return
     from ..integrations.adapters import load_qalora_adapter
-    from ..integrations.hub import push_qalora_adapter
+    from ..integrations.hub import CardInfo, push_qalora_adapter
 
     out = Path(args.output_dir)
     model = args.pretrained_model_name_or_path
     if model is None:
         from ..testbed import load_testbed
 
-        denoiser, base_model, subfolder = load_testbed().unet, None, None
+        denoiser, base_model, subfolder = load_testbed(model=args.model).unet, None, None
     else:
         from diffusers import UNet2DConditionModel
 
@@ -222,10 +228,10 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     # card gets the distillation settings alone.
     scored = model is None and "methods" in json.loads((out / "results.json").read_text(encoding="utf-8"))
     defaults = (16, 1600) if model is None else (1, 500)
-    info = push_qalora_adapter(
-        denoiser, hub_repo_id(args), token=args.hub_token, base_model=base_model, base_model_subfolder=subfolder,
-        results=out if scored else None,
+    card = CardInfo(
+        base_model=base_model, base_model_subfolder=subfolder, results=out if scored else None,
         distill_config=_distill_config(args, args.train_batch_size or defaults[0], args.max_train_steps or defaults[1]),
         sample_grid=grid if grid.is_file() else None,
     )
+    info = push_qalora_adapter(denoiser, hub_repo_id(args), token=args.hub_token, card=card)
     print(f"pushed the adapter to {info.commit_url}")

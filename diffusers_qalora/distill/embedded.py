@@ -1,6 +1,6 @@
 """The main job on the embedded default model: PTQ baselines, data-free distillation and their evaluation.
 
-``examples/distill.py`` (no arguments) and the benchmarks call [`run_embedded_job`]; it writes an output folder with
+``examples/distill.py`` (no arguments) and the benchmarks call `run_embedded_job`; it writes an output folder with
 the adapter, ``results.json``, a Markdown report, sample grids and step-size plots.
 """
 
@@ -14,7 +14,10 @@ from typing import Any
 
 from accelerate.utils import DistributedType, gather_object, set_seed
 
-from ..evaluation.embedded import (
+from ..evaluation.plots import plot_step_sizes
+from ..evaluation.report import machine_info, results_markdown
+from ..testbed import Testbed, load_testbed
+from ..testbed.evaluation import (
     METHOD_LABELS,
     MethodEvaluator,
     add_ptq_baselines,
@@ -22,9 +25,6 @@ from ..evaluation.embedded import (
     public,
     step_size_table,
 )
-from ..evaluation.plots import plot_step_sizes
-from ..evaluation.report import machine_info, results_markdown
-from ..testbed import Testbed, load_testbed
 from ..tuners.qalora.api import copy_activation_calibration, get_qalora_model, set_qalora_adapter, timestep_table
 from ..tuners.qalora.config import QALoraConfig
 from .conditioning import ClassLabelConditioning
@@ -48,6 +48,7 @@ class EmbeddedJobConfig:
         eval_samples / eval_seeds / eval_steps: evaluation protocol (DDIM, eta 0).
         methods (`tuple[str, ...]`): any of ``fp``, ``naive_ptq``, ``timestep_ptq``, ``distilled``.
         qalora_overrides (`dict`): extra ``QALoraConfig`` fields of the distilled adapter (ablations).
+        model (`str`): the embedded denoiser, ``"unet"`` (the digits DDPM) or ``"dit"`` (the digits DiT).
     """
 
     weight_bits: int = 4
@@ -62,8 +63,11 @@ class EmbeddedJobConfig:
     methods: tuple[str, ...] = METHODS
     qalora_overrides: dict[str, Any] = field(default_factory=dict)
     save_grids: bool = True
+    model: str = "unet"
 
     def __post_init__(self) -> None:
+        if self.model not in ("unet", "dit"):
+            raise ValueError(f"model must be 'unet' or 'dit', got {self.model!r}.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {METHODS}.")
@@ -103,7 +107,7 @@ def run_embedded_job(
     with distributed_phase("set-up", phase_seconds):
         if main:
             out.mkdir(parents=True, exist_ok=True)
-        testbed = testbed or load_testbed(device=accelerator.device)
+        testbed = testbed or load_testbed(device=accelerator.device, model=config.model)
         accelerator.wait_for_everyone()
     unet = testbed.unet
     table = timestep_table(testbed.pipeline.scheduler, config.table_steps)
@@ -179,7 +183,8 @@ def run_embedded_job(
             notes = (f"{config.eval_samples} samples x seeds {list(config.eval_seeds)}, {config.eval_steps} DDIM "
                      f"steps (eta 0); step sizes interpolated from the {config.table_steps}-step table. x0-MSE: each "
                      f"sample against the FP sample from the same noise and label.")
-            (out / "report.md").write_text(results_markdown(rows, f"Embedded digits DDPM, {bits}", command, notes),
+            title = {"unet": "Embedded digits DDPM", "dit": "Embedded digits DiT"}[testbed.model_name]
+            (out / "report.md").write_text(results_markdown(rows, f"{title}, {bits}", command, notes),
                                            encoding="utf-8")
         accelerator.wait_for_everyone()
     return results

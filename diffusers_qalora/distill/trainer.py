@@ -30,7 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..integrations.adapters import save_qalora_adapter
-from ..tuners.qalora.api import active_qalora_adapter, adapters_disabled, get_qalora_param_groups
+from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
+from ..tuners.qalora.api import adapters_disabled, get_qalora_param_groups
+from ..tuners.qalora.model import active_qalora_adapter
+from .checkpoint_files import verify_checksum_manifest, write_checksum_manifest
 from .conditioning import Conditioning
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, distributed_phase, make_accelerator
 
@@ -46,7 +49,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class DistillConfig:
-    """Hyper-parameters of [`DataFreeDistiller`].
+    """Hyper-parameters of [DataFreeDistiller][diffusers_qalora.distill.DataFreeDistiller].
 
     Args:
         num_inference_steps (`int`, defaults to `100`): DDIM steps of each teacher trajectory (one optimizer step each).
@@ -65,7 +68,7 @@ class DistillConfig:
         train_base_weights (`bool`, defaults to `False`): also train every parameter of the base model (weights,
             biases, norms, embeddings) at ``base_weight_lr``: full quantization-aware training, the baseline LoRA
             replaces.  The teacher can then no longer be the student with its adapters switched off, so
-            [`DataFreeDistiller`] needs a separate frozen ``teacher``.
+            [DataFreeDistiller][diffusers_qalora.distill.DataFreeDistiller] needs a separate frozen ``teacher``.
         base_weight_lr (`float`, defaults to `1e-5`): learning rate of the base parameters (``train_base_weights``).
         seed (`int`, defaults to `0`): seed of the noise and conditioning draws (offset per process).
         checkpointing_steps (`int`, *optional*): save a resumable checkpoint every so many steps.
@@ -79,9 +82,9 @@ class DistillConfig:
     eta: float = 0.0
     batch_size: int = 8
     max_train_steps: int = 1000
-    lora_lr: float = 1e-4
-    weight_step_lr: float = 1e-5
-    act_step_lr: float = 1e-4
+    lora_lr: float = DEFAULT_LORA_LR
+    weight_step_lr: float = DEFAULT_WEIGHT_STEP_LR
+    act_step_lr: float = DEFAULT_ACT_STEP_LR
     scale_aware: str = "lr"
     weight_decay: float = 0.0
     lr_schedule: str = "linear"
@@ -224,7 +227,7 @@ class DataFreeDistiller:
         self._scale_aware = groups
         keep = {"weight_steps": cfg.train_weight_steps, "act_steps": cfg.train_act_steps}
         param_groups = []
-        for group in groups.param_groups:
+        for group in groups:
             name = group["name"]
             enabled = keep.get(name, cfg.train_lora)
             for p in group["params"]:
@@ -247,7 +250,12 @@ class DataFreeDistiller:
                     "`use_8bit_adam` needs bitsandbytes: `pip install diffusers-qalora[bitsandbytes]`."
                 ) from err
             return bnb.optim.AdamW8bit(param_groups)
-        return torch.optim.AdamW(param_groups)
+        # The fused implementation updates all tensors in one kernel: at SD1.5 shape (~1,700 LoRA and step-size
+        # tensors with gradients per step, 56k parameters in all) it is ~4x faster than the per-tensor loop on CPU.
+        params = [p for g in param_groups for p in g["params"]]
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in params)
+        return torch.optim.AdamW(param_groups, fused=fused or None)
 
     def _noise_generator(self, *salt: int) -> torch.Generator:
         # Each process, trajectory and step has its own seed: noise does not depend on where a run was resumed.
@@ -279,6 +287,7 @@ class DataFreeDistiller:
             self.progress.save(staging, acc.process_index, acc.num_processes)
             acc.wait_for_everyone()
             if acc.is_main_process:
+                write_checksum_manifest(staging)
                 if path.exists():
                     shutil.rmtree(path)
                 staging.rename(path)
@@ -302,6 +311,7 @@ class DataFreeDistiller:
             if not path.is_dir():
                 raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint folder or 'latest'.")
         with distributed_phase(f"resume from {path.name}"):
+            verify_checksum_manifest(path)
             self.progress.load(path, self.accelerator.process_index, self.accelerator.num_processes)
             self.accelerator.load_state(str(path))
         return path

@@ -5,8 +5,6 @@ from .plots import make_image_grid, plot_step_sizes, save_image_grid
 from .sampling import balanced_labels, sample_class_conditional
 
 __all__ = [
-    "DigitsFeatureExtractor",
-    "balanced_labels",
     "class_accuracy",
     "clip_score",
     "digits_fid",

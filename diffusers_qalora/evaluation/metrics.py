@@ -1,7 +1,7 @@
 """Quality metrics: the digits-FID, class accuracy and paired MSE, plus thin hooks to the standard FID / CLIP score.
 
 The digits-FID is the Frechet distance between Gaussians fitted to the penultimate features of the testbed's
-digits classifier, computed by torchmetrics' `FrechetInceptionDistance` with [`DigitsFeatureExtractor`] as its
+digits classifier, computed by torchmetrics' `FrechetInceptionDistance` with `DigitsFeatureExtractor` as its
 custom feature extractor. It needs neither torch-fidelity nor Inception weights. Its scale is that of the
 classifier's features, so it is comparable only between runs that use the same classifier (the shipped one).
 
@@ -66,7 +66,7 @@ class DigitsFeatureExtractor(nn.Module):
     Args:
         classifier (`nn.Module`):
             A classifier with a `features(x) -> (B, D)` method taking `(B, 1, S, S)` images in `[-1, 1]`, such as
-            [`~diffusers_qalora.testbed.DigitsClassifier`].
+            [DigitsClassifier][diffusers_qalora.testbed.DigitsClassifier].
         image_size (`int`, *optional*, defaults to `16`):
             Side `S` of the classifier's input.
     """
@@ -116,7 +116,7 @@ def digits_fid(
     """Digits-FID: the Frechet distance between classifier features of generated and real digits.
 
     `FID = |mu_f - mu_r|^2 + Tr(S_f + S_r - 2 (S_f S_r)^(1/2))` over the classifier's penultimate features,
-    computed by `torchmetrics.image.fid.FrechetInceptionDistance` with a [`DigitsFeatureExtractor`].
+    computed by `torchmetrics.image.fid.FrechetInceptionDistance` with a `DigitsFeatureExtractor`.
 
     Args:
         fake (`torch.Tensor`):
@@ -190,7 +190,7 @@ def class_accuracy(
 def paired_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean squared error between two batches of images sampled from the same noise and labels.
 
-    Sampled with [`~diffusers_qalora.evaluation.sample_class_conditional`] and the same seed, image `i` of a
+    Sampled with [sample_class_conditional][diffusers_qalora.evaluation.sample_class_conditional] and the same seed, image `i` of a
     quantized model is compared with image `i` of the full-precision model; this separates methods far more sharply
     than FID at a few hundred samples.
 

@@ -130,7 +130,7 @@ def fid_ratio_to_fp(row: Mapping[str, Any], fp_row: Mapping[str, Any]) -> tuple[
 
 def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str, notes: str = "") -> str:
     """A Markdown table of method rows holding ``fid_mean/std``, ``accuracy_mean/std`` and optionally ``x0_mse``;
-    with a row of method ``"FP"`` among them, also each method's FID / FP per seed (see [`fid_ratio_to_fp`])."""
+    with a row of method ``"FP"`` among them, also each method's FID / FP per seed (see `fid_ratio_to_fp`)."""
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     if notes:
         lines += [notes, ""]

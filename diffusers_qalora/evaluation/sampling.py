@@ -58,7 +58,7 @@ def sample_class_conditional(
         pipeline:
             A pipeline with a `unet` (a class-conditional `UNet2DModel`) whose `__call__` takes
             `(class_labels, num_inference_steps=, eta=, generator=, latents=, output_type="pt")` and returns images in
-            `[0, 1]`, such as [`~diffusers_qalora.testbed.ClassConditionalDDIMPipeline`].
+            `[0, 1]`, such as [ClassConditionalDDIMPipeline][diffusers_qalora.testbed.ClassConditionalDDIMPipeline].
         num_samples (`int`):
             Number of images.
         seed (`int`):

@@ -9,8 +9,8 @@ Backends:
 * ``"reference"``: the dequantized float computation, bit-identical to the fake-quant model (the fallback, and the
   oracle of the tests);
 * ``"triton"``: the Triton integer GEMM of `diffusers_qalora.kernels` (CUDA; CPU tensors under the Triton
-  interpreter), provided through [`set_kernel_provider`] (this package stays plain torch and does not import it);
-* kernels registered with [`register_kernel`] for other devices.
+  interpreter), provided through `set_kernel_provider` (this package stays plain torch and does not import it);
+* kernels registered with [register_kernel][diffusers_qalora.export.register_kernel] for other devices.
 
 ``"auto"`` picks a registered kernel for the input's device, else what the kernel provider chooses (Triton on CUDA
 when ``triton`` imports, following the global ``diffusers_qalora.kernels.set_kernel_backend``), else oneDNN on CPU
@@ -61,17 +61,13 @@ def register_kernel(device_type: str, op: str, kernel: Callable, replace: bool =
 
 
 def unregister_kernel(device_type: str, op: str) -> None:
-    """Remove a kernel registered with [`register_kernel`] (no error if there is none)."""
+    """Remove a kernel registered with [register_kernel][diffusers_qalora.export.register_kernel] (no error if there is none)."""
     _KERNELS.pop((device_type, op), None)
-
-
-def registered_kernel(device_type: str, op: str) -> Callable | None:
-    return _KERNELS.get((device_type, op))
 
 
 def set_kernel_provider(provider: Callable | None) -> Callable | None:
     """Install the provider of the ``"triton"`` backend (and of the CUDA choice of ``"auto"``); return the previous
-    one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [`register_kernel`]
+    one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [register_kernel][diffusers_qalora.export.register_kernel]
     (a kernel with ``per_sample_qparams = True`` also accepts ``(B,)`` tensors of per-sample step sizes and zero
     points, so a batch of mixed timesteps runs in one call), or ``None``."""
     previous = _PROVIDER[0]
@@ -134,6 +130,9 @@ def prepack_conv2d(weight_int8: torch.Tensor, scale: torch.Tensor, stride, paddi
     )
 
 
+# Run eagerly under torch.compile: inductor lowers these ops only when the pre-packed weight is a graph constant, and
+# a layer that ran before being compiled holds it in its cache (an assertion deep in inductor otherwise).
+@torch.compiler.disable
 def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, out_dtype) -> torch.Tensor:
     """``(codes - zero_point) @ W^T * (scale * w_scale) + bias`` with ``int32`` accumulation; ``codes`` ``uint8``
     of shape ``(..., K)``."""
@@ -143,6 +142,7 @@ def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, o
     )
 
 
+@torch.compiler.disable
 def conv2d_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, stride, padding, dilation, groups,
                   out_dtype) -> torch.Tensor:
     """Integer convolution of ``uint8`` codes (channels-last preferred); zero padding pads with the zero point."""
@@ -187,8 +187,9 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str | Callab
             return provided
         if backend == "triton":
             raise RuntimeError(
-                "backend='triton' needs the kernels of diffusers_qalora.kernels, which `import diffusers_qalora` "
-                "installs; import the package (not only diffusers_qalora.export) or use backend='auto'."
+                "backend='triton' needs the kernels of diffusers_qalora.kernels, which install themselves when "
+                "imported; `import diffusers_qalora.kernels` (the tuner and `diffusers_qalora.<name>` do) or use "
+                "backend='auto'."
             )
     if device.type == "cpu":
         usable, reason = onednn_status()

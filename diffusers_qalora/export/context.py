@@ -1,4 +1,4 @@
-"""The timestep plumbing of an integer model: the shared [`TimestepContext`], the denoiser's pre-hook that fills it,
+"""The timestep plumbing of an integer model: the shared [TimestepContext][diffusers_qalora.TimestepContext], the denoiser's pre-hook that fills it,
 and the backend switch.  Pure torch (the QALoRA tuner uses the same model attributes, so a model exported from QALoRA
 keeps its hook)."""
 
@@ -7,16 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import TimestepContext, install_timestep_hook
+from ..quant import TimestepContext, attach_timestep_context
 from .backends import validate_backend
 from .modules import integer_layers
 
-__all__ = ["CONTEXT_ATTR", "HOOK_ATTR", "OUTPUT_HOOK_ATTR", "attach_integer_context", "set_integer_backend"]
+__all__ = ["OUTPUT_HOOK_ATTR", "attach_integer_context", "set_integer_backend"]
 
-# The same attribute names as `diffusers_qalora.tuners.qalora.model` (checked by tests/export): the context and hook
-# that `get_qalora_model` installed are reused by the integer layers after export.
-CONTEXT_ATTR = "_qalora_timestep_context"
-HOOK_ATTR = "_qalora_timestep_hook"
 OUTPUT_HOOK_ATTR = "_qalora_contiguous_output_hook"
 
 
@@ -37,19 +33,13 @@ def _contiguous_output_hook(module: nn.Module, args, output):
 
 
 def attach_integer_context(model: nn.Module, timestep_argument: str = "timestep") -> TimestepContext:
-    """Give every integer layer of ``model`` the model's shared [`TimestepContext`], installing the forward pre-hook
+    """Give every integer layer of ``model`` the model's shared [TimestepContext][diffusers_qalora.TimestepContext], installing the forward pre-hook
     that fills it from the ``timestep_argument`` of ``model.forward`` if the model has none yet, and a forward hook
     that returns the model's 4-D outputs contiguous (NCHW) (idempotent)."""
-    context = getattr(model, CONTEXT_ATTR, None)
-    if context is None:
-        context = TimestepContext()
-        handle = install_timestep_hook(model, context, timestep_argument)
-        object.__setattr__(model, CONTEXT_ATTR, context)
-        object.__setattr__(model, HOOK_ATTR, handle)
+    # The context and hook `get_qalora_model` installed, if any, are reused: a model exported from QALoRA keeps them.
+    context = attach_timestep_context(model, timestep_argument, integer_layers(model).values())
     if getattr(model, OUTPUT_HOOK_ATTR, None) is None:
         object.__setattr__(model, OUTPUT_HOOK_ATTR, model.register_forward_hook(_contiguous_output_hook))
-    for layer in integer_layers(model).values():
-        layer.context = context
     return context
 
 

@@ -117,7 +117,7 @@ class IntegerLayout:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "layout") -> IntegerLayout:
-        """Rebuild from [`to_dict`]; unknown or missing keys raise a ``ValueError`` naming ``where``."""
+        """Rebuild from `to_dict`; unknown or missing keys raise a ``ValueError`` naming ``where``."""
         if not isinstance(data, dict):
             raise TypeError(f"{where}: expected a dict, got {type(data).__name__}.")
         names = {"kind", "weight_bits", "act_bits", "act_signed", "group_size", "num_timesteps"}

@@ -1,9 +1,9 @@
 """Integer layers: ``IntegerLinear`` and ``IntegerConv2d``.
 
 Each holds integer weight codes (packed), per-channel or per-group weight step sizes, the bias and the activation
-step-size table keyed by timestep (see [`IntegerLayout`]).  A call
+step-size table keyed by timestep (see [IntegerLayout][diffusers_qalora.export.IntegerLayout]).  A call
 
-1. looks the activation step size and zero point up at the current timestep (from the shared [`TimestepContext`]
+1. looks the activation step size and zero point up at the current timestep (from the shared [TimestepContext][diffusers_qalora.TimestepContext]
    that the denoiser's forward pre-hook fills; a batch with several timesteps is split by timestep),
 2. quantizes the input to ``uint8`` codes,
 3. runs the integer product (``int32`` accumulation) with one epilogue ``acc * s_x * s_w + bias``.
@@ -14,6 +14,7 @@ bit for bit in float32); it is the fallback where no integer kernel applies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -34,11 +35,16 @@ from .functional import (
     dequantize_weight,
     lookup_act_qparams,
     quantize_activation_uint8,
+    quantize_activation_uint8_per_sample,
     unpack_weight_codes,
 )
 from .layout import IntegerLayout
 
 __all__ = ["IntegerConv2d", "IntegerLayer", "IntegerLinear", "integer_layers"]
+
+# Positions of the denoiser call's timesteps in the layers' dense tables, keyed by the context's timestep tensor (kept
+# in the value, so that its id cannot be reused while the entry lives); ``None`` for non-integer timesteps.
+_INDICES: dict[tuple, tuple] = {}
 
 _FLOAT_BUFFERS = ("weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
 
@@ -47,8 +53,8 @@ class IntegerLayer(nn.Module):
     """Common state and call logic of the integer layers (not used directly).
 
     Attributes:
-        layout ([`IntegerLayout`]): bit widths, granularity and table size.
-        context ([`TimestepContext`]): the timesteps of the denoiser call in progress (shared by all layers).
+        layout ([IntegerLayout][diffusers_qalora.export.IntegerLayout]): bit widths, granularity and table size.
+        context ([TimestepContext][diffusers_qalora.TimestepContext]): the timesteps of the denoiser call in progress (shared by all layers).
         backend (`str`): ``"auto"`` (default), ``"onednn"``, ``"triton"`` or ``"reference"``; see
             `diffusers_qalora.export.backends`.
         exact_activation_rounding (`bool`): quantize activations with the fake-quant model's ``x / s`` formula instead
@@ -172,8 +178,8 @@ class IntegerLayer(nn.Module):
         self.backend = validate_backend(backend)
 
     # -- activation step sizes -------------------------------------------------------------------------------------
-    def _timestep_groups(self, batch: int) -> list[tuple[torch.Tensor | None, float, float]]:
-        """``[(sample indices or None for all, step size, zero point)]`` for this call."""
+    def _sample_timesteps(self, batch: int) -> torch.Tensor:
+        """The timestep of each of the ``batch`` samples of this call (from the shared context)."""
         context = self.context
         if context is None:
             raise RuntimeError(
@@ -181,12 +187,15 @@ class IntegerLayer(nn.Module):
                 f"load with from_pretrained (both install the timestep hook), or call "
                 f"diffusers_qalora.export.attach_integer_context(model)."
             )
-        values = context.per_sample(batch, self._where()).tolist()
-        if not values or all(v == values[0] for v in values):
-            t = values[0] if values else float(context.timesteps.reshape(-1)[0])
-            return [(None, *self._qparams_at(t))]
+        if batch == 0:
+            return context.timesteps.reshape(-1)[:1].float()
+        return context.per_sample(batch, self._where())
+
+    def _timestep_groups(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
+        """``[(sample indices, step size, zero point)]``, one entry per distinct timestep (for kernels that take one
+        step size per call)."""
         positions: dict[float, list[int]] = {}
-        for i, v in enumerate(values):
+        for i, v in enumerate(timesteps.tolist()):
             positions.setdefault(v, []).append(i)
         return [(torch.tensor(idx), *self._qparams_at(v)) for v, idx in positions.items()]
 
@@ -204,36 +213,104 @@ class IntegerLayer(nn.Module):
             hit = memo[1][t] = (float(s), float(z))
         return hit
 
+    def _table_key(self) -> tuple:
+        return tuple((b.data_ptr(), b._version) for b in (self.act_timesteps, self.act_scale, self.act_zero_point))
+
+    def _dense_qparams(self) -> tuple[int, torch.Tensor, torch.Tensor, float, float]:
+        """``(first, scale, zero_point, z_min, z_max)``: the step size and zero point at every integer timestep from
+        ``first = floor(table[0])`` to ``ceil(table[-1])`` (computed by the same lookup, so the same values), and the
+        range of the rounded zero points at any timestep (interpolation stays between the table's extremes)."""
+        def build():
+            table = self.act_timesteps
+            first, last = math.floor(float(table[0])), math.ceil(float(table[-1]))
+            grid = torch.arange(first, last + 1, dtype=torch.float32, device=table.device)
+            if grid.numel() > 100_000:  # an unusual timestep scale: no dense table, interpolate per call
+                grid = grid[:0]
+            scale, zero_point = lookup_act_qparams(table, self.act_scale, self.act_zero_point, grid)
+            z = torch.round(self.act_zero_point)
+            return first, scale, zero_point, float(z.min()), float(z.max())
+
+        return self._cached("dense_qparams", self._table_key(), build)
+
+    def _dense_index(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Positions of integer ``timesteps`` in the dense table (``None`` for fractional ones), computed once per
+        denoiser call and shared by the layers."""
+        first, dense_scale = self._dense_qparams()[:2]
+        source = self.context.timesteps if self.context is not None else None
+        key = (id(source), getattr(source, "_version", None), timesteps.shape[0], str(timesteps.device), first,
+               dense_scale.numel())
+        hit = _INDICES.get(key)
+        if hit is None or hit[0] is not source:
+            if len(_INDICES) > 16:
+                _INDICES.clear()
+            t = timesteps.to(device=dense_scale.device, dtype=torch.float32)
+            index = None
+            if dense_scale.numel() and bool((t == torch.round(t)).all()):
+                index = (t.long() - first).clamp_(0, dense_scale.numel() - 1)
+            hit = _INDICES[key] = (source, index)
+        return hit[1]
+
+    def sample_qparams(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step size and zero point of each sample, ``(B,)`` float32 each, with the same operations as the fake-quant
+        model's lookup (so the same values).  Integer timesteps (what DDPM/DDIM-style schedulers produce) read a
+        dense per-layer table."""
+        _, dense_scale, dense_zero_point, _, _ = self._dense_qparams()
+        index = self._dense_index(timesteps)
+        if index is not None:
+            return dense_scale[index], dense_zero_point[index]
+        t = timesteps.to(device=self.act_timesteps.device, dtype=torch.float32)
+        return lookup_act_qparams(self.act_timesteps, self.act_scale, self.act_zero_point, t)
+
+    def _sample_terms(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(s_b, 1 / s_b, z_b, s_b * z_b)`` per sample for the oneDNN path, ``z_b`` in the ``uint8`` domain: one
+        gather from a dense ``(4, T)`` table for integer timesteps."""
+        off = self.layout.act_offset
+
+        def build():
+            _, scale, zero_point, _, _ = self._dense_qparams()
+            z = zero_point + off
+            return torch.stack([scale, torch.reciprocal(scale), z, scale * z])
+
+        index = self._dense_index(timesteps)
+        if index is not None:
+            terms = self._cached("dense_terms", self._table_key(), build)
+            return terms.index_select(1, index).unbind(0)
+        scale, zero_point = self.sample_qparams(timesteps)
+        z = zero_point + off
+        return scale, torch.reciprocal(scale), z, scale * z
+
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = self._timestep_groups(x.shape[0])
-        if len(groups) == 1 or x.shape[0] == 0:
-            return self._forward_group(x, groups[0][1], groups[0][2])
+        timesteps = self._sample_timesteps(x.shape[0])
+        values = timesteps.tolist()
+        if x.shape[0] == 0 or all(v == values[0] for v in values):
+            return self._forward_group(x, *self._qparams_at(values[0]))
+        # Samples at different timesteps: their step sizes are a per-sample (per-row) scale.
         impl = resolve_backend(self.backend, x.device, self.op)
+        view = (-1,) + (1,) * (x.dim() - 1)
         if impl == "reference":
             # One call with per-sample step sizes, as the fake-quant model computes it (bit-identical).
-            return self._reference(x, *self._per_sample_qparams(x, groups))
+            scale, zero_point = self.sample_qparams(timesteps)
+            return self._reference(x, scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device))
+        if impl == "onednn":
+            lo, hi = self.layout.act_code_range
+            off = self.layout.act_offset
+            z_min, z_max = self._dense_qparams()[3:]
+            if z_min + off >= 0 and z_max + off <= 255:
+                return self._onednn_per_sample(x, self._sample_terms(timesteps), lo + off, hi + off)
+            scale, zero_point = self.sample_qparams(timesteps)
+            return self._reference(x, scale.reshape(view), zero_point.reshape(view))
         if getattr(impl, "per_sample_qparams", False):
             # The kernel gathers each sample's step size and zero point itself: one call for the whole batch.
-            scale, zero_point = self._per_sample_qparams(x, groups)
-            return impl(self, x, scale.reshape(-1), zero_point.reshape(-1))
-        out = None
-        for index, scale, zero_point in groups:
+            scale, zero_point = self.sample_qparams(timesteps)
+            return impl(self, x, scale.to(x.device), zero_point.to(x.device))
+        out = None  # a registered kernel that takes one step size per call: one call per distinct timestep
+        for index, scale, zero_point in self._timestep_groups(timesteps):
             y = self._forward_group(x.index_select(0, index.to(x.device)), scale, zero_point)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, index.to(y.device), y)
         return out
-
-    @staticmethod
-    def _per_sample_qparams(x: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.empty(x.shape[0], dtype=torch.float32)
-        zero_point = torch.empty(x.shape[0], dtype=torch.float32)
-        for index, s, z in groups:
-            scale[index] = s
-            zero_point[index] = z
-        view = (-1,) + (1,) * (x.dim() - 1)
-        return scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device)
 
     def _forward_group(self, x: torch.Tensor, scale: float, zero_point: float) -> torch.Tensor:
         impl = resolve_backend(self.backend, x.device, self.op)
@@ -264,6 +341,53 @@ class IntegerLayer(nn.Module):
 
     def _onednn(self, x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def _onednn_per_sample(self, x: torch.Tensor, terms: tuple[torch.Tensor, ...], lo: int, hi: int) -> torch.Tensor:
+        """The integer path for a batch with one step size ``s_b`` and ``uint8`` zero point ``z_b`` per sample
+        (``terms``: [`_sample_terms`]), in one kernel call.
+
+        oneDNN takes one activation step size and zero point per call, so the kernel runs with step 1 and zero point
+        ``z``, the zero point all samples share, or 0 when they differ; its float output is
+        ``A = s_w * sum (q - z) q_w``.  The per-sample scale and zero point are a per-row epilogue, one pass:
+        ``y = s_b * A + (bias - s_b * (z_b - z) * M)`` with ``M = s_w * sum q_w`` over all weight taps.  A
+        convolution with zero padding and differing zero points gets its input padded with each sample's ``z_b``
+        (the code of 0), so that every tap meets a code and ``M`` is one number per output channel.
+        """
+        raise NotImplementedError
+
+    def _tap_sums(self) -> torch.Tensor:
+        """``M[o] = sum_g s_w[o, g] * sum q_w[o, c, ...]`` over the input channels ``c`` of group ``g`` and all
+        kernel taps (float32, ``(C_out,)``; integer sums exact in float64)."""
+        def build():
+            codes = self.int8_weight().double().reshape(self.weight_scale.shape[0], self._in_channels(), -1).sum(2)
+            return sum(codes[:, a:b].sum(1) * self.weight_scale[:, g].double()
+                       for g, (a, b) in enumerate(self._group_slices())).float()
+
+        return self._cached("tap_sums", self._weight_key(), build)
+
+    def _shared_zero_point(self) -> int | None:
+        """The ``uint8`` zero point of every timestep when the table's is constant (signed codes: 128), else ``None``
+        (samples at different timesteps are then taken to differ)."""
+        z_min, z_max = self._dense_qparams()[3:]
+        return int(z_min) + self.layout.act_offset if z_min == z_max else None
+
+    def _per_sample_epilogue(self, acc: torch.Tensor, terms: tuple[torch.Tensor, ...], shared: bool,
+                             channel_view: tuple[int, ...], tap_sums: torch.Tensor | None = None) -> torch.Tensor:
+        """``s_b * acc + (bias - s_b * z_b * M)`` in place on ``acc`` (``(B, ...)``), one pass; the ``z_b`` term only
+        when the kernel ran with zero point 0 (``shared=False``).  ``M`` is [`_tap_sums`] unless ``tap_sums`` gives
+        it (a map over output positions)."""
+        view = (-1,) + (1,) * (acc.dim() - 1)
+        scale, _, _, scaled_zero_point = terms
+        s = scale.reshape(view)
+        bias = None if self.bias is None else self.bias.reshape(channel_view)
+        if shared:
+            return acc.mul_(s) if bias is None else torch.addcmul(bias, acc, s, out=acc)
+        tap_sums = self._tap_sums().reshape(channel_view) if tap_sums is None else tap_sums
+        if bias is None:
+            offset = torch.mul(scaled_zero_point.reshape(view), tap_sums).neg_()
+        else:
+            offset = torch.addcmul(bias, scaled_zero_point.reshape(view), tap_sums, value=-1.0)
+        return torch.addcmul(offset, acc, s, out=acc)
 
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
@@ -337,6 +461,21 @@ class IntegerLinear(IntegerLayer):
             y = y.to(out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _onednn_per_sample(self, x, terms, lo, hi):
+        scale, inv_scale, zero_point, _ = terms
+        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
+                                                     inv_scale=inv_scale)
+        codes = codes.reshape(-1, self.in_features)
+        common = self._shared_zero_point()
+        packed = self._prepacked()
+        acc = None
+        for (a, b), (w, s) in zip(self._group_slices(), packed):
+            part = linear_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common or 0, w, s,
+                                 None, torch.float32)
+            acc = part if acc is None else acc.add_(part)
+        acc = acc.reshape(x.shape[0], -1, self.out_features)
+        y = self._per_sample_epilogue(acc, terms, common is not None, (self.out_features,))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, tuple | list) else (v, v)
@@ -410,8 +549,12 @@ class IntegerConv2d(IntegerLayer):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x_hat, weight, bias, self.stride, padding, self.dilation, 1)
 
-    def _prepacked(self):
-        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
+    def _conv_padding(self) -> tuple[int, int]:
+        return self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
+
+    def _prepacked(self, padding: tuple[int, int] | None = None):
+        """oneDNN's packed weights for a call with ``padding`` (the layer's own by default)."""
+        padding = tuple(self._conv_padding() if padding is None else padding)
 
         def build():
             weight = self.int8_weight().reshape(self._weight_shape())
@@ -421,7 +564,8 @@ class IntegerConv2d(IntegerLayer):
                 for g, (a, b) in enumerate(self._group_slices())
             ]
 
-        return self._cached("onednn", self._weight_key(), build)
+        name = "onednn" if padding == tuple(self._conv_padding()) else f"onednn_padding_{padding}"
+        return self._cached(name, self._weight_key(), build)
 
     def _onednn(self, x, scale, zero_point, lo, hi):
         x, padding = self._pad_input(x)
@@ -444,6 +588,50 @@ class IntegerConv2d(IntegerLayer):
             y = y.contiguous()
         return y.to(x.dtype)
 
+    def _tap_sum_map(self, size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+        """``M[o, i, j] = sum_g s_w[o, g] * sum q_w[o, c, u, v]`` over the taps of output position ``(i, j)`` that
+        fall inside an input of spatial ``size`` (float32, ``(1, C_out, H_out, W_out)``; integer sums exact in
+        float64): zero padding that oneDNN fills with the common zero point contributes nothing."""
+        size = tuple(int(v) for v in size)
+
+        def build():
+            weight = self.int8_weight().reshape(self._weight_shape()).double()
+            ones = torch.ones(1, self.in_channels, *size, dtype=torch.float64, device=weight.device)
+            return sum(
+                F.conv2d(ones[:, a:b], weight[:, a:b], None, self.stride, padding, self.dilation)
+                * self.weight_scale[:, g].double().reshape(1, -1, 1, 1)
+                for g, (a, b) in enumerate(self._group_slices())
+            ).float()
+
+        return self._cached(f"tap_sums_{size}_{tuple(padding)}", self._weight_key(), build)
+
+    def _onednn_per_sample(self, x, terms, lo, hi):
+        scale, inv_scale, zero_point, _ = terms
+        x, padding = self._pad_input(x)
+        common = self._shared_zero_point()
+        shared = common is not None
+        # Differing zero points: pad each sample with its own z_b (the code of 0), so that M is one number per output
+        # channel.  A z_b outside the code range cannot be a code: then oneDNN pads, and a map of M corrects.
+        z_min, z_max = (v + self.layout.act_offset for v in self._dense_qparams()[3:])
+        pad_codes = not shared and any(padding) and lo <= z_min and z_max <= hi
+        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
+                                                     padding if pad_codes else (0, 0), inv_scale=inv_scale)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        tap_sums = None
+        if pad_codes:
+            padding = (0, 0)
+        elif not shared and any(padding):
+            tap_sums = self._tap_sum_map(x.shape[-2:], padding)
+        packed = self._prepacked(padding)
+        acc = None
+        for (a, b), (w, s) in zip(self._group_slices(), packed):
+            part = conv2d_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(memory_format=torch.channels_last),
+                                 1.0, common or 0, w, s, None, self.stride, padding, self.dilation, 1, torch.float32)
+            acc = part if acc is None else acc.add_(part)
+        y = self._per_sample_epilogue(acc, terms, shared, (1, -1, 1, 1), tap_sums)
+        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
+            y = y.contiguous()
+        return y.to(x.dtype)
 
 def integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
     """All integer layers of ``model`` by module name."""

@@ -1,13 +1,26 @@
-"""Thin integrations with PEFT, diffusers and the Hub.  Registration happens in [`register`], called once on import
-of ``diffusers_qalora``."""
+"""Integrations with PEFT, diffusers and the Hub: adapter files, the diffusers quantization backend, Hub sharing.
 
-from .diffusers import register_diffusers_backend
-from .peft import register_peft_method
+Registration is automatic (see `diffusers_qalora._registration`); [register][diffusers_qalora.integrations.register]
+does it explicitly.
+"""
 
-__all__ = ["register", "register_diffusers_backend", "register_peft_method"]
+from ..tuners.qalora.registration import register_peft_method
+from ..versions import check_dependency_versions
+
+__all__ = [
+    "register",
+]
 
 
 def register() -> None:
-    """Register the QALoRA PEFT type and the ``"qalora"`` diffusers quantization backend (idempotent)."""
+    """Register the QALoRA PEFT type and the ``"qalora"`` diffusers quantization backend (idempotent).
+
+    Raises:
+        ImportError: PEFT, diffusers, huggingface_hub or safetensors is older than this package supports; the
+            message names the ``pip install -U`` command.
+    """
+    from .diffusers.registry import register_diffusers_backend
+
+    check_dependency_versions()
     register_peft_method()
     register_diffusers_backend()

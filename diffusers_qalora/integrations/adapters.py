@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..tuners.qalora.api import _ensure_registered, _inject_or_rollback
+from ..quant.checksum import tensor_checksum
+from ..tuners.qalora.api import inject_qalora_adapter, restore_on_error
 from ..tuners.qalora.config import QALoraConfig, QALoraPeftType
 from ..tuners.qalora.model import attach_timestep_context, qalora_layers
+from ..tuners.qalora.registration import register_peft_method
+from .downloads import hub_file, snapshot_revision
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
 
 
 def unwrap_peft_model(model: nn.Module) -> nn.Module:
@@ -66,7 +71,8 @@ def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, ada
     target = Path(save_directory)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".tmp-qalora-") as tmp:
-        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "QALORA"})
+        metadata = {"format": "pt", "peft_type": "QALORA", CHECKSUM_KEY: tensor_checksum(state)}
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
         config.save_pretrained(tmp)
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
             os.replace(os.path.join(tmp, name), target / name)
@@ -87,8 +93,6 @@ def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | No
         return str(local)
     if isinstance(path_or_repo, os.PathLike) or looks_like_local_path(str(path_or_repo)):
         raise FileNotFoundError(f"{path_or_repo} does not exist; pass an adapter folder or a Hub id like 'org/name'.")
-    from .hub import describe_repo_for_adapter, hub_file
-
     repo_id = str(path_or_repo)
     if filename == ADAPTER_CONFIG_NAME:
         def hint() -> str:
@@ -97,6 +101,29 @@ def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | No
         def hint() -> str:
             return f"The upload looks incomplete: push the adapter again (it needs {ADAPTER_CONFIG_NAME} and {filename})."
     return hub_file(repo_id, filename, subfolder=subfolder, revision=revision, token=token, missing_hint=hint)
+
+
+def describe_repo_for_adapter(repo_id: str, revision: str | None, token: str | bool | None,
+                              subfolder: str | None) -> str:
+    """Why a repo without ``adapter_config.json`` is not a QALoRA adapter, from its file list (best effort)."""
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    except Exception:  # offline, or the listing itself failed: the missing-file message stands alone
+        return "It is not a QALoRA adapter repo (written by `push_qalora_adapter` or `save_qalora_adapter`)."
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    if "pytorch_lora_weights.safetensors" in names:
+        return ("It holds a diffusers LoRA (pytorch_lora_weights.safetensors), not a QALoRA adapter: load it with "
+                f"`pipe.load_lora_weights({repo_id!r})`.")
+    if "config.json" in names and "model_index.json" not in names:
+        return ("It holds a model (config.json), not a QALoRA adapter: an exported integer model loads with "
+                f"`<diffusers model class>.from_pretrained({repo_id!r})` after `import diffusers_qalora`.")
+    if subfolder and ADAPTER_CONFIG_NAME in files:
+        return "The adapter is at the repo's root: leave `subfolder` unset."
+    folders = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith("/" + ADAPTER_CONFIG_NAME)})
+    if folders:
+        return f"Adapters live in sub-folders {folders}: pass one of them as `subfolder=`."
+    shown = ", ".join(sorted(files)[:12]) + (", ..." if len(files) > 12 else "")
+    return f"It is not a QALoRA adapter repo (files: {shown})."
 
 
 def _source(path_or_repo: str | os.PathLike, revision: str | None) -> str:
@@ -109,14 +136,20 @@ def _source(path_or_repo: str | os.PathLike, revision: str | None) -> str:
 def read_adapter_config(path_or_repo: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
                         token: str | bool | None = None) -> QALoraConfig:
     """Read ``adapter_config.json`` and check that it describes a QALoRA adapter."""
-    _ensure_registered()
+    register_peft_method()
     path = _resolve(path_or_repo, ADAPTER_CONFIG_NAME, subfolder, revision, token)
     return _parse_adapter_config(path, _source(path_or_repo, revision))
 
 
 def _parse_adapter_config(path: str, source: str) -> QALoraConfig:
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} ({source}) is not valid JSON ({err}): it is truncated or damaged; download it again "
+                         f"or save the adapter again with save_qalora_adapter.") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} ({source}) does not hold a JSON object; it is not an adapter_config.json.")
     if raw.get("peft_type") != QALoraPeftType.QALORA.value:
         raise ValueError(
             f"{source} holds a {raw.get('peft_type')!r} adapter, not a QALoRA one (adapter_config.json has "
@@ -159,6 +192,30 @@ def _check_against_model(model: nn.Module, state: dict[str, torch.Tensor], sourc
         )
 
 
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.safetensors``, with its checksum verified (files saved before the checksum
+    existed have none and load as they are).
+
+    Raises:
+        ValueError: the file is truncated or damaged, or its tensors do not match the checksum recorded at save time;
+            the message names the file and the fix.
+    """
+    fix = "download it again (from the Hub: delete its copy in the Hugging Face cache first) or save it again with " \
+          "save_qalora_adapter"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+        state = load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}.") \
+            from err
+    if expected is not None and tensor_checksum(state) != expected:
+        raise ValueError(
+            f"corrupt adapter file {path}: its tensors do not match the checksum recorded when it was saved; {fix}."
+        )
+    return state
+
+
 def load_qalora_adapter(
     model: nn.Module,
     path_or_repo: str | os.PathLike,
@@ -190,36 +247,25 @@ def load_qalora_adapter(
             `LocalEntryNotFoundError` (all `OSError`s) for a missing repo, revision, file or cache entry, each
             naming the repo, the revision and the fix.
     """
-    _ensure_registered()
+    register_peft_method()
     config_path = _resolve(path_or_repo, ADAPTER_CONFIG_NAME, subfolder, revision, token)
     config = _parse_adapter_config(config_path, _source(path_or_repo, revision))
     config.inference_mode = not is_trainable
     # From the Hub, read the weights of the very commit the config came from, even if the branch moves meanwhile.
-    from .hub import snapshot_revision
-
     pinned = None if Path(path_or_repo).is_dir() else snapshot_revision(config_path)
     weights = _resolve(path_or_repo, ADAPTER_WEIGHTS_NAME, subfolder, pinned or revision, token)
-    try:
-        state = load_file(weights, device="cpu")
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it.") from err
+    state = read_adapter_weights(weights)
     base = unwrap_peft_model(model)
     if adapter_name in (getattr(base, "peft_config", None) or {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already used by this model; choose another name.")
     _check_against_model(base, state, str(path_or_repo))
-    before = {name: m for name, m in base.named_modules()}
-    had_peft_config = hasattr(base, "peft_config")
-    old_peft_config = dict(base.peft_config) if had_peft_config else None
-    from ..tuners.qalora.model import CONTEXT_ATTR
-
-    had_context = getattr(base, CONTEXT_ATTR, None) is not None
     # Every step size and zero point is read from the file below (a missing one is an error), so the weight-step
     # search of `weight_init` would be thrown away: inject with the cheap min-max init (an MSE search over an SD1.5
     # UNet costs ~17 CPU-minutes), then record the adapter's own setting again.
     weight_init = config.weight_init
     config.weight_init = "minmax"
-    _inject_or_rollback(base, config, adapter_name)
-    try:
+    with restore_on_error(base, adapter_name):
+        inject_qalora_adapter(base, config, adapter_name)
         base.peft_config[adapter_name].weight_init = weight_init
         result = set_peft_model_state_dict(base, state, adapter_name=adapter_name)
         missing = [k for k in result.missing_keys if ".qal_" in k and f".{adapter_name}" in k]
@@ -228,19 +274,7 @@ def load_qalora_adapter(
                 f"the adapter {path_or_repo} does not fit {type(base).__name__}: unexpected keys "
                 f"{result.unexpected_keys[:10]}, missing keys {missing[:10]}."
             )
-    except BaseException:
-        from ..tuners.qalora.api import _rollback
-
-        _rollback(base, before, adapter_name, had_peft_config, old_peft_config, had_context)
-        raise
     for layer in qalora_layers(base).values():
         layer.set_adapter(layer.active_adapters, inference_mode=not is_trainable)
     attach_timestep_context(base, config.timestep_argument)
     return model
-
-
-def copy_adapter_folder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy an adapter folder's two files (used by examples that publish a run's adapter)."""
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-        shutil.copy2(Path(src) / name, Path(dst) / name)

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,37 @@ _DISTILL_KEYS = (
     ("lr_schedule", "learning-rate schedule"),
     ("seed", "seed"),
 )
+
+
+@dataclass
+class CardInfo:
+    """What a generated model card says beyond what the model records itself (every field optional).
+
+    Args:
+        base_model (`str`, *optional*): Hub id of the base (full-precision) model, for the card's metadata and load
+            snippet; by default the one PEFT / diffusers recorded when the model was loaded from the Hub.
+        base_model_subfolder (`str`, *optional*): sub-folder of the denoiser in ``base_model`` (e.g. ``"unet"``;
+            adapters only).
+        results (`str | os.PathLike | dict`, *optional*): the ``results.json`` of a distillation job (or its output
+            folder): its metrics table and distillation settings go into the card, the file into the repo.
+        distill_config (`DistillConfig | dict`, *optional*): distillation settings for the card when ``results``
+            has none.
+        sample_grid (`str | os.PathLike`, *optional*): an image of samples (PNG/JPEG/WebP) shown in the card and
+            uploaded with it.
+        license (`str`, *optional*): the card's ``license`` (e.g. the base model's).
+        pipeline_tag (`str`, *optional*): the card's ``pipeline_tag`` (e.g. ``"text-to-image"``).
+        tags (`list[str]`, *optional*): extra tags after ``diffusers, diffusers-qalora, qalora, efficientdm,
+            quantization, w<bits>a<bits>``.
+    """
+
+    base_model: str | None = None
+    base_model_subfolder: str | None = None
+    results: str | os.PathLike | Mapping[str, Any] | None = None
+    distill_config: Any = None
+    sample_grid: str | os.PathLike | None = None
+    license: str | None = None
+    pipeline_tag: str | None = None
+    tags: Sequence[str] | None = None
 
 
 class ModelCardWarning(UserWarning):
@@ -225,12 +256,12 @@ def quantized_load_snippet(model_class: type, repo_id: str, revision: str | None
     ])
 
 
-def _card_data(*, base_model: str | None, relation: str, library_name: str, weight_bits: int, act_bits: int,
-               license: str | None, pipeline_tag: str | None, tags: Sequence[str] | None) -> ModelCardData:
-    extra = {"base_model_relation": relation} if base_model else {}
+def _card_data(info: CardInfo, *, relation: str, library_name: str, weight_bits: int, act_bits: int
+               ) -> ModelCardData:
+    extra = {"base_model_relation": relation} if info.base_model else {}
     return ModelCardData(
-        base_model=base_model, library_name=library_name, license=license, pipeline_tag=pipeline_tag,
-        tags=[*BASE_TAGS, bits_tag(weight_bits, act_bits), *(tags or [])], **extra,
+        base_model=info.base_model, library_name=library_name, license=info.license, pipeline_tag=info.pipeline_tag,
+        tags=[*BASE_TAGS, bits_tag(weight_bits, act_bits), *(info.tags or [])], **extra,
     )
 
 
@@ -262,25 +293,19 @@ def adapter_card(
     config: QALoraConfig,
     repo_id: str,
     model_class: type,
+    info: CardInfo,
     *,
     num_lora_layers: int,
     eight_bit_layers: Sequence[str],
-    base_model: str | None = None,
-    base_model_subfolder: str | None = None,
     revision: str | None = None,
-    results: Mapping[str, Any] | None = None,
-    distill_config: Any = None,
-    sample_grid: str | None = None,
-    license: str | None = None,
-    pipeline_tag: str | None = None,
-    tags: Sequence[str] | None = None,
 ) -> ModelCard:
     """The card of a QALoRA adapter repo (``library_name: peft``: the folder is a PEFT adapter, which
-    ``PeftModel.from_pretrained`` reads after ``import diffusers_qalora``)."""
+    ``PeftModel.from_pretrained`` reads after ``import diffusers_qalora``).  ``info.results`` is the parsed
+    ``results.json`` and ``info.sample_grid`` the image's name in the repo."""
     bits = f"W{config.weight_bits}A{config.act_bits}"
-    data = _card_data(base_model=base_model, relation="adapter", library_name="peft",
-                      weight_bits=config.weight_bits, act_bits=config.act_bits, license=license,
-                      pipeline_tag=pipeline_tag, tags=tags)
+    base_model = info.base_model
+    data = _card_data(info, relation="adapter", library_name="peft", weight_bits=config.weight_bits,
+                      act_bits=config.act_bits)
     base_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
     granularity = _granularity_text(config.weight_granularity, config.weight_group_size)
     shown = ", ".join(f"`{name}`" for name in eight_bit_layers[:8]) + (", ..." if len(eight_bit_layers) > 8 else "")
@@ -293,7 +318,7 @@ def adapter_card(
         "*before* fake quantization, so it folds into the integer weights on export (`dq.export_quantized`). "
         "This is not PEFT's `LoraConfig(use_qalora=True)` (QA-LoRA for language models), a different method.", "",
         "## How to load", "",
-        "```python", adapter_load_snippet(model_class, repo_id, base_model, base_model_subfolder, revision), "```", "",
+        "```python", adapter_load_snippet(model_class, repo_id, base_model, info.base_model_subfolder, revision), "```", "",
         "Importing `diffusers_qalora` registers the `QALORA` PEFT type, so `peft.PeftModel.from_pretrained(model, "
         f"{json.dumps(repo_id)})` also works after it. Put the model back into its pipeline (e.g. `pipe.unet = unet`) "
         "to sample; the files are `adapter_config.json` and `adapter_model.safetensors` (safetensors only).", "",
@@ -308,7 +333,7 @@ def adapter_card(
         f"| layers with QALoRA | {num_lora_layers} |",
         f"| {config.special_bits}-bit layers without LoRA (input, embeddings, output) | {eight_bit} |",
         "",
-        *_results_sections(results, _distill_settings(distill_config), sample_grid),
+        *_results_sections(info.results, _distill_settings(info.distill_config), info.sample_grid),
         *_footer(),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
@@ -318,23 +343,17 @@ def quantized_model_card(
     config: QALoraQuantConfig,
     repo_id: str,
     model_class: type,
+    info: CardInfo,
     *,
     weight_bytes: int,
-    base_model: str | None = None,
     revision: str | None = None,
-    results: Mapping[str, Any] | None = None,
-    distill_config: Any = None,
-    sample_grid: str | None = None,
-    license: str | None = None,
-    pipeline_tag: str | None = None,
-    tags: Sequence[str] | None = None,
 ) -> ModelCard:
     """The card of an exported integer model (``library_name: diffusers``: it is a diffusers model folder that
-    ``from_pretrained`` loads once ``diffusers_qalora`` is imported)."""
+    ``from_pretrained`` loads once ``diffusers_qalora`` is imported).  ``info`` as in `adapter_card`."""
     bits = f"W{config.weight_bits}A{config.act_bits}"
-    data = _card_data(base_model=base_model, relation="quantized", library_name="diffusers",
-                      weight_bits=config.weight_bits, act_bits=config.act_bits, license=license,
-                      pipeline_tag=pipeline_tag, tags=tags)
+    base_model = info.base_model
+    data = _card_data(info, relation="quantized", library_name="diffusers", weight_bits=config.weight_bits,
+                      act_bits=config.act_bits)
     layouts = config.layouts()
     special = sum(1 for lay in layouts.values() if (lay.weight_bits, lay.act_bits) != (config.weight_bits,
                                                                                        config.act_bits))
@@ -362,7 +381,7 @@ def quantized_model_card(
         f"| integer layers | {len(layouts)} ({special} of them at {config.special_bits} bits) |",
         f"| weight files | {weight_bytes / 1e6:.2f} MB |",
         "",
-        *_results_sections(results, _distill_settings(distill_config), sample_grid, note=(
+        *_results_sections(info.results, _distill_settings(info.distill_config), info.sample_grid, note=(
             "They were measured on the fake-quantized model before export; the integer model's reference path "
             "(`backend=\"reference\"`) reproduces its outputs bit for bit.")),
         *_footer(),

@@ -1,14 +1,15 @@
 """Triton kernels, their torch references, and the dispatch between them.
 
-* fused fake quantization with LSQ gradients ([`fused_fake_quantize`], [`fake_quantize_by_index`]), used by the
+* fused fake quantization with LSQ gradients ([fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize], [fake_quantize_by_index][diffusers_qalora.kernels.fake_quantize_by_index]), used by the
   quantizers of `diffusers_qalora.quant` during training and calibration-free inference on CUDA;
-* integer GEMM / implicit-GEMM convolution with a fused dequantize epilogue ([`int8_linear`], [`int8_conv2d`]), used
+* integer GEMM / implicit-GEMM convolution with a fused dequantize epilogue ([int8_linear][diffusers_qalora.kernels.int8_linear], [int8_conv2d][diffusers_qalora.kernels.int8_conv2d]), used
   by the exported integer layers on CUDA (backend ``"triton"``);
-* dispatch ([`set_kernel_backend`], [`kernel_backend`], [`set_module_kernel_backend`]): Triton on CUDA when ``triton``
+* dispatch ([set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend], [kernel_backend][diffusers_qalora.kernels.kernel_backend], [set_module_kernel_backend][diffusers_qalora.kernels.set_module_kernel_backend]): Triton on CUDA when ``triton``
   imports, the torch reference elsewhere.
 
-Importing this package does not import ``triton``; the kernels are built the first time one runs.  [`install`]
-(called by ``import diffusers_qalora``) connects the dispatch to the quantizers and to the integer layers.
+Importing this package does not import ``triton``; the kernels are built the first time one runs.  `install`
+(called when this package is imported) connects the dispatch to the quantizers, the integer layers and the Winograd
+convolution.
 """
 
 from .dispatch import (
@@ -34,26 +35,28 @@ from .int_gemm import (
 )
 
 __all__ = [
-    "KERNEL_BACKENDS",
     "PackedWeight",
+    "QuantSpec",
+    "WinogradPackedWeight",
     "fake_quantize_by_index",
     "fake_quantize_reference",
     "fused_fake_quantize",
-    "get_kernel_backend",
-    "install",
     "int8_conv2d",
     "int8_conv2d_reference",
     "int8_linear",
     "int8_linear_reference",
     "kernel_backend",
     "module_kernel_backend",
+    "pack_winograd_weight",
     "quantize_activation_codes",
     "quantize_activation_codes_reference",
+    "quantized_attention",
+    "quantized_attention_reference",
     "resolve_kernel_backend",
     "set_kernel_backend",
     "set_module_kernel_backend",
-    "triton_import_error",
-    "triton_unavailable_reason",
+    "winograd_int_conv2d",
+    "winograd_int_conv2d_reference",
 ]
 
 
@@ -63,11 +66,14 @@ def install() -> None:
     nothing heavy."""
     from ..export.backends import set_kernel_provider
     from ..quant.quantizers import set_fake_quantize_resolver
+    from ..winograd.conv import set_winograd_kernel_provider
     from .dispatch import fake_quantize_resolver
     from .integer_layers import integer_kernel_provider
+    from .winograd import WinogradKernels
 
     set_fake_quantize_resolver(fake_quantize_resolver)
     set_kernel_provider(integer_kernel_provider)
+    set_winograd_kernel_provider(WinogradKernels())
 
 
 # Quantized attention and the integer Winograd convolution (`attention.py`, `winograd.py`).
@@ -79,12 +85,4 @@ from .winograd import (  # noqa: E402
     winograd_int_conv2d_reference,
 )
 
-__all__ += [
-    "QuantSpec",
-    "WinogradPackedWeight",
-    "pack_winograd_weight",
-    "quantized_attention",
-    "quantized_attention_reference",
-    "winograd_int_conv2d",
-    "winograd_int_conv2d_reference",
-]
+install()

@@ -8,12 +8,33 @@ imported only here, the first time a kernel runs, so that a test session can set
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import os
 from types import ModuleType
 
-from .dispatch import interpreter_requested, triton_import_error
+ENV_INTERPRET = "TRITON_INTERPRET"
 
 _state: dict[str, bool | None] = {"interpreted": None}
+
+
+@functools.lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    """``None`` if ``triton`` imports, else why not (cached: the answer does not change within a process)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (`pip install diffusers-qalora[triton]`; CUDA builds of torch bring it)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as err:  # an incompatible build fails in many ways (ImportError, RuntimeError, ...)
+        return f"`import triton` failed: {type(err).__name__}: {err}"
+    return None
+
+
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set to a true value in the environment now."""
+    return os.environ.get(ENV_INTERPRET, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def built_interpreted() -> bool | None:

@@ -2,7 +2,7 @@
 torch reference of the same signature.
 
 Each of ``q``, ``k``, ``v`` (and optionally the softmax output ``p``) is fake-quantized with one step size ``s`` and
-zero point ``z`` per *sample* (the temporal step size at that sample's timestep, see [`QuantSpec`]):
+zero point ``z`` per *sample* (the temporal step size at that sample's timestep, see [QuantSpec][diffusers_qalora.kernels.QuantSpec]):
 
     x_hat = s * (clamp(round(x / s) + z, qmin, qmax) - z)        (round half to even, as torch.round)
 
@@ -23,10 +23,10 @@ codes equal the reference's codes (same division, same rounding), so the two pat
 accumulation order and ``exp``; where the softmax is quantized, a probability within an ulp of a rounding boundary
 may land on the neighbouring code (``test_attention_kernel.py`` states the tolerances).
 
-**The torch reference** ([`quantized_attention_reference`]) fake-quantizes in float32 (float64 for float64 inputs)
+**The torch reference** ([quantized_attention_reference][diffusers_qalora.kernels.quantized_attention_reference]) fake-quantizes in float32 (float64 for float64 inputs)
 and calls ``F.scaled_dot_product_attention``; with softmax quantization it computes the softmax explicitly, in
 chunks of query rows.  Neither path is differentiable: training goes through the quantizer modules (LSQ gradients)
-and SDPA, see `diffusers_qalora.integrations.diffusers.attention_processor`.
+and SDPA, see `diffusers_qalora.tuners.qalora.attention`.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def quantized_attention_reference(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Torch reference of [`quantized_attention`] (same arguments, no ``backend``)."""
+    """Torch reference of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``backend``)."""
     _check_inputs(query, key, value, attn_mask)
     batch = query.shape[0]
     specs = [_check_spec(s, n, batch) for s, n in ((query_quant, "query_quant"), (key_quant, "key_quant"),
@@ -227,7 +227,7 @@ def _block(n: int, lo: int = 16) -> int:
 
 
 def attention_codes_triton(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Triton version of [`attention_codes_reference`] for ``x: (B, H, N, D)`` (any strides); returns contiguous
+    """Triton version of `attention_codes_reference` for ``x: (B, H, N, D)`` (any strides); returns contiguous
     float16 codes (exact: ``|c - z| <= 255``)."""
     kernels = _kernels()
     batch, heads, tokens, dim = x.shape
@@ -270,7 +270,7 @@ def quantized_attention_triton(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Triton version of [`quantized_attention`] (same arguments, no ``backend``).  fp16, bf16 and fp32 inputs;
+    """Triton version of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``backend``).  fp16, bf16 and fp32 inputs;
     empty inputs return an empty (or, with no key, zero) output without a launch."""
     _check_inputs(query, key, value, attn_mask)
     if query.dtype not in _TRITON_DTYPES:
@@ -361,10 +361,10 @@ def quantized_attention(
         query (`torch.Tensor`): ``(B, H, N_q, D)``, any strides (e.g. diffusers' ``view(...).transpose(1, 2)``).
         key (`torch.Tensor`): ``(B, H, N_k, D)``.
         value (`torch.Tensor`): ``(B, H, N_k, D_v)``.
-        query_quant ([`QuantSpec`], *optional*): per-sample step sizes, zero points and code range of ``query``.
-        key_quant ([`QuantSpec`], *optional*): the same for ``key``.
-        value_quant ([`QuantSpec`], *optional*): the same for ``value``.
-        probs_quant ([`QuantSpec`], *optional*): the same for the softmax output (usually unsigned codes).
+        query_quant ([QuantSpec][diffusers_qalora.kernels.QuantSpec], *optional*): per-sample step sizes, zero points and code range of ``query``.
+        key_quant ([QuantSpec][diffusers_qalora.kernels.QuantSpec], *optional*): the same for ``key``.
+        value_quant ([QuantSpec][diffusers_qalora.kernels.QuantSpec], *optional*): the same for ``value``.
+        probs_quant ([QuantSpec][diffusers_qalora.kernels.QuantSpec], *optional*): the same for the softmax output (usually unsigned codes).
         attn_mask (`torch.Tensor`, *optional*): additive float mask, or boolean (``True`` = attend, as in
             ``F.scaled_dot_product_attention``), broadcastable to ``(B, H, N_q, N_k)``.
         scale (`float`, *optional*): score scale, ``1 / sqrt(D)`` by default.

@@ -7,8 +7,8 @@ Rules (see ``docs/kernels.md``):
   Triton interpreter is on (``TRITON_INTERPRET=1`` in the environment before the kernels are first built);
 * ``"torch"``: the torch reference.
 
-The request is looked up in this order: the module's own setting ([`set_module_kernel_backend`]), then the global
-one ([`set_kernel_backend`], the [`kernel_backend`] context manager, or the ``QALORA_KERNEL_BACKEND`` environment
+The request is looked up in this order: the module's own setting ([set_module_kernel_backend][diffusers_qalora.kernels.set_module_kernel_backend]), then the global
+one ([set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend], the [kernel_backend][diffusers_qalora.kernels.kernel_backend] context manager, or the ``QALORA_KERNEL_BACKEND`` environment
 variable), then ``"auto"``.  A module resolves its choice once per device (at its first forward there) and keeps it
 until one of these settings changes.
 
@@ -19,7 +19,6 @@ Nothing here imports ``triton``: it is imported, and the kernels are decorated, 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._build import built_interpreted, interpreter_requested, triton_import_error
+
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 ENV_BACKEND = "QALORA_KERNEL_BACKEND"
-ENV_INTERPRET = "TRITON_INTERPRET"
 
 # The module attribute that holds a per-module request, and the one that caches the resolved choice.
 MODULE_BACKEND_ATTR = "_qalora_kernel_backend"
@@ -47,32 +47,12 @@ def validate_kernel_backend(backend: str, name: str = "backend") -> str:
 
 
 # -- availability ----------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def triton_import_error() -> str | None:
-    """``None`` if ``triton`` imports, else why not (cached: the answer does not change within a process)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (`pip install diffusers-qalora[triton]`; CUDA builds of torch bring it)"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as err:  # an incompatible build fails in many ways (ImportError, RuntimeError, ...)
-        return f"`import triton` failed: {type(err).__name__}: {err}"
-    return None
-
-
-def interpreter_requested() -> bool:
-    """Whether ``TRITON_INTERPRET`` is set to a true value in the environment now."""
-    return os.environ.get(ENV_INTERPRET, "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
     """``None`` if the Triton kernels can run on ``device``, else the reason (a sentence that names the fix)."""
     device = torch.device(device)
     why = triton_import_error()
     if why is not None:
         return why
-    from ._build import built_interpreted
-
     interpreted = built_interpreted()
     if device.type == "cuda":
         return None
@@ -90,7 +70,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
 
 # -- global and per-module requests ------------------------------------------------------------------------------------
 def get_kernel_backend() -> str:
-    """The global request: what [`set_kernel_backend`] set, else ``QALORA_KERNEL_BACKEND``, else ``"auto"``."""
+    """The global request: what [set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend] set, else ``QALORA_KERNEL_BACKEND``, else ``"auto"``."""
     backend = _state["backend"]
     if backend is None:
         env = os.environ.get(ENV_BACKEND, "").strip().lower()

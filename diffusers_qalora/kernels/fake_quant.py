@@ -1,6 +1,6 @@
 """Fused fake quantization with LSQ gradients: one Triton kernel for the forward pass, one for the backward pass.
 
-The maths is that of [`diffusers_qalora.quant.fake_quantize`] (which is the torch reference):
+The maths is that of [fake_quantize][diffusers_qalora.quant.fake_quantize] (which is the torch reference):
 
     x_hat = s * clamp(round(x / s), qmin - z, qmax - z)          (z = round(zero_point), 0 if symmetric)
 
@@ -15,7 +15,7 @@ of `diffusers_qalora.quant` do).
 
 Step sizes may be per tensor, per channel (a step of shape ``(C, 1, ...)`` or ``(1, C, 1, 1)``), per group (the
 ``(C_out, G, 1)`` steps of a grouped weight view), or per sample (``(B, 1, ...)``, the interpolated per-timestep steps
-of a batch); [`fake_quantize_by_index`] gathers each sample's step from a timestep table inside the kernel.  Any
+of a batch); [fake_quantize_by_index][diffusers_qalora.kernels.fake_quantize_by_index] gathers each sample's step from a timestep table inside the kernel.  Any
 step shape whose non-1 dims are not adjacent in ``x`` runs the torch reference.
 """
 
@@ -41,7 +41,7 @@ def fake_quantize_reference(
     qmax: int,
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The torch reference of [`fused_fake_quantize`] (same signature): `quant.fake_quantize` in float32 for
+    """The torch reference of [fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize] (same signature): `quant.fake_quantize` in float32 for
     float16/bfloat16 inputs (cast back to the input's dtype), as is for float32 / float64."""
     if x.dtype in (torch.float16, torch.bfloat16):
         zp = None if zero_point is None else zero_point.float()
@@ -148,7 +148,7 @@ def fused_fake_quantize(
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with the Triton kernels (LSQ gradients); same signature and numbers as
-    [`fake_quantize_reference`].
+    [fake_quantize_reference][diffusers_qalora.kernels.fake_quantize_reference].
 
     Args:
         x (`torch.Tensor`): float32, float16 or bfloat16 values, any shape (a CUDA tensor, or a CPU tensor under the
@@ -202,9 +202,9 @@ def fake_quantize_by_index(
         step_table (`torch.Tensor`): ``(T,)`` step sizes, e.g. one per calibrated timestep.
         zero_point_table (`torch.Tensor`, *optional*): ``(T,)`` zero points, or ``None`` (symmetric).
         index (`torch.Tensor`): ``(B,)`` integer table positions.
-        qmin (`int`): as in [`fused_fake_quantize`].
-        qmax (`int`): as in [`fused_fake_quantize`].
-        grad_scale (`float`, defaults to `1.0`): as in [`fused_fake_quantize`].
+        qmin (`int`): as in [fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize].
+        qmax (`int`): as in [fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize].
+        grad_scale (`float`, defaults to `1.0`): as in [fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize].
     """
     if x.dim() == 0 or index.shape != (x.shape[0],):
         raise ValueError(f"`index` must hold one table position per sample, shape ({x.shape[0] if x.dim() else 0},); "

@@ -151,7 +151,7 @@ def quantize_activation_codes_reference(x: torch.Tensor, scale: torch.Tensor, ze
 
 def quantize_activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                               backend: str = "auto") -> torch.Tensor:
-    """[`quantize_activation_codes_reference`] in one Triton pass (the codes keep the memory format of ``x``).
+    """[quantize_activation_codes_reference][diffusers_qalora.kernels.quantize_activation_codes_reference] in one Triton pass (the codes keep the memory format of ``x``).
 
     Args:
         x (`torch.Tensor`): float activations ``(B, ...)``.
@@ -192,7 +192,7 @@ def _epilogue_reference(acc: torch.Tensor, weight: PackedWeight, row_scale: torc
 def int8_linear_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor,
                           weight: PackedWeight, bias: torch.Tensor | None = None,
                           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The torch reference of [`int8_linear`] (same signature, no ``backend``): float64 sums (exact) and epilogue."""
+    """The torch reference of [int8_linear][diffusers_qalora.kernels.int8_linear] (same signature, no ``backend``): float64 sums (exact) and epilogue."""
     _check_linear(codes, weight, bias, out_dtype)
     samples = _check_qparams(row_scale, row_zero_point, codes.shape[0] if codes.dim() > 1 else 1, "int8_linear")
     a = codes.reshape(-1, weight.k).double()
@@ -220,7 +220,7 @@ def int8_linear(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: to
             sample gathers it), or ``(1,)`` for all rows.
         row_zero_point (`torch.Tensor`): ``(B,)`` or ``(1,)`` integer-valued zero points of the codes (any int32
             value: the correction ``z * rowsum(w)`` is exact).
-        weight ([`PackedWeight`]): packed 2/4/8-bit codes and their step sizes (per channel or per group).
+        weight ([PackedWeight][diffusers_qalora.kernels.PackedWeight]): packed 2/4/8-bit codes and their step sizes (per channel or per group).
         bias (`torch.Tensor`, *optional*): ``(N,)``.
         out_dtype (`torch.dtype`, defaults to `torch.float32`): float32, float16 or bfloat16.
         backend (`str`, defaults to `"auto"`): ``"auto"`` (the dispatch rules), ``"triton"`` or ``"torch"``.
@@ -272,7 +272,7 @@ def _conv_geometry(codes, weight, kernel_size, stride, padding, dilation):
 def int8_conv2d_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor,
                           weight: PackedWeight, kernel_size, stride=1, padding=0, dilation=1,
                           bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The torch reference of [`int8_conv2d`] (same signature, no ``backend``): float64 convolution of ``a - z``
+    """The torch reference of [int8_conv2d][diffusers_qalora.kernels.int8_conv2d] (same signature, no ``backend``): float64 convolution of ``a - z``
     (zero padding of ``a - z`` = padding with the zero point), float64 epilogue."""
     (kh, kw), stride, padding, dilation, oh, ow = _conv_geometry(codes, weight, kernel_size, stride, padding, dilation)
     if bias is not None and bias.shape != (weight.n,):
@@ -296,7 +296,7 @@ def int8_conv2d_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero
 def int8_conv2d(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor, weight: PackedWeight,
                 kernel_size, stride=1, padding=0, dilation=1, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
-    """Implicit-GEMM integer convolution (groups = 1) with the epilogue of [`int8_linear`].
+    """Implicit-GEMM integer convolution (groups = 1) with the epilogue of [int8_linear][diffusers_qalora.kernels.int8_linear].
 
     The GEMM rows are the output pixels (``M = B * OH * OW``, each gathering its sample's step size and zero
     point), ``K = C * kh * kw`` in the order of the flattened weight.  Zero padding pads with the zero point (a padded
@@ -306,14 +306,14 @@ def int8_conv2d(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: to
         codes (`torch.Tensor`): ``int8`` ``(B, C, H, W)``, contiguous or channels-last (any strides).
         row_scale (`torch.Tensor`): ``(B,)`` or ``(1,)`` activation step sizes.
         row_zero_point (`torch.Tensor`): ``(B,)`` or ``(1,)`` zero points in ``[-128, 127]``.
-        weight ([`PackedWeight`]): ``(C_out, C * kh * kw)`` codes.
+        weight ([PackedWeight][diffusers_qalora.kernels.PackedWeight]): ``(C_out, C * kh * kw)`` codes.
         kernel_size (`int` or pair): the kernel's spatial size.
         stride (`int` or pair, defaults to `1`): the convolution's stride.
         padding (`int` or pair, defaults to `0`): explicit zero padding.
         dilation (`int` or pair, defaults to `1`): the convolution's dilation.
-        bias (`torch.Tensor`, *optional*): as in [`int8_linear`].
-        out_dtype (`torch.dtype`, defaults to `torch.float32`): as in [`int8_linear`].
-        backend (`str`, defaults to `"auto"`): as in [`int8_linear`].
+        bias (`torch.Tensor`, *optional*): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
+        out_dtype (`torch.dtype`, defaults to `torch.float32`): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
+        backend (`str`, defaults to `"auto"`): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
 
     Returns:
         `torch.Tensor`: ``(B, C_out, OH, OW)`` in ``out_dtype``, channels-last in memory on the Triton path.
@@ -330,7 +330,7 @@ def int8_conv2d(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: to
 def conv2d_triton(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor, weight: PackedWeight,
                   kernel_size, stride, padding, dilation, bias: torch.Tensor | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """[`int8_conv2d`] on the Triton path without the zero-point range check (one device synchronisation); the caller
+    """[int8_conv2d][diffusers_qalora.kernels.int8_conv2d] on the Triton path without the zero-point range check (one device synchronisation); the caller
     guarantees int8 zero points."""
     (kh, kw), stride, padding, dilation, oh, ow = _conv_geometry(codes, weight, kernel_size, stride, padding, dilation)
     if bias is not None and bias.shape != (weight.n,):

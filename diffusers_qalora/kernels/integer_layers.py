@@ -1,5 +1,5 @@
 """The ``"triton"`` backend of the exported integer layers (`diffusers_qalora.export.IntegerLinear` /
-``IntegerConv2d``): activation quantization and the integer GEMM of [`int_gemm`], with each sample's timestep step
+``IntegerConv2d``): activation quantization and the integer GEMM of `int_gemm`, with each sample's timestep step
 size gathered in the kernels.
 
 The layers store unsigned activation codes as they are and signed ones shifted by 128 (``uint8``); the kernels work

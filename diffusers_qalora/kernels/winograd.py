@@ -28,7 +28,7 @@ than a program's registers hold at useful block sizes, so ``M`` makes one fp32 r
 an error of a rounding boundary can take the neighbouring code, and an absmax that differs in its last bit moves
 its group's step by as much.  ``tests/kernels/test_winograd_kernel.py`` bounds both.
 
-Dispatch: [`winograd_int_conv2d`] runs the Triton kernels for CUDA tensors (fp16/bf16/fp32) when Triton imports and
+Dispatch: [winograd_int_conv2d][diffusers_qalora.kernels.winograd_int_conv2d] runs the Triton kernels for CUDA tensors (fp16/bf16/fp32) when Triton imports and
 the torch reference otherwise; `WinogradConv2d` in ``"int"`` mode calls it with the backend it resolved once.
 """
 
@@ -40,7 +40,7 @@ import torch
 
 from ..quant import qrange
 from ..winograd.functional import TileGrid, conv_output_size, input_transform, output_transform, tile_input
-from ..winograd.quantized import _groups, exact_accumulator_dtype, hadamard_int, quantize_output
+from ..winograd.quantized import channel_groups, exact_accumulator_dtype, hadamard_int, quantize_output
 
 __all__ = [
     "WinogradPackedWeight",
@@ -123,7 +123,7 @@ def winograd_input_codes_reference(
     tiles, _ = tile_input(x.float(), m, 3, padding)
     v = input_transform(tiles, bt.float())  # (n^2, C, P)
     n2, c, p = v.shape
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     qmin, qmax = qrange(bits, True)
     vg = v.reshape(n2, groups, g, p)
     dims = (2,) if act_granularity == "position" else (0, 2)
@@ -181,7 +181,7 @@ def winograd_int_conv2d_reference(
     output_bits: int | None = None,
     packed: WinogradPackedWeight | None = None,
 ) -> torch.Tensor:
-    """The torch reference of [`winograd_int_conv2d`]: the ``"int"`` mode of ``WinogradConv2d`` (`tile_input`,
+    """The torch reference of [winograd_int_conv2d][diffusers_qalora.kernels.winograd_int_conv2d]: the ``"int"`` mode of ``WinogradConv2d`` (`tile_input`,
     `input_transform`, `hadamard_int`, `quantize_output`, `output_transform`), in float32 (float64 for a float64
     ``x``), then the bias and a cast to ``x.dtype``.  ``packed`` is ignored (the Triton path's weight layout)."""
     m, _ = _check_common(x, bt, at, act_granularity)
@@ -219,14 +219,14 @@ def winograd_input_codes_triton(
     x: torch.Tensor, bt: torch.Tensor, m: int, padding: tuple[int, int] | int, bits: int, group_size: int | None,
     act_granularity: str = "position",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of [`winograd_input_codes_reference`] (fp16/bf16/fp32 ``x``, any strides)."""
+    """Triton version of `winograd_input_codes_reference` (fp16/bf16/fp32 ``x``, any strides)."""
     padding = _pad_pair(padding)
     kernels = _kernels()
     n = m + 2
     batch, c, h, w = x.shape
     grid_ = _grid(x, m, padding)
     p = grid_.num_tiles
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     nn_pad = _pow2(n * n)
     kb = torch.zeros(nn_pad, nn_pad, dtype=torch.float32, device=x.device)
     kb[: n * n, : n * n] = torch.kron(bt.float(), bt.float()).to(x.device).T
@@ -249,7 +249,7 @@ def winograd_input_codes_triton(
 def winograd_position_gemm_triton(
     codes_v: torch.Tensor, steps_v: torch.Tensor, weight: WinogradPackedWeight
 ) -> torch.Tensor:
-    """Triton version of [`winograd_position_gemm_reference`]."""
+    """Triton version of `winograd_position_gemm_reference`."""
     kernels = _kernels()
     n2, p, c = codes_v.shape
     k = weight.codes.shape[2]
@@ -274,7 +274,7 @@ def winograd_output_transform_triton(
     m_prod: torch.Tensor, at: torch.Tensor, grid: TileGrid, bias: torch.Tensor | None = None,
     output_bits: int | None = None, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Triton version of [`winograd_output_transform_reference`] (``m_prod`` contiguous float32)."""
+    """Triton version of `winograd_output_transform_reference` (``m_prod`` contiguous float32)."""
     kernels = _kernels()
     m, n = at.shape
     n2, p, k = m_prod.shape
@@ -312,8 +312,8 @@ def winograd_int_conv2d_triton(
     output_bits: int | None = None,
     packed: WinogradPackedWeight | None = None,
 ) -> torch.Tensor:
-    """Triton version of [`winograd_int_conv2d`] (same arguments, no ``backend``).  ``packed`` (from
-    [`pack_winograd_weight`]) saves repacking ``codes_u``/``step_u`` at every call."""
+    """Triton version of [winograd_int_conv2d][diffusers_qalora.kernels.winograd_int_conv2d] (same arguments, no ``backend``).  ``packed`` (from
+    [pack_winograd_weight][diffusers_qalora.kernels.pack_winograd_weight]) saves repacking ``codes_u``/``step_u`` at every call."""
     m, _ = _check_common(x, bt, at, act_granularity)
     if x.dtype not in _TRITON_DTYPES:
         raise ValueError(f"the Triton Winograd kernels take fp16, bf16 or fp32 inputs, got {x.dtype}; use the torch "
@@ -361,7 +361,7 @@ def winograd_int_conv2d(
         group_size (`int`, *optional*): input channels per quantization group (``None`` = all).
         act_granularity (`"position" | "tile"`, defaults to `"position"`): the ``V`` step granularity.
         output_bits (`int`, *optional*): re-quantize ``M`` before the output transform.
-        packed ([`WinogradPackedWeight`], *optional*): the weight already packed for the Triton path.
+        packed ([WinogradPackedWeight][diffusers_qalora.kernels.WinogradPackedWeight], *optional*): the weight already packed for the Triton path.
         backend (`str`, *optional*): ``"auto"``, ``"triton"`` or ``"torch"``; by default the global kernel backend
             (Triton for CUDA tensors when it imports, else the torch reference).  float64 runs the reference.
 
@@ -376,3 +376,17 @@ def winograd_int_conv2d(
     with torch.no_grad():
         return fn(x, codes_u, step_u, bt, at, bias, padding, bits=bits, group_size=group_size,
                   act_granularity=act_granularity, output_bits=output_bits, packed=packed)
+
+
+class WinogradKernels:
+    """The Triton ``"int"`` mode of `diffusers_qalora.winograd.WinogradConv2d`, installed by `install` through
+    `diffusers_qalora.winograd.conv.set_winograd_kernel_provider` (so ``winograd`` never imports ``kernels``)."""
+
+    @staticmethod
+    def choice(module, device: torch.device) -> str:
+        from .dispatch import module_choice
+
+        return module_choice(module, device)
+
+    pack = staticmethod(pack_winograd_weight)
+    conv2d = staticmethod(winograd_int_conv2d_triton)

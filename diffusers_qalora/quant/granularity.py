@@ -38,19 +38,6 @@ class PerGroup:
 Granularity = PerTensor | PerChannel | PerGroup
 
 
-def granularity_from_name(name: str, group_size: int | None = None) -> Granularity:
-    """Build a granularity from ``"tensor"``, ``"channel"`` or ``"group"`` (which needs ``group_size``)."""
-    if name == "tensor":
-        return PerTensor()
-    if name == "channel":
-        return PerChannel()
-    if name == "group":
-        if group_size is None:
-            raise ValueError("`group_size` must be set when the granularity is 'group', e.g. group_size=64.")
-        return PerGroup(group_size)
-    raise ValueError(f"`granularity` must be one of 'tensor', 'channel' or 'group', got {name!r}.")
-
-
 def check_granularity(granularity: Granularity, weight_shape: torch.Size | tuple[int, ...]) -> None:
     """Raise a ``ValueError`` if ``granularity`` cannot be applied to a weight of ``weight_shape``."""
     if not isinstance(granularity, PerTensor | PerChannel | PerGroup):

@@ -83,7 +83,7 @@ def lp_search_qparams(
 def init_qparams(
     x: torch.Tensor, bits: int, symmetric: bool, method: str = "mse"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatch to [`minmax_qparams`] (``"minmax"``), the MSE search (``"mse"``, p=2) or LAPQ's p=2.4 (``"lp"``)."""
+    """Dispatch to `minmax_qparams` (``"minmax"``), the MSE search (``"mse"``, p=2) or LAPQ's p=2.4 (``"lp"``)."""
     if method == "minmax":
         return minmax_qparams(x, bits, symmetric)
     if method == "mse":

@@ -45,7 +45,7 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool = True, dim: int = -
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, signed: bool = True, dim: int = -1) -> torch.Tensor:
-    """Inverse of [`pack_codes`]: ``uint8`` bytes to ``int8`` codes (``uint8`` for unsigned 8-bit codes), with
+    """Inverse of [pack_codes][diffusers_qalora.quant.pack_codes]: ``uint8`` bytes to ``int8`` codes (``uint8`` for unsigned 8-bit codes), with
     ``dim`` multiplied by ``8 // bits``."""
     per_byte, _, _ = _check(bits, signed)
     if packed.dtype != torch.uint8:
@@ -63,10 +63,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool = True, dim: int 
 
 
 def pack_int4(codes: torch.Tensor, signed: bool = True, dim: int = -1) -> torch.Tensor:
-    """Two 4-bit codes per byte; see [`pack_codes`]."""
+    """Two 4-bit codes per byte; see [pack_codes][diffusers_qalora.quant.pack_codes]."""
     return pack_codes(codes, 4, signed, dim)
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool = True, dim: int = -1) -> torch.Tensor:
-    """Inverse of [`pack_int4`]."""
+    """Inverse of `pack_int4`."""
     return unpack_codes(packed, 4, signed, dim)

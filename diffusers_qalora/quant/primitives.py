@@ -12,6 +12,10 @@ Symmetric (signed) quantization uses ``z = 0`` and ``[qmin, qmax] = [-2^(b-1), 2
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -110,7 +114,7 @@ def _fake_quantize_values(
     qmax: int,
     keep_scaled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``s * clamp(round(x / s), qmin - z, qmax - z)`` (see [`_LSQFakeQuantize`]) and, if ``keep_scaled``, ``x / s``.
+    """``s * clamp(round(x / s), qmin - z, qmax - z)`` (see `_LSQFakeQuantize`) and, if ``keep_scaled``, ``x / s``.
 
     Without ``keep_scaled`` everything after the division happens in place in one buffer.
     """
@@ -202,7 +206,7 @@ def fake_quantize(
         step (`torch.Tensor`): positive step sizes, broadcastable to ``x``.
         zero_point (`torch.Tensor`, *optional*): zero points (rounded to integers in the forward pass),
             broadcastable to ``x``; ``None`` for symmetric quantization.
-        qmin (`int`): the lowest integer code, see [`qrange`].
+        qmin (`int`): the lowest integer code, see [qrange][diffusers_qalora.quant.qrange].
         qmax (`int`): the highest integer code.
         grad_scale (`float`, defaults to `1.0`): LSQ gradient scale applied to the step and zero-point gradients.
 
@@ -246,3 +250,270 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 def lsq_grad_scale(num_elements_per_step: int, qmax: int) -> float:
     """LSQ's step-size gradient scale ``g = 1 / sqrt(N * Q_P)``."""
     return 1.0 / float(max(num_elements_per_step, 1) * max(qmax, 1)) ** 0.5
+
+
+# -- fused fake quantization of a LoRA-merged weight -----------------------------------------------------------------
+class WorkspacePool:
+    """Free weight-sized buffers kept for reuse, keyed by shape, dtype and device.
+
+    A fresh CPU allocation of tens of MB is returned to the OS when freed and costs a page fault per 4 KiB page when
+    it is touched again: on the shared machines this project is measured on, that is ~5x the cost of the arithmetic
+    of an elementwise pass.  The QALoRA weight path therefore takes its weight-sized temporaries from this pool and
+    gives them back when its backward pass is done, so a training step after the first allocates none of them.
+
+    A buffer is only given back by the code that took it, once nothing else reads it; writing into a reused buffer
+    bumps its version counter, so a stale autograd graph that still holds it fails loudly instead of reading new
+    values.  [`clear`] frees everything (call it after training).
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        stack = self._free.get((tuple(shape), dtype, device))
+        if stack:
+            return stack.pop()
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is not None:
+                self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t.detach())
+
+    def clear(self) -> None:
+        self._free.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for stack in self._free.values() for t in stack)
+
+
+WORKSPACE = WorkspacePool()
+
+
+def clear_workspace() -> None:
+    """Free the buffers the fused QALoRA weight path keeps between training steps (see [`WorkspacePool`])."""
+    WORKSPACE.clear()
+
+
+def _merged_fake_quant_forward(
+    merged: torch.Tensor, w0: torch.Tensor, step: torch.Tensor, lo, hi, w_hat_out: torch.Tensor
+) -> None:
+    """One elementwise pass over the weight: ``v = (merged + W0) / s``, ``r = round(v)``, ``c = clamp(r, lo, hi)``;
+    writes ``s * c`` into ``w_hat_out`` and LSQ's ``d x_hat / d s`` over ``merged``: ``c - v`` where ``r`` lies in
+    ``[lo, hi]`` (inside), ``c`` elsewhere -- the numbers of [`_LSQFakeQuantize`] (``c - v * inside``).
+
+    Written as mutations of given buffers so that ``torch.compile`` makes it one loop without allocations.  No mask
+    is stored: with symmetric bounds (``lo <= -1``, ``hi >= 1``) an inside element has ``|d| <= 0.5`` and an
+    outside one ``|d| = |lo|`` or ``|hi| >= 1``, so the backward pass reads the mask off ``d``."""
+    v = (merged + w0) / step
+    r = torch.round(v)
+    c = torch.clamp(r, lo, hi)
+    w_hat_out.copy_(c * step)
+    merged.copy_(torch.where((r >= lo) & (r <= hi), c - v, c))
+
+
+def _merged_fake_quant_backward(grad: torch.Tensor, d_step: torch.Tensor) -> torch.Tensor:
+    """One pass over the weight gradient (viewed as ``d``): the step gradient ``sum(grad * d)`` per cell (last dim), and the
+    straight-through gradient ``grad * inside`` (``inside = |d| <= 0.5``, see above) written over ``grad``."""
+    step_grad = (grad * d_step).sum(dim=-1, keepdim=True)
+    grad.copy_(grad * (d_step.abs() <= 0.5))
+    return step_grad
+
+
+def _merged_fake_quant_forward_masked(merged, w0, step, lo, hi, w_hat_out, inside_out) -> None:
+    """[`_merged_fake_quant_forward`] for asymmetric bounds (a bound may be 0, so ``d`` cannot tell inside from
+    outside): the mask is stored.  Always eager (a bool store keeps Inductor's loop from vectorising)."""
+    v = (merged + w0) / step
+    r = torch.round(v)
+    c = torch.clamp(r, lo, hi)
+    inside = r == c
+    w_hat_out.copy_(c * step)
+    inside_out.copy_(inside)
+    merged.copy_(c - v * inside)
+
+
+def _merged_fake_quant_backward_masked(grad, d_step, inside) -> torch.Tensor:
+    step_grad = (grad * d_step).sum(dim=-1, keepdim=True)
+    grad.mul_(inside)
+    return step_grad
+
+
+# The compiled versions of the two passes (torch.compile / Inductor: one C++ loop each), built on first use.
+_COMPILED: dict[str, Any] = {}
+# Weights smaller than this keep the reference composition in "auto" mode: measured on the embedded model, the fused
+# path run eagerly is no faster than the reference (3% slower), and compiling pays only on SD-scale weights.
+COMPILE_MIN_NUMEL = 1 << 18
+FUSED_MODES = ("auto", "always", "eager", "never")
+_compile_setting: list[str] = [os.environ.get("QALORA_FUSED_COMPILE", "auto")]
+
+
+def set_fused_compile(mode: str) -> str:
+    """How QALoRA layers fake-quantize ``W0 + scaling * B @ A`` in training; returns the previous mode.
+
+    * ``"auto"`` (default): on CPU, weights of at least ``COMPILE_MIN_NUMEL`` elements take the fused path with its
+      two passes compiled by ``torch.compile`` (Inductor); smaller weights, other devices (the Triton kernel on CUDA)
+      and machines where Inductor fails take the reference composition;
+    * ``"always"``: the fused path, compiled, for every LoRA weight;
+    * ``"eager"``: the fused path with eager passes (same numbers, for tests and debugging);
+    * ``"never"``: the reference composition everywhere.
+
+    The environment variable ``QALORA_FUSED_COMPILE`` sets the initial mode.
+    """
+    if mode not in FUSED_MODES:
+        raise ValueError(f"`mode` must be one of {FUSED_MODES}, got {mode!r}.")
+    previous = _compile_setting[0]
+    _compile_setting[0] = mode
+    return previous
+
+
+def fused_path_enabled(numel: int, device: torch.device) -> bool:
+    """Whether a QALoRA weight of ``numel`` elements on ``device`` takes [`fake_quantize_lora_merged`] in training."""
+    mode = _compile_setting[0]
+    if mode in ("always", "eager"):
+        return True
+    if mode == "never" or "failed" in _COMPILED:
+        return False
+    return device.type == "cpu" and numel >= COMPILE_MIN_NUMEL
+
+
+def _passes(numel: int, device: torch.device):
+    """The (forward, backward) elementwise passes to run: compiled or eager."""
+    mode = _compile_setting[0]
+    if mode in ("eager", "never") or "failed" in _COMPILED:
+        return _merged_fake_quant_forward, _merged_fake_quant_backward
+    if "forward" not in _COMPILED:
+        _COMPILED["forward"] = torch.compile(_merged_fake_quant_forward, dynamic=True, fullgraph=True)
+        _COMPILED["backward"] = torch.compile(_merged_fake_quant_backward, dynamic=True, fullgraph=True)
+    return _COMPILED["forward"], _COMPILED["backward"]
+
+
+def _run_pass(which: int, numel: int, device: torch.device, *args):
+    eager = (_merged_fake_quant_forward, _merged_fake_quant_backward)[which]
+    fn = _passes(numel, device)[which]
+    if fn is eager:
+        return eager(*args)
+    try:
+        return fn(*args)
+    except Exception as err:  # Inductor needs a working C++ compiler; the eager passes give the same numbers
+        if _compile_setting[0] == "always":
+            raise
+        warnings.warn(f"torch.compile of the fused fake-quant passes failed ({type(err).__name__}: {err}); "
+                      f"running them eagerly.", stacklevel=3)
+        _COMPILED["failed"] = True
+        return eager(*args)
+
+
+class _MergedLSQFakeQuantize(torch.autograd.Function):
+    """``Q(W0 + scaling * B @ A)`` with the gradients of [`_LSQFakeQuantize`] for ``B``, ``A``, the step and (when it
+    is trained) ``W0``, with one elementwise pass over the weight each way besides the rank-``r`` GEMMs:
+
+      forward:  ``B @ A`` into a pooled buffer; one pass reads it and ``W0`` and writes ``x_hat`` and
+                ``d x_hat / d s`` (over the product);
+      backward: one pass over the weight gradient (step gradient, straight-through mask); ``B``'s and ``A``'s
+                gradients (two GEMMs).
+
+    Weight-sized buffers come from [`WORKSPACE`] and go back there at the end of the backward pass.  The numbers are
+    those of the reference composition ``fake_quantize(W0 + (B @ A) * scaling, ...)`` (bit-identical output and
+    LoRA/``W0`` gradients; the step gradient is summed in another order).
+    """
+
+    @staticmethod
+    def forward(ctx, w0, a, b, step, zero_point, scaling, qmin, qmax, grad_scale, grouped_shape):
+        device = w0.device
+        out_features, rank = b.shape
+        merged = WORKSPACE.take(grouped_shape, torch.float32, device)
+        torch.mm(b, a.reshape(rank, -1), out=merged.view(out_features, -1))
+        if scaling != 1.0:
+            merged.mul_(scaling)
+        w_hat = WORKSPACE.take(grouped_shape, torch.float32, device)
+        lo, hi = _code_bounds(zero_point, qmin, qmax)
+        # Views are passed as detached aliases: a view's base would become part of the compiled code's guards.
+        w0g = w0.view(grouped_shape).detach()
+        if zero_point is None:
+            inside = None
+            _run_pass(0, merged.numel(), device, merged, w0g, step, lo, hi, w_hat)
+        else:
+            inside = WORKSPACE.take(grouped_shape, torch.bool, device)
+            _merged_fake_quant_forward_masked(merged, w0g, step, lo, hi, w_hat, inside)
+        ctx.save_for_backward(a, b, step, merged, inside, w_hat)
+        ctx.settings = (scaling, grad_scale, w0.shape)
+        return w_hat.view(w0.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, b, step, d_step, inside, w_hat = ctx.saved_tensors
+        scaling, grad_scale, w_shape = ctx.settings
+        need_w0, need_a, need_b, need_step = ctx.needs_input_grad[:4]
+        # The op that used x_hat (and saved it) has run its backward pass: x_hat's buffer is free again.
+        WORKSPACE.give(w_hat)
+        # The incoming weight gradient is the op's own fresh output, so it is masked in place (a view or an
+        # expanded gradient is copied first).
+        g = grad if grad.is_contiguous() and grad._base is None else grad.contiguous().clone()
+        g3 = g.view(d_step.shape).detach()
+        if inside is None:
+            step_grad = _run_pass(1, g.numel(), g.device, g3, d_step)
+        else:
+            step_grad = _merged_fake_quant_backward_masked(g3, d_step, inside)
+        WORKSPACE.give(d_step, inside)
+        grad_step = step_grad.reshape(step.shape) * grad_scale if need_step else None
+        g2 = g.reshape(b.shape[0], -1)
+        grad_w0 = g2.view(w_shape) if need_w0 else None
+        grad_a = grad_b = None
+        if need_a or need_b:
+            lora_g = g2 if scaling == 1.0 else (g2 * scaling if need_w0 else g2.mul_(scaling))
+            a2 = a.reshape(a.shape[0], -1)
+            if need_b:
+                grad_b = lora_g.mm(a2.t())
+            if need_a:
+                grad_a = b.t().mm(lora_g).view(a.shape)
+        return grad_w0, grad_a, grad_b, grad_step, None, None, None, None, None, None
+
+
+def fake_quantize_lora_merged(
+    w0: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    step: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: float = 1.0,
+    grouped_shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """``fake_quantize(W0 + scaling * B @ A, step, zero_point, ...)`` in as few passes over the weight as possible.
+
+    Args:
+        w0 (`torch.Tensor`): the frozen base weight ``(C_out, ...)`` (fp32; trained only with full QAT).
+        a (`torch.Tensor`): LoRA ``A``, ``(r, ...)`` with ``prod(...) == prod(w0.shape[1:])``.
+        b (`torch.Tensor`): LoRA ``B``, ``(C_out, r)``.
+        scaling (`float`): the LoRA scaling ``lora_alpha / r``.
+        step (`torch.Tensor`): step sizes of shape ``grouped_shape[:2] + (1,)`` (see `grouped_view`).
+        zero_point (`torch.Tensor`, *optional*): frozen zero points of the shape of ``step``; ``None`` if symmetric.
+        qmin (`int`): the lowest integer code.
+        qmax (`int`): the highest integer code.
+        grad_scale (`float`, defaults to `1.0`): LSQ gradient scale of the step.
+        grouped_shape (`tuple[int, ...]`, *optional*): ``(C_out or 1, G, E)``, the view in which ``step``
+            broadcasts; defaults to per-output-channel ``(C_out, 1, -1)``.
+
+    Returns:
+        `torch.Tensor`: the fake-quantized merged weight, float32, shape of ``w0``.  With gradients enabled its
+        weight-sized buffers are reused after the backward pass: use it once, in one graph.
+    """
+    if grouped_shape is None:
+        grouped_shape = (w0.shape[0], 1, w0.numel() // max(w0.shape[0], 1))
+    grouped_shape = tuple(int(s) for s in grouped_shape)
+    if zero_point is not None and zero_point.requires_grad:
+        raise ValueError("fake_quantize_lora_merged: a trained weight zero point is not supported; freeze it.")
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (w0, a, b, step))
+    if not tracked:
+        # Inference: the reference composition (its buffers are the caller's to keep).
+        with torch.no_grad():
+            delta = (b @ a.reshape(a.shape[0], -1)).reshape(w0.shape) * scaling
+            merged = (w0.float() + delta).reshape(grouped_shape)
+            return _fake_quantize_values(merged, step.float(), zero_point, qmin, qmax)[0].reshape(w0.shape)
+    return _MergedLSQFakeQuantize.apply(
+        w0.float().contiguous(), a.float(), b.float(), step.float(), zero_point, float(scaling), qmin, qmax,
+        grad_scale, grouped_shape,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from .granularity import Granularity, PerChannel, check_granularity, grouped_vie
 from .init import INIT_METHODS, init_qparams
 from .primitives import fake_quantize, qrange, quantize, validate_bits
 from .primitives import lsq_grad_scale as lsq_grad_scale_factor
-from .temporal import TemporalValues, TimestepContext, interpolation_indices
+from .temporal import TemporalValues, TimestepContext, install_timestep_hook, interpolation_indices
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -24,15 +24,15 @@ _resolver: list[FakeQuantizeResolver | None] = [None]
 
 
 def set_fake_quantize_resolver(resolver: FakeQuantizeResolver | None) -> FakeQuantizeResolver | None:
-    """Install ``resolver(module, x) -> fn`` (``fn`` with the signature of [`fake_quantize`]) and return the previous
-    one; ``None`` restores plain [`fake_quantize`]."""
+    """Install ``resolver(module, x) -> fn`` (``fn`` with the signature of [fake_quantize][diffusers_qalora.quant.fake_quantize]) and return the previous
+    one; ``None`` restores plain [fake_quantize][diffusers_qalora.quant.fake_quantize]."""
     previous = _resolver[0]
     _resolver[0] = resolver
     return previous
 
 
 def fake_quantize_impl(module: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The implementation of [`fake_quantize`] that ``module`` runs for its input ``x``."""
+    """The implementation of [fake_quantize][diffusers_qalora.quant.fake_quantize] that ``module`` runs for its input ``x``."""
     resolver = _resolver[0]
     return fake_quantize if resolver is None else resolver(module, x)
 
@@ -112,9 +112,9 @@ class WeightQuantizer(nn.Module):
 class TemporalActQuantizer(nn.Module):
     """Per-tensor activation fake-quantizer with one step size (and zero point) per calibrated timestep (TALSQ).
 
-    The step sizes are looked up by the timesteps in the shared [`TimestepContext`] (set by the denoiser's forward
+    The step sizes are looked up by the timesteps in the shared [TimestepContext][diffusers_qalora.TimestepContext] (set by the denoiser's forward
     pre-hook), with linear interpolation between table entries.  A table of a single entry is a plain static
-    quantizer used at every timestep.  Until [`finish_calibration`] (or a loaded state) marks it calibrated, a forward
+    quantizer used at every timestep.  Until `finish_calibration` (or a loaded state) marks it calibrated, a forward
     raises instead of quantizing with arbitrary step sizes.
 
     Args:
@@ -201,8 +201,27 @@ class TemporalActQuantizer(nn.Module):
         x_in = x if getattr(impl, "computes_in_float32", False) else x.to(dtype)
         return impl(x_in, step, zp, self.qmin, self.qmax, grad_scale).to(x.dtype)
 
+    @property
+    def is_calibrating(self) -> bool:
+        """Whether the quantizer is between `start_calibration` and `finish_calibration` (it then observes its
+        inputs and passes them through)."""
+        return self._calibrating
+
+    def batch_qparams(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step sizes and zero points at the current timestep of each of ``batch_size`` samples: 0-d tensors when the
+        batch shares one timestep (the lookup ``forward`` uses), ``(batch_size,)`` tensors otherwise."""
+        t = self._sample_timesteps(batch_size)
+        if batch_size and bool((t == t[0]).all()):
+            return self._single_qparams(float(t[0]))
+        return self.qparams(t)
+
+    def cancel_calibration(self) -> None:
+        """Drop what was observed since `start_calibration` and leave the step sizes as they were."""
+        self._calibrating = False
+        self._calib_sum = None
+
     def _single_qparams(self, t: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[`qparams`] at one timestep, as 0-d tensors, without the tensor bookkeeping of a batched lookup.
+        """`qparams` at one timestep, as 0-d tensors, without the tensor bookkeeping of a batched lookup.
 
         This runs once per quantized layer and denoiser call, so it is written in plain Python (the batched lookup
         costs ~0.1 ms of small tensor ops per call).  It gives the same numbers as ``TemporalValues.lookup``: the
@@ -239,7 +258,7 @@ class TemporalActQuantizer(nn.Module):
     # -- calibration -------------------------------------------------------------------------------------------
     def start_calibration(self, method: str = "lp", max_elements: int = 8192) -> None:
         """Observe inputs (passed through unchanged) and accumulate per-timestep step sizes until
-        [`finish_calibration`].  Each observed call is assigned to its nearest table entry."""
+        `finish_calibration`.  Each observed call is assigned to its nearest table entry."""
         if method not in INIT_METHODS:
             raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
         self._calibrating = True
@@ -328,3 +347,43 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
         return fp.expand_as(x).clone()
     lo, hi, w = interpolation_indices(xp, x)
     return fp[lo] * (1 - w) + fp[hi] * w
+
+
+# The one place a model keeps its timestep context and the pre-hook that fills it (the tuner, the integer export and
+# the Winograd loader all go through `attach_timestep_context`, so a model never gets two hooks).
+TIMESTEP_CONTEXT_ATTR = "_qalora_timestep_context"
+TIMESTEP_HOOK_ATTR = "_qalora_timestep_hook"
+
+
+def attach_timestep_context(
+    model: nn.Module, timestep_argument: str = "timestep", receivers: Iterable[nn.Module] = ()
+) -> TimestepContext:
+    """The shared [TimestepContext][diffusers_qalora.TimestepContext] of ``model``, fed by a forward pre-hook that
+    reads ``timestep_argument`` of ``model.forward``; both are created on the first call and reused afterwards.
+
+    Every [TemporalActQuantizer][diffusers_qalora.quant.TemporalActQuantizer] of ``model`` and each of ``receivers``
+    (e.g. integer layers) gets it as ``.context``.
+    """
+    context = getattr(model, TIMESTEP_CONTEXT_ATTR, None)
+    if context is None:
+        context = TimestepContext()
+        handle = install_timestep_hook(model, context, timestep_argument)
+        # object.__setattr__: not an nn.Module attribute (no state dict entry, not moved by .to()).
+        object.__setattr__(model, TIMESTEP_CONTEXT_ATTR, context)
+        object.__setattr__(model, TIMESTEP_HOOK_ATTR, handle)
+    for module in model.modules():
+        if isinstance(module, TemporalActQuantizer):
+            module.context = context
+    for module in receivers:
+        module.context = context
+    return context
+
+
+def detach_timestep_context(model: nn.Module) -> None:
+    """Remove the pre-hook and the context [attach_timestep_context][diffusers_qalora.quant.attach_timestep_context]
+    installed (nothing if there is none)."""
+    if getattr(model, TIMESTEP_CONTEXT_ATTR, None) is None:
+        return
+    getattr(model, TIMESTEP_HOOK_ATTR).remove()
+    object.__delattr__(model, TIMESTEP_CONTEXT_ATTR)
+    object.__delattr__(model, TIMESTEP_HOOK_ATTR)

@@ -15,12 +15,19 @@ as ``mode="grad"`` (useful with SGD, where it is equivalent).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 SCALE_AWARE_MODES = ("lr", "grad", "none")
+
+# The default learning rates of the three parameter groups (LoRA factors, weight step sizes, activation step sizes),
+# shared by `get_qalora_param_groups`, `DistillConfig` and the distillation CLI.  They are the rates the committed
+# distillation results use; EfficientDM's paper uses 1e-6 for the weight and 5e-4 for the activation step sizes.
+DEFAULT_LORA_LR = 1e-4
+DEFAULT_WEIGHT_STEP_LR = 1e-5
+DEFAULT_ACT_STEP_LR = 1e-4
 
 
 @dataclass
@@ -32,17 +39,31 @@ class ScaleAwareEntry:
     mean_step: float
 
 
-@dataclass
-class ScaleAwareGroups:
-    """Optimizer parameter groups, plus the gradient hooks installed in ``mode="grad"`` (remove them when done)."""
+class ScaleAwareGroups(list):
+    """A list of optimizer parameter-group dicts, so ``torch.optim.AdamW(groups)`` takes it as it is, plus the
+    gradient hooks installed in ``mode="grad"`` (``hooks``; remove them with `remove_hooks` when training is done).
 
-    param_groups: list[dict]
-    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    ``param_groups`` is the list itself, named as on ``torch.optim.Optimizer``.
+    """
+
+    def __init__(self, param_groups: Iterable[dict] = (), hooks: Iterable[torch.utils.hooks.RemovableHandle] = ()):
+        super().__init__(param_groups)
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = list(hooks)
+
+    @property
+    def param_groups(self) -> ScaleAwareGroups:
+        return self
 
     def remove_hooks(self) -> None:
+        """Remove the ``mode="grad"`` gradient hooks (no-op in the other modes)."""
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
+
+    def __repr__(self) -> str:
+        # The groups hold whole parameters: show their names and sizes, not their values.
+        shown = ", ".join(f"{g.get('name', i)!r}: {len(g['params'])} params" for i, g in enumerate(self))
+        return f"ScaleAwareGroups([{shown}], hooks={len(self.hooks)})"
 
 
 def scale_aware_param_groups(

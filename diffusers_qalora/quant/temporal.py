@@ -1,7 +1,7 @@
 """Temporal step sizes: one activation step size (and zero point) per calibrated timestep *value*.
 
-The denoiser's ``timestep`` argument is read by a forward pre-hook ([`TimestepHook`]) into a shared
-[`TimestepContext`]; every temporal quantizer looks its step size up by value, never by counting calls.  A timestep
+The denoiser's ``timestep`` argument is read by a forward pre-hook (`TimestepHook`) into a shared
+[TimestepContext][diffusers_qalora.TimestepContext]; every temporal quantizer looks its step size up by value, never by counting calls.  A timestep
 between two table entries gets the linear interpolation of their step sizes; one outside the table gets the nearest
 end.  A batch whose samples sit at different timesteps gets each sample's own step size.
 """
@@ -116,7 +116,7 @@ class TimestepHook:
 def install_timestep_hook(
     model: nn.Module, context: TimestepContext, argument: str = "timestep"
 ) -> torch.utils.hooks.RemovableHandle:
-    """Register a [`TimestepHook`] on ``model`` and return its handle."""
+    """Register a `TimestepHook` on ``model`` and return its handle."""
     hook = TimestepHook(context, model.forward, argument)
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -137,7 +137,7 @@ def interpolation_indices(table: torch.Tensor, t: torch.Tensor) -> tuple[torch.T
 
 
 class TemporalValues(nn.Module):
-    """A table of scalar parameters keyed by timestep value, read with [`interpolation_indices`].
+    """A table of scalar parameters keyed by timestep value, read with `interpolation_indices`.
 
     Each entry is its own 0-d ``nn.Parameter`` (``v0``, ``v1``, ...), and a lookup only puts the entries it uses into
     the graph.  The others get no gradient at all (``grad is None``), so optimizers skip them: no momentum drift, no

@@ -89,7 +89,7 @@ def load_digits_split(seed: int = DEFAULT_SPLIT_SEED, heldout_size: int = HELDOU
             Number of held-out images.
 
     Returns:
-        [`DigitsSplit`]: the split; both parts are in `[0, 1]`.
+        [DigitsSplit][diffusers_qalora.testbed.DigitsSplit]: the split; both parts are in `[0, 1]`.
     """
     from sklearn.model_selection import train_test_split
 

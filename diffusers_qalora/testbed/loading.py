@@ -15,13 +15,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .data import DigitsSplit, load_digits_split
+from .dit import ClassConditionalTransformer
 from .models import DigitsClassifier, build_ddim_scheduler
 from .pipeline import ClassConditionalDDIMPipeline
 
-__all__ = ["WEIGHTS_DIR", "Testbed", "load_testbed", "read_testbed_config", "sha256_file", "verify_weights"]
+__all__ = [
+    "TESTBED_MODELS",
+    "WEIGHTS_DIR",
+    "Testbed",
+    "load_testbed",
+    "read_dit_config",
+    "read_testbed_config",
+    "sha256_file",
+    "verify_weights",
+]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _CONFIG_NAME = "testbed.json"
+_DIT_CONFIG_NAME = "dit.json"
+# The embedded denoisers `load_testbed(model=...)` can load.
+TESTBED_MODELS = ("unet", "dit")
 
 
 @dataclass
@@ -29,24 +42,29 @@ class Testbed:
     """The embedded default model, ready to sample and to score.
 
     Args:
-        pipeline ([`ClassConditionalDDIMPipeline`]): the UNet with a `DDIMScheduler` built from the training config.
-        unet (`UNet2DModel`): the class-conditional UNet (eval mode, float32); the same object as `pipeline.unet`.
-        classifier ([`DigitsClassifier`]): the digits classifier (eval mode).
+        pipeline ([`ClassConditionalDDIMPipeline`]): the denoiser with a `DDIMScheduler` built from the training
+            config.
+        unet (`UNet2DModel` or [`ClassConditionalTransformer`]): the class-conditional denoiser (eval mode, float32);
+            the same object as `pipeline.unet`. With `model="dit"` it is the embedded DiT: the attribute keeps its
+            name so that code written for the UNet runs on either (both are called `unet(x, t, class_labels=y)`).
+        classifier ([`DigitsClassifier`]): the digits classifier (eval mode), the same for both denoisers.
         reference_images (`torch.Tensor`): held-out real digits `(500, 1, 16, 16)` in `[0, 1]`, never trained on.
         reference_labels (`torch.Tensor`): their labels `(500,)`.
-        config (`dict`): the content of `testbed.json`.
+        config (`dict`): the denoiser's record: `testbed.json` for the UNet, `dit.json` for the DiT.
         weights_dir (`pathlib.Path`): the folder the weights were loaded from.
         split ([`DigitsSplit`]): the whole train / held-out split (`reference_*` is its held-out part).
+        model_name (`str`): `"unet"` or `"dit"`.
     """
 
     pipeline: ClassConditionalDDIMPipeline
-    unet: UNet2DModel
+    unet: UNet2DModel | ClassConditionalTransformer
     classifier: DigitsClassifier
     reference_images: torch.Tensor
     reference_labels: torch.Tensor
     config: dict[str, Any]
     weights_dir: Path
     split: DigitsSplit
+    model_name: str = "unet"
 
     def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real digits the models were trained on: images `(1297, 1, 16, 16)` in `[0, 1]` and labels `(1297,)`."""
@@ -79,8 +97,20 @@ def read_testbed_config(weights_dir: str | os.PathLike | None = None) -> dict[st
         return json.load(f)
 
 
+def read_dit_config(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read `dit.json`, the embedded DiT's record, of a weights folder (the shipped one by default)."""
+    path = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / _DIT_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No embedded-DiT record at {path}. Train the DiT with "
+            "`python -m diffusers_qalora.testbed.dit_recipe --out <folder>` or reinstall the package."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
 def verify_weights(weights_dir: str | os.PathLike | None = None, config: dict[str, Any] | None = None) -> None:
-    """Check the sha256 of every weight file listed in `testbed.json`.
+    """Check the sha256 of every weight file listed in `testbed.json` (or in the record given as `config`).
 
     Raises:
         FileNotFoundError: a listed file is missing.
@@ -107,7 +137,7 @@ def _load_state(path: Path, component: str, config: dict[str, Any]) -> dict[str,
     if metadata.get("component") != component or metadata.get("recipe_version") != config["recipe_version"]:
         raise ValueError(
             f"{path} holds component {metadata.get('component')!r} of recipe version "
-            f"{metadata.get('recipe_version')!r}, but testbed.json expects {component!r} of version "
+            f"{metadata.get('recipe_version')!r}, but its record expects {component!r} of version "
             f"{config['recipe_version']!r}."
         )
     # safetensors never unpickles: loading untrusted weights cannot run code.
@@ -115,18 +145,25 @@ def _load_state(path: Path, component: str, config: dict[str, Any]) -> dict[str,
 
 
 def load_testbed(
-    device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None, verify: bool = True
+    device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+    model: str = "unet",
 ) -> Testbed:
-    """Load the embedded default model offline: UNet, DDIM pipeline, classifier and the held-out reference digits.
+    """Load the embedded default model offline: denoiser, DDIM pipeline, classifier and the held-out reference digits.
 
     Args:
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the models go.
         weights_dir (`str` or `os.PathLike`, *optional*):
-            Folder with `testbed.json` and the safetensors files; defaults to the weights shipped in the package.
+            Folder with `testbed.json` (and `dit.json` for the DiT) and the safetensors files; defaults to the
+            weights shipped in the package.
         verify (`bool`, *optional*, defaults to `True`): check the sha256 of the weight files first.
+        model (`str`, *optional*, defaults to `"unet"`): which denoiser: `"unet"` (the class-conditional
+            `UNet2DModel`) or `"dit"` (the class-conditional SD3-style transformer,
+            [`ClassConditionalTransformer`]). Both share the classifier, the split and the noise schedule.
 
     Returns:
-        [`Testbed`]: models in eval mode, in float32.
+        [Testbed][diffusers_qalora.testbed.Testbed]: models in eval mode, in float32.
 
     Raises:
         ValueError: a weight file does not match its recorded sha256 (the message names the file).
@@ -141,13 +178,30 @@ def load_testbed(
     >>> images = tb.pipeline([3, 1, 4], generator=torch.Generator().manual_seed(0)).images  # (3, 1, 16, 16)
     ```
     """
+    if model not in TESTBED_MODELS:
+        raise ValueError(f"`model` must be one of {TESTBED_MODELS}, got {model!r}.")
     weights_dir = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR)
     config = read_testbed_config(weights_dir)
     if verify:
         verify_weights(weights_dir, config)
 
-    unet = UNet2DModel.from_config(config["unet_config"])
-    unet.load_state_dict(_load_state(weights_dir / config["files"]["unet"]["name"], "unet", config), strict=True)
+    if model == "unet":
+        unet = UNet2DModel.from_config(config["unet_config"])
+        unet.load_state_dict(_load_state(weights_dir / config["files"]["unet"]["name"], "unet", config), strict=True)
+        model_config = config
+    else:
+        model_config = read_dit_config(weights_dir)
+        if verify:
+            verify_weights(weights_dir, model_config)
+        if model_config["split"]["seed"] != config["split"]["seed"]:
+            raise ValueError(
+                f"{weights_dir / _DIT_CONFIG_NAME} was trained on split seed {model_config['split']['seed']}, but "
+                f"the classifier of testbed.json on split seed {config['split']['seed']}: retrain the DiT with "
+                f"`--split-seed {config['split']['seed']}`."
+            )
+        unet = ClassConditionalTransformer.from_config(model_config["dit_config"])
+        state = _load_state(weights_dir / model_config["files"]["dit"]["name"], "dit", model_config)
+        unet.load_state_dict(state, strict=True)
     unet = unet.to(device).eval()
 
     classifier = DigitsClassifier(**config["classifier_config"])
@@ -156,7 +210,7 @@ def load_testbed(
     )
     classifier = classifier.to(device).eval().requires_grad_(False)
 
-    scheduler: DDIMScheduler = build_ddim_scheduler(config["scheduler_config"])
+    scheduler: DDIMScheduler = build_ddim_scheduler(model_config["scheduler_config"])
     pipeline = ClassConditionalDDIMPipeline(unet=unet, scheduler=scheduler)
     split = load_digits_split(config["split"]["seed"], heldout_size=config["split"]["heldout_size"])
     return Testbed(
@@ -165,7 +219,8 @@ def load_testbed(
         classifier=classifier,
         reference_images=split.heldout_images,
         reference_labels=split.heldout_labels,
-        config=config,
+        config=model_config,
         weights_dir=weights_dir,
         split=split,
+        model_name=model,
     )

@@ -84,7 +84,7 @@ class DigitsClassifier(nn.Module):
         channels (`list[int]`, *optional*, defaults to `[32, 64]`):
             Channels of the two convolution stages.
         feature_dim (`int`, *optional*, defaults to `128`):
-            Size `D` of the penultimate features returned by [`~DigitsClassifier.features`].
+            Size `D` of the penultimate features returned by `DigitsClassifier.features`.
         num_classes (`int`, *optional*, defaults to `10`):
             Number of classes.
         dropout (`float`, *optional*, defaults to `0.2`):

@@ -1,4 +1,4 @@
-"""A class-conditional DDIM pipeline for `UNet2DModel`s with a class embedding."""
+"""A class-conditional DDIM pipeline for `UNet2DModel`s with a class embedding (and the embedded DiT)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ _OUTPUT_TYPES = ("pt", "np", "pil")
 class ClassConditionalDDIMPipeline(DiffusionPipeline):
     """Sample class-conditional images from a `UNet2DModel` with `num_class_embeds` set.
 
+    The embedded DiT ([`~diffusers_qalora.testbed.ClassConditionalTransformer`]) has the same call signature and
+    config fields (`num_class_embeds`, `sample_size`, `in_channels`), so it goes in the `unet` slot as well.
+
     The name says DDIM because that is the scheduler the testbed ships, but any scheduler of the DDIM / DDPM family
     works (`DDIMScheduler`, `DDPMScheduler`, `DPMSolverMultistepScheduler`, ...); the model input goes through
     `scheduler.scale_model_input`, so schedulers that scale it (`EulerDiscreteScheduler`) work as well.
@@ -25,8 +28,8 @@ class ClassConditionalDDIMPipeline(DiffusionPipeline):
     pre-hook registered on the UNet reads the timestep of every call from its second positional argument.
 
     Args:
-        unet (`UNet2DModel`):
-            A class-conditional UNet (`num_class_embeds` set) that predicts what the scheduler expects.
+        unet (`UNet2DModel` or `ClassConditionalTransformer`):
+            A class-conditional denoiser (`num_class_embeds` set) that predicts what the scheduler expects.
         scheduler (`SchedulerMixin`):
             The sampling scheduler.
     """
@@ -87,7 +90,7 @@ class ClassConditionalDDIMPipeline(DiffusionPipeline):
                 Return an `ImagePipelineOutput` instead of a one-element tuple.
 
         Returns:
-            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images.
+            `pipelines.ImagePipelineOutput` or `tuple`: the images.
 
         Example:
 

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..utils import atomic_write
 from .data import DEFAULT_SPLIT_SEED, DigitsSplit, load_digits_split, to_model_range
 from .loading import sha256_file
 from .models import (
@@ -145,8 +145,8 @@ def train_classifier(split: DigitsSplit, config: RecipeConfig) -> tuple[DigitsCl
     """Train the digits classifier on the train split (random shifts), and measure it on the held-out split.
 
     Args:
-        split ([`DigitsSplit`]): the data; only `train_*` is trained on.
-        config ([`RecipeConfig`]): hyper-parameters.
+        split ([DigitsSplit][diffusers_qalora.testbed.DigitsSplit]): the data; only `train_*` is trained on.
+        config (`RecipeConfig`): hyper-parameters.
 
     Returns:
         `tuple[DigitsClassifier, dict]`: the classifier in eval mode and a summary (accuracies, time).
@@ -192,8 +192,8 @@ def train_ddpm(split: DigitsSplit, config: RecipeConfig, log_every: int = 100) -
     """Train the class-conditional UNet with the epsilon-prediction DDPM loss on the train split.
 
     Args:
-        split ([`DigitsSplit`]): the data; only `train_*` is trained on.
-        config ([`RecipeConfig`]): hyper-parameters.
+        split ([DigitsSplit][diffusers_qalora.testbed.DigitsSplit]): the data; only `train_*` is trained on.
+        config (`RecipeConfig`): hyper-parameters.
         log_every (`int`, *optional*, defaults to `100`): steps between loss log lines.
 
     Returns:
@@ -274,23 +274,12 @@ def _save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str]) -
     save_file(state, str(path), metadata=metadata)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_recipe(out_dir: str | os.PathLike, config: RecipeConfig | None = None) -> dict[str, Any]:
     """Train both models and write the testbed files into `out_dir`.
 
     Args:
         out_dir (`str` or `os.PathLike`): output folder (created).
-        config ([`RecipeConfig`], *optional*): hyper-parameters; defaults to `RecipeConfig()`.
+        config (`RecipeConfig`, *optional*): hyper-parameters; defaults to `RecipeConfig()`.
 
     Returns:
         `dict`: the content written to `testbed.json`.
@@ -357,7 +346,8 @@ def run_recipe(out_dir: str | os.PathLike, config: RecipeConfig | None = None) -
     }
     for component, path in files.items():
         os.replace(tmp_files[component], path)
-    _atomic_write_text(out_dir / "testbed.json", json.dumps(record, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(record, indent=2, sort_keys=False) + "\n"
+    atomic_write(out_dir / "testbed.json", lambda tmp: Path(tmp).write_text(text))
     return record
 
 

@@ -21,8 +21,8 @@ QALORA_ACTS = ("keep", "drop")
 
 @dataclass
 class WinogradConfig:
-    """Configuration of [`WinogradConv2d`] (tile size, quantization, learnable transform scales) and of the model-level
-    replacement pass [`apply_winograd`] (which modules, data-free scale tuning, composition with QALoRA).
+    """Configuration of [WinogradConv2d][diffusers_qalora.WinogradConv2d] (tile size, quantization, learnable transform scales) and of the model-level
+    replacement pass [apply_winograd][diffusers_qalora.apply_winograd] (which modules, data-free scale tuning, composition with QALoRA).
 
     Args:
         tile (`int`, defaults to `4`):
@@ -47,7 +47,7 @@ class WinogradConfig:
             ``None`` keeps the output transform in floating point.
         scale_init (`str`, defaults to `"balanced"`):
             Initial transform scales: ``"balanced"`` = scale ``B^T`` and ``G`` so that all their rows have unit norm
-            (see [`balanced_multipliers`]), a data-free closed form that equalises the per-position ranges and is
+            (see `balanced_multipliers`), a data-free closed form that equalises the per-position ranges and is
             within a fraction of a dB of tuned scales on random layers; ``"lavin"`` = the standard (published)
             matrices, the paper's starting point.  Both give the same full-precision result.
         weight_init (`str`, defaults to `"minmax"`):
@@ -55,20 +55,20 @@ class WinogradConfig:
             that minimises the MSE (searched with `lp_search_qparams`, p=2).
         points (`tuple[str, ...]`, *optional*, defaults to `None`):
             Interpolation points as strings (``"0"``, ``"-1/2"``, ``"inf"``); ``None`` = the defaults of
-            [`DEFAULT_POINTS`] for ``tile``.
+            `DEFAULT_POINTS` for ``tile``.
         algorithm (`str`, defaults to `"winograd"`):
-            ``"winograd"`` replaces convs by [`WinogradConv2d`]; ``"direct"`` is the comparison baseline of
-            [`apply_winograd`]: the same convs become [`DirectQuantConv2d`] (direct convolution, ``bits``-bit weights
+            ``"winograd"`` replaces convs by [WinogradConv2d][diffusers_qalora.WinogradConv2d]; ``"direct"`` is the comparison baseline of
+            [apply_winograd][diffusers_qalora.apply_winograd]: the same convs become [DirectQuantConv2d][diffusers_qalora.DirectQuantConv2d] (direct convolution, ``bits``-bit weights
             per output channel, ``bits``-bit inputs with one dynamic step per sample, no Winograd transform).
         target_modules (`tuple[str, ...] | str`, *optional*, defaults to `None`):
-            Modules [`apply_winograd`] replaces: names (a name matches itself and any ``"<prefix>.<name>"``) or one
+            Modules [apply_winograd][diffusers_qalora.apply_winograd] replaces: names (a name matches itself and any ``"<prefix>.<name>"``) or one
             regular expression (full match).  ``None`` = every eligible convolution; named modules that are not
             eligible raise a ``ValueError`` that says why.
         exclude_modules (`tuple[str, ...] | str`, *optional*, defaults to `None`):
             Modules never replaced (same matching rules).
         tune_steps (`int`, defaults to `0`):
-            Adam steps of data-free scale tuning per replaced layer ([`tune_scales_`]); ``0`` = no tuning.  Tuning
-            only runs where the scales are visible (see [`scales_are_visible`]).
+            Adam steps of data-free scale tuning per replaced layer ([tune_scales_][diffusers_qalora.tune_scales_]); ``0`` = no tuning.  Tuning
+            only runs where the scales are visible (see `scales_are_visible`).
         tune_lr (`float`, defaults to `0.05`):
             Adam learning rate on the log scales.
         tune_loss (`str`, defaults to `"sqnr"`):
@@ -78,7 +78,7 @@ class WinogradConfig:
         tune_samples (`int`, defaults to `32`):
             Inputs kept per layer when they are captured from ``calibration_run`` (a uniform random subset of all
             calls, so it spans the trajectory's timesteps); the per-layer SQNR is measured on all of them.
-            Memory: ``tune_samples * C * H * W * 4`` bytes per layer during [`apply_winograd`].
+            Memory: ``tune_samples * C * H * W * 4`` bytes per layer during [apply_winograd][diffusers_qalora.apply_winograd].
         tune_input_size (`int`, defaults to `16`):
             Side of the random N(0, 1) inputs used when no ``calibration_run`` is given.
         tune_seed (`int`, defaults to `0`):
@@ -208,7 +208,7 @@ class WinogradConfig:
         return self.points if self.points is not None else DEFAULT_POINTS[self.tile]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; [`from_dict`] inverts it."""
+        """A JSON-serialisable dict; `from_dict` inverts it."""
         out = dataclasses.asdict(self)
         for key in ("points", "target_modules", "exclude_modules"):
             if isinstance(out[key], tuple):
@@ -217,7 +217,7 @@ class WinogradConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WinogradConfig:
-        """Rebuild a config from [`to_dict`]'s output; unknown keys raise a ``ValueError``."""
+        """Rebuild a config from `to_dict`'s output; unknown keys raise a ``ValueError``."""
         if not isinstance(data, dict):
             raise TypeError(f"`data` must be a dict, got {type(data).__name__}.")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,32 @@ QUANT_MODES = ("fp", "fake", "int")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+class WinogradKernelProvider(Protocol):
+    """The fast implementation of the ``"int"`` mode, installed by `diffusers_qalora.kernels` on import (the same
+    kind of hook the quantizers of `diffusers_qalora.quant` and the integer layers of `diffusers_qalora.export`
+    have), so this package never imports the kernels."""
+
+    def choice(self, module: nn.Module, device: torch.device) -> str:
+        """``"triton"`` or ``"torch"`` for ``module`` on ``device``."""
+
+    def pack(self, codes: torch.Tensor, step: torch.Tensor) -> Any:
+        """The weight codes and steps packed for ``conv2d``."""
+
+    def conv2d(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The integer Winograd convolution (signature of ``kernels.winograd.winograd_int_conv2d_triton``)."""
+
+
+_KERNEL_PROVIDER: list[WinogradKernelProvider | None] = [None]
+
+
+def set_winograd_kernel_provider(provider: WinogradKernelProvider | None) -> WinogradKernelProvider | None:
+    """Install the fast ``"int"``-mode implementation of [WinogradConv2d][diffusers_qalora.WinogradConv2d] (``None``:
+    the torch path only); return the previous one."""
+    previous = _KERNEL_PROVIDER[0]
+    _KERNEL_PROVIDER[0] = provider
+    return previous
+
+
 class WinogradWarning(UserWarning):
     """Base class of the warnings of the Winograd package."""
 
@@ -33,7 +59,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTrans
 
 
 def winograd_ineligibility(conv: nn.Module) -> str | None:
-    """Why ``conv`` cannot be replaced by a [`WinogradConv2d`], or ``None`` if it can.
+    """Why ``conv`` cannot be replaced by a [WinogradConv2d][diffusers_qalora.WinogradConv2d], or ``None`` if it can.
 
     Eligible: a plain ``nn.Conv2d`` (or a subclass that does not override ``forward``) with a 3x3 kernel,
     stride 1, dilation 1, ``groups=1``, ``padding_mode="zeros"`` and any zero padding (``"same"``/``"valid"`` too),
@@ -125,7 +151,36 @@ class WinogradScales(nn.Module):
         return f"n={self.n}"
 
 
-class WinogradConv2d(nn.Module):
+class Conv3x3Layer(nn.Module):
+    """What `WinogradConv2d` and `DirectQuantConv2d` share: the ``nn.Conv2d`` attributes of a 3x3 stride-1 layer
+    (so code that inspects convolutions keeps working), the checked constructor arguments and the weight and bias
+    (allocated, not initialised), and the slots `apply_winograd` and `tune_scales_` use."""
+
+    kernel_size = (3, 3)
+    stride = (1, 1)
+    dilation = (1, 1)
+    groups = 1
+    padding_mode = "zeros"
+    transposed = False
+
+    def _init_layer(self, in_channels: int, out_channels: int, padding: int | tuple[int, int] | str, bias: bool,
+                    config: WinogradConfig, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.padding, self._pad = _normalize_padding(padding)
+        self.config = dataclasses.replace(config)  # a private copy: never mutate the caller's config
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self._cache: dict[str, Any] = {}
+        self.last_input_shape: tuple[int, ...] | None = None
+        self.input_quantizer: nn.Module | None = None
+        self._capture: Any = None  # set by apply_winograd while it records the layer's inputs
+
+
+class WinogradConv2d(Conv3x3Layer):
     r"""A 3x3, stride-1 convolution computed with the Winograd algorithm F(m x m, 3 x 3), optionally fully quantized.
 
     For an input tile ``d: (n, n)`` (``n = m + 2``) of channel ``c`` and the kernel ``w[k, c]``,
@@ -158,7 +213,7 @@ class WinogradConv2d(nn.Module):
         out_channels (`int`): ``K``.
         padding (`int | tuple[int, int] | str`, defaults to `1`): zero padding, ``"same"`` or ``"valid"``.
         bias (`bool`, defaults to `True`): whether to learn an additive bias.
-        config ([`WinogradConfig`], *optional*): tile, quantization and scale settings; defaults to
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): tile, quantization and scale settings; defaults to
             ``WinogradConfig()`` (F(4,3), 8 bits, one group).
         device (`torch.device | str`, *optional*): device of the weight and bias.
         dtype (`torch.dtype`, *optional*): dtype of the weight and bias.
@@ -166,20 +221,13 @@ class WinogradConv2d(nn.Module):
     Attributes:
         weight (`nn.Parameter`): ``(K, C, 3, 3)``, the spatial weight (as in ``nn.Conv2d``).
         bias (`nn.Parameter | None`): ``(K,)``.
-        scales ([`WinogradScales`]): the learnable transform scales.
+        scales (`WinogradScales`): the learnable transform scales.
         quant_mode (`str`): ``"fp"``, ``"fake"`` or ``"int"``.
         last_input_shape (`tuple[int, ...] | None`): shape of the last input seen (used by `tune_scales_`).
         input_quantizer (`nn.Module | None`): optional quantizer applied to the spatial input before everything else
-            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [`apply_winograd`]); ``None`` by
-            default.  [`forward_core`] is the layer without it.
+            (e.g. the timestep-keyed activation quantizer of a QALoRA layer, see [apply_winograd][diffusers_qalora.apply_winograd]); ``None`` by
+            default.  `forward_core` is the layer without it.
     """
-
-    kernel_size = (3, 3)
-    stride = (1, 1)
-    dilation = (1, 1)
-    groups = 1
-    padding_mode = "zeros"
-    transposed = False
 
     def __init__(
         self,
@@ -200,30 +248,18 @@ class WinogradConv2d(nn.Module):
                 f"a WinogradConv2d needs `algorithm='winograd'`, got {config.algorithm!r} (the 'direct' baseline is "
                 "DirectQuantConv2d)."
             )
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self._init_layer(in_channels, out_channels, padding, bias, config, device, dtype)
         if config.bits is not None and config.group_size is not None and in_channels % config.group_size:
             divisors = [d for d in range(1, in_channels + 1) if in_channels % d == 0]
             raise ValueError(
                 f"`group_size` ({config.group_size}) must divide in_channels ({in_channels}); "
                 f"choose one of {divisors[-8:]} or group_size=None (one group)."
             )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.padding, self._pad = _normalize_padding(padding)
-        self.config = dataclasses.replace(config)  # a private copy: never mutate the caller's config
         self.tile = config.tile
         self._base = winograd_transforms(config.tile, 3, config.resolved_points, scaling="lavin")
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         scale_device = None if torch.device(device or "cpu").type == "meta" else device
         self.scales = self._initial_scales(config.scale_init, scale_device)
         self._quant_mode = "int" if config.bits is not None else "fp"
-        self._cache: dict[str, Any] = {}
-        self.last_input_shape: tuple[int, ...] | None = None
-        self.input_quantizer: nn.Module | None = None
-        self._capture: Any = None  # set by apply_winograd while it records the layer's inputs
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -262,13 +298,13 @@ class WinogradConv2d(nn.Module):
         config: WinogradConfig | None = None,
         **overrides: Any,
     ) -> WinogradConv2d:
-        """Build a [`WinogradConv2d`] computing the same function as ``conv`` (sharing its weight and bias).
+        """Build a [WinogradConv2d][diffusers_qalora.WinogradConv2d] computing the same function as ``conv`` (sharing its weight and bias).
 
         Args:
-            conv (`nn.Conv2d`): an eligible convolution (see [`winograd_ineligibility`]).
+            conv (`nn.Conv2d`): an eligible convolution (see `winograd_ineligibility`).
             tile (`int`, *optional*): ``m`` in 2, 4, 6; overrides ``config.tile`` (default 4).
-            config ([`WinogradConfig`], *optional*): defaults to ``WinogradConfig()``.
-            **overrides: fields of [`WinogradConfig`] replacing those of ``config`` (e.g. ``bits=None``,
+            config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): defaults to ``WinogradConfig()``.
+            **overrides: fields of [WinogradConfig][diffusers_qalora.WinogradConfig] replacing those of ``config`` (e.g. ``bits=None``,
                 ``group_size=32``).
 
         Raises:
@@ -383,7 +419,7 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``.
 
-        Applies ``input_quantizer`` (if any), then [`forward_core`].
+        Applies ``input_quantizer`` (if any), then `forward_core`.
         """
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
@@ -457,27 +493,26 @@ class WinogradConv2d(nn.Module):
         return output_transform(prod, at.to(cdtype), grid).to(x.dtype)
 
     def _kernel_choice(self, x: torch.Tensor) -> str:
-        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device, resolved once per module and device
-        (see `diffusers_qalora.kernels.dispatch`; Triton by default for CUDA tensors when it imports)."""
-        from ..kernels.dispatch import module_choice
-
-        return module_choice(self, x.device)
+        """``"triton"`` or ``"torch"`` for the ``"int"`` mode on ``x``'s device: what the installed kernel provider
+        (see [set_winograd_kernel_provider][diffusers_qalora.winograd.conv.set_winograd_kernel_provider]) resolves,
+        ``"torch"`` without one."""
+        provider = _KERNEL_PROVIDER[0]
+        return "torch" if provider is None else provider.choice(self, x.device)
 
     def _forward_int_triton(self, x: torch.Tensor, at: torch.Tensor, g: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
         """The ``"int"`` mode on the fused Triton kernels (`diffusers_qalora.kernels.winograd`): the same codes and
         steps as the torch path, the weight packed once for the GEMM kernel and cached."""
-        from ..kernels.winograd import pack_winograd_weight, winograd_int_conv2d_triton
-
+        kernels = _KERNEL_PROVIDER[0]
         cfg = self.config
 
         def compute_packed() -> tuple[torch.Tensor, torch.Tensor, Any]:
             with torch.no_grad():
                 u64 = weight_transform(self.weight.detach().to(torch.float64), g.detach())
                 codes_u, step_u = quantize_weight_codes(u64, cfg.bits, cfg.group_size, cfg.weight_init)
-                return codes_u, step_u, pack_winograd_weight(codes_u, step_u)
+                return codes_u, step_u, kernels.pack(codes_u, step_u)
 
         codes_u, step_u, packed = self._cached(self._cache_key("int-triton", x.device, torch.float32), compute_packed)
-        return winograd_int_conv2d_triton(
+        return kernels.conv2d(
             x.detach(), codes_u, step_u, bt.detach().float(), at.detach().float(), None, self._pad, bits=cfg.bits,
             group_size=cfg.group_size, act_granularity=cfg.act_granularity, output_bits=cfg.output_bits,
             packed=packed,

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..quant import lp_search_qparams, qrange, quantize
 from .config import WinogradConfig
-from .conv import _normalize_padding, winograd_ineligibility
+from .conv import Conv3x3Layer, winograd_ineligibility
 from .quantized import absmax_step
 
 DIRECT_MODES = ("fp", "int")
@@ -38,29 +38,24 @@ def _weight_step(weight: torch.Tensor, bits: int, method: str) -> torch.Tensor:
     return step.reshape(-1, 1, 1, 1)
 
 
-class DirectQuantConv2d(nn.Module):
+class DirectQuantConv2d(Conv3x3Layer):
     """A 3x3 stride-1 convolution with ``bits``-bit weights (per output channel) and inputs (dynamic, per sample),
     computed directly: the baseline of the Winograd layers (``WinogradConfig(algorithm="direct")``).
 
     Args:
-        in_channels, out_channels (`int`): ``C``, ``K``.
+        in_channels (`int`): ``C``.
+        out_channels (`int`): ``K``.
         padding (`int | tuple[int, int] | str`, defaults to `1`): zero padding, ``"same"`` or ``"valid"``.
-        bias (`bool`, defaults to `True`).
-        config ([`WinogradConfig`], *optional*): ``bits`` and ``weight_init`` are used; defaults to
-            ``WinogradConfig(algorithm="direct")`` (8 bits).
-        device, dtype: of the weight and bias.
+        bias (`bool`, defaults to `True`): whether the layer has a bias.
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): ``bits`` and ``weight_init`` are
+            used; defaults to ``WinogradConfig(algorithm="direct")`` (8 bits).
+        device (`torch.device`, *optional*): of the weight and bias.
+        dtype (`torch.dtype`, *optional*): of the weight and bias.
 
     Attributes:
         quant_mode (`str`): ``"int"`` (quantized, the default) or ``"fp"`` (plain ``F.conv2d``).
-        input_quantizer (`nn.Module | None`): as for [`WinogradConv2d`].
+        input_quantizer (`nn.Module | None`): as for [WinogradConv2d][diffusers_qalora.WinogradConv2d].
     """
-
-    kernel_size = (3, 3)
-    stride = (1, 1)
-    dilation = (1, 1)
-    groups = 1
-    padding_mode = "zeros"
-    transposed = False
 
     def __init__(
         self,
@@ -78,24 +73,12 @@ class DirectQuantConv2d(nn.Module):
             raise TypeError(f"`config` must be a WinogradConfig, got {type(config).__name__}.")
         if config.algorithm != "direct" or config.bits is None:
             raise ValueError(f"a DirectQuantConv2d needs `algorithm='direct'` and `bits`, got {config!r}.")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.padding, self._pad = _normalize_padding(padding)
-        self.config = dataclasses.replace(config)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self._init_layer(in_channels, out_channels, padding, bias, config, device, dtype)
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=5**0.5)
             if self.bias is not None:
                 nn.init.uniform_(self.bias, -((in_channels * 9) ** -0.5), (in_channels * 9) ** -0.5)
         self._quant_mode = "int"
-        self._cache: dict[str, Any] = {}
-        self.last_input_shape: tuple[int, ...] | None = None
-        self.input_quantizer: nn.Module | None = None
-        self._capture: Any = None
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, *, config: WinogradConfig | None = None, **overrides: Any) -> DirectQuantConv2d:
@@ -140,7 +123,7 @@ class DirectQuantConv2d(nn.Module):
         return self._cache["value"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies ``input_quantizer`` (if any), then [`forward_core`]."""
+        """Applies ``input_quantizer`` (if any), then `forward_core`."""
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self._capture is not None:

@@ -3,13 +3,13 @@
 For an input ``x: (N, C, H, W)``, weight ``w: (K, C, r, r)`` and zero padding ``(p_h, p_w)`` the output is
 ``(N, K, H_o, W_o)`` with ``H_o = H + 2 p_h - r + 1``.  The stages are
 
-1. tiling ([`tile_input`]): ``T_h = ceil(H_o / m)`` tile rows; pad ``p_h`` rows on top and
+1. tiling (`tile_input`): ``T_h = ceil(H_o / m)`` tile rows; pad ``p_h`` rows on top and
    ``p_h + T_h m - H_o`` at the bottom (so the padded height is ``(T_h - 1) m + n``), likewise for the width, and cut
    overlapping ``n x n`` tiles with stride ``m``: ``d: (N, C, T_h, T_w, n, n)``;
-2. input transform ([`input_transform`]): ``V = B^T d B``, laid out as ``(n^2, C, P)`` with ``P = N T_h T_w`` tiles;
-3. weight transform ([`weight_transform`]): ``U = G w G^T``, laid out as ``(n^2, K, C)``;
+2. input transform (`input_transform`): ``V = B^T d B``, laid out as ``(n^2, C, P)`` with ``P = N T_h T_w`` tiles;
+3. weight transform (`weight_transform`): ``U = G w G^T``, laid out as ``(n^2, K, C)``;
 4. Hadamard stage: ``n^2`` independent GEMMs over channels, ``M[xi] = U[xi] @ V[xi]``: ``(n^2, K, P)``;
-5. output transform ([`output_transform`]): ``Y = A^T M A`` per tile, untiled to ``(N, K, T_h m, T_w m)`` and cropped
+5. output transform (`output_transform`): ``Y = A^T M A`` per tile, untiled to ``(N, K, T_h m, T_w m)`` and cropped
    to ``(H_o, W_o)``.
 
 Winograd positions ``(xi, nu)`` are flattened row-major as ``xi * n + nu``; tiles as ``(N, T_h, T_w)``.
@@ -118,7 +118,7 @@ def winograd_conv2d(
         weight (`torch.Tensor`): ``(K, C, r, r)``.
         bias (`torch.Tensor`, *optional*): ``(K,)``.
         padding (`tuple[int, int]`, defaults to `(1, 1)`): zero padding ``(p_h, p_w)``.
-        transforms ([`WinogradTransforms`], *optional*): defaults to F(4, 3) with the standard matrices.
+        transforms (`WinogradTransforms`, *optional*): defaults to F(4, 3) with the standard matrices.
 
     Returns:
         `torch.Tensor`: ``(N, K, H_o, W_o)`` in the dtype of ``x``.  The weight transform runs in float64.

@@ -3,7 +3,7 @@
 Both take and return float ``(N, C, H, W)`` tensors and include every step a drop-in layer pays for (dynamic input
 quantization, layout changes, dequantization); weights are transformed and quantized once, at construction.
 
-**[`Int8WinogradConv2d`]** (numerically the ``"int"`` mode of a [`WinogradConv2d`] with ``act_granularity="position"``
+**`Int8WinogradConv2d`** (numerically the ``"int"`` mode of a [WinogradConv2d][diffusers_qalora.WinogradConv2d] with ``act_granularity="position"``
 and a float output transform):
 
 1. cut the (channels-last) input into overlapping ``n x n`` tiles: ``d: (n^2, P, C)`` with ``P`` tiles;
@@ -14,7 +14,7 @@ and a float output transform):
 5. dequantize (``acc * s_V * s_U``, summed over groups) and apply the output transform as one GEMM with
    ``A^T (x) A^T`` ``(m^2 x n^2)``; untile and crop.
 
-**[`Int8Im2colConv2d`]**: int8 input (one dynamic step per tensor), int8 weight (one step per output channel),
+**`Int8Im2colConv2d`**: int8 input (one dynamic step per tensor), int8 weight (one step per output channel),
 ``cols: (N H W, 9 C)`` gathered from the padded channels-last int8 input, one ``torch._int_mm`` with the
 ``(9 C, K)`` weight, then dequantize.
 
@@ -57,7 +57,7 @@ class Int8WinogradConv2d(nn.Module):
         padding (`int | tuple[int, int] | str`, defaults to `1`).
         group_size (`int`, *optional*): input channels per quantization group (``None`` = one group: a single
             ``_int_mm`` per Winograd position).
-        transforms ([`WinogradTransforms`], *optional*): defaults to the standard F(m, 3) matrices (diagonal scales are
+        transforms (`WinogradTransforms`, *optional*): defaults to the standard F(m, 3) matrices (diagonal scales are
             invisible to this per-position quantization).
     """
 

@@ -11,9 +11,9 @@ All quantizers are symmetric with signed codes in ``[qmin, qmax] = [-2^(b-1), 2^
 * ``M: (n^2, K, P)`` (optional, dynamic): one step per (output channel, tile) over all positions - ``(1, K, P)``.
 
 The Hadamard stage is ``M[xi, k, t] = sum_j sU[xi, k, j] sV[xi, j, t] sum_{c in group j} qU[xi, k, c] qV[xi, c, t]``.
-[`hadamard_fake`] computes it with fake-quantized floats (differentiable: STE for the values, LSQ gradients for the
-steps, which are functions of the transform scales); [`hadamard_int`] computes the inner sums on integer codes
-(exactly: see [`exact_accumulator_dtype`]) and applies the two steps per group in floating point.
+`hadamard_fake` computes it with fake-quantized floats (differentiable: STE for the values, LSQ gradients for the
+steps, which are functions of the transform scales); `hadamard_int` computes the inner sums on integer codes
+(exactly: see `exact_accumulator_dtype`) and applies the two steps per group in floating point.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def absmax_step(x: torch.Tensor, dims: int | tuple[int, ...], qmax: int) -> torc
     return (x.abs().amax(dim=dims, keepdim=True) / qmax).clamp_min(_MIN_STEP)
 
 
-def _groups(channels: int, group_size: int | None) -> tuple[int, int]:
+def channel_groups(channels: int, group_size: int | None) -> tuple[int, int]:
+    """``(number of groups, group size)`` of ``channels`` input channels; ``group_size=None`` is one group."""
     g = channels if group_size is None else group_size
     if channels % g:
         raise ValueError(f"`group_size` ({g}) must divide the number of input channels ({channels}).")
@@ -58,7 +59,7 @@ def weight_qparams(
         `tuple[torch.Tensor, torch.Tensor]`: ``u`` viewed as ``(n^2, K, G, g)`` and its step ``(n^2, K, G, 1)``.
     """
     n2, k, c = u.shape
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     ug = u.reshape(n2, k, groups, g)
     _, qmax = qrange(bits, True)
     step = absmax_step(ug, -1, qmax)
@@ -77,7 +78,7 @@ def act_step(v: torch.Tensor, bits: int, group_size: int | None, granularity: st
     The step is ``(n^2, G, 1, P)`` for ``granularity="position"`` and ``(1, G, 1, P)`` for ``"tile"``.
     """
     n2, c, p = v.shape
-    groups, g = _groups(c, group_size)
+    groups, g = channel_groups(c, group_size)
     vg = v.reshape(n2, groups, g, p)
     _, qmax = qrange(bits, True)
     if granularity == "position":
@@ -148,10 +149,10 @@ def hadamard_int(
     accumulation, scale each group's sum by ``sU * sV`` and add the groups in the dtype of ``v``.
 
     Args:
-        codes_u (`torch.Tensor`): ``(G, n^2, K, g)`` integer weight codes from [`quantize_weight_codes`].
+        codes_u (`torch.Tensor`): ``(G, n^2, K, g)`` integer weight codes from `quantize_weight_codes`.
         step_u (`torch.Tensor`): ``(G, n^2, K, 1)`` weight steps.
         v (`torch.Tensor`): ``(n^2, C, P)`` input-transform output (float32 or float64).
-        bits, group_size, act_granularity: as for [`hadamard_fake`].
+        bits, group_size, act_granularity: as for `hadamard_fake`.
 
     Returns:
         `torch.Tensor`: ``M: (n^2, K, P)`` in the dtype of ``v``.  Not differentiable.

@@ -1,4 +1,4 @@
-"""The model-level pass: replace every eligible convolution by a [`WinogradConv2d`] (or by the direct-convolution
+"""The model-level pass: replace every eligible convolution by a [WinogradConv2d][diffusers_qalora.WinogradConv2d] (or by the direct-convolution
 baseline), tune the transform scales data-free, and report what was replaced and skipped.
 
 Composition with QALoRA (a QALoRA ``Conv2d`` wraps an ``nn.Conv2d`` as ``base_layer``; recognised by its
@@ -12,7 +12,7 @@ interface, so this module does not import the tuner):
   Hadamard stage.  ``"drop"`` removes it (only the Winograd-domain quantization remains).
 
 The replaced QALoRA layers are no longer PEFT layers: ``adapters_disabled`` and adapter switching do not reach them,
-and their state is saved by [`save_winograd`], not by the adapter.
+and their state is saved by [save_winograd][diffusers_qalora.save_winograd], not by the adapter.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass
 class LayerRecord:
-    """What [`apply_winograd`] did to one module.
+    """What [apply_winograd][diffusers_qalora.apply_winograd] did to one module.
 
     Args:
         name (`str`): module name.
@@ -79,10 +79,10 @@ class LayerRecord:
 
 @dataclass
 class WinogradReport:
-    """The result of [`apply_winograd`] (or [`load_winograd`]).
+    """The result of [apply_winograd][diffusers_qalora.apply_winograd] (or [load_winograd][diffusers_qalora.load_winograd]).
 
     Args:
-        config ([`WinogradConfig`]): the configuration used.
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig]): the configuration used.
         replaced (`dict[str, LayerRecord]`): replaced modules by name, in model order.
         skipped (`dict[str, str]`): convolutions (and adapter-wrapped convolutions) left alone, with the reason.
         inputs (`str`): where the tuning / measurement inputs came from: ``"captured"`` (``calibration_run``),
@@ -129,6 +129,8 @@ class WinogradReport:
 
 
 def _matches(patterns: tuple[str, ...] | str | None, name: str) -> bool:
+    # PEFT's rule (``check_target_module_exists``), which the QALoRA tuner calls; this package stays free of Hugging
+    # Face imports, so it is restated here and tests/winograd checks that both agree.
     if patterns is None:
         return False
     if isinstance(patterns, str):
@@ -139,7 +141,7 @@ def _matches(patterns: tuple[str, ...] | str | None, name: str) -> bool:
 def _qalora_base(module: nn.Module) -> nn.Module | None:
     """The wrapped layer of a QALoRA layer (recognised by its interface), else ``None``."""
     if all(hasattr(module, a) for a in ("get_base_layer", "merged_float_weight", "qal_act_quantizer",
-                                        "_active_qalora_adapter")):
+                                        "active_qalora_adapter")):
         return module.get_base_layer()
     return None
 
@@ -225,18 +227,15 @@ def _plan(model: nn.Module, config: WinogradConfig) -> tuple[list[_Plan], dict[s
 def _qalora_parts(plan: _Plan, config: WinogradConfig) -> tuple[torch.Tensor, nn.Module | None, str | None]:
     """``(spatial weight, input quantizer or None, adapter)`` of a QALoRA layer."""
     layer = plan.module
-    adapter = None if getattr(layer, "disable_adapters", False) else layer._active_qalora_adapter()
+    adapter = None if getattr(layer, "disable_adapters", False) else layer.active_qalora_adapter()
     base = plan.conv
     if adapter is None:
         return base.weight.detach(), None, None
-    merged = bool(getattr(layer, "merged", False))
-    with torch.no_grad():
+    with torch.no_grad():  # a merged QALoRA layer keeps W0 as its base weight, so both work merged or not
         if config.qalora_weight == "quantized":
-            weight = base.weight.detach() if merged else layer.quantized_weight(adapter)
+            weight = layer.quantized_weight(adapter)
         else:
-            original = getattr(layer, "_weight_before_merge", None) if merged else None
-            weight = (original.float() + layer.delta_weight(adapter)) if original is not None else (
-                layer.merged_float_weight(adapter))
+            weight = layer.merged_float_weight(adapter)
     quantizer = None
     if config.qalora_act == "keep":
         quantizer = layer.qal_act_quantizer[adapter]
@@ -390,18 +389,18 @@ def apply_winograd(
     config: WinogradConfig | None = None,
     calibration_run: Callable[[], Any] | None = None,
 ) -> WinogradReport:
-    """Replace every eligible convolution of ``model`` in place by a [`WinogradConv2d`] and report what happened.
+    """Replace every eligible convolution of ``model`` in place by a [WinogradConv2d][diffusers_qalora.WinogradConv2d] and report what happened.
 
-    Eligible: 3x3, stride 1, dilation 1, groups 1, zero padding (see [`winograd_ineligibility`]), and ``group_size``
+    Eligible: 3x3, stride 1, dilation 1, groups 1, zero padding (see `winograd_ineligibility`), and ``group_size``
     dividing ``in_channels``; a QALoRA ``Conv2d`` is eligible when its base layer is (see the module docstring for the
     composition).  Everything else is left alone and listed in ``report.skipped`` with the reason.  Naming an
     ineligible module in ``config.target_modules`` raises a ``ValueError`` that says why, before anything changes.
 
-    With ``config.algorithm="direct"`` the same modules become [`DirectQuantConv2d`] instead: the W/A-quantized
+    With ``config.algorithm="direct"`` the same modules become [DirectQuantConv2d][diffusers_qalora.DirectQuantConv2d] instead: the W/A-quantized
     direct-convolution baseline.
 
     **Data-free tuning** (``config.tune_steps > 0``): each replaced layer's transform scales are tuned with
-    [`tune_scales_`] against the layer's own FP direct convolution.  Inputs: when ``calibration_run`` is given, it is
+    [tune_scales_][diffusers_qalora.tune_scales_] against the layer's own FP direct convolution.  Inputs: when ``calibration_run`` is given, it is
     called once (e.g. ``lambda: pipe(labels, num_inference_steps=20)``: a few full-precision trajectories) while every
     replaced layer computes its FP direct convolution and records a random subset of ``config.tune_samples`` of its
     real inputs; otherwise N(0, 1) inputs of side ``config.tune_input_size``.  The per-layer SQNR before and after
@@ -409,11 +408,11 @@ def apply_winograd(
 
     Args:
         model (`torch.nn.Module`): e.g. ``pipe.unet``; modified in place.
-        config ([`WinogradConfig`], *optional*): defaults to ``WinogradConfig()`` (F(4,3), 8 bits).  Copied.
+        config ([WinogradConfig][diffusers_qalora.WinogradConfig], *optional*): defaults to ``WinogradConfig()`` (F(4,3), 8 bits).  Copied.
         calibration_run (`Callable[[], Any]`, *optional*): runs the model on representative inputs (see above).
 
     Returns:
-        [`WinogradReport`]: replaced modules (with their SQNR) and skipped convolutions (with the reason).
+        [WinogradReport][diffusers_qalora.WinogradReport]: replaced modules (with their SQNR) and skipped convolutions (with the reason).
 
     Raises:
         TypeError: wrong argument types.
@@ -485,7 +484,7 @@ def apply_winograd(
 
 
 def winograd_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The [`WinogradConv2d`] and [`DirectQuantConv2d`] modules of ``model`` by name."""
+    """The [WinogradConv2d][diffusers_qalora.WinogradConv2d] and [DirectQuantConv2d][diffusers_qalora.DirectQuantConv2d] modules of ``model`` by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, REPLACEMENT_TYPES)}
 
 

@@ -1,32 +1,34 @@
 """Saving and loading the Winograd layers of a model: safetensors tensors plus a JSON record of what was replaced.
 
-A folder written by [`save_winograd`] holds
+A folder written by [save_winograd][diffusers_qalora.save_winograd] holds
 
 * ``winograd.safetensors``: every tensor of every replaced layer, keyed ``<module name>.<key>`` exactly as in
   ``model.state_dict()`` (weight, bias, the transform scales ``scales.log_b`` / ``scales.log_g`` and, for layers that
   came from QALoRA, the input quantizer's per-timestep step sizes);
 * ``winograd_config.json``: the format version, the denoiser's timestep argument and, per replaced module, its
-  class, shape, padding, [`WinogradConfig`] and input quantizer description.
+  class, shape, padding, [WinogradConfig][diffusers_qalora.WinogradConfig] and input quantizer description.
 
-[`load_winograd`] rebuilds those modules on a model of the same architecture (a fresh full-precision model, or one
+[load_winograd][diffusers_qalora.load_winograd] rebuilds those modules on a model of the same architecture (a fresh full-precision model, or one
 carrying the same QALoRA adapter) and loads the tensors; nothing is unpickled.  The layers also keep all their state
 in ``state_dict()``, so ``model.load_state_dict(other.state_dict())`` works between two models that went through
-[`apply_winograd`] with the same configuration.
+[apply_winograd][diffusers_qalora.apply_winograd] with the same configuration.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..quant import TemporalActQuantizer, TimestepContext, install_timestep_hook
+from ..quant import TemporalActQuantizer, attach_timestep_context
+from ..quant.checksum import tensor_checksum
+from ..utils import atomic_write
 from .config import WinogradConfig
 from .conv import WinogradConv2d, winograd_ineligibility
 from .direct import DirectQuantConv2d
@@ -36,9 +38,7 @@ WEIGHTS_NAME = "winograd.safetensors"
 CONFIG_NAME = "winograd_config.json"
 FORMAT = "diffusers_qalora.winograd"
 FORMAT_VERSION = 1
-_QALORA_CONTEXT_ATTR = "_qalora_timestep_context"  # set by the QALoRA tuner; reused so both share one context
-_CONTEXT_ATTR = "_winograd_timestep_context"
-_HOOK_ATTR = "_winograd_timestep_hook"
+CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
 _CLASSES = {"WinogradConv2d": WinogradConv2d, "DirectQuantConv2d": DirectQuantConv2d}
 
 
@@ -68,7 +68,7 @@ def _timestep_argument(model: nn.Module) -> str:
 
 def winograd_record(model: nn.Module) -> dict[str, Any] | None:
     """The JSON-serialisable record of the replaced layers (what ``winograd_config.json`` holds), or ``None`` when
-    ``model`` has none.  [`build_winograd_layers`] rebuilds the layers from it.
+    ``model`` has none.  `build_winograd_layers` rebuilds the layers from it.
 
     Raises:
         ValueError: a layer has an input quantizer that cannot be described.
@@ -112,18 +112,6 @@ def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, record
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_winograd(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``winograd.safetensors`` and ``winograd_config.json`` into ``save_directory`` (atomically).
 
@@ -133,31 +121,27 @@ def save_winograd(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     tensors, record = winograd_state_dict(model)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "producer": FORMAT}))
+    metadata = {"format": "pt", "producer": FORMAT, CHECKSUM_KEY: tensor_checksum(tensors)}
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     text = json.dumps(record, indent=2) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return out
-
-
-def _context(model: nn.Module, argument: str) -> TimestepContext:
-    context = getattr(model, _QALORA_CONTEXT_ATTR, None) or getattr(model, _CONTEXT_ATTR, None)
-    if context is None:
-        context = TimestepContext()
-        handle = install_timestep_hook(model, context, argument)
-        object.__setattr__(model, _CONTEXT_ATTR, context)
-        object.__setattr__(model, _HOOK_ATTR, handle)
-    return context
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; save one with `save_winograd(model, path)`.")
-    return validate_winograd_record(json.loads(path.read_text(encoding="utf-8")), str(path))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it is truncated or damaged; save the Winograd layers "
+                         f"again with `save_winograd(model, path)`.") from None
+    return validate_winograd_record(record, str(path))
 
 
 def validate_winograd_record(record: Any, where: str) -> dict[str, Any]:
-    """Check the format, version and module list of a record written by [`winograd_record`]; ``where`` names its
+    """Check the format, version and module list of a record written by `winograd_record`; ``where`` names its
     source in the error."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
@@ -217,22 +201,39 @@ def build_winograd_layers(model: nn.Module, record: dict[str, Any], where: str,
     return built
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``winograd.safetensors`` (safetensors: never unpickles), checksum verified when the file has one
+    (files saved before it existed have none)."""
+    fix = "save the Winograd layers again with `save_winograd(model, path)` (or copy the folder again)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}.") \
+            from err
+    if expected is not None and tensor_checksum(tensors) != expected:
+        raise ValueError(f"corrupt Winograd file {path}: its tensors do not match the checksum recorded when it was "
+                         f"saved; {fix}.")
+    return tensors
+
+
 def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> WinogradReport:
-    """Rebuild the Winograd layers saved by [`save_winograd`] in ``model`` (same architecture) and load their state.
+    """Rebuild the Winograd layers saved by [save_winograd][diffusers_qalora.save_winograd] in ``model`` (same architecture) and load their state.
 
     Every module is built and loaded before the first one is swapped in, so a failure leaves the model unchanged.
     Layers with an input quantizer read the model's timestep through the QALoRA tuner's timestep pre-hook when the
     model has one, else through a pre-hook installed here.
 
     Returns:
-        [`WinogradReport`]: the loaded modules (no SQNR measured) and the configuration of the first one.
+        [WinogradReport][diffusers_qalora.WinogradReport]: the loaded modules (no SQNR measured) and the configuration of the first one.
     """
     directory = Path(load_directory)
     record = _read_record(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}.")
-    tensors = load_file(str(weights))  # safetensors: never unpickles
+    tensors = _read_weights(weights)
     built = build_winograd_layers(model, record, str(directory), device="cpu")
     records: dict[str, LayerRecord] = {}
     for name, layer in built:
@@ -246,10 +247,11 @@ def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> Winogr
         records[name] = LayerRecord(name, layer.in_channels, layer.out_channels,
                                     source="saved", input_quantizer=layer.input_quantizer is not None)
     if any(layer.input_quantizer is not None for _, layer in built):
-        context = _context(model, record.get("timestep_argument", "timestep"))
-        for _, layer in built:
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.context = context
+        # The model's one timestep context (the QALoRA tuner's if it has one already).
+        attach_timestep_context(
+            model, record.get("timestep_argument", "timestep"),
+            [layer.input_quantizer for _, layer in built if layer.input_quantizer is not None],
+        )
     for name, layer in built:
         _swap(model, name, layer)
     return WinogradReport(config=built[0][1].config, replaced=records, inputs="none")

@@ -20,7 +20,7 @@ for any diagonal ``S_A, S_B, S_G`` with ``S_A S_B S_G = I`` (diagonal factors co
 This factorisation (Vincent et al., 2017) is what makes the learnable scales of Pan et al. (CVPR 2025) natural:
 only ``S_B`` and ``S_G`` are free, ``S_A = (S_B S_G)^{-1}``.
 
-**Scalings** (the ``scaling`` argument of [`winograd_transforms`]):
+**Scalings** (the ``scaling`` argument of `winograd_transforms`):
 
 * ``"unit"``: ``S_A = S_B = S_G = I``.
 * ``"cook_toom"``: the Lagrange scaling, ``S_G[i] = 1 / prod_{j != i, p_j finite} (p_i - p_j)`` for a finite point,
@@ -94,7 +94,7 @@ def parse_point(point: PointLike) -> Point:
 
 
 def format_point(point: Point) -> str:
-    """Inverse of [`parse_point`] for exact points: ``"0"``, ``"-1/2"``, ``"inf"``."""
+    """Inverse of `parse_point` for exact points: ``"0"``, ``"-1/2"``, ``"inf"``."""
     return "inf" if point is None else str(point)
 
 
@@ -198,7 +198,7 @@ class WinogradTransforms:
         VmT, Vr, VnInvT (`torch.Tensor`): the unscaled factors ``V_m^T (m, n)``, ``V_r (n, r)``, ``V_n^{-T} (n, n)``.
         scale_a, scale_b, scale_g (`torch.Tensor`): ``(n,)`` float64 diagonals of ``S_A``, ``S_B``, ``S_G``.
         exact (`dict[str, tuple] | None`): the exact rational ``"AT"``, ``"G"``, ``"BT"`` when the scalings are
-            rational (always, for [`winograd_transforms`]); ``None`` after a float rescaling.
+            rational (always, for `winograd_transforms`); ``None`` after a float rescaling.
     """
 
     m: int
@@ -267,12 +267,12 @@ def winograd_transforms(
         m (`int`): outputs per tile (``>= 1``).
         r (`int`, defaults to `3`): filter taps (``>= 1``).
         points (`Sequence`, *optional*): ``m + r - 1`` distinct points, at most one infinity (``"inf"``); see
-            [`parse_point`] for accepted forms.  Defaults to [`DEFAULT_POINTS`]``[m]`` for ``r = 3``.
+            `parse_point` for accepted forms.  Defaults to `DEFAULT_POINTS```[m]`` for ``r = 3``.
         scaling (`str`, defaults to `"lavin"`): the diagonal scalings, one of ``"lavin"``, ``"cook_toom"``,
             ``"unit"`` (see the module docstring).
 
     Returns:
-        [`WinogradTransforms`] with float64 CPU tensors.
+        `WinogradTransforms` with float64 CPU tensors.
 
     Example:
 
@@ -335,7 +335,7 @@ def balanced_multipliers(transforms: WinogradTransforms) -> tuple[torch.Tensor, 
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: ``(mult_b, mult_g)``, positive float64 ``(n,)`` tensors to pass to
-        [`WinogradTransforms.rescaled`].
+        `WinogradTransforms.rescaled`.
     """
     mult_b = 1.0 / transforms.BT.norm(dim=1)
     mult_g = 1.0 / transforms.G.norm(dim=1)
@@ -350,7 +350,7 @@ def winograd_correlate_1d(d: torch.Tensor, g: torch.Tensor, transforms: Winograd
     Args:
         d (`torch.Tensor`): ``(..., n)`` input tiles.
         g (`torch.Tensor`): ``(..., r)`` filters (broadcast against ``d``).
-        transforms ([`WinogradTransforms`]): the algorithm.
+        transforms (`WinogradTransforms`): the algorithm.
 
     Returns:
         `torch.Tensor`: ``(..., m)`` with ``y_i = sum_k d_{i+k} g_k`` (cross-correlation), in the dtype of ``d``.

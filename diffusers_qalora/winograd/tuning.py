@@ -18,7 +18,7 @@ InputSource = torch.Tensor | Callable[[], torch.Tensor] | None
 
 @dataclass
 class ScaleTuningResult:
-    """What [`tune_scales_`] did.
+    """What [tune_scales_][diffusers_qalora.tune_scales_] did.
 
     Args:
         history (`list[float]`): the training loss at each step.
@@ -114,7 +114,7 @@ def tune_scales_(
     LSQ's step gradient.  The weights never change.
 
     Args:
-        layer ([`WinogradConv2d`]): a quantized layer (``config.bits`` set).
+        layer ([WinogradConv2d][diffusers_qalora.WinogradConv2d]): a quantized layer (``config.bits`` set).
         steps (`int`, defaults to `200`): optimisation steps.
         lr (`float`, defaults to `0.05`): Adam learning rate on the log scales.
         inputs (`torch.Tensor | Callable[[], torch.Tensor]`, *optional*): a fixed batch, or a zero-argument callable
@@ -128,7 +128,7 @@ def tune_scales_(
             measured; defaults to the first batch of ``inputs`` (or a seeded Gaussian batch).
 
     Returns:
-        [`ScaleTuningResult`]: loss history and the SQNR (dB) before and after, measured in the layer's quantized
+        [ScaleTuningResult][diffusers_qalora.winograd.ScaleTuningResult]: loss history and the SQNR (dB) before and after, measured in the layer's quantized
         inference mode (``"int"`` unless the layer is in ``"fake"`` mode) on one fixed evaluation batch (the first
         batch of ``inputs``, or a seeded Gaussian batch).
 

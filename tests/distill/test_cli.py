@@ -101,3 +101,18 @@ def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard event file"
     unet = make_sd15_unet()
     dq.load_qalora_adapter(unet, out / "adapter")
+
+
+def test_learning_rate_defaults_agree_across_api_config_and_cli():
+    # One set of defaults (diffusers_qalora.quant.scale_aware) for the three ways to start a distillation.
+    import inspect
+
+    from diffusers_qalora import get_qalora_param_groups
+    from diffusers_qalora.distill import DistillConfig
+
+    api = inspect.signature(get_qalora_param_groups).parameters
+    args = build_parser().parse_args([])
+    config = DistillConfig()
+    for api_name, cli_name in (("lora_lr", "learning_rate"), ("weight_step_lr", "weight_step_lr"),
+                               ("act_step_lr", "act_step_lr")):
+        assert api[api_name].default == getattr(config, api_name) == getattr(args, cli_name), api_name

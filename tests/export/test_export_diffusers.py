@@ -270,6 +270,13 @@ def test_missing_tensor_is_a_clear_error(exported_unet2d_dir, tmp_path):
     tensors = load_file(path)
     del tensors["down_blocks.0.resnets.0.conv1.act_scale"]
     save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match="corrupt checkpoint"):  # the checksum of all tensors sees it first
+        UNet2DModel.from_pretrained(folder)
+    _assert_clean()
+    from diffusers_qalora.integrations.diffusers.quantizer import STATE_CHECKSUM_KEY
+
+    del metadata[STATE_CHECKSUM_KEY]  # a file saved before that checksum existed
+    save_file(tensors, path, metadata=metadata)
     with pytest.raises(ValueError, match="lacks 1 tensor"):
         UNet2DModel.from_pretrained(folder)
     _assert_clean()
@@ -310,3 +317,24 @@ def test_integer_layers_are_the_only_quantized_modules(exported_unet2d_dir):
     loaded = UNet2DModel.from_pretrained(exported_unet2d_dir[0])
     assert all(isinstance(m, IntegerLayer) for m in integer_layers(loaded).values())
     assert loaded.class_embedding.weight.dtype == torch.float32
+
+
+def test_corrupt_float_tensor_is_caught_by_the_state_checksum(exported_unet2d_dir, tmp_path):
+    from diffusers_qalora.integrations.diffusers.quantizer import STATE_CHECKSUM_KEY
+
+    folder = _copy(exported_unet2d_dir[0], tmp_path / "float-flip")
+    path = str(folder / WEIGHTS)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    assert len(metadata[STATE_CHECKSUM_KEY]) == 32
+    tensors = load_file(path)
+    key = "conv_norm_out.weight"  # a float layer: outside the integer layers' checksum
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match=rf"corrupt checkpoint \(.*{WEIGHTS}\).*Download or save the model again"):
+        UNet2DModel.from_pretrained(folder)
+    _assert_clean()
+    # A file saved before the state checksum existed still loads (its integer checksum is still verified).
+    del metadata[STATE_CHECKSUM_KEY]
+    save_file(load_file(str(exported_unet2d_dir[0] / WEIGHTS)), path, metadata=metadata)
+    assert torch.equal(_out(UNet2DModel.from_pretrained(folder), exported_unet2d_dir[1]), exported_unet2d_dir[2])

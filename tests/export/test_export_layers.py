@@ -194,16 +194,49 @@ def test_integer_path_matches_int64_oracle(kind, kwargs):
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+MIXED = torch.tensor([999.0, 10.0, 999.0, 640.0])  # two samples share a timestep, two sit between table entries
+
+
 @needs_onednn
-def test_integer_path_splits_a_batch_by_timestep():
-    layer, *_, context = _layer("conv2d")
-    x = _x("conv2d", batch=4)
-    t = torch.tensor([999.0, 10.0, 999.0, 640.0])
-    context.set(t)
-    together = layer(x)
-    for i in range(4):
-        context.set(t[i])
-        assert torch.equal(together[i : i + 1], layer(x[i : i + 1]))
+@pytest.mark.parametrize("kind, kwargs", CASES)
+def test_mixed_timesteps_run_one_integer_call_matching_the_oracle(kind, kwargs, monkeypatch):
+    """A batch whose samples sit at different timesteps: per-sample step sizes and zero points in one integer call,
+    equal to the int64 oracle of each sample at its own timestep."""
+    import diffusers_qalora.export.modules as modules
+
+    layer, codes, w_scale, b, context = _layer(kind, **kwargs)
+    x = _x(kind, batch=4)
+    calls = []
+    for name in ("linear_onednn", "conv2d_onednn"):
+        original = getattr(modules, name)
+        monkeypatch.setattr(modules, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    # Integer timesteps read the dense per-layer table; fractional ones (e.g. from a sigma schedule) interpolate.
+    for timesteps in (MIXED, MIXED - 0.25):
+        context.set(timesteps)
+        expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t))
+                              for i, t in enumerate(timesteps)])
+        tol = {"rtol": 1e-5, "atol": 2e-6 * float(expected.abs().max())}
+        layer.exact_activation_rounding = True
+        calls.clear()
+        torch.testing.assert_close(layer(x).double(), expected, **tol)
+        assert len(calls) == layer.weight_scale.shape[1]  # one call per weight group, not one per timestep
+        # The default (fused) activation rounding is at most one code away at rare ties: the same result here.
+        layer.exact_activation_rounding = False
+        torch.testing.assert_close(layer(x).double(), expected, **tol)
+
+
+@needs_onednn
+def test_mixed_timesteps_with_drifted_zero_points_pad_with_each_zero_point():
+    """Zero points that differ strongly between timesteps (the per-sample padding matters) and a layer whose
+    padded border matters: still the oracle."""
+    layer, codes, w_scale, b, context = _layer("conv2d", conv_kwargs={"kernel_size": 3, "padding": 2, "stride": 2})
+    layer.act_zero_point.copy_(torch.tensor([0.0, 255.0, 128.0, 3.0]))
+    layer.exact_activation_rounding = True
+    x = _x("conv2d", batch=4) + 1.0
+    context.set(torch.tensor([0.0, 250.0, 500.0, 999.0]))
+    expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], t)
+                          for i, t in enumerate([0.0, 250.0, 500.0, 999.0])])
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
 
 
 @needs_onednn
@@ -219,6 +252,31 @@ def test_fast_activation_rounding_is_at_most_one_code_off():
     assert fast.dtype == torch.uint8 and not fast.is_quantized
     four_bit = quantize_activation_uint8(x, scale, 7, 0, 15)
     assert int(four_bit.max()) <= 15
+
+
+@needs_onednn
+def test_per_sample_activation_rounding_is_at_most_one_code_off():
+    from diffusers_qalora.export.functional import quantize_activation_uint8_per_sample
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 32, 16, 16, generator=g) * 3).contiguous(memory_format=torch.channels_last)
+    scale = 0.01 + 0.02 * torch.rand(8, generator=g)
+    zp = torch.randint(0, 256, (8,), generator=g).float()
+    view = (-1, 1, 1, 1)
+    expected = torch.clamp(torch.round(x / scale.reshape(view)) + zp.reshape(view), 0, 255)
+    exact = quantize_activation_uint8_per_sample(x, scale, zp, 0, 255, exact=True)
+    fast = quantize_activation_uint8_per_sample(x, scale, zp, 0, 255)
+    assert torch.equal(exact.float(), expected) and fast.is_contiguous(memory_format=torch.channels_last)
+    diff = (fast.int() - exact.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4
+    # Padded codes: the border holds each sample's zero point, the interior the codes of x.
+    padded = quantize_activation_uint8_per_sample(x, scale, zp, 0, 255, padding=(1, 2))
+    assert padded.shape == (8, 32, 18, 20)
+    assert torch.equal(padded[:, :, 1:-1, 2:-2], fast)
+    border = padded.clone()
+    border[:, :, 1:-1, 2:-2] = 0
+    assert torch.equal(border[:, :, 0, 0], zp.to(torch.uint8)[:, None].expand(8, 32))
+    assert int((border.float() - zp.reshape(view)).abs()[:, :, [0, -1]].max()) == 0
 
 
 @needs_onednn

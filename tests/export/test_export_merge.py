@@ -50,6 +50,32 @@ def test_unet2d_export_matches_fake_quant(bits):
         assert relative_error(_outputs(model, mixed), fq_mixed) < REL_TOL_VS_QUANT_ERROR * quant_error
 
 
+def _integer_kernel_calls(model, inputs) -> dict[str, int]:
+    """How many times each oneDNN integer op (and the float conv/matmul ops) ran in one forward pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs)
+    names = ("onednn::qconv2d_pointwise", "onednn::qlinear_pointwise", "aten::quantize_per_tensor",
+             "aten::convolution", "aten::linear")
+    return {n: sum(e.count for e in prof.key_averages() if e.key == n) for n in names}
+
+
+@pytest.mark.skipif(not ONEDNN, reason=f"oneDNN int8 kernels unusable here: {WHY}")
+def test_mixed_timesteps_do_not_loop_over_samples():
+    """A batch of 8 samples at 8 different timesteps runs the same number of integer kernel calls as a batch that
+    shares one timestep (one per integer layer), and no float fallback: no per-sample (or per-timestep) loop."""
+    model = dq.export_quantized(qalora(make_unet2d(), unet2d_inputs, 4, 8))
+    layers = integer_layers(model)
+    convs = sum(isinstance(m, dq.IntegerConv2d) for m in layers.values())
+    shared = _integer_kernel_calls(model, unet2d_inputs(300.0, batch=8))
+    # The first mixed call builds each conv's zero-point tap map once (per layer and input size, not per timestep).
+    _integer_kernel_calls(model, unet2d_inputs(torch.linspace(0.0, 999.0, 8), batch=8))
+    mixed = _integer_kernel_calls(model, unet2d_inputs(torch.linspace(3.0, 990.0, 8).flip(0), batch=8))
+    assert shared["onednn::qconv2d_pointwise"] == convs and shared["onednn::qlinear_pointwise"] == len(layers) - convs
+    assert mixed == shared, (mixed, shared)
+
+
 @pytest.mark.skipif(not ONEDNN, reason=f"oneDNN int8 kernels unusable here: {WHY}")
 def test_each_integer_layer_reproduces_its_qalora_layer():
     model = qalora(make_unet2d(), unet2d_inputs, 4, 8)
@@ -157,11 +183,13 @@ def test_refusals_change_nothing():
         dq.export_quantized(model, backend="cuda")
 
 
-def test_context_attributes_match_the_tuner():
-    from diffusers_qalora.export import context
-    from diffusers_qalora.tuners.qalora import model as tuner
-
-    assert (context.CONTEXT_ATTR, context.HOOK_ATTR) == (tuner.CONTEXT_ATTR, tuner.HOOK_ATTR)
+def test_export_reuses_the_tuner_timestep_hook():
+    # One timestep context and one pre-hook per model, whoever attached it first (diffusers_qalora.quant owns it).
+    model = qalora(make_unet2d(), unet2d_inputs)
+    context = model._qalora_timestep_context
+    hooks = len(model._forward_pre_hooks)
+    exported = dq.export_quantized(model)
+    assert exported._qalora_timestep_context is context and len(exported._forward_pre_hooks) == hooks == 1
 
 
 def test_peft_model_wrapper_is_unwrapped():

@@ -320,7 +320,9 @@ def _create_repo(h: _Handler, hub: FakeHubServer, payload: dict, token: str | No
     url = f"{h.server_state.url}/{repo_id}"
     if repo_id in hub.repos:  # the client reads the url from the 409 body when exist_ok=True
         return h._json(409, {"error": "You already created this model repo", "url": url})
-    hub._create_repo(repo_id, payload.get("visibility") == "private", token)
+    # huggingface_hub 1.3 (the floor) sends `"private": true`; later releases send `"visibility": "private"`.
+    private = payload.get("visibility") == "private" or payload.get("private") is True
+    hub._create_repo(repo_id, private, token)
     h._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
 

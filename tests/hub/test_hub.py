@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from tiny_models import make_sd15_unet, make_unet2d, unet2d_inputs
 
 import diffusers_qalora as dq
-from diffusers_qalora.hub import ModelCardWarning, code_blocks
+from diffusers_qalora.hub import CardInfo, ModelCardWarning
+from diffusers_qalora.integrations.model_card import code_blocks
 
 TOKEN = "hf_owner_token"
 TABLE = (0.0, 250.0, 500.0, 999.0)
@@ -83,8 +84,7 @@ def adapter_model():
 @pytest.fixture(scope="module")
 def pushed_adapter(fake_hub, base_repo, adapter_model):
     model, expected = adapter_model
-    info = dq.push_qalora_adapter(model, "test-org/tiny-qalora", token=TOKEN, base_model=base_repo,
-                                  results=RESULTS, sample_grid=GRID, commit_message="first push")
+    info = dq.push_qalora_adapter(model, "test-org/tiny-qalora", token=TOKEN, commit_message="first push", card=CardInfo(base_model=base_repo, results=RESULTS, sample_grid=GRID))
     return "test-org/tiny-qalora", info
 
 
@@ -172,8 +172,7 @@ def test_adapter_model_card(fake_hub, pushed_adapter, adapter_model, base_repo):
     exec(snippet, namespace)
     assert_same_outputs(namespace["unet"], adapter_model[1])
     # The card is a function of its inputs: rebuilt locally (results given as the job's output folder), it is the same.
-    again = dq.hub.qalora_adapter_card(adapter_model[0], repo_id, base_model=base_repo, results=BENCH,
-                                       sample_grid="sample_grid.png")
+    again = dq.hub.qalora_adapter_card(adapter_model[0], repo_id, info=CardInfo(base_model=base_repo, results=BENCH, sample_grid="sample_grid.png"))
     assert again.content.strip() == card.content.strip()
 
 
@@ -204,7 +203,7 @@ def test_peft_push_to_hub_loads_back(fake_hub):
     card = ModelCard.load("test-org/peft-push")
     assert "qalora" not in (card.data.tags or []) and card.data.library_name != "peft"
     # push_qalora_adapter takes the PeftModel as well, and writes our card.
-    dq.push_qalora_adapter(peft_model, "test-org/peft-push", token=TOKEN, base_model=BASE_REPO)
+    dq.push_qalora_adapter(peft_model, "test-org/peft-push", token=TOKEN, card=CardInfo(base_model=BASE_REPO))
     assert ModelCard.load("test-org/peft-push").data.library_name == "peft"
     assert_same_outputs(dq.load_qalora_adapter(make_unet2d(), "test-org/peft-push"), expected)
 
@@ -216,8 +215,7 @@ def test_branch_and_pull_request(fake_hub, pushed_adapter, adapter_model):
     other = qalora_unet(seed=5, calibration_seed=12)
     other_expected = outputs(other)
     assert not torch.equal(other_expected[0], adapter_model[1][0])
-    info = dq.push_qalora_adapter(other, repo_id, token=TOKEN, revision="v2", base_model=BASE_REPO,
-                                  commit_message="second adapter on a branch")
+    info = dq.push_qalora_adapter(other, repo_id, token=TOKEN, revision="v2", commit_message="second adapter on a branch", card=CardInfo(base_model=BASE_REPO))
     record = server.commits[-1]
     assert (record.ref, record.revision, record.create_pr) == ("v2", "v2", False) and info.pr_url is None
     assert server.repos[repo_id].refs["main"] == main_head  # main untouched
@@ -226,14 +224,13 @@ def test_branch_and_pull_request(fake_hub, pushed_adapter, adapter_model):
     (snippet,) = code_blocks(server.file(repo_id, "README.md", "v2").decode())
     assert 'revision="v2"' in snippet
 
-    pr = dq.push_qalora_adapter(other, repo_id, token=TOKEN, create_pr=True, base_model=BASE_REPO,
-                                commit_message="proposal", commit_description="a better adapter")
+    pr = dq.push_qalora_adapter(other, repo_id, token=TOKEN, create_pr=True, commit_message="proposal", commit_description="a better adapter", card=CardInfo(base_model=BASE_REPO))
     record = server.commits[-1]
     assert record.create_pr and record.ref == "refs/pr/1" and record.description == "a better adapter"
     assert pr.pr_url == record.pr_url and pr.pr_url.endswith("/discussions/1")
     assert server.repos[repo_id].refs["main"] == main_head
     assert_same_outputs(dq.load_qalora_adapter(make_unet2d(), repo_id, revision="refs/pr/1"), other_expected)
-    dq.push_qalora_adapter(adapter_model[0], repo_id, token=TOKEN, create_pr=True, revision="v2", base_model=BASE_REPO)
+    dq.push_qalora_adapter(adapter_model[0], repo_id, token=TOKEN, create_pr=True, revision="v2", card=CardInfo(base_model=BASE_REPO))
     record = server.commits[-1]
     assert (record.revision, record.ref, record.create_pr) == ("v2", "refs/pr/2", True)  # a PR against the branch
     assert_same_outputs(dq.load_qalora_adapter(make_unet2d(), repo_id, revision="refs/pr/2"), adapter_model[1])
@@ -241,7 +238,7 @@ def test_branch_and_pull_request(fake_hub, pushed_adapter, adapter_model):
 
 def test_private_repo_needs_its_token(fake_hub, adapter_model):
     model, expected = adapter_model
-    dq.push_qalora_adapter(model, "test-org/private-qalora", token=TOKEN, private=True, base_model=BASE_REPO)
+    dq.push_qalora_adapter(model, "test-org/private-qalora", token=TOKEN, private=True, card=CardInfo(base_model=BASE_REPO))
     assert fake_hub.server.repos["test-org/private-qalora"].private
     create = [r for r in fake_hub.server.requests if r[1] == "/api/repos/create"][-1]
     assert create[2] == f"Bearer {TOKEN}"
@@ -251,7 +248,7 @@ def test_private_repo_needs_its_token(fake_hub, adapter_model):
 
 
 def test_repo_id_without_namespace_goes_to_the_token_owner(fake_hub, adapter_model):
-    info = dq.push_qalora_adapter(adapter_model[0], "solo-qalora", token=TOKEN, base_model=BASE_REPO)
+    info = dq.push_qalora_adapter(adapter_model[0], "solo-qalora", token=TOKEN, card=CardInfo(base_model=BASE_REPO))
     assert info.repo_url.repo_id == "fake-user/solo-qalora"
     (snippet,) = code_blocks(fake_hub.server.file("fake-user/solo-qalora", "README.md").decode())
     assert '"fake-user/solo-qalora"' in snippet  # the card names the final id
@@ -261,7 +258,7 @@ def test_repo_id_without_namespace_goes_to_the_token_owner(fake_hub, adapter_mod
 def test_push_exported_model_then_from_pretrained(fake_hub, base_repo, exported_model):
     model, expected = exported_model
     repo_id = "test-org/tiny-unet2d-w4a8"
-    dq.push_quantized_model(model, repo_id, token=TOKEN, base_model=base_repo, sample_grid=GRID)
+    dq.push_quantized_model(model, repo_id, token=TOKEN, card=CardInfo(base_model=base_repo, sample_grid=GRID))
     files = fake_hub.server.files(repo_id)
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "sample_grid.png"} <= set(files)
     config = json.loads(files["config.json"].data)["quantization_config"]
@@ -293,11 +290,11 @@ def test_diffusers_push_to_hub_of_an_exported_model_loads_back(fake_hub, exporte
 def test_a_new_push_replaces_stale_weight_shards(fake_hub, exported_model):
     model, expected = exported_model
     repo_id = "test-org/sharded-w4a8"
-    dq.push_quantized_model(model, repo_id, token=TOKEN, max_shard_size="100KB", model_card=False)
+    dq.push_quantized_model(model, repo_id, token=TOKEN, max_shard_size="100KB", card=False)
     sharded = set(fake_hub.server.files(repo_id))
     assert "diffusion_pytorch_model.safetensors.index.json" in sharded and "README.md" not in sharded
     assert_same_outputs(UNet2DModel.from_pretrained(repo_id), expected)
-    dq.push_quantized_model(model, repo_id, token=TOKEN, model_card="---\nlicense: mit\n---\n\n# My own card\n")
+    dq.push_quantized_model(model, repo_id, token=TOKEN, card="---\nlicense: mit\n---\n\n# My own card\n")
     card = ModelCard.load(repo_id)
     assert card.data.license == "mit" and card.text.strip() == "# My own card"  # a given card replaces ours
     files = set(fake_hub.server.files(repo_id))
@@ -313,8 +310,8 @@ def test_offline_load_from_the_cache_after_the_server_stopped(tmp_path, adapter_
     HF_HUB_OFFLINE=1 (as a user would)."""
     home = tmp_path / "hf_home"
     with FakeHubServer() as server, hub_client_environment(server.url, home):
-        dq.push_qalora_adapter(adapter_model[0], "off/qalora", token=TOKEN, revision="v1", model_card=False)
-        dq.push_quantized_model(exported_model[0], "off/int", token=TOKEN, model_card=False)
+        dq.push_qalora_adapter(adapter_model[0], "off/qalora", token=TOKEN, revision="v1", card=False)
+        dq.push_quantized_model(exported_model[0], "off/int", token=TOKEN, card=False)
         dq.load_qalora_adapter(make_unet2d(), "off/qalora", revision="v1")
         UNet2DModel.from_pretrained("off/int")
         dead_endpoint = server.url
@@ -413,7 +410,7 @@ def test_failed_push_leaves_local_files_and_model_unchanged(fake_hub, adapter_mo
     try:
         with pytest.raises(HfHubHTTPError, match=r"Pushing to Hub repo 'test-org/fails' failed; the local model and "
                                                  r"files are unchanged"):
-            dq.push_qalora_adapter(model, "test-org/fails", token=TOKEN, results=results, sample_grid=grid)
+            dq.push_qalora_adapter(model, "test-org/fails", token=TOKEN, card=CardInfo(results=results, sample_grid=grid))
     finally:
         fake_hub.server.fail_commits = False
     assert len(fake_hub.server.commits) == commits
@@ -434,13 +431,13 @@ def test_bad_push_arguments_fail_before_any_request(fake_hub, adapter_model, exp
         dq.push_qalora_adapter(model, "a/b/c", token=TOKEN)
     w8a8 = {**json.loads(RESULTS.read_text()), "config": {"weight_bits": 8, "act_bits": 8}}
     with pytest.raises(ValueError, match="measured at W8A8 but the model is W4A4"):
-        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, results=w8a8)
+        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, card=CardInfo(results=w8a8))
     with pytest.raises(ValueError, match="no 'methods' table"):
-        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, results={"command": "x"})
-    with pytest.raises(TypeError, match="model_card"):
-        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, model_card=3)
+        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, card=CardInfo(results={"command": "x"}))
+    with pytest.raises(TypeError, match="`card`"):
+        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, card=3)
     with pytest.raises(FileNotFoundError, match="sample_grid"):
-        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, sample_grid=tmp_path / "missing.png")
+        dq.push_qalora_adapter(model, "test-org/x", token=TOKEN, card=CardInfo(sample_grid=tmp_path / "missing.png"))
     with pytest.raises(ValueError, match="not an exported integer model"):
         dq.push_quantized_model(make_unet2d(), "test-org/x", token=TOKEN)
     with pytest.raises(TypeError, match="not a pipeline"):

@@ -14,7 +14,6 @@ from diffusers_qalora.quant import (
     WeightQuantizer,
     dequantize,
     fake_quantize,
-    granularity_from_name,
     grouped_view,
     init_qparams,
     lp_search_qparams,
@@ -154,13 +153,6 @@ def test_granularity_validation():
     for bad in (0, -2, 2.0, True):
         with pytest.raises(ValueError, match="`group_size`"):
             PerGroup(bad)
-    assert granularity_from_name("tensor") == PerTensor()
-    assert granularity_from_name("channel") == PerChannel()
-    assert granularity_from_name("group", 8) == PerGroup(8)
-    with pytest.raises(ValueError, match="`group_size`"):
-        granularity_from_name("group")
-    with pytest.raises(ValueError, match="`granularity`"):
-        granularity_from_name("row")
     with pytest.raises(ValueError, match="2 dims"):
         WeightQuantizer((8,), bits=4)
     with pytest.raises(TypeError):

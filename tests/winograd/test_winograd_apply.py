@@ -230,3 +230,23 @@ def test_pass_config_fields_round_trip_and_validate():
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             WinogradConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    [("conv1",), ("resnets.0.conv1", "conv_out"), ("conv",), r".*resnets\.\d+\.conv\d", r"conv_in", ("down_blocks",)],
+)
+def test_target_matching_follows_peft(patterns):
+    # apply_winograd matches `target_modules` / `exclude_modules` with the rule the QALoRA tuner gets from PEFT.
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from diffusers_qalora.winograd.replace import _matches
+
+    names = [n for n, _ in make_tiny_unet().named_modules() if n] + ["xconv1", "a.conv1.b"]
+    peft_config = SimpleNamespace(target_modules=patterns if isinstance(patterns, str) else set(patterns),
+                                  exclude_modules=None, target_parameters=None)
+    assert [n for n in names if _matches(patterns, n)] == [
+        n for n in names if check_target_module_exists(peft_config, n)
+    ]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from peft import PeftConfig
 
 from ...export import BACKENDS, IntegerLayout
-from ...quant import INIT_METHODS, validate_bits, validate_timestep_table
 from ...tuners.qalora.config import QALoraConfig
+from ...tuners.qalora.model import validate_adapter_record
 from ...winograd.serialization import validate_winograd_record
 
 
@@ -21,115 +23,141 @@ class QALoraQuantMethod(str, enum.Enum):
     QALORA = "qalora"
 
 
-def _copy_names(value: Any, name: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
+# `QALoraConfig` is the one definition of the method's settings: the backend config takes its fields from it (same
+# names, types, help and defaults, except the overrides declared in the class body) and validates them by building a
+# `QALoraConfig`.  Every `QALoraConfig` field is either taken or listed here with the reason it is not.
+NOT_TAKEN_FROM_QALORA_CONFIG = {
+    **{f.name: "PEFT bookkeeping of every PeftConfig" for f in fields(PeftConfig)},
+    "exclude_modules": "taken under diffusers' name `modules_to_not_convert`",
+    "modules_to_save": "trains and saves whole modules: PEFT training state, not quantization",
+    "layers_to_transform": "unused by QALoRA (PEFT compatibility only)",
+    "layers_pattern": "unused by QALoRA (PEFT compatibility only)",
+    "bias": "always 'none' for QALoRA",
+    "version": "each config has its own format version",
+}
+RENAMED_FIELDS = {"modules_to_not_convert": "exclude_modules"}  # QALoraQuantConfig name -> QALoraConfig name
+METHOD_FIELDS = tuple(f.name for f in fields(QALoraConfig) if f.name not in NOT_TAKEN_FROM_QALORA_CONFIG)
+_NAME_LISTS = ("target_modules", "modules_to_not_convert", "eight_bit_modules")
+
+
+def _with_qalora_config_fields(cls: type) -> type:
+    """Give ``cls`` (before ``@dataclass``) every field of ``METHOD_FIELDS`` and ``modules_to_not_convert``, in
+    `QALoraConfig`'s order after ``quant_method``; a field the class body declares itself keeps its own default."""
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    source = {f.name: f for f in fields(QALoraConfig)}
+    annotations = {"quant_method": own.pop("quant_method")}
+    for name in (*METHOD_FIELDS, "modules_to_not_convert"):
+        if name in own:
+            annotations[name] = own.pop(name)
+            continue
+        f = source[RENAMED_FIELDS.get(name, name)]
+        annotations[name] = f.type
+        setattr(cls, name, field(default=f.default, metadata=dict(f.metadata)))
+    annotations.update(own)
+    cls.__annotations__ = annotations
+    return cls
+
+
+def _name_list(value: Any, name: str) -> list[str] | str | None:
+    """A copy of a module-name list (sorted when it came as a set); a string is a regex and is kept as it is."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, set | frozenset):
+        return sorted(str(v) for v in value)
     try:
-        names = [str(v) for v in value]
+        return [str(v) for v in value]
     except TypeError:
-        raise TypeError(f"`{name}` must be a list of module names, got {type(value).__name__}.") from None
-    return names
+        raise TypeError(
+            f"`{name}` must be a list of module names or a regex string, got {type(value).__name__}."
+        ) from None
 
 
 @dataclass(repr=False)
+@_with_qalora_config_fields
 class QALoraQuantConfig(QuantizationConfigMixin):
     """Quantization config of the ``"qalora"`` backend for ``ModelMixin.from_pretrained(..., quantization_config=)``.
 
-    Passed to ``from_pretrained`` of a float checkpoint, it quantizes on load (PTQ initialisation): QALoRA is
-    injected with weight step sizes from the weights, ready for `calibrate_activations`, distillation and
-    `export_quantized`.  An exported model's ``config.json`` carries this config with ``layers`` filled in, so
-    ``from_pretrained`` of that folder needs no argument and builds the integer layers directly.
+    Passed to ``from_pretrained`` of a float checkpoint, it quantizes on load: QALoRA layers are injected with weight
+    step sizes from the weights (min-max by default: fast) and the adapter frozen, ready for
+    `calibrate_activations` and `export_quantized`.  For distillation, pass ``trainable_adapter=True`` or call
+    ``set_qalora_adapter(model, "default", trainable=True)`` after loading.  An exported model's ``config.json``
+    carries this config with ``layers`` filled in, so ``from_pretrained`` of that folder needs no argument and builds
+    the integer layers directly.
+
+    The method's settings are the fields of [`QALoraConfig`], with the same names, meaning, validation and defaults
+    (``r``, ``lora_alpha``, ``weight_bits``, ``target_modules``, ``eight_bit_modules``, ``special_bits``,
+    ``weight_granularity``, ``weight_group_size``, ``weight_symmetric``, ``act_symmetric``, ``act_init``,
+    ``timesteps``, ``temporal_activations``, ``lsq_grad_scale``, ``quantize_attention``, ``attention_bits``,
+    ``quantize_attention_probs``, ``timestep_argument``, ``init_weights``), except:
 
     Args:
-        weight_bits (`int`, defaults to `4`): bit width of the weights, 2..8.
-        act_bits (`int`, defaults to `8`): bit width of the layer inputs, 2..8.
-        special_bits (`int`, defaults to `8`): bits of the first/last layers (input, embeddings, output).
-        weight_granularity (`"channel" | "group"`, defaults to `"channel"`): weight step granularity.
-        weight_group_size (`int`, *optional*): input channels per weight group (``weight_granularity="group"``).
-        weight_init (`"minmax" | "mse" | "lp"`, defaults to `"mse"`): weight step-size initialisation.
-        act_symmetric (`bool`, defaults to `False`): signed activation codes without zero point.
-        act_init (`"minmax" | "mse" | "lp"`, defaults to `"lp"`): activation calibration search.
-        timesteps (`list[float]`, *optional*): the timestep table (default ``0, 10, ..., 990``).
-        r (`int`, defaults to `32`): LoRA rank of the injected QALoRA adapter.
-        lora_alpha (`float`, defaults to `32.0`): LoRA alpha.
-        target_modules (`list[str]`, *optional*): modules to quantize; default every ``Linear`` and ``Conv2d``.
-        modules_to_not_convert (`list[str]`, *optional*): modules kept in float.
-        eight_bit_modules (`list[str]`, *optional*): modules at ``special_bits`` (default: first/last layers).
-        timestep_argument (`str`, defaults to `"timestep"`): the denoiser's timestep argument (read by the hook).
-        backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): compute path of the integer layers.
+        quant_method (`str`, defaults to `"qalora"`): the backend key, always ``"qalora"``.
+        act_bits (`int`, defaults to `8`): bit width of the layer inputs, 2..8 (W4A8 by default).
+        weight_init (`"minmax" | "mse" | "lp"`, defaults to `"minmax"`): weight step-size initialisation on load;
+            ``"mse"`` searches per channel and costs minutes on an SD1.5 UNet (see
+            ``benchmarks/results/quant_config_load.md``).
+        modules_to_not_convert (`list[str] | str`, *optional*): modules kept in float (``QALoraConfig``'s
+            ``exclude_modules``; diffusers' name).
+        trainable_adapter (`bool`, defaults to `False`): inject the QALoRA adapter trainable (for distillation)
+            instead of frozen.
+        backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): compute path of the integer
+            layers.
         layers (`dict[str, dict]`, *optional*): the [`IntegerLayout`] of every integer layer of an exported model;
             written by `export_quantized`, never set by hand.
         winograd (`dict`, *optional*): the record of the model's Winograd layers (what `save_winograd` writes as
             ``winograd_config.json``), taken by ``save_pretrained`` of an exported model that has any, so that
             ``from_pretrained`` rebuilds them; never set by hand.
+        adapters (`dict`, *optional*): the PEFT adapters (QALoRA and others, with their configs, active adapters and
+            scalings) of a float model carrying QALoRA, written by ``save_pretrained`` of such a model so that
+            ``from_pretrained`` injects them before the weights load; never set by hand.
         version (`int`, defaults to `1`): format version.
     """
 
     quant_method: QALoraQuantMethod = field(
         default=QALoraQuantMethod.QALORA, metadata={"help": "Always 'qalora' (the backend key)."}
     )
-    weight_bits: int = field(default=4, metadata={"help": "Weight bit width, 2..8."})
     act_bits: int = field(default=8, metadata={"help": "Activation bit width, 2..8."})
-    special_bits: int = field(default=8, metadata={"help": "Bits of the first/last layers."})
-    weight_granularity: str = field(default="channel", metadata={"help": "'channel' or 'group'."})
-    weight_group_size: int | None = field(default=None, metadata={"help": "Input channels per weight group."})
-    weight_init: str = field(default="mse", metadata={"help": "Weight step init: 'minmax', 'mse' or 'lp'."})
-    act_symmetric: bool = field(default=False, metadata={"help": "Signed activation codes without zero point."})
-    act_init: str = field(default="lp", metadata={"help": "Activation calibration: 'minmax', 'mse' or 'lp'."})
-    timesteps: list[float] | None = field(default=None, metadata={"help": "Timestep table (strictly increasing)."})
-    r: int = field(default=32, metadata={"help": "LoRA rank of the injected adapter."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to quantize."})
-    modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "Modules kept in float."})
-    eight_bit_modules: list[str] | None = field(default=None, metadata={"help": "Modules at special_bits."})
-    timestep_argument: str = field(default="timestep", metadata={"help": "The denoiser's timestep argument."})
+    weight_init: str = field(default="minmax", metadata={"help": "Weight step init: 'minmax', 'mse' or 'lp'."})
+    trainable_adapter: bool = field(
+        default=False, metadata={"help": "Inject the adapter trainable (distillation) instead of frozen."}
+    )
     backend: str = field(default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."})
     layers: dict[str, dict] | None = field(default=None, metadata={"help": "Layout of each exported integer layer."})
     winograd: dict[str, Any] | None = field(default=None, metadata={"help": "Record of the Winograd layers."})
+    adapters: dict[str, Any] | None = field(
+        default=None, metadata={"help": "PEFT adapters to rebuild on load (save_pretrained of a QALoRA model)."}
+    )
     version: int = field(default=1, metadata={"help": "Config format version."})
 
     def __post_init__(self) -> None:
         if self.quant_method != QALoraQuantMethod.QALORA.value:
             raise ValueError(f"`quant_method` must be 'qalora' for QALoraQuantConfig, got {self.quant_method!r}.")
         self.quant_method = QALoraQuantMethod.QALORA
-        for name in ("weight_bits", "act_bits", "special_bits"):
-            validate_bits(getattr(self, name), name)
-        if self.weight_granularity not in ("channel", "group"):
-            raise ValueError(f"`weight_granularity` must be 'channel' or 'group', got {self.weight_granularity!r}.")
-        if self.weight_granularity == "group" and (
-            isinstance(self.weight_group_size, bool) or not isinstance(self.weight_group_size, int)
-            or self.weight_group_size < 1
-        ):
-            raise ValueError(
-                f"`weight_group_size` must be a positive integer when weight_granularity='group', "
-                f"got {self.weight_group_size!r}."
-            )
-        for name in ("weight_init", "act_init"):
-            if getattr(self, name) not in INIT_METHODS:
-                raise ValueError(f"`{name}` must be one of {INIT_METHODS}, got {getattr(self, name)!r}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.trainable_adapter, bool):
+            raise ValueError(f"`trainable_adapter` must be True or False, got {self.trainable_adapter!r}.")
         if self.version != 1:
             raise ValueError(
                 f"`version` {self.version!r} is not supported by this diffusers_qalora (it reads version 1); "
                 f"upgrade diffusers_qalora."
             )
-        if self.timesteps is not None:
-            self.timesteps = list(validate_timestep_table(self.timesteps, "timesteps"))
         # Copies: the caller's lists are never modified.
-        self.target_modules = _copy_names(self.target_modules, "target_modules")
-        self.modules_to_not_convert = _copy_names(self.modules_to_not_convert, "modules_to_not_convert")
-        self.eight_bit_modules = _copy_names(self.eight_bit_modules, "eight_bit_modules")
+        for name in _NAME_LISTS:
+            setattr(self, name, _name_list(getattr(self, name), name))
+        # The one validation of the method's settings is QALoraConfig's; keep its normalised timestep table.
+        self.timesteps = self.to_qalora_config().timesteps
         if self.layers is not None:
             self.layers = self._validated_layers(self.layers)
         if self.winograd is not None:
             if self.layers is None:
                 raise ValueError("`winograd` describes the Winograd layers of an exported model; it needs `layers`.")
             self.winograd = validate_winograd_record(self.winograd, "quantization_config.winograd")
+        if self.adapters is not None:
+            if self.layers is not None:
+                raise ValueError("quantization_config has both `layers` (an exported model) and `adapters` (a float "
+                                 "model carrying QALoRA); restore the config.json that save_pretrained wrote.")
+            self.adapters = validate_adapter_record(self.adapters, "quantization_config.adapters")
 
     def _validated_layers(self, layers: Any) -> dict[str, dict]:
         if not isinstance(layers, dict) or not layers:
@@ -155,48 +183,30 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         return self.layers is not None
 
     def layouts(self) -> dict[str, IntegerLayout]:
-        """``layers`` as [`IntegerLayout`] objects."""
+        """``layers`` as [IntegerLayout][diffusers_qalora.export.IntegerLayout] objects."""
         return {name: IntegerLayout.from_dict(spec, f"layers[{name!r}]") for name, spec in (self.layers or {}).items()}
 
     def to_qalora_config(self) -> QALoraConfig:
-        """The [`QALoraConfig`] used for PTQ initialisation on load."""
-        return QALoraConfig(
-            r=self.r, lora_alpha=self.lora_alpha, weight_bits=self.weight_bits, act_bits=self.act_bits,
-            special_bits=self.special_bits, weight_granularity=self.weight_granularity,
-            weight_group_size=self.weight_group_size, weight_init=self.weight_init, act_symmetric=self.act_symmetric,
-            act_init=self.act_init, timesteps=None if self.timesteps is None else list(self.timesteps),
-            target_modules=None if self.target_modules is None else list(self.target_modules),
-            exclude_modules=None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
-            eight_bit_modules=None if self.eight_bit_modules is None else list(self.eight_bit_modules),
-            timestep_argument=self.timestep_argument,
-        )
+        """The [`QALoraConfig`] of the QALoRA adapter injected on load (frozen unless ``trainable_adapter``)."""
+        kwargs = {name: copy.deepcopy(getattr(self, name)) for name in METHOD_FIELDS}
+        kwargs.update({RENAMED_FIELDS[name]: copy.deepcopy(getattr(self, name)) for name in RENAMED_FIELDS})
+        return QALoraConfig(**kwargs, inference_mode=not self.trainable_adapter)
 
     @classmethod
     def from_qalora_config(cls, config: QALoraConfig, **overrides: Any) -> QALoraQuantConfig:
-        """The backend config matching a QALoRA adapter's config (used by `export_quantized`)."""
+        """The backend config carrying every setting of a QALoRA adapter's config (used by `export_quantized`);
+        ``overrides`` set the backend's own fields (``layers``, ``backend``, ...)."""
         if not isinstance(config, QALoraConfig):
             raise TypeError(f"`config` must be a QALoraConfig, got {type(config).__name__}.")
-
-        def names(v):
-            return None if v is None or isinstance(v, str) else sorted(v)
-
-        kwargs = {
-            "weight_bits": config.weight_bits, "act_bits": config.act_bits, "special_bits": config.special_bits,
-            "weight_granularity": config.weight_granularity, "weight_group_size": config.weight_group_size,
-            "weight_init": config.weight_init, "act_symmetric": config.act_symmetric, "act_init": config.act_init,
-            "timesteps": None if config.timesteps is None else list(config.timesteps), "r": config.r,
-            "lora_alpha": float(config.lora_alpha), "target_modules": names(config.target_modules),
-            "modules_to_not_convert": names(config.exclude_modules),
-            "eight_bit_modules": None if config.eight_bit_modules is None else list(config.eight_bit_modules),
-            "timestep_argument": config.timestep_argument,
-        }
+        kwargs = {name: copy.deepcopy(getattr(config, name)) for name in METHOD_FIELDS}
+        kwargs.update({name: copy.deepcopy(getattr(config, source)) for name, source in RENAMED_FIELDS.items()})
         kwargs.update(overrides)
         return cls(**kwargs)
 
     # -- serialisation ---------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Rebuild from [`to_dict`] (what ``config.json`` holds); unknown keys are an error naming them."""
+        """Rebuild from `to_dict` (what ``config.json`` holds); unknown keys are an error naming them."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"a QALoRA quantization_config must be a dict, got {type(config_dict).__name__}.")
         unknown = sorted(set(config_dict) - {f.name for f in fields(cls)})
@@ -219,6 +229,8 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         diff = self.to_diff_dict()
         if "layers" in diff:
             diff["layers"] = f"<{len(self.layers)} integer layers>"
+        if "adapters" in diff:
+            diff["adapters"] = f"<adapters {sorted(self.adapters['configs'])}>"
         if "winograd" in diff:
             diff["winograd"] = f"<{len(self.winograd['modules'])} Winograd layers>"
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in diff.items())})"

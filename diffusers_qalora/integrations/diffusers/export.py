@@ -5,19 +5,20 @@ from __future__ import annotations
 from peft import PeftModel
 from torch import nn
 
-from ...export import convert_qalora_to_integer
 from ...tuners.qalora.config import QALoraConfig
-from ...tuners.qalora.model import qalora_layers
+from ...tuners.qalora.convert import convert_qalora_to_integer
+from ...tuners.qalora.model import active_qalora_adapter
 from .config import QALoraQuantConfig
 from .quantizer import mark_exported
 
 
 def _adapter_config(model: nn.Module, adapter_name: str | None) -> QALoraConfig | None:
     configs = getattr(model, "peft_config", None) or {}
-    if adapter_name is None:
-        active = {layer._active_qalora_adapter() for layer in qalora_layers(model).values()} - {None}
-        adapter_name = next(iter(active)) if len(active) == 1 else None
-    config = configs.get(adapter_name) if adapter_name is not None else None
+    try:
+        adapter_name = active_qalora_adapter(model, adapter_name)
+    except ValueError:  # convert_qalora_to_integer raises the error that names the fix
+        return None
+    config = configs.get(adapter_name)
     return config if isinstance(config, QALoraConfig) else None
 
 
@@ -30,10 +31,10 @@ def export_quantized(
     """Merge a (distilled) QALoRA model into integer layers and return the integer model.
 
     Every QALoRA ``Linear``/``Conv2d`` (the 8-bit first and last layers too) becomes an
-    [`~diffusers_qalora.export.IntegerLinear`] / [`~diffusers_qalora.export.IntegerConv2d`] holding the weight codes
+    [IntegerLinear][diffusers_qalora.IntegerLinear] / [IntegerConv2d][diffusers_qalora.IntegerConv2d] holding the weight codes
     of ``Q_w(W0 + scaling * B @ A)`` (int8, or int4 packed two per byte), the weight step sizes, the bias and the
     activation step-size table; the LoRA factors, quantizer parameters and float weights are gone.  The timestep hook
-    stays and feeds the integer layers.  A diffusers model is marked quantized with a [`QALoraQuantConfig`] that
+    stays and feeds the integer layers.  A diffusers model is marked quantized with a [QALoraQuantConfig][diffusers_qalora.QALoraQuantConfig] that
     lists every integer layer, so ``save_pretrained`` writes packed integer tensors and ``from_pretrained`` of that
     folder needs no argument.
 
@@ -48,10 +49,10 @@ def export_quantized(
         `torch.nn.Module`: the integer model (``model`` itself when ``inplace``; the base model of a ``PeftModel``).
 
     Raises:
-        `ValueError` when there is nothing to export, several adapters are active, activation step sizes are not
-        calibrated, a layer is merged or another (float) adapter is present; `NotImplementedError` for asymmetric
-        weights and for adapters that quantize attention (``quantize_attention=True``: the integer layers have no
-        place for the q/k/v step sizes).  The model is unchanged on error.
+        ValueError: there is nothing to export, several adapters are active, activation step sizes are not
+            calibrated, a layer is merged or another (float) adapter is present.  The model is unchanged on error.
+        NotImplementedError: asymmetric weights, or an adapter that quantizes attention (``quantize_attention=True``:
+            the integer layers have no place for the q/k/v step sizes).
 
     Example:
 

@@ -8,13 +8,13 @@ Two ways in through ``ModelMixin.from_pretrained``:
   stay float32 whatever ``torch_dtype`` says), a checksum recorded at save time is verified, and the timestep hook is
   installed;
 * **a float checkpoint plus** ``quantization_config=QALoraQuantConfig(...)``: the weights load as usual, then QALoRA
-  is injected (PTQ initialisation of the weight step sizes), ready for ``calibrate_activations``, distillation and
-  ``export_quantized``.
+  layers are injected with min-max weight step sizes (by default; ``weight_init`` says) and the adapter frozen
+  (``trainable_adapter=True`` for distillation), ready for ``calibrate_activations`` and ``export_quantized``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import weakref
 from typing import Any
@@ -24,14 +24,17 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from safetensors import safe_open
 from torch import nn
 
-from ...export import IntegerConv2d, IntegerLayer, IntegerLinear, attach_integer_context, integer_layers
+from ...export import IntegerConv2d, IntegerLinear, attach_integer_context, integer_layers
+from ...quant.checksum import streamed_tensor_checksum, tensor_checksum
+from ...tuners.qalora.model import adapter_keys, finish_rebuild, rebuild_adapters
 from ...winograd import winograd_modules
 from ...winograd.serialization import build_winograd_layers, winograd_record
 from .config import QALoraQuantConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKSUM_KEY = "qalora_integer_checksum"
+CHECKSUM_KEY = "qalora_integer_checksum"  # over the integer layers' tensors, checked after loading
+STATE_CHECKSUM_KEY = "qalora_state_checksum"  # over every tensor of the checkpoint as stored, checked before loading
 FORMAT_KEY = "qalora_format"
 FORMAT_VERSION = "1"
 _TENSOR_NAMES = ("weight_packed", "weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
@@ -40,12 +43,7 @@ _EXPECTED_DTYPES = {"weight_packed": torch.uint8}
 
 def integer_state_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """blake2b over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return tensor_checksum(tensors)
 
 
 def _integer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,7 +57,7 @@ def _integer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class QALoraDiffusersQuantizer(DiffusersQuantizer):
-    """diffusers quantizer for [`QALoraQuantConfig`] (see the module docstring)."""
+    """diffusers quantizer for [QALoraQuantConfig][diffusers_qalora.QALoraQuantConfig] (see the module docstring)."""
 
     requires_calibration = False
     required_packages = None
@@ -81,11 +79,26 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         self._winograd_state: dict[str, dict[str, torch.Tensor]] = {}  # Winograd layer -> its tensors, while loading
         self._winograd_device: dict[str, Any] = {}
         self._torch_dtype: torch.dtype | None = None
+        # A float model saved with its PEFT adapters (`quantization_config.adapters`): the adapters are injected
+        # before the weights load, and their tensors collected here and loaded once all are in.
+        self._adapter_keys: set[str] = set()
+        self._adapter_tensors: dict[str, torch.Tensor] = {}
+        self._bit_viewed: set[str] = set()
+
+    @property
+    def rebuilds_adapters(self) -> bool:
+        """Whether this quantizer loads a float model carrying QALoRA adapters (not an exported one)."""
+        return self.pre_quantized and self.quantization_config.adapters is not None
 
     # -- environment and dtype -----------------------------------------------------------------------------------
     def validate_environment(self, *args, **kwargs) -> None:
         config = self.quantization_config
-        if self.pre_quantized and not config.is_exported:
+        if not self.pre_quantized and config.adapters is not None:
+            raise ValueError(
+                "this QALoraQuantConfig records the adapters of a saved QALoRA model (`adapters` is set); it is read "
+                "from that folder's config.json. Load the folder without `quantization_config`."
+            )
+        if self.pre_quantized and not config.is_exported and config.adapters is None:
             raise ValueError(
                 "config.json has a 'qalora' quantization_config without `layers`: it does not describe an exported "
                 "integer model. Export the model with diffusers_qalora.export_quantized(model) and save it again."
@@ -109,8 +122,8 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         if self.pre_quantized:
             self._files = [str(f) for f in checkpoint_files or [] if isinstance(f, str)]
-            checksums = set()
-            for path in self._files:
+            checksums, state_checksums = set(), set()
+            for path in [] if self.rebuilds_adapters else self._files:
                 if not path.endswith(".safetensors"):
                     raise ValueError(
                         f"{path}: an exported QALoRA model is stored as safetensors only; re-save it with "
@@ -126,11 +139,42 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                     ) from err
                 if metadata.get(CHECKSUM_KEY):
                     checksums.add(metadata[CHECKSUM_KEY])
+                if metadata.get(STATE_CHECKSUM_KEY):
+                    state_checksums.add(metadata[STATE_CHECKSUM_KEY])
             self._expected_checksum = checksums.pop() if len(checksums) == 1 else None
+            if len(state_checksums) > 1:
+                raise ValueError(
+                    f"the shards {self._where()} come from different saves (their checksums differ). Download or save "
+                    f"the model again."
+                )
+            if state_checksums:
+                self._verify_state_checksum(state_checksums.pop())
         return loaded_keys
+
+    def _verify_state_checksum(self, expected: str) -> None:
+        # Every tensor as stored (float ones too, before any dtype cast), read one at a time: a flipped byte in any
+        # tensor is caught before the model is touched.
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(path, framework="pt")) for path in self._files]
+            owner = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118 (not a dict)
+            try:
+                actual = streamed_tensor_checksum(sorted(owner), lambda name: owner[name].get_tensor(name))
+            except Exception as err:  # safetensors raises its own error types for data cut short
+                raise OSError(f"{self._where()} cannot be read whole ({err}); it is truncated or damaged. Download "
+                              f"or save the model again.") from err
+        if actual != expected:
+            raise ValueError(
+                f"corrupt checkpoint ({self._where()}): the checksum of its tensors differs from the one recorded by "
+                f"save_pretrained. Download or save the model again."
+            )
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         if not self.pre_quantized:
+            return model
+        if self.rebuilds_adapters:
+            base_keys = set(model.state_dict())
+            rebuild_adapters(model, self.quantization_config.adapters)
+            self._adapter_keys = adapter_keys(model, base_keys)
             return model
         self._model = model  # read by the per-shard checks in maybe_update_state_dict; dropped after loading
         replacements = {}
@@ -198,11 +242,14 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                 self._check_tensor(self._model, key, value)
         if self._torch_dtype in (None, torch.float32):
             return state_dict
+        # Adapter tensors keep their saved dtype too (QALoRA's are float32 whatever the base weights are).
+        self._bit_viewed |= {k for k, v in state_dict.items() if k in self._adapter_keys and v.dtype == torch.float32}
         # diffusers casts every floating tensor of the checkpoint to `torch_dtype` before handing it to
         # `create_quantized_param`; the float32 scales of the integer layers must not be rounded to that dtype.  They
         # travel as their int32 bit patterns (not floating, so not cast) and are viewed back as float32 on arrival.
         return {
-            key: value.view(torch.int32) if self._owns(key) and value.dtype == torch.float32 else value
+            key: value.view(torch.int32) if (self._owns(key) or key in self._adapter_keys) and value.dtype == torch.float32
+            else value
             for key, value in state_dict.items()
         }
 
@@ -211,6 +258,13 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         return tensor_name in _TENSOR_NAMES and module_name in self._layouts
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
+        ours = sorted(k for k in missing_keys if k in self._adapter_keys)
+        if ours:
+            raise ValueError(
+                f"{self._where()} lacks {len(ours)} adapter tensor(s) that config.json's quantization_config.adapters "
+                f"describes, e.g. {ours[:3]}. The file is truncated or not the one this config.json belongs to: save "
+                f"the pipeline again."
+            )
         if self.pre_quantized:
             ours = sorted(k for k in missing_keys if self._owns(k))
             if ours:
@@ -225,7 +279,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         return next((name for name in self._winograd_state if key.startswith(name + ".")), None)
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
-        return self.pre_quantized and (self._owns(param_name) or self._winograd_owner(param_name) is not None)
+        return self.pre_quantized and (
+            self._owns(param_name) or self._winograd_owner(param_name) is not None or param_name in self._adapter_keys
+        )
 
     def check_quantized_param_shape(self, param_name, current_param, loaded_param) -> bool:
         if tuple(current_param.shape) != tuple(loaded_param.shape):
@@ -238,6 +294,12 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
                                unexpected_keys=None, **kwargs) -> None:
+        if param_name in self._adapter_keys:
+            if param_name in self._bit_viewed:
+                param_value = param_value.view(torch.float32)  # see maybe_update_state_dict
+            device = target_device if target_device is not None else "cpu"
+            self._adapter_tensors[param_name] = param_value.to(device)
+            return
         owner = self._winograd_owner(param_name)
         if owner is not None:
             self._winograd_state[owner][param_name[len(owner) + 1:]] = param_value
@@ -254,6 +316,12 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        if self.rebuilds_adapters:
+            finish_rebuild(model, config.adapters, self._adapter_tensors, self._where())
+            self._adapter_tensors, self._bit_viewed = {}, set()
+            # A float model with adapters, as before saving: `.half()` / `.to(dtype)` stay allowed.
+            model.is_quantized = False
+            return model
         if not self.pre_quantized:
             from ...tuners.qalora.api import get_qalora_model
 
@@ -294,11 +362,18 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
 
     # -- saving --------------------------------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False):
+        if not self.quantization_config.is_exported:
+            return state_dict, {}
         tensors = {k: v for k, v in state_dict.items() if self._owns(k)}
-        return state_dict, {FORMAT_KEY: FORMAT_VERSION, CHECKSUM_KEY: integer_state_checksum(tensors)}
+        metadata = {FORMAT_KEY: FORMAT_VERSION, CHECKSUM_KEY: integer_state_checksum(tensors)}
+        if safe_serialization:  # what a .safetensors file stores: every tensor as it is in the state dict
+            metadata[STATE_CHECKSUM_KEY] = tensor_checksum(state_dict)
+        return state_dict, metadata
 
     @property
     def is_serializable(self) -> bool:
+        if self.quantization_config.adapters is not None:
+            return True  # a float model with its adapters, described by its live quantization_config record
         if not self.quantization_config.is_exported:
             logger.warning(
                 "A QALoRA model that is not exported yet cannot be saved with save_pretrained: call "
@@ -342,6 +417,3 @@ def mark_exported(model: nn.Module, config: QALoraQuantConfig) -> None:
     model.hf_quantizer = quantizer
     quantizer._owner = weakref.ref(model)
 
-
-def is_integer_layer(module: nn.Module) -> bool:
-    return isinstance(module, IntegerLayer)

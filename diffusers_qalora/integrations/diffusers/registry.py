@@ -2,7 +2,7 @@
 
 diffusers has no public registration API: ``DiffusersAutoQuantizer`` looks backends up in two module-level dicts,
 ``AUTO_QUANTIZER_MAPPING`` and ``AUTO_QUANTIZATION_CONFIG_MAPPING`` (``diffusers/quantizers/auto.py``), keyed by the
-``quant_method`` string.  [`register_diffusers_backend`] inserts our two classes there, validated and idempotent.
+``quant_method`` string.  [register_diffusers_backend][diffusers_qalora.integrations.diffusers.register_diffusers_backend] inserts our two classes there, validated and idempotent.
 """
 
 from __future__ import annotations

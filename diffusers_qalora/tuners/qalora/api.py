@@ -13,9 +13,11 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from ...quant import ScaleAwareEntry, ScaleAwareGroups, TimestepHook, scale_aware_param_groups
-from .config import QALoraConfig
+from ...quant.quantizers import TIMESTEP_CONTEXT_ATTR, detach_timestep_context
+from ...quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
+from .config import QALoraConfig, QALoraPeftType
 from .layer import QALoraLayer
-from .model import CONTEXT_ATTR, HOOK_ATTR, eligible_module_names, qalora_layers
+from .model import eligible_module_names, qalora_layers
 
 
 def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
@@ -27,18 +29,12 @@ def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
     return sorted({float(t) for t in scheduler.timesteps.tolist()})
 
 
-def _ensure_registered() -> None:
-    from ...integrations import register
-
-    register()
-
-
 def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str = "default") -> nn.Module:
     """Inject QALoRA into a diffusers denoiser in place and return it (same object, same class).
 
     The returned model is a drop-in for ``pipe.unet`` / ``pipe.transformer``: ``model.config`` still reads and the
     pipeline still runs.  Weight step sizes are initialised from the weights (``config.weight_init``); activation step
-    sizes must be calibrated with [`calibrate_activations`] before the first quantized forward pass.
+    sizes must be calibrated with [calibrate_activations][diffusers_qalora.calibrate_activations] before the first quantized forward pass.
 
     Args:
         model (`torch.nn.Module`): the denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
@@ -59,7 +55,6 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
     >>> dq.calibrate_activations(unet, lambda: pipe(prompt, num_inference_steps=100))
     ```
     """
-    _ensure_registered()
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module (e.g. pipe.unet), got {type(model).__name__}.")
     if not isinstance(config, QALoraConfig):
@@ -69,23 +64,38 @@ def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str =
     config = copy.deepcopy(config)
     TimestepHook(None, model.forward, config.timestep_argument)  # validates the timestep argument up front
     eligible_module_names(model, config)  # validates the targets up front
-    return _inject_or_rollback(model, config, adapter_name)
+    return inject_qalora_adapter(model, config, adapter_name)
 
 
-def _inject_or_rollback(
+def inject_qalora_adapter(
     model: nn.Module, config: QALoraConfig, adapter_name: str, state_dict: dict | None = None
 ) -> nn.Module:
+    """``peft.inject_adapter_in_model`` for QALoRA, without validation (see [get_qalora_model][diffusers_qalora.get_qalora_model]
+    for the checked entry point); on any error the model is restored as it was."""
+    with restore_on_error(model, adapter_name), warnings.catch_warnings():
+        # PEFT warns whenever a second adapter is added; several QALoRA adapters on one model are supported.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
+
+
+@contextmanager
+def restore_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """If the block raises, undo what it did to ``model`` for adapter ``adapter_name``: new QALoRA layers are replaced
+    by their base layers, the adapter is deleted from layers that existed before, and ``peft_config``, the timestep
+    hook and the attention processors are restored.  The exception is re-raised."""
     before = {name: m for name, m in model.named_modules()}
     had_peft_config = hasattr(model, "peft_config")
     old_peft_config = dict(model.peft_config) if had_peft_config else None
-    had_context = getattr(model, CONTEXT_ATTR, None) is not None
+    had_context = getattr(model, TIMESTEP_CONTEXT_ATTR, None) is not None
+    had_flag = vars(model).get("_hf_peft_config_loaded")
     try:
-        with warnings.catch_warnings():
-            # PEFT warns whenever a second adapter is added; several QALoRA adapters on one model are supported.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            return inject_adapter_in_model(config, model, adapter_name, state_dict=state_dict)
+        yield
     except BaseException:
         _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had_context)
+        if had_flag is None:
+            vars(model).pop("_hf_peft_config_loaded", None)
+        else:
+            model._hf_peft_config_loaded = had_flag
         raise
 
 
@@ -98,23 +108,42 @@ def _rollback(model, before, adapter_name, had_peft_config, old_peft_config, had
                 module.delete_adapter(adapter_name)
             continue
         model.set_submodule(name, module.base_layer)
-    from ...integrations.diffusers.attention_processor import restore_attention_processors
+    from .attention import restore_attention_processors
 
     restore_attention_processors(model)  # attention modules left without quantizers get their default processor
     if had_peft_config:
         model.peft_config = old_peft_config
     elif hasattr(model, "peft_config"):
         del model.peft_config
-    if not had_context and getattr(model, CONTEXT_ATTR, None) is not None:
-        getattr(model, HOOK_ATTR).remove()
-        object.__delattr__(model, CONTEXT_ATTR)
-        object.__delattr__(model, HOOK_ATTR)
+    if not had_context:
+        detach_timestep_context(model)
 
 
 def remove_qalora(model: nn.Module) -> nn.Module:
-    """Undo [`get_qalora_model`]: put every original layer back and remove the timestep hook."""
-    _rollback(model, {}, "", False, None, False)
+    """Undo [`get_qalora_model`]: put every original layer back, remove the timestep hook and the QALoRA entries of
+    ``model.peft_config``.  Other adapters (e.g. a style LoRA added with ``add_adapter``) keep their layers and
+    their config entries; a style LoRA that wrapped a QALoRA layer now wraps the original layer.  Merged QALoRA
+    layers need no unmerge: their base weight is the original one."""
+    configs = getattr(model, "peft_config", None)
+    qalora_names = {name for name, config in (configs or {}).items() if _is_qalora_config(config)}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QALoraLayer):
+            model.set_submodule(name, module.get_base_layer())
+    from .attention import restore_attention_processors
+
+    restore_attention_processors(model)  # attention modules left without quantizers get their default processor
+    for name in qalora_names:
+        del configs[name]
+    if configs is not None and not configs and "peft_config" in vars(model):
+        del model.peft_config
+        if getattr(model, "_hf_peft_config_loaded", False):
+            model._hf_peft_config_loaded = False
+    detach_timestep_context(model)
     return model
+
+
+def _is_qalora_config(config: Any) -> bool:
+    return isinstance(config, QALoraConfig) or getattr(config, "peft_type", None) == QALoraPeftType.QALORA
 
 
 def _layer_act_quantizers(layer: QALoraLayer, adapter: str) -> list:
@@ -142,7 +171,7 @@ def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
     configs = getattr(model, "peft_config", {})
     quantizers = []
     for layer in layers:
-        adapter = layer._active_qalora_adapter()
+        adapter = layer.active_qalora_adapter()
         if adapter is None:
             continue
         chosen = method or getattr(configs.get(adapter), "act_init", "lp")
@@ -162,13 +191,12 @@ def calibrating(model: nn.Module, method: str | None = None) -> Iterator[None]:
             if ok:
                 quantizer.finish_calibration()
             else:
-                quantizer._calibrating = False
-                quantizer._calib_sum = None
+                quantizer.cancel_calibration()
 
 
 def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str | None = None) -> nn.Module:
     """Calibrate every activation step size per timestep by running ``run()`` (e.g. a pipeline call that samples a
-    few trajectories with the model) in full precision.  See [`calibrating`]."""
+    few trajectories with the model) in full precision.  See [calibrating][diffusers_qalora.calibrating]."""
     if not callable(run):
         raise TypeError(f"`run` must be a callable that samples with the model, got {type(run).__name__}.")
     with calibrating(model, method):
@@ -179,7 +207,7 @@ def calibrate_activations(model: nn.Module, run: Callable[[], Any], method: str 
 def copy_activation_calibration(model: nn.Module, source: str, target: str) -> nn.Module:
     """Calibrate adapter ``target`` from the calibrated adapter ``source`` of the same model (same activation bits and
     symmetry) without running the model again: calibration observes the full-precision model, so both would see the
-    same inputs.  See [`diffusers_qalora.quant.quantizers.copy_calibration_`] for tables that differ."""
+    same inputs.  See `diffusers_qalora.quant.quantizers.copy_calibration_` for tables that differ."""
     from ...quant.quantizers import copy_calibration_
 
     layers = [layer for layer in qalora_layers(model).values() if target in layer.qal_act_quantizer]
@@ -222,9 +250,9 @@ def mean_weight_step(layer: QALoraLayer, adapter: str) -> float:
 
 def get_qalora_param_groups(
     model: nn.Module,
-    lora_lr: float = 1e-4,
-    weight_step_lr: float = 1e-6,
-    act_step_lr: float = 5e-4,
+    lora_lr: float = DEFAULT_LORA_LR,
+    weight_step_lr: float = DEFAULT_WEIGHT_STEP_LR,
+    act_step_lr: float = DEFAULT_ACT_STEP_LR,
     scale_aware: str = "lr",
     weight_decay: float = 0.0,
 ) -> ScaleAwareGroups:
@@ -232,15 +260,21 @@ def get_qalora_param_groups(
 
     * LoRA factors: per-layer learning rate ``lora_lr * s̄_l / mean(s̄)`` (``scale_aware="lr"``, see
       `diffusers_qalora.quant.scale_aware`), gradient multipliers (``"grad"``) or one rate (``"none"``);
-    * weight step sizes: ``weight_step_lr`` (EfficientDM: 1e-6), no weight decay;
+    * weight step sizes: ``weight_step_lr`` (default 1e-5; EfficientDM: 1e-6), no weight decay;
     * activation step sizes and zero points (the q/k/v and softmax ones of ``quantize_attention`` too):
-      ``act_step_lr`` (EfficientDM: 5e-4), no weight decay.  Only the
+      ``act_step_lr`` (default 1e-4; EfficientDM: 5e-4), no weight decay.  Only the
       current timestep's entries receive a gradient, and optimizers skip parameters whose gradient is ``None``, so
       inactive timesteps stay bit-identical (zero the gradients with ``set_to_none=True``, PyTorch's default).
+
+    Returns:
+        [`ScaleAwareGroups`]: a list of parameter-group dicts (each with a ``"name"``), which ``torch.optim`` takes as
+        it is: ``torch.optim.AdamW(get_qalora_param_groups(model))``.  With ``scale_aware="grad"`` the gradient
+        multipliers are hooks on the LoRA factors, kept in ``groups.hooks``: call ``groups.remove_hooks()`` when
+        training is done.
     """
     entries, weight_steps, act_steps = [], [], []
     for name, layer in qalora_layers(model).items():
-        adapter = layer._active_qalora_adapter()
+        adapter = layer.active_qalora_adapter()
         if adapter is None:
             continue
         if adapter in layer.qal_A and layer.qal_A[adapter].requires_grad:
@@ -251,21 +285,12 @@ def get_qalora_param_groups(
         act_steps += [p for q in _layer_act_quantizers(layer, adapter) for p in q.parameters() if p.requires_grad]
     groups = scale_aware_param_groups(entries, lora_lr, scale_aware, weight_decay)
     if weight_steps:
-        groups.param_groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0,
-                                    "name": "weight_steps"})
+        groups.append({"params": weight_steps, "lr": weight_step_lr, "weight_decay": 0.0, "name": "weight_steps"})
     if act_steps:
-        groups.param_groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
-    if not groups.param_groups:
+        groups.append({"params": act_steps, "lr": act_step_lr, "weight_decay": 0.0, "name": "act_steps"})
+    if not groups:
         raise ValueError("no trainable QALoRA parameter found; is an adapter active and not in inference mode?")
     return groups
-
-
-def active_qalora_adapter(model: nn.Module) -> str:
-    """The name of the QALoRA adapter active in ``model``'s layers (one name; an error if none or several)."""
-    names = {layer._active_qalora_adapter() for layer in qalora_layers(model).values()} - {None}
-    if len(names) != 1:
-        raise ValueError(f"expected one active QALoRA adapter, found {sorted(names)}; call set_qalora_adapter.")
-    return names.pop()
 
 
 def set_qalora_adapter(model: nn.Module, adapter_name: str, trainable: bool = False) -> nn.Module:

@@ -42,7 +42,7 @@ DEFAULT_EIGHT_BIT_ROOTS = (
 
 @dataclass
 class QALoraConfig(PeftConfig):
-    """Configuration for [`QALoraModel`]: LoRA merged into the weight *before* fake quantization (EfficientDM).
+    """Configuration for [QALoraModel][diffusers_qalora.QALoraModel]: LoRA merged into the weight *before* fake quantization (EfficientDM).
 
     A wrapped layer computes ``op(Q_a(x; t), Q_w(W0 + scaling * B @ A))`` where ``Q_w`` is an LSQ weight quantizer and
     ``Q_a`` a temporal activation quantizer with one step size per calibrated timestep.
@@ -76,8 +76,9 @@ class QALoraConfig(PeftConfig):
         quantize_attention (`bool`, defaults to `False`): also quantize the attention's query, key and value (the
             outputs of the ``to_q``/``to_k``/``to_v`` layers of diffusers' ``Attention`` modules) with temporal step
             sizes held on those layers (``qal_out_quantizer``), calibrated and trained like the input step sizes.
-            Injection installs `QALoraAttnProcessor` on those modules (UNet2DModel / UNet2DConditionModel attention;
-            SD3's joint attention and Flux's attention are refused).  Integer export refuses such adapters.
+            Injection installs the matching processor on those modules: `QALoraAttnProcessor` (UNet attention),
+            `QALoraJointAttnProcessor` (SD3's joint attention), `QALoraFluxAttnProcessor` (Flux's attention).
+            Integer export refuses such adapters.
         attention_bits (`int`, *optional*): bit width of q, k, v and the softmax output; defaults to ``act_bits``.
             Signed or unsigned as ``act_symmetric`` says; the softmax output is always unsigned.
         quantize_attention_probs (`bool`, defaults to `False`): also quantize the softmax output (the attention

@@ -8,14 +8,23 @@ that contain neither ``lora_`` nor ``lora_A``/``lora_B`` (PEFT and diffusers det
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...quant import PerChannel, PerGroup, TemporalActQuantizer, WeightQuantizer
+from ...quant import (
+    PerChannel,
+    PerGroup,
+    TemporalActQuantizer,
+    WeightQuantizer,
+    fake_quantize,
+    fake_quantize_impl,
+    fake_quantize_lora_merged,
+    fused_path_enabled,
+    grouped_view,
+)
 from .config import QALoraConfig
 
 # Leaf names of the projections of diffusers' ``Attention`` whose outputs ``quantize_attention`` quantizes.
@@ -31,6 +40,8 @@ class QALoraLayer(BaseTunerLayer):
         "qal_A", "qal_B", "qal_weight_quantizer", "qal_act_quantizer", "qal_out_quantizer", "qal_prob_quantizer"
     )
     other_param_names = ("r", "lora_alpha", "scaling", "eight_bit")
+    # False runs the reference composition in training too (benchmarks compare the two; same numbers).
+    fused_weight_path = True
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -46,7 +57,9 @@ class QALoraLayer(BaseTunerLayer):
         self.qal_prob_quantizer = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._weight_before_merge: torch.Tensor | None = None
+        # `merge()` never overwrites W0: it caches ``Q_w(W0 + scaling * B A)`` in this non-persistent buffer, which
+        # follows ``.to()`` / ``.half()``, stays out of every state dict, and is simply dropped by `unmerge()`.
+        self.register_buffer("qal_merged_weight", None, persistent=False)
         self._calibrating = False
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.kwargs = kwargs
@@ -129,7 +142,8 @@ class QALoraLayer(BaseTunerLayer):
                 table, bits, symmetric=False, lsq_grad_scale=config.lsq_grad_scale, name=f"{name}:softmax"
             ).to(device)
 
-    def _active_qalora_adapter(self) -> str | None:
+    def active_qalora_adapter(self) -> str | None:
+        """The QALoRA adapter active in this layer (``None`` if none is; an error if several are)."""
         active = [a for a in self.active_adapters if a in self.qal_weight_quantizer]
         if len(active) > 1:
             raise ValueError(
@@ -162,31 +176,57 @@ class QALoraLayer(BaseTunerLayer):
 
     def _qalora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        adapter = None if self.disable_adapters else self._active_qalora_adapter()
+        adapter = None if self.disable_adapters else self.active_qalora_adapter()
         if adapter is None:
-            if self.merged:
-                self.unmerge()
-            return base(x, *args, **kwargs)
+            return base(x, *args, **kwargs)  # W0 is never overwritten, so a merged layer needs no unmerge here
         act_quantizer = self.qal_act_quantizer[adapter]
         if self._calibrating:
             # Calibration observes the full-precision model's own inputs: the layer runs unquantized.
             act_quantizer(x)
-            if self.merged:
-                self.unmerge()
             return base(x, *args, **kwargs)
         x_q = act_quantizer(x)
-        if self.merged:
-            return base(x_q, *args, **kwargs)
-        return self._op(x_q, self.quantized_weight(adapter))
+        if self.merged_adapters == [adapter]:
+            if self.qal_merged_weight is None:
+                # Built at the first forward after merge(), not in merge(): diffusers' fuse_lora merges this layer
+                # before a style LoRA wrapping it adds its delta to W0, and the merged weight must include it.
+                with torch.no_grad():
+                    self.qal_merged_weight = self.quantized_weight(adapter)
+            return self._op(x_q, self.qal_merged_weight)
+        return self._op(x_q, self._forward_weight(adapter))
+
+    def _forward_weight(self, adapter: str) -> torch.Tensor:
+        """[`quantized_weight`] for the forward pass: with gradients on a LoRA layer whose weight quantizer runs
+        the torch reference, the fused `fake_quantize_lora_merged` where `fused_path_enabled` says so (SD-scale
+        weights on CPU: same numbers, one compiled pass over the weight each way, no weight-sized allocation per
+        step); otherwise the composition itself (small weights, and the Triton kernel on CUDA)."""
+        wq = self.qal_weight_quantizer[adapter]
+        weight = self.get_base_layer().weight
+        if (not self.fused_weight_path or adapter not in self.qal_A or not torch.is_grad_enabled()
+                or not fused_path_enabled(weight.numel(), weight.device)
+                or fake_quantize_impl(wq, weight) is not fake_quantize):
+            return self.quantized_weight(adapter)
+        grouped = grouped_view(weight, wq.granularity).shape
+        return fake_quantize_lora_merged(
+            weight, self.qal_A[adapter], self.qal_B[adapter], self.scaling[adapter], wq.step, wq.zero_point,
+            wq.qmin, wq.qmax, wq.grad_scale, grouped,
+        ).to(weight.dtype)
 
     # -- merge / unmerge / scale (PEFT and diffusers hooks) -------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write ``Q_w(W0 + scaling * B A)`` into the base weight (the activation quantizer stays active).
+        """Freeze ``Q_w(W0 + scaling * B A)`` so that forward passes skip the fake quantization of the weight (the
+        activation quantizer stays active).
 
-        Quantization is not additive, so only one adapter can be merged; the original weight is kept so that
-        [`unmerge`] restores it exactly.
+        Quantization is not additive, so only one adapter can be merged.  Unlike PEFT's LoRA, the base weight W0 is
+        left untouched: the merged weight is built at the next forward pass (so that it includes whatever a style LoRA
+        wrapping this layer merges into W0 in the same ``fuse_lora``) into the non-persistent buffer
+        ``qal_merged_weight``, which follows ``.to()`` / ``.half()`` and never enters a state dict; [`unmerge`] just
+        drops it.  A merged model cannot
+        be unloaded into plain layers (``merge_and_unload``); `export_quantized` is the way to a standalone model.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        # Other adapters named here (a style LoRA around this layer) are merged by their own layers, possibly into W0:
+        # drop the merged weight so that the next forward pass rebuilds it from the W0 they leave.
+        self.qal_merged_weight = None
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.qal_weight_quantizer]
         if not adapter_names:
             return
         if len(adapter_names) > 1 or self.merged_adapters:
@@ -195,23 +235,60 @@ class QALoraLayer(BaseTunerLayer):
                 f"{self.merged_adapters} already merged."
             )
         adapter = adapter_names[0]
-        if adapter not in self.qal_weight_quantizer:
-            return
-        base = self.get_base_layer()
-        with torch.no_grad():
-            new_weight = self.quantized_weight(adapter)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter!r} seems to be broken.")
-            self._weight_before_merge = base.weight.data.clone()
-            base.weight.data = new_weight
+        if safe_merge:
+            with torch.no_grad():
+                if not torch.isfinite(self.quantized_weight(adapter)).all():
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {adapter!r} seems to be broken.")
         self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.get_base_layer().weight.data = self._weight_before_merge
-        self._weight_before_merge = None
+        """Drop the merged weight: the layer computes ``Q_w(W0 + scaling * B A)`` on the fly again."""
+        self.qal_merged_weight = None
         self.merged_adapters.clear()
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names`` on this layer.
+
+        QALoRA is the quantization of the layer, not one more additive adapter: a call that names no QALoRA adapter
+        of this layer (diffusers' ``add_adapter(cfg, adapter_name="style")`` calls ``set_adapter("style")``, and
+        ``set_adapters(["style"])`` does the same) keeps the active QALoRA adapter active, with its trainable state
+        unchanged.  Naming two QALoRA adapters is an error, raised before anything changes.  Switch QALoRA adapters
+        by naming one, turn QALoRA off with ``disable_adapters()`` / `adapters_disabled` or remove it.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        ours = [n for n in names if n in self.qal_weight_quantizer]
+        if len(ours) > 1:
+            raise ValueError(
+                f"only one QALoRA adapter can be active per layer (quantization is not additive), got {ours}; name a "
+                f"single QALoRA adapter (other adapters such as a style LoRA may be named with it)."
+            )
+        kept = []
+        if not ours and names:
+            kept = [a for a in self.active_adapters if a in self.qal_weight_quantizer][:1]
+        kept_params = [p for a in kept for p in self._adapter_parameters(a)]
+        grad_state = [p.requires_grad for p in kept_params]
+        super().set_adapter(kept + names, inference_mode=inference_mode)
+        for p, requires_grad in zip(kept_params, grad_state):
+            p.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        found = []
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter not in container:
+                continue
+            item = container[adapter]
+            if isinstance(item, nn.Parameter):
+                found.append(item)
+            elif isinstance(item, nn.Module):
+                found += list(item.parameters())
+        return found
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete ``adapter_name`` from this layer (unmerging it first if it is the merged one)."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        super().delete_adapter(adapter_name)
 
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.qal_A:
@@ -229,16 +306,6 @@ class QALoraLayer(BaseTunerLayer):
                     self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
                 else:
                     self.scaling[adapter] /= scale
-
-    @contextmanager
-    def adapters_disabled(self):
-        """Run the base layer in full precision inside the block (used for the teacher pass)."""
-        previous = self._disable_adapters
-        self._disable_adapters = True
-        try:
-            yield
-        finally:
-            self._disable_adapters = previous
 
 
 class Linear(nn.Module, QALoraLayer):

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import enum
 import re
+import warnings
+import weakref
+from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from ...quant import TemporalActQuantizer, TimestepContext, install_timestep_hook
+from ...quant import attach_timestep_context, detach_timestep_context
 from .config import QALoraConfig
 from .layer import QALoraLayer, dispatch_qalora, unsupported_reason
 
-CONTEXT_ATTR = "_qalora_timestep_context"
-HOOK_ATTR = "_qalora_timestep_hook"
+
+@dataclasses.dataclass
+class _Patterns:
+    """The fields PEFT's ``check_target_module_exists`` reads, for matching one set of patterns with PEFT's rule
+    (exact name or ``.``-suffix for a set, ``re.fullmatch`` for a string) without the config's other fields."""
+
+    target_modules: set[str] | str
+    exclude_modules: None = None
+    target_parameters: None = None
 
 
 def _matches(patterns: set[str] | str | None, name: str) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return patterns is not None and bool(check_target_module_exists(_Patterns(patterns), name))
 
 
 def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
@@ -55,7 +65,7 @@ def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
             if not _matches(config.target_modules, name):
                 continue
             if isinstance(config.target_modules, set):
-                matched_patterns.update(p for p in config.target_modules if name == p or name.endswith("." + p))
+                matched_patterns.update(p for p in config.target_modules if _matches({p}, name))
             reason = unsupported_reason(module)
             if reason is not None:
                 raise ValueError(
@@ -80,10 +90,10 @@ def eligible_module_names(model: nn.Module, config: QALoraConfig) -> list[str]:
 
 
 class QALoraModel(BaseTuner):
-    """PEFT tuner for QALoRA (EfficientDM).  Usually reached through [`get_qalora_model`], ``peft.get_peft_model``,
+    """PEFT tuner for QALoRA (EfficientDM).  Usually reached through [get_qalora_model][diffusers_qalora.get_qalora_model], ``peft.get_peft_model``,
     ``PeftModel.from_pretrained`` or diffusers' ``model.add_adapter`` once ``diffusers_qalora`` is imported.
 
-    Every wrapped layer shares one [`TimestepContext`], fed by a forward pre-hook on the wrapped denoiser.
+    Every wrapped layer shares one [TimestepContext][diffusers_qalora.TimestepContext], fed by a forward pre-hook on the wrapped denoiser.
     """
 
     prefix: str = "qal_"
@@ -99,7 +109,7 @@ class QALoraModel(BaseTuner):
         else:
             names = eligible_module_names(self.model, peft_config)
         if peft_config.quantize_attention:
-            from ...integrations.diffusers.attention_processor import check_attention_targets
+            from .attention import check_attention_targets
 
             check_attention_targets(self.model, names)
         return peft_config
@@ -128,14 +138,16 @@ class QALoraModel(BaseTuner):
         # `PeftModel.add_adapter` / `load_adapter`: attach the timestep context after every injection.
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         attach_timestep_context(model, self.peft_config[adapter_name].timestep_argument)
+        attach_save_record(model)
+        if hasattr(type(model), "_hf_peft_config_loaded"):
+            # diffusers' PeftAdapterMixin verbs (set_adapter, disable_adapters, delete_adapters, ...) check this flag,
+            # which only its own add_adapter / load_lora_adapter set: without it they say "No adapter loaded".
+            model._hf_peft_config_loaded = True
         if self.peft_config[adapter_name].quantize_attention:
             # The q/k/v step sizes live on the projections; the processor that applies them is stateless.
-            from ...integrations.diffusers.attention_processor import set_qalora_attn_processor
+            from .attention import set_qalora_attn_processor
 
             set_qalora_attn_processor(model)
-
-    def _post_injection_hook(self, model: nn.Module, config: QALoraConfig, adapter_name: str) -> None:
-        attach_timestep_context(model, config.timestep_argument)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -147,25 +159,236 @@ class QALoraModel(BaseTuner):
         new_key, count = re.subn(pattern, r"\1\2", key)
         return new_key if count else super()._remove_adapter_name_from_key(key, adapter_name)
 
-    @staticmethod
-    def _check_target_module_exists(peft_config: QALoraConfig, key: str):
-        return check_target_module_exists(peft_config, key)
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        # PEFT's `merge_and_unload` writes the merged weight into plain layers and drops the activation quantizers:
+        # a W4A4 model would silently become W4 with float activations.  Refuse before touching anything.  (Not in
+        # `_check_merge_allowed`: `merge_adapter` calls that too, and an in-place merge that keeps the activation
+        # quantizer is valid.)
+        if merge:
+            raise ValueError(
+                "merge_and_unload() is not supported for QALoRA: plain layers cannot hold the activation quantizers, "
+                "so the result would be a weight-only model with float activations. Use "
+                "diffusers_qalora.export_quantized(model) for a standalone quantized model (integer layers), "
+                "merge_adapter() to merge in place while keeping the quantizers, or unload() to get the "
+                "full-precision model back. Nothing was changed."
+            )
+        model = super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        detach_timestep_context(model)
+        # Imported here: the processors import diffusers, whose import registers the backend, which imports this module.
+        from .attention import restore_attention_processors
 
-
-def attach_timestep_context(model: nn.Module, timestep_argument: str = "timestep") -> TimestepContext:
-    """Give every temporal quantizer of ``model`` one shared [`TimestepContext`] fed by a pre-hook (idempotent)."""
-    context = getattr(model, CONTEXT_ATTR, None)
-    if context is None:
-        context = TimestepContext()
-        handle = install_timestep_hook(model, context, timestep_argument)
-        object.__setattr__(model, CONTEXT_ATTR, context)
-        object.__setattr__(model, HOOK_ATTR, handle)
-    for module in model.modules():
-        if isinstance(module, TemporalActQuantizer):
-            module.context = context
-    return context
+        restore_attention_processors(model)
+        return model
 
 
 def qalora_layers(model: nn.Module) -> dict[str, QALoraLayer]:
     """All QALoRA layers of ``model`` by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QALoraLayer)}
+
+
+# -- what `save_pretrained` of a diffusers model carrying QALoRA records, and how `from_pretrained` rebuilds it -------
+# A diffusers model saves its own `state_dict()`, so a model with QALoRA layers writes wrapped names
+# (``conv_in.base_layer.weight``, ``conv_in.qal_A.default``, ...).  For `from_pretrained` to map them back, config.json
+# must say which adapters to inject before the weights load: the model's ``config.quantization_config`` is a
+# `QALoraSaveRecord`, whose ``to_dict()`` (called by diffusers when it writes config.json) describes the adapters the
+# model carries *at that moment*; the ``"qalora"`` diffusers backend reads it back (``QALoraQuantConfig.adapters``).
+
+ADAPTER_RECORD_VERSION = 1
+
+
+class QALoraSaveRecord:
+    """The ``quantization_config`` of a diffusers model carrying QALoRA: a live view of its PEFT adapters.
+
+    ``to_dict()`` is ``None`` once the model has no QALoRA layer left (config.json then says
+    ``"quantization_config": null`` and the folder loads as a plain model).  The record holds the model weakly; a
+    deep copy of the model gets a record of the copy.
+    """
+
+    quant_method = "qalora"
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+
+    def to_dict(self) -> dict[str, Any] | None:
+        model = self._model()
+        if model is None or not qalora_layers(model):
+            return None
+        return {"quant_method": "qalora", "adapters": adapter_record(model)}
+
+    def __deepcopy__(self, memo: dict) -> QALoraSaveRecord:
+        model = self._model()
+        return QALoraSaveRecord(memo.get(id(model), model)) if model is not None else self
+
+    def __repr__(self) -> str:
+        model = self._model()
+        return f"QALoraSaveRecord({type(model).__name__ if model is not None else 'released'})"
+
+
+def attach_save_record(model: nn.Module) -> None:
+    """Make ``model.config.quantization_config`` a [`QALoraSaveRecord`] (diffusers models only; a model that already
+    carries another quantization config keeps it)."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "register_to_config") or not hasattr(config, "get"):
+        return
+    current = config.get("quantization_config")
+    # A record read back from config.json (`from_pretrained` of a saved QALoRA model) is replaced by a live one.
+    recorded = current.get("adapters") if isinstance(current, dict) else getattr(current, "adapters", None)
+    if current is None or recorded is not None or (
+        isinstance(current, QALoraSaveRecord) and current._model() is not model
+    ):
+        model.register_to_config(quantization_config=QALoraSaveRecord(model))
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, set):
+        return sorted(_json_ready(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _tuner_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _default_scaling(layer: QALoraLayer, adapter: str) -> float:
+    return 0.0 if layer.eight_bit.get(adapter) else layer.lora_alpha[adapter] / layer.r[adapter]
+
+
+def adapter_record(model: nn.Module) -> dict[str, Any]:
+    """The PEFT adapters of ``model`` as JSON: every adapter's config (QALoRA and others, in injection order), the
+    active adapters, disabled layers, non-default scalings (``set_scale`` / ``set_adapters`` weights) and merged
+    adapters.  [`rebuild_adapters`] and [`finish_rebuild`] invert it."""
+    configs = getattr(model, "peft_config", None) or {}
+    layers = _tuner_layers(model)
+    active: list[str] = []
+    scaling: dict[str, dict[str, float]] = {}
+    merged: dict[str, list[str]] = {}
+    for name, layer in layers.items():
+        active += [a for a in layer.active_adapters if a not in active and a in configs]
+        for adapter, value in (getattr(layer, "scaling", None) or {}).items():
+            if isinstance(layer, QALoraLayer) and value == _default_scaling(layer, adapter):
+                continue
+            scaling.setdefault(name, {})[adapter] = float(value)
+        if layer.merged_adapters:
+            merged[name] = list(layer.merged_adapters)
+    return {
+        "version": ADAPTER_RECORD_VERSION,
+        "configs": {name: _json_ready(config.to_dict()) for name, config in configs.items()},
+        "order": list(configs),  # injection order (config.json is written with sorted keys)
+        "active": active,
+        "disabled": [name for name, layer in layers.items() if layer.disable_adapters],
+        "scaling": scaling,
+        "merged": merged,
+    }
+
+
+def validate_adapter_record(record: Any, where: str) -> dict[str, Any]:
+    """Check the shape of an [`adapter_record`] read from ``where`` (a ``ValueError`` naming the problem)."""
+    expected = {"version", "configs", "order", "active", "disabled", "scaling", "merged"}
+    if not isinstance(record, dict) or set(record) != expected:
+        raise ValueError(
+            f"{where} must be a dict with keys {sorted(expected)} (written by save_pretrained of a model carrying "
+            f"QALoRA), got {sorted(record) if isinstance(record, dict) else type(record).__name__}."
+        )
+    if record["version"] != ADAPTER_RECORD_VERSION:
+        raise ValueError(f"{where}: version {record['version']!r} is not supported (this diffusers_qalora reads "
+                         f"{ADAPTER_RECORD_VERSION}); upgrade diffusers_qalora.")
+    configs = record["configs"]
+    if not isinstance(configs, dict) or not configs or not all(
+        isinstance(c, dict) and "peft_type" in c for c in configs.values()
+    ):
+        raise ValueError(f"{where}: `configs` must map adapter names to PEFT config dicts with a `peft_type`.")
+    if sorted(record["order"]) != sorted(configs):
+        raise ValueError(f"{where}: `order` {record['order']} does not list the adapters of `configs` "
+                         f"{sorted(configs)}; restore the config.json that save_pretrained wrote.")
+    unknown = sorted(set(record["active"]) - set(configs))
+    if unknown:
+        raise ValueError(f"{where}: active adapters {unknown} have no config; restore the config.json that "
+                         f"save_pretrained wrote.")
+    return record
+
+
+def adapter_keys(model: nn.Module, base_keys: set[str]) -> set[str]:
+    """The state-dict keys of ``model`` that belong to adapters: those that are not a key of the model without
+    adapters (``base_keys``) once every ``.base_layer`` is removed."""
+    return {k for k in model.state_dict() if k.replace(".base_layer", "") not in base_keys}
+
+
+def rebuild_adapters(model: nn.Module, record: dict[str, Any]) -> None:
+    """Inject the adapters of ``record`` into ``model`` (before its weights load, on the meta device) in their
+    original order, so that the model's state-dict keys are the saved ones."""
+    from peft import PeftConfig, inject_adapter_in_model
+
+    for name in record["order"]:
+        config = PeftConfig.from_peft_type(**copy.deepcopy(record["configs"][name]))
+        recorded_init = getattr(config, "weight_init", None)
+        if recorded_init is not None:
+            config.weight_init = "minmax"  # the step sizes are loaded from the file; no search on meta tensors
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, model, adapter_name=name)
+        if recorded_init is not None:
+            model.peft_config[name].weight_init = recorded_init
+
+
+def finish_rebuild(model: nn.Module, record: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load the adapter ``tensors`` (read from ``where``) into the rebuilt adapters and restore the recorded active
+    adapters, disabled layers, scalings and merges."""
+    from peft.functional import set_adapter
+
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"{where}: adapter tensors {result.unexpected_keys[:3]} fit no adapter that config.json "
+                         f"lists; restore the config.json that save_pretrained wrote.")
+    left = [f"{n}.{k}" for n, layer in _tuner_layers(model).items()
+            for k, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{where} lacks adapter tensors, e.g. {left[:3]}: the file is truncated or not the one "
+                         f"this config.json belongs to. Save the pipeline again.")
+    layers = _tuner_layers(model)
+    if record["active"]:
+        set_adapter(model, record["active"], inference_mode=True)
+    for name in record["disabled"]:
+        layers[name].enable_adapters(False)
+    for name, values in record["scaling"].items():
+        layers[name].scaling.update(values)
+    for name, adapters in record["merged"].items():
+        layer = layers[name]
+        if isinstance(layer, QALoraLayer):
+            layer.merge(adapter_names=list(adapters))
+        else:  # other adapters merge into the base weight, which was saved merged
+            layer.merged_adapters = list(adapters)
+
+
+def active_qalora_adapter(model: nn.Module, adapter_name: str | None = None) -> str:
+    """The QALoRA adapter that model-level operations (export, saving, optimizer groups) act on.
+
+    With ``adapter_name``, check that some QALoRA layer of ``model`` has it and return it; without, return the one
+    adapter active in ``model``'s QALoRA layers.  Raises a ``ValueError`` naming the adapters found otherwise.
+    """
+    layers = qalora_layers(model).values()
+    if adapter_name is not None:
+        if not any(adapter_name in layer.qal_weight_quantizer for layer in layers):
+            names = sorted({a for layer in layers for a in layer.qal_weight_quantizer})
+            raise ValueError(f"no QALoRA adapter named {adapter_name!r}; the model has {names}.")
+        return adapter_name
+    active = {layer.active_qalora_adapter() for layer in layers} - {None}
+    if len(active) != 1:
+        raise ValueError(
+            f"expected exactly one active QALoRA adapter, found {sorted(active)}; pass `adapter_name` or call "
+            f"set_qalora_adapter(model, name) first."
+        )
+    return active.pop()

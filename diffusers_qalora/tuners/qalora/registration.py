@@ -1,4 +1,4 @@
-"""Registration of the QALoRA method with PEFT.
+"""Registration of the QALoRA method with PEFT (run when this tuner package is imported, as PEFT's own tuners do).
 
 PEFT's public ``register_peft_method`` only accepts names that are already members of its closed ``PeftType`` enum,
 so a third-party method cannot use it without mutating that enum.  Instead we write the three lookup tables that
@@ -8,8 +8,8 @@ member ``QALoraPeftType.QALORA``; JSON configs saying ``"peft_type": "QALORA"`` 
 
 from __future__ import annotations
 
-from ..tuners.qalora.config import QALoraConfig, QALoraPeftType
-from ..tuners.qalora.model import QALoraModel
+from .config import QALoraConfig, QALoraPeftType
+from .model import QALoraModel
 
 
 def register_peft_method() -> None:

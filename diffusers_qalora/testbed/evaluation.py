@@ -1,6 +1,6 @@
 """Evaluation on the embedded digits DDPM: the full-precision model and the PTQ baselines at several bit widths.
 
-``examples/evaluate.py`` is a thin command line over [`run_ptq_evaluation`]; the distillation job reuses the helpers.
+``examples/evaluate.py`` is a thin command line over `run_ptq_evaluation`; the distillation job reuses the helpers.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from ..evaluation.baselines import add_calibrated_adapter, baseline_config
+from ..evaluation.plots import plot_step_sizes, save_image_grid
+from ..evaluation.report import evaluate_seeds, machine_info, results_markdown
 from ..quant import TemporalActQuantizer
-from ..testbed import Testbed, load_testbed
 from ..tuners.qalora.api import (
     adapters_disabled,
     copy_activation_calibration,
@@ -26,9 +28,7 @@ from ..tuners.qalora.api import (
     timestep_table,
 )
 from ..tuners.qalora.model import qalora_layers
-from .baselines import add_calibrated_adapter, baseline_config
-from .plots import plot_step_sizes, save_image_grid
-from .report import evaluate_seeds, machine_info, results_markdown
+from .loading import Testbed, load_testbed
 
 PTQ_METHODS = ("fp", "naive_ptq", "timestep_ptq")
 METHOD_LABELS = {"fp": "FP", "naive_ptq": "naive PTQ", "timestep_ptq": "per-timestep PTQ", "distilled": "QALoRA distilled"}

@@ -1,7 +1,7 @@
 """From a (distilled) QALoRA model to integer layers: the LoRA update is merged into the integer weight codes.
 
-Each QALoRA ``Linear``/``Conv2d`` (the 8-bit first and last layers included) becomes an [`IntegerLinear`] /
-[`IntegerConv2d`] holding ``Q_w(W0 + scaling * B @ A)`` as codes, the weight step sizes, the bias and the activation
+Each QALoRA ``Linear``/``Conv2d`` (the 8-bit first and last layers included) becomes an [IntegerLinear][diffusers_qalora.IntegerLinear] /
+[IntegerConv2d][diffusers_qalora.IntegerConv2d] holding ``Q_w(W0 + scaling * B @ A)`` as codes, the weight step sizes, the bias and the activation
 step-size table.  The QALoRA tensors (LoRA factors, quantizer parameters, the original float weight) are gone.
 """
 
@@ -14,31 +14,15 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..quant import PerChannel, PerGroup, PerTensor
-from ..tuners.qalora.layer import QALoraLayer
-from ..tuners.qalora.model import qalora_layers
-from .backends import validate_backend
-from .context import attach_integer_context
-from .layout import IntegerLayout
-from .modules import IntegerConv2d, IntegerLayer, IntegerLinear
+from ...export.backends import validate_backend
+from ...export.context import attach_integer_context
+from ...export.layout import IntegerLayout
+from ...export.modules import IntegerConv2d, IntegerLayer, IntegerLinear
+from ...quant import PerChannel, PerGroup, PerTensor
+from .layer import QALoraLayer
+from .model import active_qalora_adapter, qalora_layers
 
 __all__ = ["convert_qalora_to_integer"]
-
-
-def _active_adapter(layers: dict[str, QALoraLayer], adapter_name: str | None) -> str:
-    if adapter_name is not None:
-        missing = [n for n, layer in layers.items() if adapter_name not in layer.qal_weight_quantizer]
-        if len(missing) == len(layers):
-            names = sorted({a for layer in layers.values() for a in layer.qal_weight_quantizer})
-            raise ValueError(f"no QALoRA adapter named {adapter_name!r}; the model has {names}.")
-        return adapter_name
-    active = {layer._active_qalora_adapter() for layer in layers.values()} - {None}
-    if len(active) != 1:
-        raise ValueError(
-            f"export needs exactly one active QALoRA adapter, found {sorted(active)}; pass `adapter_name` or call "
-            f"set_qalora_adapter(model, name) first."
-        )
-    return active.pop()
 
 
 def _weight_scale(layer: QALoraLayer, adapter: str, name: str) -> tuple[torch.Tensor, int | None]:
@@ -148,7 +132,7 @@ def convert_qalora_to_integer(
             f"integer layers. Fuse it before QALoRA training, or remove it (`model.unload_lora()` / "
             f"`delete_adapters`) before export."
         )
-    adapter = _active_adapter(layers, adapter_name)
+    adapter = active_qalora_adapter(model, adapter_name)
     if not inplace:
         model = copy.deepcopy(model)
         layers = qalora_layers(model)

@@ -1,0 +1,89 @@
+"""Training through the fused weight path gives the adapter of the reference composition.
+
+The embedded default model with the default job's adapter (W4A4, r = 32, 100-entry timestep table, MSE weight init)
+is distilled for a few steps twice from the same start: once with the fused `fake_quantize_lora_merged` (what
+training runs) and once with ``QALoraLayer.fused_weight_path = False`` (the reference composition
+``fake_quantize(W0 + B @ A)`` through autograd).  Every adapter tensor must agree to ``rtol=1e-5, atol=1e-7``
+(the fused path is forced with its eager passes; they are bit-identical in practice).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffusers_qalora as dq
+from diffusers_qalora.distill.embedded import EmbeddedJobConfig, timestep_table
+from diffusers_qalora.quant import clear_workspace, set_fused_compile
+from diffusers_qalora.testbed import load_testbed
+from diffusers_qalora.tuners.qalora.api import get_qalora_param_groups
+from diffusers_qalora.tuners.qalora.layer import QALoraLayer
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def embedded_student():
+    torch.manual_seed(0)
+    testbed = load_testbed()
+    job = EmbeddedJobConfig()
+    table = timestep_table(testbed.pipeline.scheduler, job.table_steps)
+    unet = testbed.unet
+    cfg = dq.QALoraConfig(r=job.rank, lora_alpha=job.rank, weight_bits=job.weight_bits, act_bits=job.act_bits,
+                          timesteps=table)
+    dq.get_qalora_model(unet, cfg)
+    gen = torch.Generator().manual_seed(0)
+
+    def calib():
+        for t in table[::10]:
+            unet(torch.randn(8, 1, 16, 16, generator=gen), t, class_labels=torch.arange(8))
+
+    dq.calibrate_activations(unet, calib)
+    # B = 0 at init: give the LoRA factors a start away from zero so the first steps already use them.
+    with torch.no_grad():
+        for layer in dq.tuners.qalora.model.qalora_layers(unet).values():
+            if "default" in layer.qal_B:
+                layer.qal_B["default"].normal_(std=0.02, generator=gen)
+    return unet, table
+
+
+def distill(model, table, fused: bool):
+    groups = get_qalora_param_groups(model, 1e-3, 1e-4, 1e-3, "lr", 0.01)
+    opt = torch.optim.AdamW(groups.param_groups)
+    gen = torch.Generator().manual_seed(1)
+    previous = QALoraLayer.fused_weight_path
+    # This model's weights are below the size at which "auto" takes the fused path: force it (eager passes).
+    previous_mode = set_fused_compile("eager")
+    QALoraLayer.fused_weight_path = fused
+    try:
+        for step in range(STEPS):
+            x = torch.randn(8, 1, 16, 16, generator=gen)
+            labels = torch.arange(8) % 10
+            t = table[len(table) - 1 - 7 * step]
+            with torch.no_grad(), dq.adapters_disabled(model):
+                target = model(x, t, class_labels=labels).sample
+            loss = F.mse_loss(model(x, t, class_labels=labels).sample, target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        QALoraLayer.fused_weight_path = previous
+        set_fused_compile(previous_mode)
+        groups.remove_hooks()
+        clear_workspace()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".qal_" in n}
+
+
+def test_fused_path_trains_the_adapter_of_the_reference_path(embedded_student):
+    unet, table = embedded_student
+    start = {n: p.detach().clone() for n, p in unet.named_parameters() if ".qal_" in n}
+    reference = distill(copy.deepcopy(unet), table, fused=False)
+    fused = distill(copy.deepcopy(unet), table, fused=True)
+    moved = [n for n in reference if not torch.equal(reference[n], start[n])]
+    assert any(".qal_A." in n for n in moved) and any(".qal_weight_quantizer." in n for n in moved)
+    assert any(".qal_act_quantizer." in n for n in moved)
+    for name in reference:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
