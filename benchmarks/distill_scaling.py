@@ -126,8 +126,24 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'—' if ratio is None else format_metric(ratio[0], ratio[1], 3)} | "
                 f"{'—' if x0 is None else format_metric(x0[0], x0[1], 5)} |"
             )
-    lines += ["", report["notes"], ""]
+    lines += ["", notes(report), ""]
     return "\n".join(lines)
+
+
+def notes(report: dict[str, Any]) -> str:
+    """What the table says about contention and scaling, from the measured numbers."""
+    runs = {r["processes"]: r for r in report["runs"]}
+    text = ("The machine is shared with other jobs (see the load averages): wall times are inflated, by an amount "
+            "that varies over time" + (" (the runs ran at the same time, each also loading the other)."
+                                       if report.get("concurrent") else " (the runs ran one after the other)."))
+    if 1 in runs and 2 in runs:
+        one = runs[1]["train_cpu_seconds_per_process"][0] / runs[1]["train_steps"]
+        two = max(runs[2]["train_cpu_seconds_per_process"]) / runs[2]["train_steps"]
+        text += (f" CPU time is what an idle machine would show: a training step costs {one:.2f} CPU s on one process "
+                 f"and {two:.2f} CPU s on each of two (half the batch each, plus DDP's gradient all-reduce), so on two "
+                 f"free cores two processes would train {one / two:.2f}x as fast as one.")
+    return text + (" Two processes draw other trajectories than one (each process seeds its own noise), so their "
+                   "adapters differ by the training noise.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,8 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrent", action="store_true",
                    help="start the runs together, so that they share the same machine load (wall times then include "
                         "each other's load; compare CPU seconds per step)")
+    p.add_argument("--render", type=Path, default=None, help="only rewrite scaling.md from this scaling.json")
     p.add_argument("--job_args", default="", help="more options of examples/distill.py, e.g. for a smoke run")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text(encoding="utf-8"))
+        (args.render.parent / "scaling.md").write_text(markdown(report), encoding="utf-8")
+        return
     args.output_dir.mkdir(parents=True, exist_ok=True)
     runs, started = [], []
     for processes in args.processes:
@@ -169,15 +190,6 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(threads=1),
         "runs": runs,
         "concurrent": args.concurrent,
-        "notes": ("The machine is shared with other jobs (see the load averages): wall times are inflated, by an "
-                  "amount that varies over time"
-                  + (" (the runs ran at the same time, each also loading the other)" if args.concurrent else
-                     " (the runs ran one after the other)")
-                  + ". The CPU seconds per step of each process are the cost an idle machine would show: two "
-                  "processes of half the batch each take about half the CPU time per step, so on two free cores "
-                  "the training steps/s about doubles. Two processes draw other trajectories than one (each "
-                  "process seeds its own noise), so their adapters differ by the training noise; the FID spread "
-                  "over seeds is mostly the sample noise of a small-sample FID."),
     }
     (args.output_dir / "scaling.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     text = markdown(report)
