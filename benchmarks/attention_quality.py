@@ -34,8 +34,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "float_attention": ("attention in float (q, k, v, softmax unquantized)", {}),
     "qkv8": ("q, k, v 8-bit", {"quantize_attention": True}),
     "qkv8_probs8": ("q, k, v and softmax output 8-bit", {"quantize_attention": True, "quantize_attention_probs": True}),
-    "qkv4_probs4": ("q, k, v and softmax output 4-bit",
-                    {"quantize_attention": True, "quantize_attention_probs": True, "attention_bits": 4}),
+    "qkv4_probs4": (
+        "q, k, v and softmax output 4-bit",
+        {"quantize_attention": True, "quantize_attention_probs": True, "attention_bits": 4},
+    ),
 }
 
 
@@ -63,21 +65,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = baseline_config("timestep_ptq", 8, 8, table, **overrides)
         add_calibrated_adapter(unet, config, name, calibrate)
         set_qalora_adapter(unet, name)
-        rows.append({"method": label, "variant": name, "bits": "W8A8", "overrides": overrides, **public(evaluate(name))})
+        rows.append(
+            {"method": label, "variant": name, "bits": "W8A8", "overrides": overrides, **public(evaluate(name))}
+        )
     results = {
         "command": command,
         "machine": machine_info(threads=1),
         "torch_threads": 1,
-        "eval_protocol": {"samples_per_seed": args.samples, "seeds": args.seeds, "ddim_steps": 20, "eta": 0.0,
-                          "table_steps": 100, "calibration_samples": args.calibration_samples},
+        "eval_protocol": {
+            "samples_per_seed": args.samples,
+            "seeds": args.seeds,
+            "ddim_steps": 20,
+            "eta": 0.0,
+            "table_steps": 100,
+            "calibration_samples": args.calibration_samples,
+        },
         "rows": rows,
         "peak_rss_mb": peak_rss_mb(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    notes = (f"{args.samples} samples x seeds {args.seeds}, 20 DDIM steps (eta 0), 1 torch thread. Every quantized "
-             f"row is per-timestep PTQ at W8A8 (no training), calibrated on {args.calibration_samples} FP "
-             "trajectories; the rows differ only in how the attention is quantized. x0-MSE: each sample against the "
-             "FP sample from the same noise and label; FID / FP per seed.")
+    notes = (
+        f"{args.samples} samples x seeds {args.seeds}, 20 DDIM steps (eta 0), 1 torch thread. Every quantized "
+        f"row is per-timestep PTQ at W8A8 (no training), calibrated on {args.calibration_samples} FP "
+        "trajectories; the rows differ only in how the attention is quantized. x0-MSE: each sample against the "
+        "FP sample from the same noise and label; FID / FP per seed."
+    )
     report = results_markdown(rows, "Quantized attention on the embedded digits DDPM (W8A8 PTQ)", command, notes)
     (out / "report.md").write_text(report, encoding="utf-8")
     print(report)

@@ -71,12 +71,16 @@ def inputs(case: str, mixed: bool, batch: int | None = None, size: int | None = 
     g = torch.Generator().manual_seed(seed)
     if case == "unet":
         batch = batch or 64
-        out = {"sample": torch.randn(batch, 1, 16, 16, generator=g),
-               "class_labels": torch.randint(0, 10, (batch,), generator=g)}
+        out = {
+            "sample": torch.randn(batch, 1, 16, 16, generator=g),
+            "class_labels": torch.randint(0, 10, (batch,), generator=g),
+        }
     else:
         batch, size = batch or 2, size or 64
-        out = {"sample": torch.randn(batch, 4, size, size, generator=g),
-               "encoder_hidden_states": torch.randn(batch, 77, 768, generator=g)}
+        out = {
+            "sample": torch.randn(batch, 4, size, size, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 77, 768, generator=g),
+        }
     if mixed:  # every sample at its own (integer) timestep, as a trainer or batched serving produces
         out["timestep"] = torch.randperm(1000, generator=g)[:batch].float()
     else:
@@ -95,8 +99,9 @@ def calibration(case: str) -> list[dict]:
 def build_ours(case: str, bits: tuple[int, int]) -> nn.Module:
     table = TABLE if case == "unet" else TABLE[::2]
     model = build_float(case)
-    cfg = dq.QALoraConfig(r=4, weight_bits=bits[0], act_bits=bits[1], timesteps=table, weight_init="minmax",
-                          act_init="minmax")
+    cfg = dq.QALoraConfig(
+        r=4, weight_bits=bits[0], act_bits=bits[1], timesteps=table, weight_init="minmax", act_init="minmax"
+    )
     model = dq.get_qalora_model(model, cfg)
     with torch.no_grad():
         dq.calibrate_activations(model, lambda: [model(**c) for c in calibration(case)])
@@ -124,9 +129,16 @@ def build_peer(case: str, name: str) -> nn.Module:
 
         # int8 weights, convs included, int8 matmul with dynamically quantized activations; the small layers of the
         # digits UNet are not skipped (SDNQ skips layers under 16384 weights by default).
-        model = sdnq_post_load_quant(model, weights_dtype="int8", quant_conv=True, use_quantized_matmul=True,
-                                     use_quantized_matmul_conv=True, minimum_allowed_numel=0,
-                                     minimum_allowed_channel_size=0, torch_dtype=torch.float32)
+        model = sdnq_post_load_quant(
+            model,
+            weights_dtype="int8",
+            quant_conv=True,
+            use_quantized_matmul=True,
+            use_quantized_matmul_conv=True,
+            minimum_allowed_numel=0,
+            minimum_allowed_channel_size=0,
+            torch_dtype=torch.float32,
+        )
     else:
         raise ValueError(name)
     return model.eval()
@@ -136,6 +148,7 @@ def forward_fn(model: nn.Module, inp: dict):
     def fn():
         with torch.no_grad():
             model(**inp)
+
     return fn
 
 
@@ -160,13 +173,22 @@ def forward_memory(model: nn.Module, inp: dict) -> dict:
     before = _status_kb("VmRSS")
     fn()
     peak = _status_kb("VmHWM")
-    return {"model_tensor_mb": round(tensor_bytes(model) / 2**20, 1), "forward_peak_increase_mb":
-            round((peak - before) / 1024, 1)}
+    return {
+        "model_tensor_mb": round(tensor_bytes(model) / 2**20, 1),
+        "forward_peak_increase_mb": round((peak - before) / 1024, 1),
+    }
 
 
 # -- one pass over variants --------------------------------------------------------------------------------------------
-def measure(case: str, models: dict[str, nn.Module], threads: list[int], repeats: int, profile_threads: int,
-            budget_s: float, profile_mixed: bool = True) -> dict:
+def measure(
+    case: str,
+    models: dict[str, nn.Module],
+    threads: list[int],
+    repeats: int,
+    profile_threads: int,
+    budget_s: float,
+    profile_mixed: bool = True,
+) -> dict:
     shared, mixed = inputs(case, False), inputs(case, True)
     fns = {}
     for name, model in models.items():
@@ -179,8 +201,11 @@ def measure(case: str, models: dict[str, nn.Module], threads: list[int], repeats
         if name != "fp32":
             out = output_of(model, shared)
             quality[name] = round(float((out - reference).norm() / reference.norm()), 4)
-    result = {"timesteps": {"shared": SHARED_T, "mixed": mixed["timestep"].tolist()}, "by_threads": {},
-              "relative_error_vs_fp32": quality}
+    result = {
+        "timesteps": {"shared": SHARED_T, "mixed": mixed["timestep"].tolist()},
+        "by_threads": {},
+        "relative_error_vs_fp32": quality,
+    }
     for n in threads:
         torch.set_num_threads(n)
         times = interleaved(fns, repeats, warmup=1, budget_s=budget_s, max_repeats=41)
@@ -241,8 +266,16 @@ def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None) -
     """Each variant in its own subprocess; ``save(partial)`` after each, so that a long run keeps what it has."""
     out = {"case": "SD1.5-shaped UNet2DConditionModel, 4x64x64 latents, batch 2", "per_variant": {}}
     for variant in variants:
-        cmd = [sys.executable, __file__, "--sd15-worker", variant, "--threads", *map(str, threads),
-               "--repeats", str(repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--sd15-worker",
+            variant,
+            "--threads",
+            *map(str, threads),
+            "--repeats",
+            str(repeats),
+        ]
         t0 = time.time()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -298,22 +331,34 @@ def markdown(meta: dict, results: dict) -> str:
                 lines += _speed_rows(f"SD1.5-shaped b2 ({variant} run)", r, n)
     if unet and unet.get("peer_errors"):
         lines += ["", "Peers that did not run: " + "; ".join(f"{k}: `{v}`" for k, v in unet["peer_errors"].items())]
-    lines += ["", "Memory (model tensors, oneDNN's packed int8 weights included; peak RSS increase of one forward "
-              "pass) and output error vs fp32 (relative L2, shared timestep):", "",
-              "| case | variant | model tensors MB | forward peak increase MB | rel. error vs fp32 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Memory (model tensors, oneDNN's packed int8 weights included; peak RSS increase of one forward "
+        "pass) and output error vs fp32 (relative L2, shared timestep):",
+        "",
+        "| case | variant | model tensors MB | forward peak increase MB | rel. error vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
     blocks = ([("embedded UNet b64", unet)] if unet else []) + [
-        (f"SD1.5-shaped b2 ({v} run)", r) for v, r in (sd or {}).get("per_variant", {}).items() if "error" not in r]
+        (f"SD1.5-shaped b2 ({v} run)", r) for v, r in (sd or {}).get("per_variant", {}).items() if "error" not in r
+    ]
     for label, r in blocks:
         for k, mem in r["memory"].items():
             err = r["relative_error_vs_fp32"].get(k, 0.0)
-            lines.append(f"| {label} | {k} | {mem['model_tensor_mb']:.1f} | {mem['forward_peak_increase_mb']:.0f} | "
-                         f"{err:.4f} |")
+            lines.append(
+                f"| {label} | {k} | {mem['model_tensor_mb']:.1f} | {mem['forward_peak_increase_mb']:.0f} | {err:.4f} |"
+            )
     for label, r in blocks:
         prof = r["profile"]
         names = list(prof)
-        lines += ["", f"Where the time goes ({label}, {meta['profile_threads']} thread(s), one profiled forward each, "
-                  "self CPU time ms and share):", "", "| category | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
+        lines += [
+            "",
+            f"Where the time goes ({label}, {meta['profile_threads']} thread(s), one profiled forward each, "
+            "self CPU time ms and share):",
+            "",
+            "| category | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         cats = list(dict.fromkeys(c for v in prof.values() for c in v["categories"]))
         for c in cats:
             cells = []
@@ -334,8 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7, help="at least this many interleaved repeats")
     parser.add_argument("--cases", nargs="+", default=["unet", "sd15"], choices=["unet", "sd15"])
-    parser.add_argument("--budget-s", type=float, default=6.0,
-                        help="extra repeats for short cases, within about this many seconds per variant")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=6.0,
+        help="extra repeats for short cases, within about this many seconds per variant",
+    )
     parser.add_argument("--sd15-peers", action="store_true")
     parser.add_argument("--no-peers", action="store_true", help="only fp32 and the project's integer models")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -350,10 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with open("/proc/loadavg", encoding="utf-8") as f:
         load_before = f.read().split()[:3]
-    meta = {"command": "python " + " ".join(["benchmarks/cpu_inference.py", *sys.argv[1:]]),
-            "threads": args.threads, "profile_threads": args.threads[0], "repeats": args.repeats,
-            "machine": machine_info(args.threads[0]), "onednn": onednn_status()[1], "seeds": {"weights": 0,
-            "inputs": 1, "calibration": 7}, "load_average_before": load_before}
+    meta = {
+        "command": "python " + " ".join(["benchmarks/cpu_inference.py", *sys.argv[1:]]),
+        "threads": args.threads,
+        "profile_threads": args.threads[0],
+        "repeats": args.repeats,
+        "machine": machine_info(args.threads[0]),
+        "onednn": onednn_status()[1],
+        "seeds": {"weights": 0, "inputs": 1, "calibration": 7},
+        "load_average_before": load_before,
+    }
     results = {}
 
     def save(partial_sd15=None) -> None:

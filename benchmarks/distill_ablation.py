@@ -61,8 +61,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]] | None] = {
     "qalora": ("QALoRA alone (one act step, one LR)", {"temporal_activations": False}, {"scale_aware": "none"}),
     "qalora_scale_aware": ("+ scale-aware LoRA LR", {"temporal_activations": False}, {"scale_aware": "lr"}),
     "qalora_scale_aware_temporal": ("+ temporal act steps (full EfficientDM)", {}, {"scale_aware": "lr"}),
-    "full_qat": ("full QAT (LSQ on all weights, no LoRA)", {"r": 1, "lora_alpha": 1},
-                 {"scale_aware": "none", "train_lora": False, "train_base_weights": True}),
+    "full_qat": (
+        "full QAT (LSQ on all weights, no LoRA)",
+        {"r": 1, "lora_alpha": 1},
+        {"scale_aware": "none", "train_lora": False, "train_base_weights": True},
+    ),
 }
 LABELS = {"timestep_ptq": "per-timestep PTQ (no training)"} | {k: v[0] for k, v in VARIANTS.items() if v}
 
@@ -76,8 +79,9 @@ def _build_student(testbed, name: str, args) -> tuple[torch.nn.Module | None, Di
         set_qalora_adapter(unet, per_t)
         return None, None
     _, qalora_overrides, distill_overrides = VARIANTS[name]
-    cfg = QALoraConfig(**({"r": 32, "lora_alpha": 32, "weight_bits": 4, "act_bits": 4, "timesteps": table}
-                          | qalora_overrides))
+    cfg = QALoraConfig(
+        **({"r": 32, "lora_alpha": 32, "weight_bits": 4, "act_bits": 4, "timesteps": table} | qalora_overrides)
+    )
     torch.manual_seed(args.train_seed)  # the LoRA factors are drawn at injection: same start for every variant
     get_qalora_model(unet, cfg, name)
     copy_activation_calibration(unet, per_t, name)
@@ -88,8 +92,15 @@ def _build_student(testbed, name: str, args) -> tuple[torch.nn.Module | None, Di
 
 
 def _distiller(testbed, distill: DistillConfig, out: Path, teacher) -> DataFreeDistiller:
-    return DataFreeDistiller(testbed.unet, testbed.pipeline.scheduler, ClassLabelConditioning(10), SAMPLE_SHAPE,
-                             distill, out, teacher=teacher)
+    return DataFreeDistiller(
+        testbed.unet,
+        testbed.pipeline.scheduler,
+        ClassLabelConditioning(10),
+        SAMPLE_SHAPE,
+        distill,
+        out,
+        teacher=teacher,
+    )
 
 
 def _seconds_per_step(testbed, distill: DistillConfig, teacher) -> float:
@@ -97,8 +108,15 @@ def _seconds_per_step(testbed, distill: DistillConfig, teacher) -> float:
     probe = copy.deepcopy(testbed)
     config = dataclasses.replace(distill, max_train_steps=PROBE_WARMUP + PROBE_STEPS)
     with tempfile.TemporaryDirectory() as tmp:
-        d = DataFreeDistiller(probe.unet, probe.pipeline.scheduler, ClassLabelConditioning(10), SAMPLE_SHAPE, config,
-                              tmp, teacher=copy.deepcopy(teacher) if teacher is not None else None)
+        d = DataFreeDistiller(
+            probe.unet,
+            probe.pipeline.scheduler,
+            ClassLabelConditioning(10),
+            SAMPLE_SHAPE,
+            config,
+            tmp,
+            teacher=copy.deepcopy(teacher) if teacher is not None else None,
+        )
         stamps: list[float] = []
         d.history = _StampedList(stamps)
         d.train()
@@ -130,9 +148,13 @@ def run_variant(name: str, args, out: Path) -> dict[str, Any]:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             summary = _distiller(testbed, distill, Path(tmp), teacher).train()
-        row.update(train_steps=steps, probe_cpu_seconds_per_step=per_step,
-                   train_cpu_seconds=time.process_time() - cpu0, train_wall_seconds=time.perf_counter() - wall0,
-                   final_loss=summary["final_loss"])
+        row.update(
+            train_steps=steps,
+            probe_cpu_seconds_per_step=per_step,
+            train_cpu_seconds=time.process_time() - cpu0,
+            train_wall_seconds=time.perf_counter() - wall0,
+            final_loss=summary["final_loss"],
+        )
         set_qalora_adapter(testbed.unet, name)
     row["peak_rss_mb"] = peak_rss_mb()  # model, calibration and training (before sampling)
     del teacher
@@ -178,24 +200,42 @@ def main(argv: list[str] | None = None) -> None:
         row["process_wall_seconds"] = time.perf_counter() - start
         rows.append(row)
     (out / "fp_samples.safetensors").unlink()
-    results = {"command": command, "machine": machine_info(), "torch_threads": 1,
-               "budget": {"process_cpu_seconds": args.budget_seconds, "batch_size": args.batch_size,
-                          "train_seed": args.train_seed, "trajectory_ddim_steps": 100},
-               "eval_protocol": {"samples_per_seed": args.samples, "seeds": args.seeds, "ddim_steps": 20, "eta": 0.0},
-               "rows": rows}
+    results = {
+        "command": command,
+        "machine": machine_info(),
+        "torch_threads": 1,
+        "budget": {
+            "process_cpu_seconds": args.budget_seconds,
+            "batch_size": args.batch_size,
+            "train_seed": args.train_seed,
+            "trajectory_ddim_steps": 100,
+        },
+        "eval_protocol": {"samples_per_seed": args.samples, "seeds": args.seeds, "ddim_steps": 20, "eta": 0.0},
+        "rows": rows,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    table_rows = [{k: v for k, v in r.items() if k != "seconds"}
-                  | ({"seconds": r["train_wall_seconds"]} if "train_wall_seconds" in r else {}) for r in rows]
-    notes = (f"{args.samples} samples x seeds {args.seeds}, 20 DDIM steps (eta 0). Each trained variant: as many "
-             f"optimizer steps (batch {args.batch_size}, 100-step teacher trajectories) as fit in "
-             f"{args.budget_seconds:.0f} s of process CPU time at 1 torch thread; 'seconds' is its training wall time. "
-             "Peak RSS and steps per variant are in results.json and the table below.")
-    extra = ["", "| method | train steps | CPU s / step | train CPU s | train wall s | peak RSS (MB) |",
-             "|---|---|---|---|---|---|"]
+    table_rows = [
+        {k: v for k, v in r.items() if k != "seconds"}
+        | ({"seconds": r["train_wall_seconds"]} if "train_wall_seconds" in r else {})
+        for r in rows
+    ]
+    notes = (
+        f"{args.samples} samples x seeds {args.seeds}, 20 DDIM steps (eta 0). Each trained variant: as many "
+        f"optimizer steps (batch {args.batch_size}, 100-step teacher trajectories) as fit in "
+        f"{args.budget_seconds:.0f} s of process CPU time at 1 torch thread; 'seconds' is its training wall time. "
+        "Peak RSS and steps per variant are in results.json and the table below."
+    )
+    extra = [
+        "",
+        "| method | train steps | CPU s / step | train CPU s | train wall s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows[1:]:
         if "train_steps" in r:
-            extra.append(f"| {r['method']} | {r['train_steps']} | {r['probe_cpu_seconds_per_step']:.3f} | "
-                         f"{r['train_cpu_seconds']:.0f} | {r['train_wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+            extra.append(
+                f"| {r['method']} | {r['train_steps']} | {r['probe_cpu_seconds_per_step']:.3f} | "
+                f"{r['train_cpu_seconds']:.0f} | {r['train_wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
+            )
         else:
             extra.append(f"| {r['method']} | — | — | — | — | {r['peak_rss_mb']:.0f} |")
     report = results_markdown(table_rows, "Distillation ablation, embedded digits DDPM, W4A4", command, notes)

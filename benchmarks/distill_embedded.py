@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     w, a = (int(v) for v in args.bits.upper().removeprefix("W").split("A"))
     job = EmbeddedJobConfig(
-        weight_bits=w, act_bits=a, distill=DistillConfig(batch_size=args.batch_size, max_train_steps=args.steps),
-        eval_samples=args.samples, eval_seeds=tuple(args.seeds),
+        weight_bits=w,
+        act_bits=a,
+        distill=DistillConfig(batch_size=args.batch_size, max_train_steps=args.steps),
+        eval_samples=args.samples,
+        eval_seeds=tuple(args.seeds),
     )
     out = RESULTS / f"distill_embedded_{args.bits.lower()}"
     run_embedded_job(job, out, command="python benchmarks/distill_embedded.py " + shlex.join(argv))

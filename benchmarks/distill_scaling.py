@@ -32,22 +32,48 @@ METHODS = ("FP", "per-timestep PTQ", "QALoRA distilled")
 
 
 def launch_command(processes: int) -> list[str]:
-    head = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--num_processes", str(processes)]
+    head = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+    ]
     return head + (["--multi_gpu"] if processes > 1 else []) + ["examples/distill.py"]
 
 
 def start(processes: int, batch_total: int, args: argparse.Namespace, out: Path) -> tuple[subprocess.Popen, dict]:
     if batch_total % processes:
         raise SystemExit(f"--batch_total {batch_total} is not a multiple of {processes} processes.")
-    job_args = ["--train_batch_size", str(batch_total // processes), "--max_train_steps", str(args.max_train_steps),
-                "--eval_samples", str(args.eval_samples), "--eval_seeds", *map(str, args.eval_seeds),
-                "--output_dir", os.path.relpath(out.resolve(), ROOT), *shlex.split(args.job_args)]
+    job_args = [
+        "--train_batch_size",
+        str(batch_total // processes),
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--eval_samples",
+        str(args.eval_samples),
+        "--eval_seeds",
+        *map(str, args.eval_seeds),
+        "--output_dir",
+        os.path.relpath(out.resolve(), ROOT),
+        *shlex.split(args.job_args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
     command = launch_command(processes) + job_args
     return subprocess.Popen(command, cwd=ROOT, env=env), {
-        "processes": processes, "batch_total": batch_total, "command": command, "out": out,
-        "load_before": os.getloadavg(), "start": time.perf_counter()}
+        "processes": processes,
+        "batch_total": batch_total,
+        "command": command,
+        "out": out,
+        "load_before": os.getloadavg(),
+        "start": time.perf_counter(),
+    }
 
 
 def finish(proc: subprocess.Popen, info: dict) -> dict[str, Any]:
@@ -72,7 +98,7 @@ def finish(proc: subprocess.Popen, info: dict) -> dict[str, Any]:
         "processes": processes,
         "train_batch_size_per_process": batch_total // processes,
         "command": "ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 accelerate launch "
-                   + " ".join(command[3:]).replace(str(ROOT) + "/", ""),
+        + " ".join(command[3:]).replace(str(ROOT) + "/", ""),
         "wall_seconds": wall,
         "job_seconds": job["job_seconds"],
         "phase_seconds": job["phase_seconds"],
@@ -133,17 +159,27 @@ def markdown(report: dict[str, Any]) -> str:
 def notes(report: dict[str, Any]) -> str:
     """What the table says about contention and scaling, from the measured numbers."""
     runs = {r["processes"]: r for r in report["runs"]}
-    text = ("The machine is shared with other jobs (see the load averages): wall times are inflated, by an amount "
-            "that varies over time" + (" (the runs ran at the same time, each also loading the other)."
-                                       if report.get("concurrent") else " (the runs ran one after the other)."))
+    text = (
+        "The machine is shared with other jobs (see the load averages): wall times are inflated, by an amount "
+        "that varies over time"
+        + (
+            " (the runs ran at the same time, each also loading the other)."
+            if report.get("concurrent")
+            else " (the runs ran one after the other)."
+        )
+    )
     if 1 in runs and 2 in runs:
         one = runs[1]["train_cpu_seconds_per_process"][0] / runs[1]["train_steps"]
         two = max(runs[2]["train_cpu_seconds_per_process"]) / runs[2]["train_steps"]
-        text += (f" CPU time is what an idle machine would show: a training step costs {one:.2f} CPU s on one process "
-                 f"and {two:.2f} CPU s on each of two (half the batch each, plus DDP's gradient all-reduce), so on two "
-                 f"free cores two processes would train {one / two:.2f}x as fast as one.")
-    return text + (" Two processes draw other trajectories than one (each process seeds its own noise), so their "
-                   "adapters differ by the training noise.")
+        text += (
+            f" CPU time is what an idle machine would show: a training step costs {one:.2f} CPU s on one process "
+            f"and {two:.2f} CPU s on each of two (half the batch each, plus DDP's gradient all-reduce), so on two "
+            f"free cores two processes would train {one / two:.2f}x as fast as one."
+        )
+    return text + (
+        " Two processes draw other trajectories than one (each process seeds its own noise), so their "
+        "adapters differ by the training noise."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,9 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--output_dir", type=Path, default=RESULTS)
-    p.add_argument("--concurrent", action="store_true",
-                   help="start the runs together, so that they share the same machine load (wall times then include "
-                        "each other's load; compare CPU seconds per step)")
+    p.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="start the runs together, so that they share the same machine load (wall times then include "
+        "each other's load; compare CPU seconds per step)",
+    )
     p.add_argument("--render", type=Path, default=None, help="only rewrite scaling.md from this scaling.json")
     p.add_argument("--job_args", default="", help="more options of examples/distill.py, e.g. for a smoke run")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -180,10 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.eval_seeds
     report = {
         "benchmark_command": "python benchmarks/distill_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "protocol": (f"{args.max_train_steps} optimizer steps of {args.batch_total} trajectories in total (split "
-                     f"evenly over the processes), W4A4, rank 32; evaluation {args.eval_samples} samples x seeds "
-                     f"{seeds}, 20 DDIM steps, split over the processes; mean ± std over seeds"
-                     + (f"; job options `{args.job_args}`." if args.job_args else ".")),
+        "protocol": (
+            f"{args.max_train_steps} optimizer steps of {args.batch_total} trajectories in total (split "
+            f"evenly over the processes), W4A4, rank 32; evaluation {args.eval_samples} samples x seeds "
+            f"{seeds}, 20 DDIM steps, split over the processes; mean ± std over seeds"
+            + (f"; job options `{args.job_args}`." if args.job_args else ".")
+        ),
         "seeds": seeds,
         "eval_samples_per_seed": args.eval_samples,
         "cpu_count": os.cpu_count(),

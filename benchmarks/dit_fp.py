@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model in ("unet", "dit"):
         testbed = load_testbed(model=model)
         summary = public(MethodEvaluator(testbed, out / model, args.samples, args.seeds, args.steps).fp())
-        rows.append({
-            "model": model,
-            "num_parameters": sum(p.numel() for p in testbed.unet.parameters()),
-            "train_seconds": testbed.config["timing_seconds"]["ddpm" if model == "unet" else "dit"],
-            **summary,
-        })
+        rows.append(
+            {
+                "model": model,
+                "num_parameters": sum(p.numel() for p in testbed.unet.parameters()),
+                "train_seconds": testbed.config["timing_seconds"]["ddpm" if model == "unet" else "dit"],
+                **summary,
+            }
+        )
     results = {
         "command": command,
         "machine": machine_info(),
@@ -57,10 +59,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     lines = [
-        "# Embedded denoisers in full precision: UNet and DiT", "", f"Command: `{command}`", "",
+        "# Embedded denoisers in full precision: UNet and DiT",
+        "",
+        f"Command: `{command}`",
+        "",
         f"{args.samples} samples per seed, seeds {list(args.seeds)}, {args.steps} DDIM steps (eta 0), the same noise "
         "and labels for both models, mean ± std over seeds. Training time: the recipe's own record (one thread on a "
-        "machine shared with other jobs).", "",
+        "machine shared with other jobs).",
+        "",
         "| model | parameters | digits-FID | FID per seed | accuracy (%) | sampling seconds | training seconds |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -38,19 +38,26 @@ def render_markdown(payload: dict) -> str:
     rows, pairs = payload["rows"], payload["pairs"]
     seeds = payload["seeds"]
     lines = [
-        "# Digits-FID: exported integer model vs the fake-quant model", "",
-        f"Command: `{payload['command']}`", "",
+        "# Digits-FID: exported integer model vs the fake-quant model",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
         f"{payload['bits']}, {payload['source']}; {payload['num_samples']} samples per seed, seeds {seeds}, DDIM "
         f"{payload['steps']} steps, {payload['machine']['torch_threads']} thread(s). Every model samples the same noise "
         "and labels (paired). Mean ± standard deviation over the seeds.",
-        "" if payload["testbed_weights_final"] else "\n**The embedded model's weights were not final when this ran** "
+        ""
+        if payload["testbed_weights_final"]
+        else "\n**The embedded model's weights were not final when this ran** "
         "(`testbed.json` has no fp_evaluation with >= 1000 samples): the numbers check the export, not the model.\n",
-        "| model | digits-FID | FID per seed | accuracy (%) | x0-MSE vs FP |", "|---|---|---|---|---|",
+        "| model | digits-FID | FID per seed | accuracy (%) | x0-MSE vs FP |",
+        "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         per_seed = ", ".join(f"{x['fid']:.2f}" for x in payload["per_seed"][name])
-        lines.append(f"| {name} | {r['fid']['mean']:.2f} ± {r['fid']['std']:.2f} | {per_seed} | "
-                     f"{100 * r['accuracy']['mean']:.1f} | {r['x0_mse']['mean']:.2e} |")
+        lines.append(
+            f"| {name} | {r['fid']['mean']:.2f} ± {r['fid']['std']:.2f} | {per_seed} | "
+            f"{100 * r['accuracy']['mean']:.1f} | {r['x0_mse']['mean']:.2e} |"
+        )
     fmt = ", ".join
     lines += [
         "",
@@ -93,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     unet = tb.unet
 
     def sample(seed):
-        return sample_class_conditional(pipe, args.num_samples, seed, num_inference_steps=args.steps,
-                                        batch_size=args.batch_size, show_progress=False)
+        return sample_class_conditional(
+            pipe,
+            args.num_samples,
+            seed,
+            num_inference_steps=args.steps,
+            batch_size=args.batch_size,
+            show_progress=False,
+        )
 
     fp = {seed: sample(seed) for seed in args.seeds}
     wb, ab = args.bits
@@ -107,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         config = baseline_config("timestep_ptq", wb, ab, timesteps=table)
 
         def calibrate():
-            sample_class_conditional(pipe, args.calibration_samples, 12345, num_inference_steps=args.steps,
-                                     batch_size=args.calibration_samples, show_progress=False)
+            sample_class_conditional(
+                pipe,
+                args.calibration_samples,
+                12345,
+                num_inference_steps=args.steps,
+                batch_size=args.calibration_samples,
+                show_progress=False,
+            )
 
         add_calibrated_adapter(unet, config, "ptq", calibrate)
         source = f"PTQ (per-timestep activation steps calibrated on {args.calibration_samples} FP trajectories)"
@@ -147,11 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
     payload = {
-        "command": command, "machine": machine_info(args.threads), "bits": f"W{wb}A{ab}", "source": source,
-        "num_samples": args.num_samples, "steps": args.steps, "seeds": args.seeds,
-        "testbed_weights_final": weights_final, "testbed_fp_evaluation": fp_eval,
+        "command": command,
+        "machine": machine_info(args.threads),
+        "bits": f"W{wb}A{ab}",
+        "source": source,
+        "num_samples": args.num_samples,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "testbed_weights_final": weights_final,
+        "testbed_fp_evaluation": fp_eval,
         "rows": {k: {m: {"mean": v[0], "std": v[1]} for m, v in r.items()} for k, r in rows.items()},
-        "per_seed": per_seed, "pairs": pairs, "export_seconds": round(export_seconds, 2),
+        "per_seed": per_seed,
+        "pairs": pairs,
+        "export_seconds": round(export_seconds, 2),
         "total_seconds": round(time.time() - started, 1),
     }
     text = render_markdown(payload)

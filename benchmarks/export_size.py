@@ -60,8 +60,11 @@ def build(case: str) -> tuple[nn.Module, type, callable]:
 
         def inputs(t, seed=0, batch=8):
             g = torch.Generator().manual_seed(seed)
-            return {"sample": torch.randn(batch, 1, 16, 16, generator=g), "timestep": torch.full((batch,), float(t)),
-                    "class_labels": torch.arange(batch) % 10}
+            return {
+                "sample": torch.randn(batch, 1, 16, 16, generator=g),
+                "timestep": torch.full((batch,), float(t)),
+                "class_labels": torch.arange(batch) % 10,
+            }
 
         return load_testbed(verify=False).unet, UNet2DModel, inputs
     from diffusers import UNet2DConditionModel
@@ -71,8 +74,11 @@ def build(case: str) -> tuple[nn.Module, type, callable]:
 
     def inputs(t, seed=0, batch=1):  # an 8 x 8 latent keeps the calibration passes cheap on a CPU
         g = torch.Generator().manual_seed(seed)
-        return {"sample": torch.randn(batch, 4, 8, 8, generator=g), "timestep": torch.full((batch,), float(t)),
-                "encoder_hidden_states": torch.randn(batch, 77, 768, generator=g)}
+        return {
+            "sample": torch.randn(batch, 4, 8, 8, generator=g),
+            "timestep": torch.full((batch,), float(t)),
+            "encoder_hidden_states": torch.randn(batch, 77, 768, generator=g),
+        }
 
     return model, UNet2DConditionModel, inputs
 
@@ -95,7 +101,8 @@ def breakdown(model: nn.Module) -> dict[str, int]:
             integer.add(prefix + tensor_name)
             size = t.numel() * t.element_size()
             key = {"weight_packed": "weight_codes", "weight_scale": "weight_scales", "bias": "bias"}.get(
-                tensor_name, "activation_tables")
+                tensor_name, "activation_tables"
+            )
             out[key] += size
     out["float_tensors"] = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in integer)
     return out
@@ -128,15 +135,18 @@ def run_case(case: str, bits: tuple[int, int], workdir: Path, calibration_timest
     state = model.state_dict()
     parts = breakdown(model)
     layers = integer_layers(model)
-    counts = {"integer_layers": len(layers),
-              "eight_bit_layers": sum(1 for m in layers.values() if m.layout.weight_bits == 8),
-              "timestep_table_entries": max(m.layout.num_timesteps for m in layers.values())}
+    counts = {
+        "integer_layers": len(layers),
+        "eight_bit_layers": sum(1 for m in layers.values() if m.layout.weight_bits == 8),
+        "timestep_table_entries": max(m.layout.num_timesteps for m in layers.values()),
+    }
     del model
     gc.collect()
     loaded = cls.from_pretrained(int_dir)  # no quantization_config argument
     now = loaded.state_dict()
     same_tensors = now.keys() == state.keys() and all(
-        now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in state.items())
+        now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in state.items()
+    )
     with torch.no_grad():
         same_output = torch.equal(loaded(**probe).sample, expected)
     config_json = json.loads((int_dir / "config.json").read_text())
@@ -183,12 +193,19 @@ def markdown(meta: dict, results: list[dict]) -> str:
             f"| {r['case']} | {r['parameters'] / 1e6:.1f}M | {r['bits']} | {r['fp32_bytes'] / 2**20:.2f} | "
             f"{r['integer_bytes'] / 2**20:.2f} | {r['ratio']:.4f} | {target} | {exact} |"
         )
-    lines += ["", "Bytes by kind (integer model):", "", "| model | bits | codes | weight scales | bias | "
-              "activation tables | float tensors | safetensors header |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Bytes by kind (integer model):",
+        "",
+        "| model | bits | codes | weight scales | bias | activation tables | float tensors | safetensors header |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         p = r["tensor_bytes_by_kind"]
-        lines.append(f"| {r['case']} | {r['bits']} | {p['weight_codes']} | {p['weight_scales']} | {p['bias']} | "
-                     f"{p['activation_tables']} | {p['float_tensors']} | {r['safetensors_overhead_bytes']} |")
+        lines.append(
+            f"| {r['case']} | {r['bits']} | {p['weight_codes']} | {p['weight_scales']} | {p['bias']} | "
+            f"{p['activation_tables']} | {p['float_tensors']} | {r['safetensors_overhead_bytes']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -200,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]]),
-            "machine": machine_info(args.threads)}
+    meta = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]]),
+        "machine": machine_info(args.threads),
+    }
     results = []
     with tempfile.TemporaryDirectory(prefix="export-size-") as tmp:
         for case in args.cases:
@@ -210,9 +229,23 @@ def main(argv: list[str] | None = None) -> int:
                 timesteps = [0.0, 500.0, 990.0] if case == "embedded" else [500.0]
                 r = run_case(case, bits, Path(tmp), timesteps)
                 results.append(r)
-                print(json.dumps({k: r[k] for k in ("case", "bits", "fp32_bytes", "integer_bytes", "ratio",
-                                                    "reload_tensors_bit_exact", "reload_output_bit_exact")}),
-                      flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: r[k]
+                            for k in (
+                                "case",
+                                "bits",
+                                "fp32_bytes",
+                                "integer_bytes",
+                                "ratio",
+                                "reload_tensors_bit_exact",
+                                "reload_output_bit_exact",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
     meta["total_seconds"] = round(time.time() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_size.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

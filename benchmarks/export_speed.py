@@ -80,8 +80,9 @@ def build_unet() -> nn.Module:
 
 def quantize(model: nn.Module, bits: tuple[int, int], calibration: list[dict]) -> nn.Module:
     """PTQ as a user would run it (min-max weights, min-max activation calibration), then export."""
-    cfg = dq.QALoraConfig(r=4, weight_bits=bits[0], act_bits=bits[1], timesteps=TABLE, weight_init="minmax",
-                          act_init="minmax")
+    cfg = dq.QALoraConfig(
+        r=4, weight_bits=bits[0], act_bits=bits[1], timesteps=TABLE, weight_init="minmax", act_init="minmax"
+    )
     model = dq.get_qalora_model(model, cfg)
     dq.calibrate_activations(model, lambda: [model(**inputs) for inputs in calibration])
     return dq.export_quantized(model)
@@ -120,8 +121,9 @@ def capture_linear_inputs(model: nn.Module, inputs: dict) -> dict[str, torch.Ten
 
 
 # -- timing ----------------------------------------------------------------------------------------------------------
-def interleaved(fns: dict[str, callable], repeats: int, warmup: int = 1, budget_s: float = 4.0,
-                max_repeats: int = 41) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, callable], repeats: int, warmup: int = 1, budget_s: float = 4.0, max_repeats: int = 41
+) -> dict[str, list[float]]:
     """Time every function once per repeat, in rotating order.  Cheap cases get more repeats (up to
     ``max_repeats``, within about ``budget_s`` seconds per function), so that the medians of short timings are not at
     the mercy of a few disturbed runs on a shared machine."""
@@ -135,7 +137,7 @@ def interleaved(fns: dict[str, callable], repeats: int, warmup: int = 1, budget_
     times = {k: [] for k in fns}
     names = list(fns)
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no variant always runs first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
         for name in order:
             t0 = time.perf_counter()
             fns[name]()
@@ -174,12 +176,14 @@ def run_block(width: int, repeats: int) -> dict:
             with torch.no_grad():
                 for layer, x in layers:
                     layer(x)
+
         return fn
 
     def whole(model):
         def fn():
             with torch.no_grad():
                 model(**inputs)
+
         return fn
 
     first_call = {}
@@ -209,10 +213,24 @@ CATEGORIES = (  # first match wins
     ("activation quantization", ("quantize_per_tensor", "aten::set_", "aten::clamp")),
     ("attention (SDPA)", ("scaled_dot_product",)),
     ("normalization", ("group_norm", "layer_norm")),
-    ("elementwise (SiLU, GELU, add, mul, ...)", ("aten::silu", "aten::gelu", "aten::add", "aten::mul", "aten::div",
-                                                  "aten::sub", "aten::exp", "aten::sin", "aten::cos")),
-    ("copies, layout, concat, upsample", ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous",
-                                          "upsample", "aten::_to_copy")),
+    (
+        "elementwise (SiLU, GELU, add, mul, ...)",
+        (
+            "aten::silu",
+            "aten::gelu",
+            "aten::add",
+            "aten::mul",
+            "aten::div",
+            "aten::sub",
+            "aten::exp",
+            "aten::sin",
+            "aten::cos",
+        ),
+    ),
+    (
+        "copies, layout, concat, upsample",
+        ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous", "upsample", "aten::_to_copy"),
+    ),
 )
 
 
@@ -230,11 +248,17 @@ def profile_table(model: nn.Module, inputs: dict, rows: int = 15) -> dict:
         categories[name] = categories.get(name, 0.0) + e.self_cpu_time_total
     return {
         "total_ms": round(total / 1e3, 3),
-        "categories": {k: {"ms": round(v / 1e3, 3), "share": round(v / total, 4)}
-                       for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "categories": {
+            k: {"ms": round(v / 1e3, 3), "share": round(v / total, 4)}
+            for k, v in sorted(categories.items(), key=lambda kv: -kv[1])
+        },
         "top_ops": [
-            {"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 3),
-             "share": round(e.self_cpu_time_total / total, 4), "calls": e.count}
+            {
+                "op": e.key,
+                "self_ms": round(e.self_cpu_time_total / 1e3, 3),
+                "share": round(e.self_cpu_time_total / total, 4),
+                "calls": e.count,
+            }
             for e in events[:rows]
         ],
     }
@@ -252,6 +276,7 @@ def run_unet(batch: int, repeats: int) -> dict:
         def fn():
             with torch.no_grad():
                 model(**inp)
+
         return fn
 
     fns = {k: fwd(m) for k, m in models.items()}
@@ -306,9 +331,13 @@ def memory_worker(case: str, width: int, variant: str, threads: int) -> dict:
         model(**inputs)
         model(**inputs)
     peak = _status_kb("VmHWM")
-    return {"process_baseline_mb": round(base / 1024, 1), "rss_before_forward_mb": round(before / 1024, 1),
-            "peak_rss_forward_mb": round(peak / 1024, 1), "forward_increase_mb": round((peak - before) / 1024, 1),
-            "model_tensor_mb": round(tensor_bytes(model) / 2**20, 2)}
+    return {
+        "process_baseline_mb": round(base / 1024, 1),
+        "rss_before_forward_mb": round(before / 1024, 1),
+        "peak_rss_forward_mb": round(peak / 1024, 1),
+        "forward_increase_mb": round((peak - before) / 1024, 1),
+        "model_tensor_mb": round(tensor_bytes(model) / 2**20, 2),
+    }
 
 
 def run_memory(case: str, width: int, threads: int) -> dict:
@@ -346,34 +375,49 @@ def markdown(meta: dict, results: list[dict]) -> str:
             label = {"linears": "linear layers", "whole_block": "whole block", "forward": "forward"}[part]
             m, sp = s["median_ms"], s["speedup_vs_fp32"]
             lo = s["speedup_of_min_vs_fp32"]
-            lines.append(f"| {r['case']}: {label} | {s['repeats']} | {m['fp32']:.1f} | {m['W8A8']:.1f} | "
-                         f"{m['W4A8']:.1f} | **{sp['W8A8']:.2f}x** | **{sp['W4A8']:.2f}x** | "
-                         f"{lo['W8A8']:.2f}x / {lo['W4A8']:.2f}x |")
+            lines.append(
+                f"| {r['case']}: {label} | {s['repeats']} | {m['fp32']:.1f} | {m['W8A8']:.1f} | "
+                f"{m['W4A8']:.1f} | **{sp['W8A8']:.2f}x** | **{sp['W4A8']:.2f}x** | "
+                f"{lo['W8A8']:.2f}x / {lo['W4A8']:.2f}x |"
+            )
             if "fp32 channels_last" in m:
-                lines.append(f"| {r['case']}: fp32 in channels_last (layout only) | {s['repeats']} | "
-                             f"{m['fp32 channels_last']:.1f} | | | {sp['fp32 channels_last']:.2f}x | | |")
+                lines.append(
+                    f"| {r['case']}: fp32 in channels_last (layout only) | {s['repeats']} | "
+                    f"{m['fp32 channels_last']:.1f} | | | {sp['fp32 channels_last']:.2f}x | | |"
+                )
     mem = [r for r in results if "memory" in r]
     if mem:
-        lines += ["", "Peak memory (a fresh process per variant builds the model, returns freed memory to the OS "
-                  "(`malloc_trim`), resets the peak RSS, then runs two forward passes; the RSS includes the ~0.5 GB "
-                  "of the Python/torch/diffusers process itself; model tensors include oneDNN's packed int8 weights):",
-                  "", "| case | variant | model tensors MB | RSS before forward MB | peak RSS MB | forward increase MB |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Peak memory (a fresh process per variant builds the model, returns freed memory to the OS "
+            "(`malloc_trim`), resets the peak RSS, then runs two forward passes; the RSS includes the ~0.5 GB "
+            "of the Python/torch/diffusers process itself; model tensors include oneDNN's packed int8 weights):",
+            "",
+            "| case | variant | model tensors MB | RSS before forward MB | peak RSS MB | forward increase MB |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in mem:
             for variant, m in r["memory"].items():
                 if "error" in m:
                     lines.append(f"| {r['case']} | {variant} | error: {m['error']} | | | |")
                 else:
-                    lines.append(f"| {r['case']} | {variant} | {m['model_tensor_mb']:.1f} | "
-                                 f"{m['rss_before_forward_mb']:.0f} | {m['peak_rss_forward_mb']:.0f} | "
-                                 f"{m['forward_increase_mb']:.0f} |")
+                    lines.append(
+                        f"| {r['case']} | {variant} | {m['model_tensor_mb']:.1f} | "
+                        f"{m['rss_before_forward_mb']:.0f} | {m['peak_rss_forward_mb']:.0f} | "
+                        f"{m['forward_increase_mb']:.0f} |"
+                    )
     for r in results:
         if "profile" in r:
             prof = r["profile"]
             names = list(prof)
-            lines += ["", f"Where the time goes ({r['case']}, one profiled forward each, torch.profiler self CPU time, "
-                      "ms and share):", "", "| category | " + " | ".join(names) + " |",
-                      "|---|" + "---|" * len(names)]
+            lines += [
+                "",
+                f"Where the time goes ({r['case']}, one profiled forward each, torch.profiler self CPU time, "
+                "ms and share):",
+                "",
+                "| category | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names),
+            ]
             cats = list(dict.fromkeys(c for v in prof.values() for c in v["categories"]))
             for c in cats:
                 cells = []
@@ -406,9 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_worker(case, int(width), variant, args.threads)))
         return 0
     started = time.time()
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]]),
-            "threads": args.threads, "repeats": args.repeats, "machine": machine_info(args.threads),
-            "onednn": onednn_status()[1]}
+    meta = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]]),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": machine_info(args.threads),
+        "onednn": onednn_status()[1],
+    }
     results = []
     if "block" in args.cases:
         for width in args.widths:

@@ -103,8 +103,16 @@ class Bench:
                 samples[name].append(self._time_once(variants[name]))
         return {n: statistics.median(v) for n, v in samples.items()}
 
-    def add(self, section: str, case: str, variant: str, ms: float, flops: float | None = None,
-            baseline_ms: float | None = None, **extra: Any) -> None:
+    def add(
+        self,
+        section: str,
+        case: str,
+        variant: str,
+        ms: float,
+        flops: float | None = None,
+        baseline_ms: float | None = None,
+        **extra: Any,
+    ) -> None:
         """Record one result row (``flops``: operations of one call, for TFLOP/s)."""
         row = {"section": section, "case": case, "variant": variant, "ms": ms}
         if flops is not None and ms > 0:
@@ -177,11 +185,17 @@ def _bench_activation(bench: Bench, label: str, shape: tuple[int, ...], granular
         exact = torch.equal(fused_fake_quantize(x, step, zp, 0, 255), torch_forward())
     train = bench.time({"torch": torch_train, "triton": kernel_train})
     for variant, ms in fwd.items():
-        bench.add("fake_quant", label, f"{variant} forward", ms, baseline_ms=fwd["torch"], shape=list(shape),
-                  **({"equal_to_torch": exact} if variant == "triton" else {}))
+        bench.add(
+            "fake_quant",
+            label,
+            f"{variant} forward",
+            ms,
+            baseline_ms=fwd["torch"],
+            shape=list(shape),
+            **({"equal_to_torch": exact} if variant == "triton" else {}),
+        )
     for variant, ms in train.items():
-        bench.add("fake_quant", label, f"{variant} forward+backward", ms, baseline_ms=train["torch"],
-                  shape=list(shape))
+        bench.add("fake_quant", label, f"{variant} forward+backward", ms, baseline_ms=train["torch"], shape=list(shape))
 
 
 def _bench_weight(bench: Bench, label: str, shape: tuple[int, ...]) -> None:
@@ -192,13 +206,14 @@ def _bench_weight(bench: Bench, label: str, shape: tuple[int, ...]) -> None:
     w = torch.randn(shape, device=dev).reshape(shape[0], 1, -1).requires_grad_()  # the grouped view (C_out, 1, K)
     step = torch.full((shape[0], 1, 1), 0.01, device=dev, requires_grad=True)
     grad = torch.ones_like(w)
-    train = bench.time({
-        "torch": lambda: fake_quantize(w, step, None, -8, 7).backward(grad),
-        "triton": lambda: fused_fake_quantize(w, step, None, -8, 7).backward(grad),
-    })
+    train = bench.time(
+        {
+            "torch": lambda: fake_quantize(w, step, None, -8, 7).backward(grad),
+            "triton": lambda: fused_fake_quantize(w, step, None, -8, 7).backward(grad),
+        }
+    )
     for variant, ms in train.items():
-        bench.add("fake_quant", label, f"{variant} forward+backward", ms, baseline_ms=train["torch"],
-                  shape=list(shape))
+        bench.add("fake_quant", label, f"{variant} forward+backward", ms, baseline_ms=train["torch"], shape=list(shape))
 
 
 # -- integer GEMM and convolution ------------------------------------------------------------------------------------
@@ -253,7 +268,8 @@ def _bench_gemm(bench: Bench, label: str, m: int, k: int, n: int, gen: torch.Gen
         "triton W8A8 (int8 codes in)": lambda: int8_linear(a8, scale, zero_point, w8, None, torch.float16),
         "triton W4A8 (int8 codes in)": lambda: int8_linear(a8, scale, zero_point, w4, None, torch.float16),
         "triton W8A8 + activation quantization": lambda: int8_linear(
-            quantize_activation_codes(x16, scale, zero_point, -128, 127), scale, zero_point, w8, None, torch.float16),
+            quantize_activation_codes(x16, scale, zero_point, -128, 127), scale, zero_point, w8, None, torch.float16
+        ),
     }
     if dev.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:  # torch._int_mm's shape constraints
         variants["torch._int_mm (no epilogue)"] = lambda: torch._int_mm(a8, w8t)
@@ -261,15 +277,25 @@ def _bench_gemm(bench: Bench, label: str, m: int, k: int, n: int, gen: torch.Gen
     errors = {  # the compiled kernels against the float64 reference (exact integer sums)
         "triton W8A8 (int8 codes in)": _relative_error(
             int8_linear(a8, scale, zero_point, w8, None, torch.float32),
-            int8_linear_reference(a8, scale, zero_point, w8, None, torch.float32)),
+            int8_linear_reference(a8, scale, zero_point, w8, None, torch.float32),
+        ),
         "triton W4A8 (int8 codes in)": _relative_error(
             int8_linear(a8, scale, zero_point, w4, None, torch.float32),
-            int8_linear_reference(a8, scale, zero_point, w4, None, torch.float32)),
+            int8_linear_reference(a8, scale, zero_point, w4, None, torch.float32),
+        ),
     }
     for variant, ms in times.items():
         extra = {"max_rel_error_vs_reference": errors[variant]} if variant in errors else {}
-        bench.add("int_gemm", label, variant, ms, flops=2.0 * m * n * k, baseline_ms=times["torch fp16 matmul"],
-                  shape={"M": m, "K": k, "N": n}, **extra)
+        bench.add(
+            "int_gemm",
+            label,
+            variant,
+            ms,
+            flops=2.0 * m * n * k,
+            baseline_ms=times["torch fp16 matmul"],
+            shape={"M": m, "K": k, "N": n},
+            **extra,
+        )
 
 
 def _bench_conv(bench: Bench, label: str, shape: tuple[int, int, int, int], c_out: int, gen: torch.Generator) -> None:
@@ -284,31 +310,55 @@ def _bench_conv(bench: Bench, label: str, shape: tuple[int, int, int, int], c_ou
     w8 = PackedWeight.from_codes(w_codes, 8, torch.full((c_out, 1), 0.01, device=dev))
     scale = torch.full((b,), 0.02, device=dev)
     zero_point = torch.zeros(b, device=dev)
-    times = bench.time({
-        "torch fp16 conv2d": lambda: F.conv2d(x16, weight16, padding=1),
-        "triton W8A8 implicit GEMM": lambda: int8_conv2d(codes, scale, zero_point, w8, (3, 3), 1, 1, 1, None,
-                                                         torch.float16),
-    })
-    error = _relative_error(int8_conv2d(codes, scale, zero_point, w8, (3, 3), 1, 1, 1),
-                            int8_conv2d_reference(codes, scale, zero_point, w8, (3, 3), 1, 1, 1))
+    times = bench.time(
+        {
+            "torch fp16 conv2d": lambda: F.conv2d(x16, weight16, padding=1),
+            "triton W8A8 implicit GEMM": lambda: int8_conv2d(
+                codes, scale, zero_point, w8, (3, 3), 1, 1, 1, None, torch.float16
+            ),
+        }
+    )
+    error = _relative_error(
+        int8_conv2d(codes, scale, zero_point, w8, (3, 3), 1, 1, 1),
+        int8_conv2d_reference(codes, scale, zero_point, w8, (3, 3), 1, 1, 1),
+    )
     for variant, ms in times.items():
         extra = {"max_rel_error_vs_reference": error} if variant.startswith("triton") else {}
-        bench.add("int_gemm", label, variant, ms, flops=2.0 * b * h * w * c_out * c_in * 9,
-                  baseline_ms=times["torch fp16 conv2d"], shape={"x": list(shape), "C_out": c_out, "kernel": 3},
-                  **extra)
+        bench.add(
+            "int_gemm",
+            label,
+            variant,
+            ms,
+            flops=2.0 * b * h * w * c_out * c_in * 9,
+            baseline_ms=times["torch fp16 conv2d"],
+            shape={"x": list(shape), "C_out": c_out, "kernel": 3},
+            **extra,
+        )
 
 
 # -- end-to-end UNet step --------------------------------------------------------------------------------------------
 SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 }
 TINY_UNET = {
-    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (16, 32),
-    "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
 }
 UNET_TABLE = [1.0, 251.0, 501.0, 751.0, 981.0]
 
@@ -337,14 +387,28 @@ def bench_unet_step(bench: Bench) -> None:
 
     variants: dict[str, Callable[[], Any]] = {"fp16": lambda: call(base)}
     # The dry run quantizes a few layers only: the interpreter runs each kernel in Python.
-    targets = ["conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.proj_in"] if bench.dry_run \
-        else None
+    targets = (
+        ["conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.proj_in"] if bench.dry_run else None
+    )
     for bits in ((8, 8), (4, 8)):
-        qmodel = dq.get_qalora_model(copy.deepcopy(base), dq.QALoraConfig(
-            r=8, weight_bits=bits[0], act_bits=bits[1], timesteps=UNET_TABLE, weight_init="minmax", act_init="minmax",
-            target_modules=targets))
-        dq.calibrate_activations(qmodel, lambda qmodel=qmodel: [
-            qmodel(sample, torch.full((2,), tt, device=dev), encoder_hidden_states=text) for tt in UNET_TABLE[::2]])
+        qmodel = dq.get_qalora_model(
+            copy.deepcopy(base),
+            dq.QALoraConfig(
+                r=8,
+                weight_bits=bits[0],
+                act_bits=bits[1],
+                timesteps=UNET_TABLE,
+                weight_init="minmax",
+                act_init="minmax",
+                target_modules=targets,
+            ),
+        )
+        dq.calibrate_activations(
+            qmodel,
+            lambda qmodel=qmodel: [
+                qmodel(sample, torch.full((2,), tt, device=dev), encoder_hidden_states=text) for tt in UNET_TABLE[::2]
+            ],
+        )
         name = f"W{bits[0]}A{bits[1]}"
         variants[f"fake-quant {name}"] = lambda qmodel=qmodel: call(qmodel)
         integer = dq.export_quantized(copy.deepcopy(qmodel))
@@ -353,8 +417,14 @@ def bench_unet_step(bench: Bench) -> None:
     times = bench.time(variants)
     case = "UNet2DConditionModel (SD1.5 config), batch 2, 64 x 64 latents" if not bench.dry_run else "tiny UNet"
     for variant, ms in times.items():
-        bench.add("unet_step", case, variant, ms, baseline_ms=times["fp16"],
-                  shape={"sample": list(sample.shape), "encoder_hidden_states": list(text.shape)})
+        bench.add(
+            "unet_step",
+            case,
+            variant,
+            ms,
+            baseline_ms=times["fp16"],
+            shape={"sample": list(sample.shape), "encoder_hidden_states": list(text.shape)},
+        )
 
 
 # -- quantized attention (kernels-attn) ------------------------------------------------------------------------------
@@ -378,8 +448,10 @@ def bench_attention(bench: Bench) -> None:
     dev = bench.device
     gen = torch.Generator(device="cpu").manual_seed(0)
     for model, case, b, h, nq, nk, d in _shapes(bench, ATTENTION_SHAPES, TINY_ATTENTION):
-        q, k, v = (torch.randn(b, t, h * d, generator=gen).to(dev, bench.half).view(b, t, h, d).transpose(1, 2)
-                   for t in (nq, nk, nk))  # diffusers' (B, N, H, D) -> (B, H, N, D) views
+        q, k, v = (
+            torch.randn(b, t, h * d, generator=gen).to(dev, bench.half).view(b, t, h, d).transpose(1, 2)
+            for t in (nq, nk, nk)
+        )  # diffusers' (B, N, H, D) -> (B, H, N, D) views
         spec = QuantSpec(torch.full((b,), 0.03, device=dev), torch.full((b,), 128.0, device=dev), 0, 255)
         probs = QuantSpec(torch.full((b,), 1 / 255, device=dev), torch.zeros(b, device=dev), 0, 255)
         qkv = {"query_quant": spec, "key_quant": spec, "value_quant": spec}
@@ -390,19 +462,28 @@ def bench_attention(bench: Bench) -> None:
         variants = {
             "torch SDPA fp16": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
             "torch fake-quant q/k/v + SDPA fp16": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                fake(q), fake(k), fake(v)),
+                fake(q), fake(k), fake(v)
+            ),
             "triton fused, no quantization": lambda q=q, k=k, v=v: quantized_attention(q, k, v, backend="triton"),
             "triton fused, q/k/v 8-bit": lambda q=q, k=k, v=v, qkv=qkv: quantized_attention(
-                q, k, v, backend="triton", **qkv),
+                q, k, v, backend="triton", **qkv
+            ),
             "triton fused, q/k/v + softmax 8-bit": lambda q=q, k=k, v=v, qkv=qkv, probs=probs: quantized_attention(
-                q, k, v, backend="triton", probs_quant=probs, **qkv),
+                q, k, v, backend="triton", probs_quant=probs, **qkv
+            ),
         }
         with torch.no_grad():
             times = bench.time(variants)
         flops = 4.0 * b * h * nq * nk * d
         for variant, ms in times.items():
-            bench.add("attention", f"{model}: {case} (B={b}, H={h}, N_q={nq}, N_k={nk}, D={d})", variant, ms,
-                      flops=flops, baseline_ms=times["torch SDPA fp16"])
+            bench.add(
+                "attention",
+                f"{model}: {case} (B={b}, H={h}, N_q={nq}, N_k={nk}, D={d})",
+                variant,
+                ms,
+                flops=flops,
+                baseline_ms=times["torch SDPA fp16"],
+            )
 
 
 # -- Winograd (kernels-attn) -----------------------------------------------------------------------------------------
@@ -449,15 +530,24 @@ def bench_winograd(bench: Bench) -> None:
             packed = pack_winograd_weight(codes_u, step_u)
             bt, at, bias_dev = t.BT.float().to(dev), t.AT.float().to(dev), bias.to(dev)
             variants[f"triton int8 Winograd F({tile},3)"] = (
-                lambda x16=x16, codes_u=codes_u, step_u=step_u, bt=bt, at=at, bias_dev=bias_dev, packed=packed,
-                group=group: winograd_int_conv2d_triton(x16, codes_u, step_u, bt, at, bias_dev, 1, bits=8,
-                                                        group_size=group, packed=packed))
+                lambda x16=x16, codes_u=codes_u, step_u=step_u, bt=bt, at=at, bias_dev=bias_dev, packed=packed, group=group: (
+                    winograd_int_conv2d_triton(
+                        x16, codes_u, step_u, bt, at, bias_dev, 1, bits=8, group_size=group, packed=packed
+                    )
+                )
+            )
         with torch.no_grad():
             times = bench.time(variants)
         flops = 2.0 * b * h * w * c_out * c_in * 9
         for variant, ms in times.items():
-            bench.add("winograd", f"{model}: {case} (x {tuple(shape)}, C_out={c_out}, group={group})", variant, ms,
-                      flops=flops, baseline_ms=times["torch fp16 conv2d (cuDNN)"])
+            bench.add(
+                "winograd",
+                f"{model}: {case} (x {tuple(shape)}, C_out={c_out}, group={group})",
+                variant,
+                ms,
+                flops=flops,
+                baseline_ms=times["torch fp16 conv2d (cuDNN)"],
+            )
 
 
 # -- registry, output, main ------------------------------------------------------------------------------------------
@@ -491,12 +581,22 @@ def versions() -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any], command: str) -> str:
     """One table per section: case, variant, milliseconds, TFLOP/s, speed-up over the section's baseline."""
-    lines = ["# Triton kernels on the GPU", "", f"Command: `{command}`", "",
-             f"GPU: {info['gpu']} (compute capability {info['capability']}); torch {info['torch']}, "
-             f"triton {info['triton']}, CUDA {info['cuda']}.", ""]
+    lines = [
+        "# Triton kernels on the GPU",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"GPU: {info['gpu']} (compute capability {info['capability']}); torch {info['torch']}, "
+        f"triton {info['triton']}, CUDA {info['cuda']}.",
+        "",
+    ]
     for section in dict.fromkeys(r["section"] for r in rows):
-        lines += [f"## {section}", "", "| case | variant | ms | TFLOP/s | speed-up | check |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {section}",
+            "",
+            "| case | variant | ms | TFLOP/s | speed-up | check |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["section"] == section):
             tflops = f"{r['tflops']:.1f}" if "tflops" in r else "—"
             speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
@@ -512,13 +612,17 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], command: str) -> 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     names = [name for name, _ in SECTIONS]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sections", nargs="+", choices=names, default=names, help="sections to run (default: all)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per variant (median reported)")
     parser.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="tiny shapes on CPU under TRITON_INTERPRET=1 (forces the Triton path); writes nothing")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="tiny shapes on CPU under TRITON_INTERPRET=1 (forces the Triton path); writes nothing",
+    )
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -532,9 +636,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         bench = Bench(torch.device("cpu"), dry_run=True, repeats=1, inner=1)
     else:
         if not torch.cuda.is_available():
-            sys.exit("benchmarks/gpu_kernels.py measures CUDA kernels and found no CUDA GPU (torch.cuda.is_available() "
-                     "is False). Run it on a machine with an NVIDIA GPU and a CUDA build of torch (which brings "
-                     "triton), or pass --dry_run to check the script on CPU under the Triton interpreter.")
+            sys.exit(
+                "benchmarks/gpu_kernels.py measures CUDA kernels and found no CUDA GPU (torch.cuda.is_available() "
+                "is False). Run it on a machine with an NVIDIA GPU and a CUDA build of torch (which brings "
+                "triton), or pass --dry_run to check the script on CPU under the Triton interpreter."
+            )
         bench = Bench(torch.device("cuda"), dry_run=False, repeats=args.repeats, inner=args.inner)
     from diffusers_qalora.kernels import kernel_backend
 
@@ -548,11 +654,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f"[gpu_kernels] dry run: {len(bench.rows)} rows, nothing written")
         return bench.rows
     info = versions()
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None else "benchmarks/gpu_kernels.py",
-                                    *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + " ".join(
+        [
+            Path(sys.argv[0]).as_posix() if argv is None else "benchmarks/gpu_kernels.py",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "versions": info, "repeats": bench.repeats, "inner": bench.inner,
-               "sections": args.sections, "rows": bench.rows}
+    payload = {
+        "command": command,
+        "versions": info,
+        "repeats": bench.repeats,
+        "inner": bench.inner,
+        "sections": args.sections,
+        "rows": bench.rows,
+    }
     (args.output_dir / "gpu_kernels.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.output_dir / "gpu_kernels.md").write_text(markdown(bench.rows, info, command) + "\n")
     print(markdown(bench.rows, info, command))

@@ -61,15 +61,29 @@ def models() -> dict[str, dict]:
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
         sdxl = UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280),
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816)
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
         flux = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+        )
     return {
         "SD1.5, 512 px (64x64 latent)": {**counts(sd15), "pixels": 64 * 64},
         "SDXL, 1024 px (128x128 latent)": {**counts(sdxl), "pixels": 128 * 128},
@@ -117,25 +131,39 @@ def main() -> dict:
             "full fine-tuning (8-bit Adam)": 10 * p + activations,
             "plain LoRA": 4 * p + 16 * lora + activations,
         }
-        rows.append({"model": name, **m, "activations_bytes": activations,
-                     "peak_bytes": est})
-    result = {"activation_fit": projections,
-              "sd15_measured_peak_above_start": {f"{lat}x{lat} {st} {v}": peak for (lat, st, v), (peak, _) in runs.items()},
-              "projections": rows}
-    lines = ["| model | params | in LoRA layers | LoRA values | activations (est.) | "
-             + " | ".join(rows[0]["peak_bytes"]) + " |", "|---|" + "---:|" * (4 + len(rows[0]["peak_bytes"]))]
+        rows.append({"model": name, **m, "activations_bytes": activations, "peak_bytes": est})
+    result = {
+        "activation_fit": projections,
+        "sd15_measured_peak_above_start": {f"{lat}x{lat} {st} {v}": peak for (lat, st, v), (peak, _) in runs.items()},
+        "projections": rows,
+    }
+    lines = [
+        "| model | params | in LoRA layers | LoRA values | activations (est.) | "
+        + " | ".join(rows[0]["peak_bytes"])
+        + " |",
+        "|---|" + "---:|" * (4 + len(rows[0]["peak_bytes"])),
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['quantized'] / 1e9:.2f} B | "
-                     f"{r['lora_values'] / 1e6:.0f} M | {r['activations_bytes'] / GIB:.1f} GiB | "
-                     + " | ".join(f"{v / GIB:.1f} GiB" for v in r["peak_bytes"].values()) + " |")
-    note = (f"Activations from the SD1.5 runs with setting `{basis}` at latents {plain['from_latents']} "
-            f"({'fitted a0 + a1 * pixels' if len(plain['from_latents']) > 1 else 'proportional to the pixels'}).")
+        lines.append(
+            f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['quantized'] / 1e9:.2f} B | "
+            f"{r['lora_values'] / 1e6:.0f} M | {r['activations_bytes'] / GIB:.1f} GiB | "
+            + " | ".join(f"{v / GIB:.1f} GiB" for v in r["peak_bytes"].values())
+            + " |"
+        )
+    note = (
+        f"Activations from the SD1.5 runs with setting `{basis}` at latents {plain['from_latents']} "
+        f"({'fitted a0 + a1 * pixels' if len(plain['from_latents']) > 1 else 'proportional to the pixels'})."
+    )
     if basis is None:
-        note = ("No SD1.5 run with a JSON result was found: parameter side only (weights, buffers, optimizer), "
-                "activations not included.")
+        note = (
+            "No SD1.5 run with a JSON result was found: parameter side only (weights, buffers, optimizer), "
+            "activations not included."
+        )
     if basis == "gc":
-        note += (" Only checkpointed runs were measured: the activation column (and every column built on it) is "
-                 "what gradient checkpointing keeps, which understates a step without it.")
+        note += (
+            " Only checkpointed runs were measured: the activation column (and every column built on it) is "
+            "what gradient checkpointing keeps, which understates a step without it."
+        )
     lines = [note, ""] + lines
     result["activations_from_setting"] = basis
     (RESULTS / "memory_projection.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -88,8 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--previous-timeout", type=float, default=3600.0,
-                        help="stop the previous_default load after this many seconds of wall time")
+    parser.add_argument(
+        "--previous-timeout",
+        type=float,
+        default=3600.0,
+        help="stop the previous_default load after this many seconds of wall time",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", nargs=2, metavar=("FOLDER", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -132,8 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
             "median_cpu_seconds": round(statistics.median(r["cpu_seconds"] for r in rs), 2),
         }
         if finished:
-            entry.update(qalora_layers=rs[0]["qalora_layers"], trainable_parameters=rs[0]["trainable_parameters"],
-                         peak_rss_gib=round(max(r["peak_rss_gib"] for r in rs), 2))
+            entry.update(
+                qalora_layers=rs[0]["qalora_layers"],
+                trainable_parameters=rs[0]["trainable_parameters"],
+                peak_rss_gib=round(max(r["peak_rss_gib"] for r in rs), 2),
+            )
         summary[name] = entry
     previous, default = summary["previous_default"], summary["default"]
     ratio = round(previous["median_cpu_seconds"] / default["median_cpu_seconds"], 1)
@@ -142,8 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "UNet2DConditionModel(cross_attention_dim=768) (SD1.5 UNet shape), random weights, seed 0, fp32, "
         "saved as safetensors",
         "unet_parameters": n_params,
-        "variants": {name: ("no quantization_config" if kw is None else f"QALoraQuantConfig(**{kw})")
-                     for name, kw in VARIANTS.items()},
+        "variants": {
+            name: ("no quantization_config" if kw is None else f"QALoraQuantConfig(**{kw})")
+            for name, kw in VARIANTS.items()
+        },
         "results": summary,
         # CPU time, not wall time: on a shared machine it is what the load itself cost.  A lower bound when the
         # previous_default load did not finish.
@@ -170,11 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
 def _markdown(r: dict) -> str:
     def row(name: str, s: dict) -> str:
         if not s["finished"]:
-            return (f"| `{name}` | {r['variants'][name]} | not finished: stopped after {s['seconds'][0]} s | "
-                    f"> {s['cpu_seconds'][0]} (so far) | | | |")
-        return (f"| `{name}` | {r['variants'][name]} | {s['median_seconds']} ({', '.join(map(str, s['seconds']))}) | "
-                f"{s['median_cpu_seconds']} ({', '.join(map(str, s['cpu_seconds']))}) | {s['qalora_layers']} | "
-                f"{s['trainable_parameters']:,} | {s['peak_rss_gib']} |")
+            return (
+                f"| `{name}` | {r['variants'][name]} | not finished: stopped after {s['seconds'][0]} s | "
+                f"> {s['cpu_seconds'][0]} (so far) | | | |"
+            )
+        return (
+            f"| `{name}` | {r['variants'][name]} | {s['median_seconds']} ({', '.join(map(str, s['seconds']))}) | "
+            f"{s['median_cpu_seconds']} ({', '.join(map(str, s['cpu_seconds']))}) | {s['qalora_layers']} | "
+            f"{s['trainable_parameters']:,} | {s['peak_rss_gib']} |"
+        )
 
     rows = "\n".join(row(name, s) for name, s in r["results"].items())
     bound = "at least " if r["cpu_speedup_is_lower_bound"] else ""

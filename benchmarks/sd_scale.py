@@ -84,47 +84,74 @@ def build(model: str):
         table = timestep_table(testbed.pipeline.scheduler, job.table_steps)
 
         def inputs(latent, device):
-            return dict(sample=torch.randn(job.distill.batch_size, 1, latent, latent, device=device),
-                        class_labels=torch.arange(job.distill.batch_size, device=device) % 10)
+            return dict(
+                sample=torch.randn(job.distill.batch_size, 1, latent, latent, device=device),
+                class_labels=torch.arange(job.distill.batch_size, device=device) % 10,
+            )
+
         return testbed.unet, inputs, float(table[len(table) // 2]), table, {"weight_init": "mse"}
     if model == "sd15":
         base = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # otherwise the defaults are SD1.5's
 
         def inputs(latent, device):
-            return dict(sample=torch.randn(1, 4, latent, latent, device=device),
-                        encoder_hidden_states=torch.randn(1, 77, 768, device=device))
+            return dict(
+                sample=torch.randn(1, 4, latent, latent, device=device),
+                encoder_hidden_states=torch.randn(1, 77, 768, device=device),
+            )
+
         return base, inputs, 500.0, None, {}
     if model == "sdxl":
         base = UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280),
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=1, attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            transformer_layers_per_block=1,
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
 
         def inputs(latent, device):
-            return dict(sample=torch.randn(1, 4, latent, latent, device=device),
-                        encoder_hidden_states=torch.randn(1, 77, 2048, device=device),
-                        added_cond_kwargs={"text_embeds": torch.randn(1, 1280, device=device),
-                                           "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=device)})
+            return dict(
+                sample=torch.randn(1, 4, latent, latent, device=device),
+                encoder_hidden_states=torch.randn(1, 77, 2048, device=device),
+                added_cond_kwargs={
+                    "text_embeds": torch.randn(1, 1280, device=device),
+                    "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=device),
+                },
+            )
+
         return base, inputs, 500.0, None, {}
     if model == "flux":
-        base = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                      pooled_projection_dim=768, guidance_embeds=True)
+        base = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+        )
 
         def inputs(latent, device):
             side = latent // 2  # 2 x 2 patches of a 16-channel latent
             tokens, text = side * side, 128
             ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
-            return dict(hidden_states=torch.randn(1, tokens, 64, device=device),
-                        encoder_hidden_states=torch.randn(1, text, 4096, device=device),
-                        pooled_projections=torch.randn(1, 768, device=device),
-                        guidance=torch.tensor([3.5], device=device),
-                        img_ids=torch.cat([torch.zeros(tokens, 1), ids.float()], 1).to(device),
-                        txt_ids=torch.zeros(text, 3, device=device))
+            return dict(
+                hidden_states=torch.randn(1, tokens, 64, device=device),
+                encoder_hidden_states=torch.randn(1, text, 4096, device=device),
+                pooled_projections=torch.randn(1, 768, device=device),
+                guidance=torch.tensor([3.5], device=device),
+                img_ids=torch.cat([torch.zeros(tokens, 1), ids.float()], 1).to(device),
+                txt_ids=torch.zeros(text, 3, device=device),
+            )
+
         return base, inputs, 0.5, [i / 100 for i in range(1, 101)], {}
     raise ValueError(f"unknown model {model!r}")
 
@@ -165,6 +192,7 @@ class PeakSampler:
             while not self._stop.is_set():
                 self.peak = max(self.peak, rss_bytes())
                 time.sleep(0.002)
+
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
         return self
@@ -196,8 +224,9 @@ class Bench:
         base.to(self.device).train()
         twin.to(self.device).train()
         self.num_params = sum(p.numel() for p in base.parameters())
-        qcfg = QALoraConfig(r=32, lora_alpha=32, weight_bits=4, act_bits=4, timesteps=table,
-                            **{"weight_init": "minmax", **overrides})
+        qcfg = QALoraConfig(
+            r=32, lora_alpha=32, weight_bits=4, act_bits=4, timesteps=table, **{"weight_init": "minmax", **overrides}
+        )
         t0 = time.perf_counter()
         get_qalora_model(base, qcfg)
         self.inject_seconds = time.perf_counter() - t0
@@ -227,8 +256,11 @@ class Bench:
         groups = get_qalora_param_groups(base, 1e-4, 1e-5, 1e-4, "lr", 0.0)
         self.scale_aware = groups
         # AdamW as DataFreeDistiller builds it (fused: one kernel for all tensors).
-        self.opt = {"qalora": torch.optim.AdamW(groups.param_groups, fused=True), "qalora_ref": None,
-                    "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, fused=True)}
+        self.opt = {
+            "qalora": torch.optim.AdamW(groups.param_groups, fused=True),
+            "qalora_ref": None,
+            "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, fused=True),
+        }
         self.opt["qalora_ref"] = self.opt["qalora"]
         self.bf16 = False
 
@@ -349,8 +381,9 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
                 grad[i] = grads[p]
                 used[i] = True
         dense.append((param, grad, used))
-    opt_b = torch.optim.AdamW([{"params": other, "lr": 1e-4}, {"params": [d[0] for d in dense], "lr": 1e-4,
-                                                                  "weight_decay": 0.0}], fused=True)
+    opt_b = torch.optim.AdamW(
+        [{"params": other, "lr": 1e-4}, {"params": [d[0] for d in dense], "lr": 1e-4, "weight_decay": 0.0}], fused=True
+    )
 
     def step_a():
         for p, g in grads.items():
@@ -366,9 +399,13 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
             param.grad = grad
             state = opt_b.state.get(param)
             idle = ~used
-            kept.append((param.detach()[idle].clone(),
-                         None if not state else state["exp_avg"][idle].clone(),
-                         None if not state else state["exp_avg_sq"][idle].clone()))
+            kept.append(
+                (
+                    param.detach()[idle].clone(),
+                    None if not state else state["exp_avg"][idle].clone(),
+                    None if not state else state["exp_avg_sq"][idle].clone(),
+                )
+            )
         opt_b.step()
         with torch.no_grad():
             for (param, _, used), (value, m, v) in zip(dense, kept):
@@ -402,17 +439,22 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
         start = time.perf_counter()
         torch.save(opt.state_dict(), buf)
         elapsed = time.perf_counter() - start
-        tensors = sum(sum(isinstance(v, torch.Tensor) for v in st.values()) for st in opt.state_dict()["state"].values())
+        tensors = sum(
+            sum(isinstance(v, torch.Tensor) for v in st.values()) for st in opt.state_dict()["state"].values()
+        )
         return {"seconds": elapsed, "bytes": buf.tell(), "tensors": tensors}
 
     return {
-        "tables": len(tables), "entries": sum(len(tv) for tv in tables),
+        "tables": len(tables),
+        "entries": sum(len(tv) for tv in tables),
         "parameters_a": sum(1 for g in opt_a.param_groups for _ in g["params"]),
         "parameters_b": len(other) + len(dense),
         "state_dict_keys_per_table": 2,  # "timesteps" and "values" in both designs
         "optimizer_step_seconds": {k: statistics.median(v) for k, v in times.items()},
-        "optimizer_checkpoint_after_full_trajectory": {"a_per_entry_parameters": saved(opt_a),
-                                                       "b_one_tensor_per_table_masked": saved(opt_b)},
+        "optimizer_checkpoint_after_full_trajectory": {
+            "a_per_entry_parameters": saved(opt_a),
+            "b_one_tensor_per_table_masked": saved(opt_b),
+        },
     }
 
 
@@ -436,22 +478,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--settings", nargs="+", default=["plain"], choices=SETTINGS,
-                   help="gradient checkpointing (gc) and/or bf16 autocast, interleaved in the same run")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=["plain"],
+        choices=SETTINGS,
+        help="gradient checkpointing (gc) and/or bf16 autocast, interleaved in the same run",
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("qalora_ref",))
     p.add_argument("--with_reference", action="store_true", help="also time qalora_ref (the pre-fusion path)")
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of one student step")
     p.add_argument("--profile_setting", default="plain", choices=SETTINGS)
-    p.add_argument("--temporal_values_study", action="store_true",
-                   help="optimizer cost of per-entry vs per-table activation step parameters (issue 16)")
+    p.add_argument(
+        "--temporal_values_study",
+        action="store_true",
+        help="optimizer cost of per-entry vs per-table activation step parameters (issue 16)",
+    )
     p.add_argument("--tag", default=None)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = list(args.variants) + (["qalora_ref"] if args.with_reference and "qalora_ref" not in args.variants
-                                      else [])
-    tag = args.tag or "_".join([args.model, f"{args.latent}x{args.latent}"] + [s for s in args.settings if s != "plain"]
-                               + ([args.device] if args.device != "cpu" else []))
+    variants = list(args.variants) + (
+        ["qalora_ref"] if args.with_reference and "qalora_ref" not in args.variants else []
+    )
+    tag = args.tag or "_".join(
+        [args.model, f"{args.latent}x{args.latent}"]
+        + [s for s in args.settings if s != "plain"]
+        + ([args.device] if args.device != "cpu" else [])
+    )
     cases = [(v, st) for st in args.settings for v in variants]
     load_before = os.getloadavg()
     t_build = time.perf_counter()
@@ -489,15 +543,20 @@ def main(argv: list[str] | None = None) -> dict:
             teacher_times[setting].append(t_teacher)
             times = bench.student_step(variant, target)
             runs[(variant, setting)].append(times)
-            print(f"round {rep} {variant} {setting}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()),
-                  flush=True)
+            print(
+                f"round {rep} {variant} {setting}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()), flush=True
+            )
     # Ratios per round (same conditions), then the median over rounds.
     summary = []
     for variant, setting in cases:
         case_runs = runs[(variant, setting)]
         med = {k: statistics.median(r[k] for r in case_runs) for k in case_runs[0]}
-        row = {"variant": variant, "setting": setting, "median_seconds": med,
-               "peak_memory_above_start_bytes": memory[(variant, setting)]}
+        row = {
+            "variant": variant,
+            "setting": setting,
+            "median_seconds": med,
+            "peak_memory_above_start_bytes": memory[(variant, setting)],
+        }
         for ref in ("full_ft", "lora"):
             if (ref, setting) in runs and variant != ref:
                 ratios = [a["fwd_bwd"] / b["fwd_bwd"] for a, b in zip(case_runs, runs[(ref, setting)])]
@@ -508,14 +567,26 @@ def main(argv: list[str] | None = None) -> dict:
         summary.append(row)
     result = {
         "command": "python benchmarks/sd_scale.py " + " ".join(argv),
-        "model": args.model, "latent": args.latent, "batch": 8 if args.model == "embedded" else 1,
-        "repeats": args.repeats, "threads": args.threads, "device": str(device), "settings": args.settings,
-        "seed": 0, "parameters": bench.num_params, "qalora_layers": bench.qalora_layers,
-        "lora_layers": bench.lora_layers, "qalora_trainable_tensors": bench.trainable_tensors,
-        "qalora_trainable_values": bench.trainable_values, "build_seconds": build_seconds,
+        "model": args.model,
+        "latent": args.latent,
+        "batch": 8 if args.model == "embedded" else 1,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "device": str(device),
+        "settings": args.settings,
+        "seed": 0,
+        "parameters": bench.num_params,
+        "qalora_layers": bench.qalora_layers,
+        "lora_layers": bench.lora_layers,
+        "qalora_trainable_tensors": bench.trainable_tensors,
+        "qalora_trainable_values": bench.trainable_values,
+        "build_seconds": build_seconds,
         "teacher_seconds_median": {st: statistics.median(v) for st, v in teacher_times.items()},
-        "runs": [{"variant": v, "setting": st, "steps": r} for (v, st), r in runs.items()], "summary": summary,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(),
+        "runs": [{"variant": v, "setting": st, "steps": r} for (v, st), r in runs.items()],
+        "summary": summary,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
         "machine": machine_info(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -559,7 +630,8 @@ def markdown(result: dict, tag: str) -> str:
         f"on {result['cpu_count']} CPUs.  Settings: plain = fp32, gc = gradient checkpointing, "
         "bf16 = bf16 autocast of teacher and student.",
         "",
-        "Teacher pass (no gradient): " + ", ".join(f"{st} {t:.2f} s" for st, t in result["teacher_seconds_median"].items())
+        "Teacher pass (no gradient): "
+        + ", ".join(f"{st} {t:.2f} s" for st, t in result["teacher_seconds_median"].items())
         + ".",
         "",
         "| variant | setting | student forward (s) | backward (s) | fwd+bwd (s) | optimizer step (s) |"
@@ -573,31 +645,47 @@ def markdown(result: dict, tag: str) -> str:
         share = f"{100 * row['optimizer_share_of_step']:.1f}%" if "optimizer_share_of_step" in row else "—"
         ft = f"{row['fwd_bwd_ratio_to_full_ft']:.2f}" if "fwd_bwd_ratio_to_full_ft" in row else "—"
         lo = f"{row['fwd_bwd_ratio_to_lora']:.2f}" if "fwd_bwd_ratio_to_lora" in row else "—"
-        lines.append(f"| {variant} | {row['setting']} | {med['forward']:.2f} | {med['backward']:.2f} | {med['fwd_bwd']:.2f} | {opt} | "
-                     f"{ft} | {lo} | {share} | {row['peak_memory_above_start_bytes'] / gib:.2f} |")
-    lines += ["", "Optimizer share = optimizer / (teacher + fwd + bwd + optimizer).  full_ft has no optimizer "
-              "step here (its AdamW state would not fit next to the other variants); its peak memory adds its weight "
-              "gradients (4 bytes per parameter) to what was measured, as they are dropped right after they are "
-              "computed in this run."]
+        lines.append(
+            f"| {variant} | {row['setting']} | {med['forward']:.2f} | {med['backward']:.2f} | {med['fwd_bwd']:.2f} | {opt} | "
+            f"{ft} | {lo} | {share} | {row['peak_memory_above_start_bytes'] / gib:.2f} |"
+        )
+    lines += [
+        "",
+        "Optimizer share = optimizer / (teacher + fwd + bwd + optimizer).  full_ft has no optimizer "
+        "step here (its AdamW state would not fit next to the other variants); its peak memory adds its weight "
+        "gradients (4 bytes per parameter) to what was measured, as they are dropped right after they are "
+        "computed in this run.",
+    ]
     study = result.get("temporal_values_study")
     if study:
         opt, ckpt = study["optimizer_step_seconds"], study["optimizer_checkpoint_after_full_trajectory"]
         lines += [
-            "", "## Activation step-size tables: one parameter per entry (a) or one per table (b)", "",
+            "",
+            "## Activation step-size tables: one parameter per entry (a) or one per table (b)",
+            "",
             f"{study['tables']} tables, {study['entries']} entries; optimizer parameters (a) {study['parameters_a']}, "
             f"(b) {study['parameters_b']}.  Same gradients (one real step), AdamW `step()` + `zero_grad`, median of "
-            "interleaved steps; (b) restores the unused entries' values and moments after each step.", "",
+            "interleaved steps; (b) restores the unused entries' values and moments after each step.",
+            "",
             "| design | optimizer step (s) | optimizer state tensors after a full trajectory | its checkpoint (MB) |"
             " torch.save (s) |",
             "|---|---:|---:|---:|---:|",
         ]
-        for key, label in (("a_per_entry_parameters", "(a) one 0-d parameter per entry (today)"),
-                           ("b_one_tensor_per_table_masked", "(b) one (T,) tensor per table, masked")):
+        for key, label in (
+            ("a_per_entry_parameters", "(a) one 0-d parameter per entry (today)"),
+            ("b_one_tensor_per_table_masked", "(b) one (T,) tensor per table, masked"),
+        ):
             c = ckpt[key]
             lines.append(f"| {label} | {opt[key]:.3f} | {c['tensors']} | {c['bytes'] / 1e6:.1f} | {c['seconds']:.2f} |")
     for variant, table in result.get("profile", {}).items():
-        lines += ["", f"## Profile of one `{variant}` student step ({result.get('profile_setting', 'plain')})", "",
-                  "```", table, "```"]
+        lines += [
+            "",
+            f"## Profile of one `{variant}` student step ({result.get('profile_setting', 'plain')})",
+            "",
+            "```",
+            table,
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 

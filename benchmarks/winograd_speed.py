@@ -91,7 +91,7 @@ def time_case(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: 
             for n in names:
                 fns[n]()
         for r in range(repeats):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate: no method always runs first
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no method always runs first
             for n in order:
                 start = time.perf_counter()
                 fns[n]()
@@ -128,13 +128,24 @@ def main(argv: list[str] | None = None) -> None:
             base = statistics.median(times["fp32 F.conv2d"])
             for name in fns:
                 med = statistics.median(times[name])
-                results.append({
-                    "threads": threads, "channels": channels, "side": side, "batch": args.batch, "method": name,
-                    "median_ms": 1e3 * med, "min_ms": 1e3 * min(times[name]), "vs_fp32": base / med,
-                    "sqnr_db": sqnr[name],
-                })
-                print(f"{threads} thr  {channels:5d}ch {side:3d}px  {name:40s} {1e3 * med:8.2f} ms  "
-                      f"x{base / med:5.2f} vs fp32  SQNR {sqnr[name]:6.1f} dB", flush=True)
+                results.append(
+                    {
+                        "threads": threads,
+                        "channels": channels,
+                        "side": side,
+                        "batch": args.batch,
+                        "method": name,
+                        "median_ms": 1e3 * med,
+                        "min_ms": 1e3 * min(times[name]),
+                        "vs_fp32": base / med,
+                        "sqnr_db": sqnr[name],
+                    }
+                )
+                print(
+                    f"{threads} thr  {channels:5d}ch {side:3d}px  {name:40s} {1e3 * med:8.2f} ms  "
+                    f"x{base / med:5.2f} vs fp32  SQNR {sqnr[name]:6.1f} dB",
+                    flush=True,
+                )
 
     payload = {
         "command": command,
@@ -165,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['threads']} | {r['channels']}ch {r['side']}x{r['side']} | {r['method']} "
-                     f"| {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['sqnr_db']:.1f} |")
+        lines.append(
+            f"| {r['threads']} | {r['channels']}ch {r['side']}x{r['side']} | {r['method']} "
+            f"| {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['sqnr_db']:.1f} |"
+        )
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -49,10 +49,12 @@ def check_dependency_versions() -> None:
     problems = dependency_version_problems()
     if problems:
         upgrade = " ".join(
-            f'"{name}>={minimum}"' for name, (minimum, _) in MINIMUM_VERSIONS.items()
+            f'"{name}>={minimum}"'
+            for name, (minimum, _) in MINIMUM_VERSIONS.items()
             if any(p.startswith(f"{name} ") for p in problems)
         )
         raise ImportError(
-            "diffusers_qalora needs newer dependencies:\n  " + "\n  ".join(problems)
+            "diffusers_qalora needs newer dependencies:\n  "
+            + "\n  ".join(problems)
             + f"\nUpgrade them with: pip install -U {upgrade}"
         )

@@ -35,8 +35,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     argv = sys.argv[1:] if argv is None else argv
-    results = run_ptq_evaluation(args.output_dir, args.bits, args.methods, args.samples, args.seeds, args.steps,
-                                 command="python examples/evaluate.py " + shlex.join(argv))
+    results = run_ptq_evaluation(
+        args.output_dir,
+        args.bits,
+        args.methods,
+        args.samples,
+        args.seeds,
+        args.steps,
+        command="python examples/evaluate.py " + shlex.join(argv),
+    )
     print(Path(args.output_dir, "results.md").read_text(encoding="utf-8"))
     return results
 

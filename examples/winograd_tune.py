@@ -43,22 +43,44 @@ METHODS: dict[str, dict[str, Any]] = {
     "fp": {"label": "FP (fp32)"},
     "direct": {"label": "direct W8A8 conv", "config": {"algorithm": "direct"}},
     "f43_position": {"label": "F(4,3) per-position, float output transform", "config": {"tile": 4}},
-    "f43_int_standard": {"label": "F(4,3) int output transform, standard scales",
-                         "config": {"tile": 4, "output_bits": 8, "scale_init": "lavin"}},
-    "f43_int_tuned": {"label": "F(4,3) int output transform, tuned scales",
-                      "config": {"tile": 4, "output_bits": 8, "scale_init": "lavin"}, "tuned": True},
+    "f43_int_standard": {
+        "label": "F(4,3) int output transform, standard scales",
+        "config": {"tile": 4, "output_bits": 8, "scale_init": "lavin"},
+    },
+    "f43_int_tuned": {
+        "label": "F(4,3) int output transform, tuned scales",
+        "config": {"tile": 4, "output_bits": 8, "scale_init": "lavin"},
+        "tuned": True,
+    },
     "f63_position": {"label": "F(6,3) per-position, float output transform", "config": {"tile": 6}},
-    "f63_int_standard": {"label": "F(6,3) int output transform, standard scales",
-                         "config": {"tile": 6, "output_bits": 8, "scale_init": "lavin"}},
-    "f63_int_tuned": {"label": "F(6,3) int output transform, tuned scales",
-                      "config": {"tile": 6, "output_bits": 8, "scale_init": "lavin"}, "tuned": True},
-    "f43_int_balanced": {"label": "F(4,3) int output transform, balanced (closed-form) scales",
-                         "config": {"tile": 4, "output_bits": 8, "scale_init": "balanced"}},
-    "f63_int_balanced": {"label": "F(6,3) int output transform, balanced (closed-form) scales",
-                         "config": {"tile": 6, "output_bits": 8, "scale_init": "balanced"}},
+    "f63_int_standard": {
+        "label": "F(6,3) int output transform, standard scales",
+        "config": {"tile": 6, "output_bits": 8, "scale_init": "lavin"},
+    },
+    "f63_int_tuned": {
+        "label": "F(6,3) int output transform, tuned scales",
+        "config": {"tile": 6, "output_bits": 8, "scale_init": "lavin"},
+        "tuned": True,
+    },
+    "f43_int_balanced": {
+        "label": "F(4,3) int output transform, balanced (closed-form) scales",
+        "config": {"tile": 4, "output_bits": 8, "scale_init": "balanced"},
+    },
+    "f63_int_balanced": {
+        "label": "F(6,3) int output transform, balanced (closed-form) scales",
+        "config": {"tile": 6, "output_bits": 8, "scale_init": "balanced"},
+    },
 }
-DEFAULT_METHODS = ["fp", "direct", "f43_position", "f43_int_standard", "f43_int_tuned", "f63_position",
-                   "f63_int_standard", "f63_int_tuned"]
+DEFAULT_METHODS = [
+    "fp",
+    "direct",
+    "f43_position",
+    "f43_int_standard",
+    "f43_int_tuned",
+    "f63_position",
+    "f63_int_standard",
+    "f63_int_tuned",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,8 +108,12 @@ def _calibration_run(pipeline: ClassConditionalDDIMPipeline, num_samples: int, s
     def run() -> None:
         pipeline.set_progress_bar_config(disable=True)
         for start in range(0, num_samples, 32):
-            pipeline(labels[start : start + 32], num_inference_steps=steps,
-                     generator=torch.Generator().manual_seed(1234 + start), output_type="pt")
+            pipeline(
+                labels[start : start + 32],
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(1234 + start),
+                output_type="pt",
+            )
 
     return run
 
@@ -119,18 +145,34 @@ def run_method(key: str, args, testbed, command: str) -> dict[str, Any]:
         unet = copy.deepcopy(testbed.unet)
         overrides = dict(spec["config"])
         names = _target_names(testbed, args.group_size)
-        cfg = WinogradConfig(bits=8, group_size=args.group_size, target_modules=names, tune_lr=args.tune_lr,
-                             tune_samples=args.tune_samples, tune_steps=args.tune_steps if spec.get("tuned") else 0,
-                             **overrides)
+        cfg = WinogradConfig(
+            bits=8,
+            group_size=args.group_size,
+            target_modules=names,
+            tune_lr=args.tune_lr,
+            tune_samples=args.tune_samples,
+            tune_steps=args.tune_steps if spec.get("tuned") else 0,
+            **overrides,
+        )
         pipeline = ClassConditionalDDIMPipeline(unet=unet, scheduler=copy.deepcopy(testbed.pipeline.scheduler))
         t0 = time.perf_counter()
-        report = apply_winograd(unet, cfg, calibration_run=_calibration_run(pipeline, args.calibration_samples,
-                                                                            args.steps))
+        report = apply_winograd(
+            unet, cfg, calibration_run=_calibration_run(pipeline, args.calibration_samples, args.steps)
+        )
         record["apply_seconds"] = time.perf_counter() - t0
         record["report"] = report.to_dict()
         print(report.summary(), flush=True)
-    summary = evaluate_seeds(pipeline, testbed.classifier, testbed.reference_images, args.seeds, args.samples,
-                             args.steps, fp_samples=fp_samples, batch_size=args.batch_size, show_progress=False)
+    summary = evaluate_seeds(
+        pipeline,
+        testbed.classifier,
+        testbed.reference_images,
+        args.seeds,
+        args.samples,
+        args.steps,
+        fp_samples=fp_samples,
+        batch_size=args.batch_size,
+        show_progress=False,
+    )
     if key == "fp":
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         name = f"fp_{args.samples}x{'-'.join(map(str, args.seeds))}_{args.steps}.safetensors"
@@ -142,8 +184,9 @@ def run_method(key: str, args, testbed, command: str) -> dict[str, Any]:
     record["machine"] = machine_info(torch.get_num_threads())
     (out / "methods").mkdir(parents=True, exist_ok=True)
     (out / "methods" / f"{key}.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    print(f"{key}: FID {record['fid_mean']:.2f} acc {record['accuracy_mean']:.3f} ({record['seconds']:.0f} s)",
-          flush=True)
+    print(
+        f"{key}: FID {record['fid_mean']:.2f} acc {record['accuracy_mean']:.3f} ({record['seconds']:.0f} s)", flush=True
+    )
     return record
 
 
@@ -163,20 +206,36 @@ def plot_sqnr(records: dict[str, dict[str, Any]], path: Path) -> Path | None:
         names = list(tuned) or list(_first_report(records))
         x = list(range(len(names)))
         if tuned:
-            ax.plot(x, [tuned[n]["sqnr_before"] for n in names], "o-", color="tab:red",
-                    label="int output transform, standard scales")
-            ax.plot(x, [tuned[n]["sqnr_after"] for n in names], "s-", color="tab:green",
-                    label="int output transform, tuned scales")
-        for key, style, label in ((f"{prefix}_int_balanced", "^--", "int output transform, balanced scales"),
-                                  (f"{prefix}_position", "d-", "per-position, float output transform"),
-                                  ("direct", "x:", "direct W8A8 conv")):
+            ax.plot(
+                x,
+                [tuned[n]["sqnr_before"] for n in names],
+                "o-",
+                color="tab:red",
+                label="int output transform, standard scales",
+            )
+            ax.plot(
+                x,
+                [tuned[n]["sqnr_after"] for n in names],
+                "s-",
+                color="tab:green",
+                label="int output transform, tuned scales",
+            )
+        for key, style, label in (
+            (f"{prefix}_int_balanced", "^--", "int output transform, balanced scales"),
+            (f"{prefix}_position", "d-", "per-position, float output transform"),
+            ("direct", "x:", "direct W8A8 conv"),
+        ):
             layers = records.get(key, {}).get("report", {}).get("replaced", {})
             if layers:
-                ax.plot(x, [layers[n]["sqnr_before"] if n in layers else float("nan") for n in names], style,
-                        label=label, alpha=0.8)
+                ax.plot(
+                    x,
+                    [layers[n]["sqnr_before"] if n in layers else float("nan") for n in names],
+                    style,
+                    label=label,
+                    alpha=0.8,
+                )
         ax.set_xticks(x)
-        ax.set_xticklabels([n.replace("resnets.", "r").replace("_blocks.", "") for n in names], rotation=70,
-                           fontsize=6)
+        ax.set_xticklabels([n.replace("resnets.", "r").replace("_blocks.", "") for n in names], rotation=70, fontsize=6)
         ax.set_ylabel("layer SQNR vs FP conv (dB)")
         ax.set_title(f"{title}, W8A8, group 32: per-layer SQNR on captured trajectory inputs")
         ax.grid(True, alpha=0.3)
@@ -242,7 +301,10 @@ def assemble(args, command: str) -> None:
         )
     plot = plot_sqnr(records, out / "winograd_layer_sqnr.png")
     if plot is not None:
-        lines += ["", f"Per-layer SQNR: `{plot.name}`. Sample grids (seed {args.seeds[0]}, first 100): `grid_<method>.png`."]
+        lines += [
+            "",
+            f"Per-layer SQNR: `{plot.name}`. Sample grids (seed {args.seeds[0]}, first 100): `grid_<method>.png`.",
+        ]
     (out / "winograd_embedded.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     payload = {
         "command": command,

@@ -70,6 +70,7 @@ case "$cmd" in
     setup
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     "$VENV/bin/python" -m ruff check diffusers_qalora examples benchmarks tests
+    "$VENV/bin/python" -m ruff format --check diffusers_qalora examples benchmarks tests
     NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
     set +e
     "$VENV/bin/python" -m pytest -q "$@"

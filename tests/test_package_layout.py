@@ -201,7 +201,10 @@ def test_root_exports_resolve():
 def _run(code: str, cwd: Path) -> str:
     env_path = f"{ROOT.parent}{os.pathsep}{Path(__file__).parent}"
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": env_path, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

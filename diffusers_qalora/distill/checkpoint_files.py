@@ -28,8 +28,10 @@ def _files(directory: Path) -> list[Path]:
 def write_checksum_manifest(directory: str | Path) -> Path:
     """Record the size and digest of every file under ``directory`` in ``checkpoint_checksums.json``."""
     directory = Path(directory)
-    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "blake2b": _digest(p)}
-             for p in _files(directory)}
+    files = {
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "blake2b": _digest(p)}
+        for p in _files(directory)
+    }
     path = directory / MANIFEST_NAME
     path.write_text(json.dumps({"algorithm": "blake2b-128", "files": files}, indent=1) + "\n")
     return path
@@ -44,8 +46,10 @@ def verify_checksum_manifest(directory: str | Path) -> None:
     """
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    fix = (f"resume from an earlier checkpoint (pass its folder as resume_from_checkpoint), or delete {directory} so "
-           f"that 'latest' picks the one before it")
+    fix = (
+        f"resume from an earlier checkpoint (pass its folder as resume_from_checkpoint), or delete {directory} so "
+        f"that 'latest' picks the one before it"
+    )
     if not path.is_file():
         return
     try:
@@ -58,8 +62,11 @@ def verify_checksum_manifest(directory: str | Path) -> None:
             raise ValueError(f"checkpoint file {file} is missing; {fix}.")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise ValueError(f"checkpoint file {file} is truncated or damaged ({size} bytes, {expected['bytes']} "
-                             f"when saved); {fix}.")
+            raise ValueError(
+                f"checkpoint file {file} is truncated or damaged ({size} bytes, {expected['bytes']} when saved); {fix}."
+            )
         if _digest(file) != expected["blake2b"]:
-            raise ValueError(f"checkpoint file {file} is corrupt (its checksum differs from the one recorded when "
-                             f"it was saved); {fix}.")
+            raise ValueError(
+                f"checkpoint file {file} is corrupt (its checksum differs from the one recorded when "
+                f"it was saved); {fix}."
+            )

@@ -21,10 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Data-free QALoRA distillation (EfficientDM). With no arguments: the embedded digits DDPM at W4A4.",
     )
-    p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM")
-    p.add_argument("--model", choices=("unet", "dit"), default="unet",
-                   help="embedded model: the digits UNet or the digits DiT (an SD3-style transformer)")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM",
+    )
+    p.add_argument(
+        "--model",
+        choices=("unet", "dit"),
+        default="unet",
+        help="embedded model: the digits UNet or the digits DiT (an SD3-style transformer)",
+    )
     p.add_argument("--output_dir", default="outputs/distill")
     p.add_argument("--weight_bits", type=int, default=4)
     p.add_argument("--act_bits", type=int, default=4)
@@ -33,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the teacher trajectories")
     p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
     p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
-    p.add_argument("--learning_rate", type=float, default=DEFAULT_LORA_LR, help="LoRA learning rate (scale-aware reference)")
+    p.add_argument(
+        "--learning_rate", type=float, default=DEFAULT_LORA_LR, help="LoRA learning rate (scale-aware reference)"
+    )
     p.add_argument("--weight_step_lr", type=float, default=DEFAULT_WEIGHT_STEP_LR)
     p.add_argument("--act_step_lr", type=float, default=DEFAULT_ACT_STEP_LR)
     p.add_argument("--scale_aware", choices=SCALE_AWARE_MODES, default="lr")
@@ -48,18 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--report_to", default=None, help="an Accelerate tracker, e.g. tensorboard")
-    p.add_argument("--ddp_timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
-                   help="several processes: seconds a process waits for the others in one collective before it stops "
-                        "with an error naming the phase (default %(default)s)")
+    p.add_argument(
+        "--ddp_timeout",
+        type=float,
+        default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+        help="several processes: seconds a process waits for the others in one collective before it stops "
+        "with an error naming the phase (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration_samples", type=int, default=None, help="trajectories for activation calibration")
     p.add_argument("--eval_samples", type=int, default=500, help="embedded model: samples per seed")
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--eval_steps", type=int, default=20)
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="embedded model: any of fp naive_ptq timestep_ptq distilled (default: all)")
-    p.add_argument("--push_to_hub", action="store_true",
-                   help="push the distilled adapter, with a model card, results.json and the sample grid")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="embedded model: any of fp naive_ptq timestep_ptq distilled (default: all)",
+    )
+    p.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="push the distilled adapter, with a model card, results.json and the sample grid",
+    )
     p.add_argument("--hub_model_id", default=None, help="the repo to push to (default: the --output_dir folder name)")
     p.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     return p
@@ -84,17 +104,23 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
     if model is not None and args.model != "unet":
-        raise SystemExit(f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
-                         f"--pretrained_model_name_or_path (drop one of them).")
+        raise SystemExit(
+            f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
+            f"--pretrained_model_name_or_path (drop one of them)."
+        )
     if model is not None:
         path = Path(model).expanduser()
         if path.exists():
             if not (path / "model_index.json").is_file():
-                raise SystemExit(f"error: --pretrained_model_name_or_path {model} is not a diffusers pipeline folder "
-                                 f"(no model_index.json).")
+                raise SystemExit(
+                    f"error: --pretrained_model_name_or_path {model} is not a diffusers pipeline folder "
+                    f"(no model_index.json)."
+                )
         elif looks_like_local_path(model):
-            raise SystemExit(f"error: --pretrained_model_name_or_path {model} does not exist; pass a pipeline folder "
-                             f"or a Hub id like 'org/name'.")
+            raise SystemExit(
+                f"error: --pretrained_model_name_or_path {model} does not exist; pass a pipeline folder "
+                f"or a Hub id like 'org/name'."
+            )
     if args.prompt_file is not None:
         from .conditioning import load_prompts
 
@@ -103,8 +129,10 @@ def validate_args(args: argparse.Namespace) -> None:
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: --prompt_file: {err}") from None
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise SystemExit("error: --use_8bit_adam needs bitsandbytes: pip install 'diffusers-qalora[bitsandbytes]' "
-                         "(or drop --use_8bit_adam).")
+        raise SystemExit(
+            "error: --use_8bit_adam needs bitsandbytes: pip install 'diffusers-qalora[bitsandbytes]' "
+            "(or drop --use_8bit_adam)."
+        )
     if args.report_to is not None:
         needs = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
         module = needs.get(args.report_to)
@@ -116,8 +144,10 @@ def validate_args(args: argparse.Namespace) -> None:
         try:
             validate_repo_id(hub_repo_id(args))
         except HFValidationError as err:
-            raise SystemExit(f"error: --hub_model_id {hub_repo_id(args)!r} is not a valid Hub repo id ({err}); "
-                             f"pass --hub_model_id org/name.") from None
+            raise SystemExit(
+                f"error: --hub_model_id {hub_repo_id(args)!r} is not a valid Hub repo id ({err}); "
+                f"pass --hub_model_id org/name."
+            ) from None
     elif args.hub_model_id is not None or args.hub_token is not None:
         raise SystemExit("error: --hub_model_id / --hub_token are used only with --push_to_hub; add it.")
     if args.methods is not None:
@@ -130,11 +160,20 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def _distill_config(args: argparse.Namespace, batch_size: int, steps: int) -> DistillConfig:
     return DistillConfig(
-        num_inference_steps=args.num_inference_steps, eta=args.eta, batch_size=batch_size, max_train_steps=steps,
-        lora_lr=args.learning_rate, weight_step_lr=args.weight_step_lr, act_step_lr=args.act_step_lr,
-        scale_aware=args.scale_aware, lr_schedule=args.lr_schedule, seed=args.seed,
-        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-        gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        num_inference_steps=args.num_inference_steps,
+        eta=args.eta,
+        batch_size=batch_size,
+        max_train_steps=steps,
+        lora_lr=args.learning_rate,
+        weight_step_lr=args.weight_step_lr,
+        act_step_lr=args.act_step_lr,
+        scale_aware=args.scale_aware,
+        lr_schedule=args.lr_schedule,
+        seed=args.seed,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        gradient_checkpointing=args.gradient_checkpointing,
+        use_8bit_adam=args.use_8bit_adam,
         max_grad_norm=args.max_grad_norm,
     )
 
@@ -166,34 +205,58 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     requested = _requested_cpu_processes()
     if requested:
-        print(f"warning: `accelerate launch --cpu --num_processes {requested}` starts ONE process (Accelerate needs an "
-              f"MPI hostfile for several CPU processes). For {requested} CPU processes run\n"
-              f"  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {requested} "
-              f"examples/distill.py ...\nThis run uses one process.", file=sys.stderr)
+        print(
+            f"warning: `accelerate launch --cpu --num_processes {requested}` starts ONE process (Accelerate needs an "
+            f"MPI hostfile for several CPU processes). For {requested} CPU processes run\n"
+            f"  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {requested} "
+            f"examples/distill.py ...\nThis run uses one process.",
+            file=sys.stderr,
+        )
     validate_args(args)
     command = "accelerate launch examples/distill.py " + shlex.join(argv)
     if args.pretrained_model_name_or_path is None:
         from .embedded import METHODS, EmbeddedJobConfig, run_embedded_job
 
         job = EmbeddedJobConfig(
-            weight_bits=args.weight_bits, act_bits=args.act_bits, rank=args.rank,
+            weight_bits=args.weight_bits,
+            act_bits=args.act_bits,
+            rank=args.rank,
             distill=_distill_config(args, args.train_batch_size or 16, args.max_train_steps or 1600),
-            table_steps=args.num_inference_steps, calibration_samples=args.calibration_samples or 64,
-            eval_samples=args.eval_samples, eval_seeds=tuple(args.eval_seeds), eval_steps=args.eval_steps,
-            methods=tuple(args.methods or METHODS), model=args.model,
+            table_steps=args.num_inference_steps,
+            calibration_samples=args.calibration_samples or 64,
+            eval_samples=args.eval_samples,
+            eval_seeds=tuple(args.eval_seeds),
+            eval_steps=args.eval_steps,
+            methods=tuple(args.methods or METHODS),
+            model=args.model,
         )
-        results = run_embedded_job(job, args.output_dir, command, args.resume_from_checkpoint,
-                                   args.mixed_precision, args.report_to, collective_timeout=args.ddp_timeout)
+        results = run_embedded_job(
+            job,
+            args.output_dir,
+            command,
+            args.resume_from_checkpoint,
+            args.mixed_precision,
+            args.report_to,
+            collective_timeout=args.ddp_timeout,
+        )
         from accelerate import PartialState
 
         if results.get("methods") and PartialState().is_main_process:
-            print(json.dumps({k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
-                              for k, v in results["methods"].items()}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        k: {m: v.get(m) for m in ("fid_mean", "accuracy_mean", "x0_mse_mean")}
+                        for k, v in results["methods"].items()
+                    },
+                    indent=2,
+                )
+            )
     else:
         from .pipelines import run_pipeline_job
 
-        results = run_pipeline_job(args, _distill_config(args, args.train_batch_size or 1,
-                                                         args.max_train_steps or 500), command)
+        results = run_pipeline_job(
+            args, _distill_config(args, args.train_batch_size or 1, args.max_train_steps or 500), command
+        )
     if args.push_to_hub:
         push_distilled_adapter(args)
     return results
@@ -229,7 +292,9 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
     scored = model is None and "methods" in json.loads((out / "results.json").read_text(encoding="utf-8"))
     defaults = (16, 1600) if model is None else (1, 500)
     card = CardInfo(
-        base_model=base_model, base_model_subfolder=subfolder, results=out if scored else None,
+        base_model=base_model,
+        base_model_subfolder=subfolder,
+        results=out if scored else None,
         distill_config=_distill_config(args, args.train_batch_size or defaults[0], args.max_train_steps or defaults[1]),
         sample_grid=grid if grid.is_file() else None,
     )

@@ -45,7 +45,9 @@ class Conditioning(ABC):
         """Conditioning tensors for ``batch_size`` trajectories (kept on CPU; moved by the trainer)."""
 
     @abstractmethod
-    def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(
+        self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """The denoiser's prediction at ``(x, t)``, after classifier-free guidance when it is used."""
 
     def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -152,8 +154,9 @@ class PromptConditioning(Conditioning):
         if not self.use_guidance:
             return _sample_output(model(x, t, **self._kwargs(idx, False, x.device, dtype)))
         neg, pos = self._kwargs(idx, True, x.device, dtype), self._kwargs(idx, False, x.device, dtype)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat([neg["encoder_hidden_states"],
-                                                                      pos["encoder_hidden_states"]])}
+        kwargs: dict[str, Any] = {
+            "encoder_hidden_states": torch.cat([neg["encoder_hidden_states"], pos["encoder_hidden_states"]])
+        }
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {
                 k: torch.cat([neg["added_cond_kwargs"][k], pos["added_cond_kwargs"][k]])

@@ -93,8 +93,16 @@ def _collective_failure(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return isinstance(err, RuntimeError) and any(
-        marker in text for marker in ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
-                                      "broken pipe", "gloo", "nccl")
+        marker in text
+        for marker in (
+            "timed out",
+            "timeout",
+            "connection closed by peer",
+            "connection reset by peer",
+            "broken pipe",
+            "gloo",
+            "nccl",
+        )
     )
 
 
@@ -167,8 +175,9 @@ def broadcast_module_state(module: nn.Module, only: str | None = None) -> int:
         The number of tensors broadcast (0 with one process)."""
     if not _is_distributed():
         return 0
-    tensors = [t for n, t in list(module.named_parameters()) + list(module.named_buffers())
-               if only is None or only in n]
+    tensors = [
+        t for n, t in list(module.named_parameters()) + list(module.named_buffers()) if only is None or only in n
+    ]
     # One collective per (device, dtype): a thousand small step-size tensors would otherwise cost a thousand.
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for tensor in tensors:
@@ -180,6 +189,6 @@ def broadcast_module_state(module: nn.Module, only: str | None = None) -> int:
         torch.distributed.broadcast(flat, src=0)
         offset = 0
         for view in views:
-            view.copy_(flat[offset:offset + view.numel()].view_as(view))
+            view.copy_(flat[offset : offset + view.numel()].view_as(view))
             offset += view.numel()
     return len(tensors)

@@ -117,8 +117,13 @@ def run_embedded_job(
         "config": _jsonable(asdict(config)),
         "machine": machine_info(),
         "num_processes": accelerator.num_processes,
-        "eval_protocol": {"samples_per_seed": config.eval_samples, "seeds": list(config.eval_seeds),
-                          "ddim_steps": config.eval_steps, "eta": 0.0, "table_steps": config.table_steps},
+        "eval_protocol": {
+            "samples_per_seed": config.eval_samples,
+            "seeds": list(config.eval_seeds),
+            "ddim_steps": config.eval_steps,
+            "eta": 0.0,
+            "table_steps": config.table_steps,
+        },
     }
     # Calibration observes the full-precision model, so one calibrated run serves every adapter: the per-timestep
     # table is measured once, then averaged (naive PTQ) or copied (distilled).  Every process calibrates (it is
@@ -127,14 +132,21 @@ def run_embedded_job(
     with distributed_phase("calibration", phase_seconds):
         add_ptq_baselines(unet, testbed, config.weight_bits, config.act_bits, table, config.calibration_samples)
         if "distilled" in config.methods:
-            cfg = QALoraConfig(r=config.rank, lora_alpha=config.rank, weight_bits=config.weight_bits,
-                               act_bits=config.act_bits, timesteps=table, **config.qalora_overrides)
+            cfg = QALoraConfig(
+                r=config.rank,
+                lora_alpha=config.rank,
+                weight_bits=config.weight_bits,
+                act_bits=config.act_bits,
+                timesteps=table,
+                **config.qalora_overrides,
+            )
             get_qalora_model(unet, cfg, "distilled")
             copy_activation_calibration(unet, "timestep_ptq", "distilled")
         broadcast_module_state(unet, only="qal_")
     rows = []
-    evaluate = MethodEvaluator(testbed, out, config.eval_samples, config.eval_seeds, config.eval_steps,
-                               config.save_grids, distributed=True)
+    evaluate = MethodEvaluator(
+        testbed, out, config.eval_samples, config.eval_seeds, config.eval_steps, config.save_grids, distributed=True
+    )
     with distributed_phase("evaluation: FP", phase_seconds):
         fp = evaluate.fp()  # always drawn: every quantized method is scored against these samples
     if "fp" in config.methods:
@@ -146,13 +158,23 @@ def run_embedded_job(
                 rows.append({"method": METHOD_LABELS[kind], "bits": bits, **public(evaluate(kind))})
     with distributed_phase("plot calibrated step sizes", phase_seconds):
         if main:
-            plot_step_sizes(step_size_table(unet, "timestep_ptq"), out / "step_sizes_timestep_ptq.png",
-                            title="Calibrated activation step size per timestep (selected layers)")
+            plot_step_sizes(
+                step_size_table(unet, "timestep_ptq"),
+                out / "step_sizes_timestep_ptq.png",
+                title="Calibrated activation step size per timestep (selected layers)",
+            )
         accelerator.wait_for_everyone()
     if "distilled" in config.methods:
         set_qalora_adapter(unet, "distilled", trainable=True)
-        distiller = DataFreeDistiller(unet, testbed.pipeline.scheduler, ClassLabelConditioning(10), (1, 16, 16),
-                                      config.distill, out, accelerator=accelerator)
+        distiller = DataFreeDistiller(
+            unet,
+            testbed.pipeline.scheduler,
+            ClassLabelConditioning(10),
+            (1, 16, 16),
+            config.distill,
+            out,
+            accelerator=accelerator,
+        )
         start = time.perf_counter()
         train = distiller.train(resume_from_checkpoint=resume_from_checkpoint)
         phase_seconds["training"] = time.perf_counter() - start
@@ -161,14 +183,24 @@ def run_embedded_job(
         phase_seconds["save adapter"] = time.perf_counter() - start
         with distributed_phase("evaluation: distilled", phase_seconds):
             set_qalora_adapter(unet, "distilled")
-            rows.append({"method": METHOD_LABELS["distilled"], "bits": bits, **public(evaluate("distilled")),
-                         "train_seconds": train["train_seconds"], "train_steps": train["steps"]})
+            rows.append(
+                {
+                    "method": METHOD_LABELS["distilled"],
+                    "bits": bits,
+                    **public(evaluate("distilled")),
+                    "train_seconds": train["train_seconds"],
+                    "train_steps": train["steps"],
+                }
+            )
         results["training"] = {k: v for k, v in train.items() if k != "history"}
         results["training"]["loss_history"] = [h["loss"] for h in train["history"]]
         with distributed_phase("plot distilled step sizes", phase_seconds):
             if main:
-                plot_step_sizes(step_size_table(unet, "distilled"), out / "step_sizes_distilled.png",
-                                title="Distilled activation step size per timestep (selected layers)")
+                plot_step_sizes(
+                    step_size_table(unet, "distilled"),
+                    out / "step_sizes_distilled.png",
+                    title="Distilled activation step size per timestep (selected layers)",
+                )
             accelerator.wait_for_everyone()
     results["methods"] = {r["method"]: r for r in rows}
     with distributed_phase("write results"):
@@ -180,12 +212,13 @@ def run_embedded_job(
         results["peak_rss_mb"] = results["peak_rss_mb_per_process"][0]
         if main:
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-            notes = (f"{config.eval_samples} samples x seeds {list(config.eval_seeds)}, {config.eval_steps} DDIM "
-                     f"steps (eta 0); step sizes interpolated from the {config.table_steps}-step table. x0-MSE: each "
-                     f"sample against the FP sample from the same noise and label.")
+            notes = (
+                f"{config.eval_samples} samples x seeds {list(config.eval_seeds)}, {config.eval_steps} DDIM "
+                f"steps (eta 0); step sizes interpolated from the {config.table_steps}-step table. x0-MSE: each "
+                f"sample against the FP sample from the same noise and label."
+            )
             title = {"unet": "Embedded digits DDPM", "dit": "Embedded digits DiT"}[testbed.model_name]
-            (out / "report.md").write_text(results_markdown(rows, f"{title}, {bits}", command, notes),
-                                           encoding="utf-8")
+            (out / "report.md").write_text(results_markdown(rows, f"{title}, {bits}", command, notes), encoding="utf-8")
         accelerator.wait_for_everyone()
     return results
 

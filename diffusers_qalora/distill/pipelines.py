@@ -27,7 +27,9 @@ from .trainer import DataFreeDistiller, DistillConfig
 def conditioning_for(pipeline: Any, prompt_file: str | None, guidance_scale: float | None) -> Conditioning:
     """Prompts for text-to-image pipelines, class labels for class-conditional UNets, else none."""
     if hasattr(pipeline, "encode_prompt") and getattr(pipeline, "text_encoder", None) is not None:
-        return PromptConditioning(pipeline, load_prompts(prompt_file), 7.5 if guidance_scale is None else guidance_scale)
+        return PromptConditioning(
+            pipeline, load_prompts(prompt_file), 7.5 if guidance_scale is None else guidance_scale
+        )
     denoiser = pipeline.unet
     num_classes = getattr(denoiser.config, "num_class_embeds", None)
     if num_classes:
@@ -40,8 +42,13 @@ def _calibration_call(pipeline: Any, conditioning: Conditioning, steps: int, sam
         generator = torch.Generator().manual_seed(1234)
         if isinstance(conditioning, PromptConditioning):
             prompts = [conditioning.prompts[i % len(conditioning.prompts)] for i in range(samples)]
-            pipeline(prompts, num_inference_steps=steps, guidance_scale=conditioning.guidance_scale or 1.0,
-                     generator=generator, output_type="latent")
+            pipeline(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=conditioning.guidance_scale or 1.0,
+                generator=generator,
+                output_type="latent",
+            )
         elif isinstance(conditioning, ClassLabelConditioning):
             pipeline(torch.arange(samples) % conditioning.num_classes, num_inference_steps=steps, generator=generator)
         else:
@@ -74,8 +81,9 @@ def run_pipeline_job(args: argparse.Namespace, distill: DistillConfig, command: 
     with distributed_phase("calibration"):
         conditioning = conditioning_for(pipeline, args.prompt_file, args.guidance_scale)
         table = timestep_table(pipeline.scheduler, args.num_inference_steps)
-        cfg = QALoraConfig(r=args.rank, lora_alpha=args.rank, weight_bits=args.weight_bits, act_bits=args.act_bits,
-                           timesteps=table)
+        cfg = QALoraConfig(
+            r=args.rank, lora_alpha=args.rank, weight_bits=args.weight_bits, act_bits=args.act_bits, timesteps=table
+        )
         set_seed(distill.seed)  # the LoRA factors are drawn at injection: the same command gives the same adapter
         get_qalora_model(denoiser, cfg)
         samples = args.calibration_samples or max(2, distill.batch_size)
@@ -83,17 +91,21 @@ def run_pipeline_job(args: argparse.Namespace, distill: DistillConfig, command: 
         broadcast_module_state(denoiser, only="qal_")
     c = denoiser.config
     sample_shape = (c.in_channels, c.sample_size, c.sample_size)
-    distiller = DataFreeDistiller(denoiser, pipeline.scheduler, conditioning, sample_shape, distill, args.output_dir,
-                                  accelerator=accelerator)
+    distiller = DataFreeDistiller(
+        denoiser, pipeline.scheduler, conditioning, sample_shape, distill, args.output_dir, accelerator=accelerator
+    )
     summary = distiller.train(resume_from_checkpoint=args.resume_from_checkpoint)
     adapter_dir = distiller.save_adapter()
-    results = {"command": command, "model": args.pretrained_model_name_or_path, "adapter": str(adapter_dir),
-               "num_processes": accelerator.num_processes,
-               "training": {k: v for k, v in summary.items() if k != "history"},
-               "loss_history": [h["loss"] for h in summary["history"]]}
+    results = {
+        "command": command,
+        "model": args.pretrained_model_name_or_path,
+        "adapter": str(adapter_dir),
+        "num_processes": accelerator.num_processes,
+        "training": {k: v for k, v in summary.items() if k != "history"},
+        "loss_history": [h["loss"] for h in summary["history"]],
+    }
     with distributed_phase("write results"):
         if accelerator.is_main_process:
-            (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n",
-                                                               encoding="utf-8")
+            (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         accelerator.wait_for_everyone()
     return results

@@ -130,8 +130,12 @@ class _Progress:
         tensors = {"x": self.x.detach().cpu().contiguous()} if self.x is not None else {}
         tensors.update({f"cond.{k}": v.detach().cpu().contiguous() for k, v in self.cond.items()})
         save_file(tensors, str(directory / f"rank{rank}_{STATE_FILE}"))
-        meta = {"global_step": self.global_step, "trajectory": self.trajectory, "position": self.position,
-                "num_processes": num_processes}
+        meta = {
+            "global_step": self.global_step,
+            "trajectory": self.trajectory,
+            "position": self.position,
+            "num_processes": num_processes,
+        }
         (directory / f"rank{rank}_{STATE_META}").write_text(json.dumps(meta))
 
     def load(self, directory: Path, rank: int, num_processes: int) -> None:
@@ -237,12 +241,16 @@ class DataFreeDistiller:
                 param_groups.append(group)
         if cfg.train_base_weights:
             # Every parameter that is not adapter state (``qal_*`` of any adapter) belongs to the base model.
-            base = [p for name, p in self.model.named_parameters() if ".qal_" not in f".{name}" and p.is_floating_point()]
+            base = [
+                p for name, p in self.model.named_parameters() if ".qal_" not in f".{name}" and p.is_floating_point()
+            ]
             for p in base:
                 p.requires_grad_(True)
             param_groups.append({"params": base, "lr": cfg.base_weight_lr, "weight_decay": 0.0, "name": "base_weights"})
         if not param_groups:
-            raise ValueError("nothing to train: enable at least one of train_lora, train_weight_steps, train_act_steps.")
+            raise ValueError(
+                "nothing to train: enable at least one of train_lora, train_weight_steps, train_act_steps."
+            )
         if cfg.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
@@ -254,8 +262,10 @@ class DataFreeDistiller:
         # The fused implementation updates all tensors in one kernel: at SD1.5 shape (~1,700 LoRA and step-size
         # tensors with gradients per step, 56k parameters in all) it is ~4x faster than the per-tensor loop on CPU.
         params = [p for g in param_groups for p in g["params"]]
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    for p in params)
+        fused = all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            for p in params
+        )
         return torch.optim.AdamW(param_groups, fused=fused or None)
 
     def _noise_generator(self, *salt: int) -> torch.Generator:
@@ -346,8 +356,13 @@ class DataFreeDistiller:
             last_checkpoint = self.resume(resume_from_checkpoint)
         device = acc.device
         timesteps = self.timesteps
-        bar = tqdm(total=cfg.max_train_steps, initial=self.progress.global_step, disable=not acc.is_local_main_process,
-                   desc="distill", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_train_steps,
+            initial=self.progress.global_step,
+            disable=not acc.is_local_main_process,
+            desc="distill",
+            dynamic_ncols=True,
+        )
         start, cpu_start, first_step = time.perf_counter(), time.process_time(), self.progress.global_step
         model.train()
         teacher = self.teacher if self.teacher is not None else unwrapped
@@ -367,7 +382,9 @@ class DataFreeDistiller:
                 pred = self.conditioning.predict(model, x, t_in, cond).float()
             loss = F.mse_loss(pred, target)
             if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+                where = (
+                    f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+                )
                 raise NonFiniteLossError(
                     f"non-finite distillation loss ({loss.item()}) at step {p.global_step}, timestep {int(t)}; "
                     f"training stopped and {where}. Lower the learning rates (--learning_rate, --act_step_lr) or "
@@ -442,7 +459,11 @@ class DataFreeDistiller:
             # takes part), then the main process writes the adapter from it.
             full = self.accelerator.get_state_dict(self._prepared_model) if self._sharded() else None
             if self.accelerator.is_main_process:
-                save_qalora_adapter(self.accelerator.unwrap_model(self.model), directory,
-                                    active_qalora_adapter(self.model), state_dict=full)
+                save_qalora_adapter(
+                    self.accelerator.unwrap_model(self.model),
+                    directory,
+                    active_qalora_adapter(self.model),
+                    state_dict=full,
+                )
             self.accelerator.wait_for_everyone()
         return directory

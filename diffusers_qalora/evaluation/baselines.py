@@ -21,8 +21,9 @@ from ..tuners.qalora.config import QALoraConfig
 BASELINES = ("naive_ptq", "timestep_ptq")
 
 
-def baseline_config(kind: str, weight_bits: int, act_bits: int, timesteps: Sequence[float] | None = None,
-                    **overrides: Any) -> QALoraConfig:
+def baseline_config(
+    kind: str, weight_bits: int, act_bits: int, timesteps: Sequence[float] | None = None, **overrides: Any
+) -> QALoraConfig:
     """The [QALoraConfig][diffusers_qalora.QALoraConfig] of a PTQ baseline (rank 1, since its LoRA stays zero)."""
     if kind not in BASELINES:
         raise ValueError(f"`kind` must be one of {BASELINES}, got {kind!r}.")

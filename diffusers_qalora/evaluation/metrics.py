@@ -137,8 +137,7 @@ def digits_fid(
     _check_images(fake, "fake", min_count=2)
     _check_images(real, "real", min_count=2)
     was_training = classifier.training
-    metric = FrechetInceptionDistance(feature=DigitsFeatureExtractor(classifier), normalize=True,
-                                      sync_on_compute=False)
+    metric = FrechetInceptionDistance(feature=DigitsFeatureExtractor(classifier), normalize=True, sync_on_compute=False)
     try:
         for images, is_real in ((real, True), (fake, False)):
             for chunk in images.split(batch_size):
@@ -255,7 +254,9 @@ def fid(
     fake_u8, real_u8 = _to_uint8_rgb(fake), _to_uint8_rgb(real)
     try:
         metric = FrechetInceptionDistance(
-            feature=feature, normalize=False, feature_extractor_weights_path=feature_extractor_weights_path,
+            feature=feature,
+            normalize=False,
+            feature_extractor_weights_path=feature_extractor_weights_path,
             sync_on_compute=False,
         ).to(device)
     except (OSError, RuntimeError, ValueError) as err:

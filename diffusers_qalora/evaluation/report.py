@@ -73,8 +73,13 @@ def evaluate_seeds(
     per_seed, samples = [], {}
     for seed in seeds:
         images, labels = sample_class_conditional(
-            pipeline, num_samples, seed, num_inference_steps=num_inference_steps, batch_size=batch_size,
-            show_progress=show_progress, shard=shard,
+            pipeline,
+            num_samples,
+            seed,
+            num_inference_steps=num_inference_steps,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            shard=shard,
         )
         if shard is not None:
             from accelerate.utils import gather_object
@@ -135,8 +140,10 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str
     if notes:
         lines += [notes, ""]
     fp_row = next((r for r in rows if r.get("method") == "FP"), None)
-    lines += ["| method | bits (W/A) | digits-FID | FID / FP | accuracy (%) | x0-MSE vs FP | seconds |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| method | bits (W/A) | digits-FID | FID / FP | accuracy (%) | x0-MSE vs FP | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         one_seed = len(r.get("per_seed", ())) == 1  # no spread over seeds to report
 
@@ -148,8 +155,10 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str, command: str
         ratio = None if fp_row is None else fid_ratio_to_fp(r, fp_row)
         rel = "—" if ratio is None else format_metric(*ratio, 3)
         secs = f"{r['seconds']:.0f}" if "seconds" in r else ""
-        lines.append(f"| {r['method']} | {r.get('bits', 'fp32')} | {format_metric(r['fid_mean'], spread('fid_std'))} "
-                     f"| {rel} | {acc} | {mse} | {secs} |")
+        lines.append(
+            f"| {r['method']} | {r.get('bits', 'fp32')} | {format_metric(r['fid_mean'], spread('fid_std'))} "
+            f"| {rel} | {acc} | {mse} | {secs} |"
+        )
     return "\n".join(lines) + "\n"
 
 

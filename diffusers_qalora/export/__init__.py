@@ -27,4 +27,3 @@ __all__ = [
     "set_integer_backend",
     "unregister_kernel",
 ]
-

@@ -85,7 +85,9 @@ def validate_backend(backend: str) -> str:
 def _onednn_ops_present() -> bool:
     try:
         ops = torch.ops.onednn
-        return all(hasattr(ops, n) for n in ("qlinear_pointwise", "qlinear_prepack", "qconv2d_pointwise", "qconv_prepack"))
+        return all(
+            hasattr(ops, n) for n in ("qlinear_pointwise", "qlinear_prepack", "qconv2d_pointwise", "qconv_prepack")
+        )
     except (AttributeError, RuntimeError):
         return False
 
@@ -103,10 +105,18 @@ def onednn_status() -> tuple[bool, str]:
     try:
         k, n = 64, 16
         gen = torch.Generator().manual_seed(0)
-        x = torch.cat([torch.full((4, k), 255, dtype=torch.uint8), torch.randint(0, 256, (4, k), generator=gen,
-                                                                                      dtype=torch.uint8)])
-        w = torch.cat([torch.full((n // 2, k), 127, dtype=torch.int8),
-                       torch.randint(-128, 128, (n // 2, k), generator=gen, dtype=torch.int8)])
+        x = torch.cat(
+            [
+                torch.full((4, k), 255, dtype=torch.uint8),
+                torch.randint(0, 256, (4, k), generator=gen, dtype=torch.uint8),
+            ]
+        )
+        w = torch.cat(
+            [
+                torch.full((n // 2, k), 127, dtype=torch.int8),
+                torch.randint(-128, 128, (n // 2, k), generator=gen, dtype=torch.int8),
+            ]
+        )
         scale = torch.ones(n)
         y = linear_onednn(x, 1.0, 3, prepack_linear(w), scale, None, torch.float32)
         expected = ((x.to(torch.int64) - 3) @ w.to(torch.int64).t()).to(torch.float32)
@@ -125,8 +135,15 @@ def prepack_linear(weight_int8: torch.Tensor) -> torch.Tensor:
 def prepack_conv2d(weight_int8: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups: int):
     """oneDNN layout of ``int8`` conv weights ``(O, C, kh, kw)``; independent of the activation step size."""
     return torch.ops.onednn.qconv_prepack(
-        weight_int8.contiguous(), scale.float().contiguous(), 1.0, 0, list(stride), list(padding), list(dilation),
-        groups, None,
+        weight_int8.contiguous(),
+        scale.float().contiguous(),
+        1.0,
+        0,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        None,
     )
 
 
@@ -143,13 +160,29 @@ def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, o
 
 
 @torch.compiler.disable
-def conv2d_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, stride, padding, dilation, groups,
-                  out_dtype) -> torch.Tensor:
+def conv2d_onednn(
+    codes, scale: float, zero_point: int, packed, w_scale, bias, stride, padding, dilation, groups, out_dtype
+) -> torch.Tensor:
     """Integer convolution of ``uint8`` codes (channels-last preferred); zero padding pads with the zero point."""
     w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
     return torch.ops.onednn.qconv2d_pointwise(
-        codes, scale, zero_point, packed, w_scale, w_zp, bias, list(stride), list(padding), list(dilation), groups,
-        1.0, 0, out_dtype, "none", [], "",
+        codes,
+        scale,
+        zero_point,
+        packed,
+        w_scale,
+        w_zp,
+        bias,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        1.0,
+        0,
+        out_dtype,
+        "none",
+        [],
+        "",
     )
 
 

@@ -43,8 +43,9 @@ def attach_integer_context(model: nn.Module, timestep_argument: str = "timestep"
     return context
 
 
-def set_integer_backend(model: nn.Module, backend: str = "auto", exact_activation_rounding: bool | None = None
-                        ) -> nn.Module:
+def set_integer_backend(
+    model: nn.Module, backend: str = "auto", exact_activation_rounding: bool | None = None
+) -> nn.Module:
     """Choose the compute path of every integer layer: ``"auto"``, ``"onednn"`` or ``"reference"`` (the dequantized
     float fallback).  ``exact_activation_rounding=True`` quantizes activations with the fake-quant model's formula."""
     validate_backend(backend)
@@ -56,5 +57,3 @@ def set_integer_backend(model: nn.Module, backend: str = "auto", exact_activatio
         if exact_activation_rounding is not None:
             layer.exact_activation_rounding = bool(exact_activation_rounding)
     return model
-
-

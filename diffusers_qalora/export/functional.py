@@ -22,7 +22,10 @@ from ..quant import interpolation_indices, unpack_codes
 
 
 def lookup_act_qparams(
-    timesteps: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, t: torch.Tensor,
+    timesteps: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    t: torch.Tensor,
     indices: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step sizes and (rounded) zero points at timesteps ``t`` (1-D): linear interpolation between table entries,
@@ -103,8 +106,14 @@ def _scratch(shape: tuple[int, ...], device: torch.device, channels_last: bool) 
 
 
 def quantize_activation_uint8_per_sample(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, exact: bool = False,
-    padding: tuple[int, int] = (0, 0), inv_scale: torch.Tensor | None = None,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    lo: int,
+    hi: int,
+    exact: bool = False,
+    padding: tuple[int, int] = (0, 0),
+    inv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``uint8`` codes ``clamp(round(x / s_b) + z_b, lo, hi)`` with one step size ``s_b`` and integer zero point
     ``z_b`` per sample (``scale``, ``zero_point``: ``(B,)`` float tensors; ``x``: ``(B, ...)``).
@@ -134,7 +143,12 @@ def quantize_activation_uint8_per_sample(
             inner.copy_(x)
             return quantize_activation_uint8_per_sample(buf, scale, zero_point, lo, hi, exact=True)
         torch.addcmul(z, x.float(), inv, out=inner)  # written in place into the padded buffer
-        for strip in (buf[:, :, :ph], buf[:, :, ph + h :], buf[:, :, ph : ph + h, :pw], buf[:, :, ph : ph + h, pw + w :]):
+        for strip in (
+            buf[:, :, :ph],
+            buf[:, :, ph + h :],
+            buf[:, :, ph : ph + h, :pw],
+            buf[:, :, ph : ph + h, pw + w :],
+        ):
             if strip.numel():
                 strip.copy_(z.expand_as(strip))
         return quantize_activation_uint8(buf, 1.0, 0, lo, hi)

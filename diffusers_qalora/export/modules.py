@@ -63,8 +63,15 @@ class IntegerLayer(nn.Module):
 
     op: str = ""
 
-    def __init__(self, layout: IntegerLayout, out_channels: int, in_channels: int, kernel_elems: int, bias: bool,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        layout: IntegerLayout,
+        out_channels: int,
+        in_channels: int,
+        kernel_elems: int,
+        bias: bool,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(layout, IntegerLayout):
             raise TypeError(f"`layout` must be an IntegerLayout, got {type(layout).__name__}.")
@@ -73,9 +80,7 @@ class IntegerLayer(nn.Module):
         shapes = layout.tensor_shapes(out_channels, in_channels, kernel_elems, bias)
         self.register_buffer("weight_packed", torch.empty(shapes["weight_packed"], dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty(shapes["weight_scale"], dtype=torch.float32, device=device))
-        self.register_buffer(
-            "bias", torch.empty(shapes["bias"], dtype=torch.float32, device=device) if bias else None
-        )
+        self.register_buffer("bias", torch.empty(shapes["bias"], dtype=torch.float32, device=device) if bias else None)
         for name in ("act_timesteps", "act_scale", "act_zero_point"):
             self.register_buffer(name, torch.empty(shapes[name], dtype=torch.float32, device=device))
         self.context: TimestepContext | None = None
@@ -86,8 +91,15 @@ class IntegerLayer(nn.Module):
         self._qparams_cache: tuple | None = None
 
     # -- construction from codes -------------------------------------------------------------------------------------
-    def load_codes_(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                    act_timesteps: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor) -> None:
+    def load_codes_(
+        self,
+        codes: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        act_timesteps: torch.Tensor,
+        act_scale: torch.Tensor,
+        act_zero_point: torch.Tensor,
+    ) -> None:
         """Fill the layer from integer weight codes (any integer dtype, the weight's shape or ``(C_out, K)``) and the
         float tables; every shape and range is checked before anything is written."""
         layout = self.layout
@@ -95,8 +107,10 @@ class IntegerLayer(nn.Module):
             raise TypeError(f"{self._where()}: `codes` must be an integer tensor, got {codes.dtype}.")
         flat = codes.reshape(codes.shape[0], -1)
         if flat.shape != (self.weight_packed.shape[0], self.k):
-            raise ValueError(f"{self._where()}: codes of shape {tuple(codes.shape)} do not match the layer "
-                             f"({self.weight_packed.shape[0]} x {self.k}).")
+            raise ValueError(
+                f"{self._where()}: codes of shape {tuple(codes.shape)} do not match the layer "
+                f"({self.weight_packed.shape[0]} x {self.k})."
+            )
         lo, hi = -(2 ** (layout.weight_bits - 1)), 2 ** (layout.weight_bits - 1) - 1
         if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
             raise ValueError(f"{self._where()}: weight codes must lie in [{lo}, {hi}] for {layout.weight_bits} bits.")
@@ -111,14 +125,18 @@ class IntegerLayer(nn.Module):
             "act_zero_point": act_zero_point.detach().float().reshape(-1),
         }
         if (bias is None) != (self.bias is None):
-            raise ValueError(f"{self._where()}: bias {'missing' if bias is None else 'given'} for a layer "
-                             f"{'with' if self.bias is not None else 'without'} bias.")
+            raise ValueError(
+                f"{self._where()}: bias {'missing' if bias is None else 'given'} for a layer "
+                f"{'with' if self.bias is not None else 'without'} bias."
+            )
         if bias is not None:
             values["bias"] = bias.detach().float().reshape(self.bias.shape)
         for name, value in values.items():
             if value.shape != getattr(self, name).shape:
-                raise ValueError(f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(getattr(self, name).shape)}.")
+                raise ValueError(
+                    f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected "
+                    f"{tuple(getattr(self, name).shape)}."
+                )
         if not bool((values["weight_scale"] > 0).all()) or not bool((values["act_scale"] > 0).all()):
             raise ValueError(f"{self._where()}: step sizes must be positive.")
         device = self.weight_packed.device if self.weight_packed.device.type != "meta" else codes.device
@@ -134,8 +152,10 @@ class IntegerLayer(nn.Module):
     def extra_repr(self) -> str:
         lay = self.layout
         gran = "per-channel" if lay.group_size is None else f"group={lay.group_size}"
-        return (f"W{lay.weight_bits}A{lay.act_bits}{' signed-act' if lay.act_signed else ''}, {gran}, "
-                f"timesteps={lay.num_timesteps}, backend={self.backend!r}")
+        return (
+            f"W{lay.weight_bits}A{lay.act_bits}{' signed-act' if lay.act_signed else ''}, {gran}, "
+            f"timesteps={lay.num_timesteps}, backend={self.backend!r}"
+        )
 
     def _cached(self, name: str, key: tuple, build: Callable[[], object]) -> object:
         hit = self._derived.get(name)
@@ -220,6 +240,7 @@ class IntegerLayer(nn.Module):
         """``(first, scale, zero_point, z_min, z_max)``: the step size and zero point at every integer timestep from
         ``first = floor(table[0])`` to ``ceil(table[-1])`` (computed by the same lookup, so the same values), and the
         range of the rounded zero points at any timestep (interpolation stays between the table's extremes)."""
+
         def build():
             table = self.act_timesteps
             first, last = math.floor(float(table[0])), math.ceil(float(table[-1]))
@@ -237,8 +258,14 @@ class IntegerLayer(nn.Module):
         denoiser call and shared by the layers."""
         first, dense_scale = self._dense_qparams()[:2]
         source = self.context.timesteps if self.context is not None else None
-        key = (id(source), getattr(source, "_version", None), timesteps.shape[0], str(timesteps.device), first,
-               dense_scale.numel())
+        key = (
+            id(source),
+            getattr(source, "_version", None),
+            timesteps.shape[0],
+            str(timesteps.device),
+            first,
+            dense_scale.numel(),
+        )
         hit = _INDICES.get(key)
         if hit is None or hit[0] is not source:
             if len(_INDICES) > 16:
@@ -358,10 +385,12 @@ class IntegerLayer(nn.Module):
     def _tap_sums(self) -> torch.Tensor:
         """``M[o] = sum_g s_w[o, g] * sum q_w[o, c, ...]`` over the input channels ``c`` of group ``g`` and all
         kernel taps (float32, ``(C_out,)``; integer sums exact in float64)."""
+
         def build():
             codes = self.int8_weight().double().reshape(self.weight_scale.shape[0], self._in_channels(), -1).sum(2)
-            return sum(codes[:, a:b].sum(1) * self.weight_scale[:, g].double()
-                       for g, (a, b) in enumerate(self._group_slices())).float()
+            return sum(
+                codes[:, a:b].sum(1) * self.weight_scale[:, g].double() for g, (a, b) in enumerate(self._group_slices())
+            ).float()
 
         return self._cached("tap_sums", self._weight_key(), build)
 
@@ -371,8 +400,14 @@ class IntegerLayer(nn.Module):
         z_min, z_max = self._dense_qparams()[3:]
         return int(z_min) + self.layout.act_offset if z_min == z_max else None
 
-    def _per_sample_epilogue(self, acc: torch.Tensor, terms: tuple[torch.Tensor, ...], shared: bool,
-                             channel_view: tuple[int, ...], tap_sums: torch.Tensor | None = None) -> torch.Tensor:
+    def _per_sample_epilogue(
+        self,
+        acc: torch.Tensor,
+        terms: tuple[torch.Tensor, ...],
+        shared: bool,
+        channel_view: tuple[int, ...],
+        tap_sums: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``s_b * acc + (bias - s_b * z_b * M)`` in place on ``acc`` (``(B, ...)``), one pass; the ``z_b`` term only
         when the kernel ran with zero point 0 (``shared=False``).  ``M`` is [`_tap_sums`] unless ``tap_sums`` gives
         it (a map over output positions)."""
@@ -407,8 +442,14 @@ class IntegerLinear(IntegerLayer):
 
     op = "linear"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, layout: IntegerLayout,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        layout: IntegerLayout,
+        device: torch.device | str | None = None,
+    ) -> None:
         if layout.kind != "linear":
             raise ValueError(f"IntegerLinear needs a 'linear' layout, got {layout.kind!r}.")
         super().__init__(layout, out_features, in_features, 1, bias, device)
@@ -455,27 +496,31 @@ class IntegerLinear(IntegerLayer):
         else:
             y = None
             for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
-                part = linear_onednn(codes[:, a:b].contiguous(), scale, zero_point, w, s,
-                                     self.bias if g == 0 else None, torch.float32)
+                part = linear_onednn(
+                    codes[:, a:b].contiguous(), scale, zero_point, w, s, self.bias if g == 0 else None, torch.float32
+                )
                 y = part if y is None else y.add_(part)
             y = y.to(out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _onednn_per_sample(self, x, terms, lo, hi):
         scale, inv_scale, zero_point, _ = terms
-        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
-                                                     inv_scale=inv_scale)
+        codes = quantize_activation_uint8_per_sample(
+            x, scale, zero_point, lo, hi, self.exact_activation_rounding, inv_scale=inv_scale
+        )
         codes = codes.reshape(-1, self.in_features)
         common = self._shared_zero_point()
         packed = self._prepacked()
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
-            part = linear_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common or 0, w, s,
-                                 None, torch.float32)
+            part = linear_onednn(
+                codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common or 0, w, s, None, torch.float32
+            )
             acc = part if acc is None else acc.add_(part)
         acc = acc.reshape(x.shape[0], -1, self.out_features)
         y = self._per_sample_epilogue(acc, terms, common is not None, (self.out_features,))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
 
 def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, tuple | list) else (v, v)
@@ -487,9 +532,19 @@ class IntegerConv2d(IntegerLayer):
 
     op = "conv2d"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True, padding_mode: str = "zeros", layout: IntegerLayout | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        layout: IntegerLayout | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         if layout is None or layout.kind != "conv2d":
             raise ValueError(f"IntegerConv2d needs a 'conv2d' layout, got {getattr(layout, 'kind', None)!r}.")
         if isinstance(padding, str):
@@ -523,9 +578,21 @@ class IntegerConv2d(IntegerLayer):
             else:  # "same" with stride 1 (the only stride torch allows for it)
                 padding = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
                 if any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
-                    raise ValueError("padding='same' with an even kernel is asymmetric; IntegerConv2d cannot export it.")
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
-                   conv.bias is not None, conv.padding_mode, layout, device=device)
+                    raise ValueError(
+                        "padding='same' with an even kernel is asymmetric; IntegerConv2d cannot export it."
+                    )
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            padding,
+            conv.dilation,
+            conv.bias is not None,
+            conv.padding_mode,
+            layout,
+            device=device,
+        )
 
     def _weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels, *self.kernel_size)
@@ -534,8 +601,10 @@ class IntegerConv2d(IntegerLayer):
         return self.in_channels
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, " + super().extra_repr())
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, " + super().extra_repr()
+        )
 
     def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.padding_mode == "zeros":
@@ -559,8 +628,10 @@ class IntegerConv2d(IntegerLayer):
         def build():
             weight = self.int8_weight().reshape(self._weight_shape())
             return [
-                (prepack_conv2d(weight[:, a:b], self.weight_scale[:, g], self.stride, padding, self.dilation, 1),
-                 self.weight_scale[:, g].contiguous())
+                (
+                    prepack_conv2d(weight[:, a:b], self.weight_scale[:, g], self.stride, padding, self.dilation, 1),
+                    self.weight_scale[:, g].contiguous(),
+                )
                 for g, (a, b) in enumerate(self._group_slices())
             ]
 
@@ -574,14 +645,35 @@ class IntegerConv2d(IntegerLayer):
         out_dtype = self._out_dtype(x)
         packed = self._prepacked()
         if len(packed) == 1:
-            y = conv2d_onednn(codes, scale, zero_point, packed[0][0], packed[0][1], self.bias, self.stride, padding,
-                              self.dilation, 1, out_dtype)
+            y = conv2d_onednn(
+                codes,
+                scale,
+                zero_point,
+                packed[0][0],
+                packed[0][1],
+                self.bias,
+                self.stride,
+                padding,
+                self.dilation,
+                1,
+                out_dtype,
+            )
         else:
             y = None
             for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
-                part = conv2d_onednn(codes[:, a:b].contiguous(memory_format=torch.channels_last), scale, zero_point,
-                                     w, s, self.bias if g == 0 else None, self.stride, padding, self.dilation, 1,
-                                     torch.float32)
+                part = conv2d_onednn(
+                    codes[:, a:b].contiguous(memory_format=torch.channels_last),
+                    scale,
+                    zero_point,
+                    w,
+                    s,
+                    self.bias if g == 0 else None,
+                    self.stride,
+                    padding,
+                    self.dilation,
+                    1,
+                    torch.float32,
+                )
                 y = part if y is None else y.add_(part)
             y = y.to(out_dtype)
         if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
@@ -614,8 +706,16 @@ class IntegerConv2d(IntegerLayer):
         # channel.  A z_b outside the code range cannot be a code: then oneDNN pads, and a map of M corrects.
         z_min, z_max = (v + self.layout.act_offset for v in self._dense_qparams()[3:])
         pad_codes = not shared and any(padding) and lo <= z_min and z_max <= hi
-        codes = quantize_activation_uint8_per_sample(x, scale, zero_point, lo, hi, self.exact_activation_rounding,
-                                                     padding if pad_codes else (0, 0), inv_scale=inv_scale)
+        codes = quantize_activation_uint8_per_sample(
+            x,
+            scale,
+            zero_point,
+            lo,
+            hi,
+            self.exact_activation_rounding,
+            padding if pad_codes else (0, 0),
+            inv_scale=inv_scale,
+        )
         codes = codes.contiguous(memory_format=torch.channels_last)
         tap_sums = None
         if pad_codes:
@@ -625,13 +725,25 @@ class IntegerConv2d(IntegerLayer):
         packed = self._prepacked(padding)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
-            part = conv2d_onednn(codes if len(packed) == 1 else codes[:, a:b].contiguous(memory_format=torch.channels_last),
-                                 1.0, common or 0, w, s, None, self.stride, padding, self.dilation, 1, torch.float32)
+            part = conv2d_onednn(
+                codes if len(packed) == 1 else codes[:, a:b].contiguous(memory_format=torch.channels_last),
+                1.0,
+                common or 0,
+                w,
+                s,
+                None,
+                self.stride,
+                padding,
+                self.dilation,
+                1,
+                torch.float32,
+            )
             acc = part if acc is None else acc.add_(part)
         y = self._per_sample_epilogue(acc, terms, shared, (1, -1, 1, 1), tap_sums)
         if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
             y = y.contiguous()
         return y.to(x.dtype)
+
 
 def integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
     """All integer layers of ``model`` by module name."""

@@ -58,8 +58,12 @@ def qalora_adapter_of(model: nn.Module, adapter_name: str) -> tuple[nn.Module, Q
     return base, config
 
 
-def save_qalora_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_qalora_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    adapter_name: str = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the adapter ``adapter_name`` of ``model`` to ``save_directory``: ``adapter_model.safetensors`` (LoRA
     factors, step sizes, timestep tables) and ``adapter_config.json``.  Files are written to a temporary folder and
     moved into place, so a failure leaves ``save_directory`` as it was.  ``state_dict``: the model's full state dict
@@ -84,8 +88,13 @@ def looks_like_local_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
 
 
-def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | None, revision: str | None,
-             token: str | bool | None) -> str:
+def _resolve(
+    path_or_repo: str | os.PathLike,
+    filename: str,
+    subfolder: str | None,
+    revision: str | None,
+    token: str | bool | None,
+) -> str:
     local = Path(path_or_repo) / (subfolder or "") / filename
     if Path(path_or_repo).is_dir():
         if not local.is_file():
@@ -95,16 +104,22 @@ def _resolve(path_or_repo: str | os.PathLike, filename: str, subfolder: str | No
         raise FileNotFoundError(f"{path_or_repo} does not exist; pass an adapter folder or a Hub id like 'org/name'.")
     repo_id = str(path_or_repo)
     if filename == ADAPTER_CONFIG_NAME:
+
         def hint() -> str:
             return describe_repo_for_adapter(repo_id, revision, token, subfolder)
     else:
+
         def hint() -> str:
-            return f"The upload looks incomplete: push the adapter again (it needs {ADAPTER_CONFIG_NAME} and {filename})."
+            return (
+                f"The upload looks incomplete: push the adapter again (it needs {ADAPTER_CONFIG_NAME} and {filename})."
+            )
+
     return hub_file(repo_id, filename, subfolder=subfolder, revision=revision, token=token, missing_hint=hint)
 
 
-def describe_repo_for_adapter(repo_id: str, revision: str | None, token: str | bool | None,
-                              subfolder: str | None) -> str:
+def describe_repo_for_adapter(
+    repo_id: str, revision: str | None, token: str | bool | None, subfolder: str | None
+) -> str:
     """Why a repo without ``adapter_config.json`` is not a QALoRA adapter, from its file list (best effort)."""
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
@@ -112,11 +127,15 @@ def describe_repo_for_adapter(repo_id: str, revision: str | None, token: str | b
         return "It is not a QALoRA adapter repo (written by `push_qalora_adapter` or `save_qalora_adapter`)."
     names = {f.rsplit("/", 1)[-1] for f in files}
     if "pytorch_lora_weights.safetensors" in names:
-        return ("It holds a diffusers LoRA (pytorch_lora_weights.safetensors), not a QALoRA adapter: load it with "
-                f"`pipe.load_lora_weights({repo_id!r})`.")
+        return (
+            "It holds a diffusers LoRA (pytorch_lora_weights.safetensors), not a QALoRA adapter: load it with "
+            f"`pipe.load_lora_weights({repo_id!r})`."
+        )
     if "config.json" in names and "model_index.json" not in names:
-        return ("It holds a model (config.json), not a QALoRA adapter: an exported integer model loads with "
-                f"`<diffusers model class>.from_pretrained({repo_id!r})` after `import diffusers_qalora`.")
+        return (
+            "It holds a model (config.json), not a QALoRA adapter: an exported integer model loads with "
+            f"`<diffusers model class>.from_pretrained({repo_id!r})` after `import diffusers_qalora`."
+        )
     if subfolder and ADAPTER_CONFIG_NAME in files:
         return "The adapter is at the repo's root: leave `subfolder` unset."
     folders = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith("/" + ADAPTER_CONFIG_NAME)})
@@ -133,8 +152,12 @@ def _source(path_or_repo: str | os.PathLike, revision: str | None) -> str:
     return f"Hub repo {str(path_or_repo)!r} (revision {revision or 'main'!r})"
 
 
-def read_adapter_config(path_or_repo: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
-                        token: str | bool | None = None) -> QALoraConfig:
+def read_adapter_config(
+    path_or_repo: str | os.PathLike,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> QALoraConfig:
     """Read ``adapter_config.json`` and check that it describes a QALoRA adapter."""
     register_peft_method()
     path = _resolve(path_or_repo, ADAPTER_CONFIG_NAME, subfolder, revision, token)
@@ -146,8 +169,10 @@ def _parse_adapter_config(path: str, source: str) -> QALoraConfig:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} ({source}) is not valid JSON ({err}): it is truncated or damaged; download it again "
-                         f"or save the adapter again with save_qalora_adapter.") from None
+        raise ValueError(
+            f"{path} ({source}) is not valid JSON ({err}): it is truncated or damaged; download it again "
+            f"or save the adapter again with save_qalora_adapter."
+        ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} ({source}) does not hold a JSON object; it is not an adapter_config.json.")
     if raw.get("peft_type") != QALoraPeftType.QALORA.value:
@@ -200,15 +225,18 @@ def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: the file is truncated or damaged, or its tensors do not match the checksum recorded at save time;
             the message names the file and the fix.
     """
-    fix = "download it again (from the Hub: delete its copy in the Hugging Face cache first) or save it again with " \
-          "save_qalora_adapter"
+    fix = (
+        "download it again (from the Hub: delete its copy in the Hugging Face cache first) or save it again with "
+        "save_qalora_adapter"
+    )
     try:
         with safe_open(str(path), framework="pt") as f:
             expected = (f.metadata() or {}).get(CHECKSUM_KEY)
         state = load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}.") \
-            from err
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}."
+        ) from err
     if expected is not None and tensor_checksum(state) != expected:
         raise ValueError(
             f"corrupt adapter file {path}: its tensors do not match the checksum recorded when it was saved; {fix}."

@@ -53,27 +53,36 @@ def hub_file(
     try:
         return _hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, token=token)
     except RevisionNotFoundError as err:
-        raise _prefix(err, (
-            f"Hub repo {repo_id!r} has no revision {revision!r}: pass an existing branch, tag or commit sha "
-            f"(`huggingface_hub.HfApi().list_repo_refs({repo_id!r})` lists them), or leave `revision` unset for "
-            f"'main'."
-        )) from None
+        raise _prefix(
+            err,
+            (
+                f"Hub repo {repo_id!r} has no revision {revision!r}: pass an existing branch, tag or commit sha "
+                f"(`huggingface_hub.HfApi().list_repo_refs({repo_id!r})` lists them), or leave `revision` unset for "
+                f"'main'."
+            ),
+        ) from None
     except RepositoryNotFoundError as err:  # also GatedRepoError, a subclass
-        raise _prefix(err, (
-            f"Hub repo {repo_id!r} was not found at {constants.ENDPOINT}: check the id (\"org/name\"); a private "
-            f"or gated repo also needs a token with access (`token=`, `HF_TOKEN` or `hf auth login`)."
-        )) from None
+        raise _prefix(
+            err,
+            (
+                f'Hub repo {repo_id!r} was not found at {constants.ENDPOINT}: check the id ("org/name"); a private '
+                f"or gated repo also needs a token with access (`token=`, `HF_TOKEN` or `hf auth login`)."
+            ),
+        ) from None
     except RemoteEntryNotFoundError as err:
         path = f"{subfolder}/{filename}" if subfolder else filename
         hint = missing_hint() if missing_hint is not None else ""
         raise _prefix(err, f"{_where(repo_id, revision)} has no file {path!r}.{' ' + hint if hint else ''}") from None
     except LocalEntryNotFoundError as err:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise _prefix(err, (
-            f"{filename!r} of {_where(repo_id, revision)} is not in the local cache ({constants.HF_HUB_CACHE}) and "
-            f"the Hub cannot be reached{offline}: load it once with network access (the cache then serves it "
-            f"offline), or check the revision."
-        )) from None
+        raise _prefix(
+            err,
+            (
+                f"{filename!r} of {_where(repo_id, revision)} is not in the local cache ({constants.HF_HUB_CACHE}) and "
+                f"the Hub cannot be reached{offline}: load it once with network access (the cache then serves it "
+                f"offline), or check the revision."
+            ),
+        ) from None
 
 
 def snapshot_revision(path: str) -> str | None:

@@ -65,8 +65,9 @@ __all__ = [
 # -- push ------------------------------------------------------------------------------------------------------------------
 def _check_push_args(repo_id: str, revision: str | None, create_pr: bool) -> None:
     if not isinstance(repo_id, str) or not looks_like_hub_id(repo_id):
-        raise ValueError(f"`repo_id` must be a Hub id like 'org/name' (or 'name' for your own namespace), got "
-                         f"{repo_id!r}.")
+        raise ValueError(
+            f"`repo_id` must be a Hub id like 'org/name' (or 'name' for your own namespace), got {repo_id!r}."
+        )
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise ValueError(f"`revision` must be a branch name (or None for 'main'), got {revision!r}.")
     if not isinstance(create_pr, bool):
@@ -78,8 +79,10 @@ def _sample_grid_path(sample_grid: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(sample_grid)
     if not path.is_file():
-        raise FileNotFoundError(f"`sample_grid`: {path} does not exist; pass the PNG a distillation job wrote (e.g. "
-                                f"grid_distilled.png in its output folder).")
+        raise FileNotFoundError(
+            f"`sample_grid`: {path} does not exist; pass the PNG a distillation job wrote (e.g. "
+            f"grid_distilled.png in its output folder)."
+        )
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"`sample_grid` must be an image ({', '.join(IMAGE_SUFFIXES)}), got {path.name}.")
     return path
@@ -98,8 +101,9 @@ def _bits_message(weight_bits: int, act_bits: int, what: str) -> str:
     return f"Upload W{weight_bits}A{act_bits} {what} with {PACKAGE_NAME}"
 
 
-def _write_card(folder: Path, card: ModelCard | str | bool | None, make_card: Callable[[str], ModelCard],
-                repo_id: str) -> None:
+def _write_card(
+    folder: Path, card: ModelCard | str | bool | None, make_card: Callable[[str], ModelCard], repo_id: str
+) -> None:
     if card is False:
         return
     if card is None or card is True:
@@ -138,12 +142,19 @@ def _upload(
         operations: list[Any] = []
         if replace_weights:
             remote = api.list_repo_files(repo_id, revision=None if create_pr else revision, token=token)
-            operations += [CommitOperationDelete(path_in_repo=p) for p in remote
-                           if _WEIGHT_FILE.search(p) and p not in uploads]
+            operations += [
+                CommitOperationDelete(path_in_repo=p) for p in remote if _WEIGHT_FILE.search(p) and p not in uploads
+            ]
         operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in uploads.items()]
-        return api.create_commit(repo_id, operations, commit_message=commit_message,
-                                 commit_description=commit_description, token=token, revision=revision,
-                                 create_pr=create_pr)
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
     except HfHubHTTPError as err:
         err.append_to_message(f"\n\nPushing to Hub repo {where} failed; the local model and files are unchanged.")
         raise
@@ -152,13 +163,14 @@ def _upload(
 def _recorded_base_model(config: Any, model: nn.Module) -> str | None:
     """The base model's Hub id as recorded by PEFT or diffusers' ``from_pretrained`` (never a local path)."""
     model_config = getattr(model, "config", None)
-    candidates = [getattr(config, "base_model_name_or_path", None),
-                  model_config.get("_name_or_path") if isinstance(model_config, Mapping) else None]
+    candidates = [
+        getattr(config, "base_model_name_or_path", None),
+        model_config.get("_name_or_path") if isinstance(model_config, Mapping) else None,
+    ]
     return next((c for c in candidates if isinstance(c, str) and "/" in c and looks_like_hub_id(c)), None)
 
 
-def _stage_extras(folder: Path, results: str | os.PathLike | Mapping[str, Any] | None,
-                  grid: Path | None) -> str | None:
+def _stage_extras(folder: Path, results: str | os.PathLike | Mapping[str, Any] | None, grid: Path | None) -> str | None:
     """Copy the results (the user's file as it is, or the dict as JSON) and the grid into the upload folder; returns
     the grid's name in the repo."""
     if isinstance(results, Mapping):
@@ -174,7 +186,10 @@ def _stage_extras(folder: Path, results: str | os.PathLike | Mapping[str, Any] |
 
 
 def qalora_adapter_card(
-    model: nn.Module, repo_id: str, adapter_name: str = "default", info: CardInfo | None = None,
+    model: nn.Module,
+    repo_id: str,
+    adapter_name: str = "default",
+    info: CardInfo | None = None,
     revision: str | None = None,
 ) -> ModelCard:
     """The model card [push_qalora_adapter][diffusers_qalora.push_qalora_adapter] writes, to inspect or edit before
@@ -194,21 +209,27 @@ def _warn_if_no_base_model(card: ModelCard, repo_id: str) -> None:
         warnings.warn(
             f"the model card of {repo_id} names no base model, so its load snippet cannot run; pass "
             f"`card=CardInfo(base_model=...)` (the Hub id of the model the adapter was trained on).",
-            ModelCardWarning, stacklevel=3,
+            ModelCardWarning,
+            stacklevel=3,
         )
 
 
-def _adapter_card(model: nn.Module, repo_id: str, adapter_name: str, info: CardInfo, revision: str | None
-                  ) -> ModelCard:
+def _adapter_card(model: nn.Module, repo_id: str, adapter_name: str, info: CardInfo, revision: str | None) -> ModelCard:
     base, config = qalora_adapter_of(model, adapter_name)
     results = read_results(info.results)
     check_results_bits(results, config.weight_bits, config.act_bits)
     layers = {name: layer for name, layer in qalora_layers(base).items() if adapter_name in layer.eight_bit}
     eight_bit = [name for name, layer in layers.items() if layer.eight_bit[adapter_name]]
-    info = dataclasses.replace(info, results=results,
-                               base_model=info.base_model or _recorded_base_model(config, base))
-    return adapter_card(config, repo_id, type(base), info, num_lora_layers=len(layers) - len(eight_bit),
-                        eight_bit_layers=eight_bit, revision=revision)
+    info = dataclasses.replace(info, results=results, base_model=info.base_model or _recorded_base_model(config, base))
+    return adapter_card(
+        config,
+        repo_id,
+        type(base),
+        info,
+        num_lora_layers=len(layers) - len(eight_bit),
+        eight_bit_layers=eight_bit,
+        revision=revision,
+    )
 
 
 def _card_parts(card: CardInfo | ModelCard | str | bool | None) -> tuple[CardInfo, ModelCard | str | bool | None]:
@@ -292,14 +313,20 @@ def push_qalora_adapter(
         _refuse_pickles(folder)
         adapter_config = qalora_adapter_of(model, adapter_name)[1]
         return _upload(
-            folder, repo_id,
-            lambda final_id: _adapter_card(model, final_id, adapter_name,
-                                           dataclasses.replace(info, sample_grid=grid_name), card_revision),
+            folder,
+            repo_id,
+            lambda final_id: _adapter_card(
+                model, final_id, adapter_name, dataclasses.replace(info, sample_grid=grid_name), card_revision
+            ),
             model_card,
-            commit_message=commit_message or _bits_message(adapter_config.weight_bits, adapter_config.act_bits,
-                                                           "QALoRA adapter"),
-            commit_description=commit_description, private=private, token=token, revision=revision,
-            create_pr=create_pr, replace_weights=False,
+            commit_message=commit_message
+            or _bits_message(adapter_config.weight_bits, adapter_config.act_bits, "QALoRA adapter"),
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            replace_weights=False,
         )
 
 
@@ -320,7 +347,12 @@ def _exported_config(model: nn.Module) -> QALoraQuantConfig:
 
 
 def quantized_model_card_for(
-    model: nn.Module, repo_id: str, info: CardInfo | None = None, *, weight_bytes: int, revision: str | None = None,
+    model: nn.Module,
+    repo_id: str,
+    info: CardInfo | None = None,
+    *,
+    weight_bytes: int,
+    revision: str | None = None,
 ) -> ModelCard:
     """The model card [push_quantized_model][diffusers_qalora.push_quantized_model] writes (arguments as there;
     ``weight_bytes`` is the size of the weight files)."""
@@ -391,11 +423,15 @@ def push_quantized_model(
     _check_push_args(repo_id, revision, create_pr)
     model = unwrap_peft_model(model)
     if isinstance(model, DiffusionPipeline):
-        raise TypeError("`push_quantized_model` takes the exported denoiser (e.g. `pipe.unet`), not a pipeline; the "
-                        "other components are unchanged and load from the base model's repo.")
+        raise TypeError(
+            "`push_quantized_model` takes the exported denoiser (e.g. `pipe.unet`), not a pipeline; the "
+            "other components are unchanged and load from the base model's repo."
+        )
     if not isinstance(model, ModelMixin):
-        raise TypeError(f"`model` must be a diffusers model (ModelMixin) exported by `export_quantized`, got "
-                        f"{type(model).__name__}.")
+        raise TypeError(
+            f"`model` must be a diffusers model (ModelMixin) exported by `export_quantized`, got "
+            f"{type(model).__name__}."
+        )
     config = _exported_config(model)
     grid = _sample_grid_path(info.sample_grid)
     check_results_bits(read_results(info.results), config.weight_bits, config.act_bits)
@@ -410,12 +446,22 @@ def push_quantized_model(
         weight_bytes = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
         grid_name = _stage_extras(folder, info.results, grid)
         return _upload(
-            folder, repo_id,
-            lambda final_id: quantized_model_card_for(model, final_id, dataclasses.replace(info, sample_grid=grid_name),
-                                                      weight_bytes=weight_bytes, revision=card_revision),
+            folder,
+            repo_id,
+            lambda final_id: quantized_model_card_for(
+                model,
+                final_id,
+                dataclasses.replace(info, sample_grid=grid_name),
+                weight_bytes=weight_bytes,
+                revision=card_revision,
+            ),
             model_card,
-            commit_message=commit_message or _bits_message(config.weight_bits, config.act_bits,
-                                                           f"integer {type(model).__name__}"),
-            commit_description=commit_description, private=private, token=token, revision=revision,
-            create_pr=create_pr, replace_weights=True,
+            commit_message=commit_message
+            or _bits_message(config.weight_bits, config.act_bits, f"integer {type(model).__name__}"),
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            replace_weights=True,
         )

@@ -109,8 +109,10 @@ def read_results(results: str | os.PathLike | Mapping[str, Any] | None) -> dict[
         if path.is_dir():
             path = path / "results.json"
         if not path.is_file():
-            raise FileNotFoundError(f"`results`: {path} does not exist; pass the results.json a distillation job wrote "
-                                    f"(or its output folder).")
+            raise FileNotFoundError(
+                f"`results`: {path} does not exist; pass the results.json a distillation job wrote "
+                f"(or its output folder)."
+            )
         source = str(path)
         try:
             results = json.loads(path.read_text(encoding="utf-8"))
@@ -128,8 +130,10 @@ def read_results(results: str | os.PathLike | Mapping[str, Any] | None) -> dict[
 def check_results_bits(results: Mapping[str, Any] | None, weight_bits: int, act_bits: int) -> None:
     """Refuse a ``results.json`` measured at other bit widths than the model being pushed."""
     config = (results or {}).get("config") or {}
-    if "weight_bits" in config and "act_bits" in config and (config["weight_bits"], config["act_bits"]) != (
-        weight_bits, act_bits
+    if (
+        "weight_bits" in config
+        and "act_bits" in config
+        and (config["weight_bits"], config["act_bits"]) != (weight_bits, act_bits)
     ):
         raise ValueError(
             f"`results` were measured at W{config['weight_bits']}A{config['act_bits']} but the model is "
@@ -204,8 +208,11 @@ def _timesteps_line(table: Sequence[float]) -> str:
 
 
 def _granularity_text(granularity: str, group_size: int | None) -> str:
-    return "per output channel" if granularity == "channel" else (
-        f"per output channel and group of {group_size} input channels")
+    return (
+        "per output channel"
+        if granularity == "channel"
+        else (f"per output channel and group of {group_size} input channels")
+    )
 
 
 def _model_variable(model_class: type) -> str:
@@ -231,8 +238,13 @@ def _call_args(repo_id: str, subfolder: str | None = None, revision: str | None 
     return ", ".join(args)
 
 
-def adapter_load_snippet(model_class: type, repo_id: str, base_model: str | None,
-                         base_model_subfolder: str | None = None, revision: str | None = None) -> str:
+def adapter_load_snippet(
+    model_class: type,
+    repo_id: str,
+    base_model: str | None,
+    base_model_subfolder: str | None = None,
+    revision: str | None = None,
+) -> str:
     """Three lines that load the base model and this adapter (runnable when ``base_model`` is a Hub id)."""
     module, cls = _class_expression(model_class)
     var = _model_variable(model_class)
@@ -240,44 +252,60 @@ def adapter_load_snippet(model_class: type, repo_id: str, base_model: str | None
         load_base = f"{var} = {cls}.from_pretrained({_call_args(base_model, base_model_subfolder)})"
     else:
         load_base = f"{var} = ...  # the {model_class.__name__} this adapter was trained on (base model not recorded)"
-    return "\n".join([
-        f"import {module}, diffusers_qalora as dq",
-        load_base,
-        f"dq.load_qalora_adapter({var}, {_call_args(repo_id, revision=revision)})",
-    ])
+    return "\n".join(
+        [
+            f"import {module}, diffusers_qalora as dq",
+            load_base,
+            f"dq.load_qalora_adapter({var}, {_call_args(repo_id, revision=revision)})",
+        ]
+    )
 
 
 def quantized_load_snippet(model_class: type, repo_id: str, revision: str | None = None) -> str:
     """Lines that load the exported integer model (``import diffusers_qalora`` registers the backend)."""
     module, cls = _class_expression(model_class)
-    return "\n".join([
-        f"import {module}, diffusers_qalora  # the import registers the \"qalora\" quantization backend",
-        f"{_model_variable(model_class)} = {cls}.from_pretrained({_call_args(repo_id, revision=revision)})",
-    ])
-
-
-def _card_data(info: CardInfo, *, relation: str, library_name: str, weight_bits: int, act_bits: int
-               ) -> ModelCardData:
-    extra = {"base_model_relation": relation} if info.base_model else {}
-    return ModelCardData(
-        base_model=info.base_model, library_name=library_name, license=info.license, pipeline_tag=info.pipeline_tag,
-        tags=[*BASE_TAGS, bits_tag(weight_bits, act_bits), *(info.tags or [])], **extra,
+    return "\n".join(
+        [
+            f'import {module}, diffusers_qalora  # the import registers the "qalora" quantization backend',
+            f"{_model_variable(model_class)} = {cls}.from_pretrained({_call_args(repo_id, revision=revision)})",
+        ]
     )
 
 
-def _results_sections(results: Mapping[str, Any] | None, distill: Mapping[str, Any] | None,
-                      sample_grid: str | None, note: str = "") -> list[str]:
+def _card_data(info: CardInfo, *, relation: str, library_name: str, weight_bits: int, act_bits: int) -> ModelCardData:
+    extra = {"base_model_relation": relation} if info.base_model else {}
+    return ModelCardData(
+        base_model=info.base_model,
+        library_name=library_name,
+        license=info.license,
+        pipeline_tag=info.pipeline_tag,
+        tags=[*BASE_TAGS, bits_tag(weight_bits, act_bits), *(info.tags or [])],
+        **extra,
+    )
+
+
+def _results_sections(
+    results: Mapping[str, Any] | None, distill: Mapping[str, Any] | None, sample_grid: str | None, note: str = ""
+) -> list[str]:
     sections = []
     distill = distill if distill is not None else ((results or {}).get("config") or {}).get("distill")
     if distill:
-        sections += ["## Distillation", "",
-                     "Data-free: the full-precision model samples its own trajectories from noise, and the quantized "
-                     "model learns (LoRA factors and step sizes) to match its noise predictions (MSE).", "",
-                     distillation_table(distill, (results or {}).get("training")), ""]
+        sections += [
+            "## Distillation",
+            "",
+            "Data-free: the full-precision model samples its own trajectories from noise, and the quantized "
+            "model learns (LoRA factors and step sizes) to match its noise predictions (MSE).",
+            "",
+            distillation_table(distill, (results or {}).get("training")),
+            "",
+        ]
     if results is not None:
         sections += ["## Results", ""]
-        protocol = " ".join(filter(None, [_protocol(results), "Every method of the run is listed (same samples, "
-                                          "seeds and noise).", note]))
+        protocol = " ".join(
+            filter(
+                None, [_protocol(results), "Every method of the run is listed (same samples, seeds and noise).", note]
+            )
+        )
         sections += [protocol, ""]
         sections += [metrics_table(results), ""]
     if sample_grid:
@@ -304,26 +332,36 @@ def adapter_card(
     ``results.json`` and ``info.sample_grid`` the image's name in the repo."""
     bits = f"W{config.weight_bits}A{config.act_bits}"
     base_model = info.base_model
-    data = _card_data(info, relation="adapter", library_name="peft", weight_bits=config.weight_bits,
-                      act_bits=config.act_bits)
+    data = _card_data(
+        info, relation="adapter", library_name="peft", weight_bits=config.weight_bits, act_bits=config.act_bits
+    )
     base_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
     granularity = _granularity_text(config.weight_granularity, config.weight_group_size)
     shown = ", ".join(f"`{name}`" for name in eight_bit_layers[:8]) + (", ..." if len(eight_bit_layers) > 8 else "")
     eight_bit = f"{len(eight_bit_layers)}" + (f": {shown}" if eight_bit_layers else "")
     lines = [
-        f"# {bits} QALoRA adapter for {base_model or model_class.__name__}", "",
+        f"# {bits} QALoRA adapter for {base_model or model_class.__name__}",
+        "",
         f"A quantization-aware LoRA adapter ([EfficientDM]({PAPER_URL}), QALoRA with temporal activation step "
         f"sizes) for the `{model_class.__name__}` of {base_text}, made with "
         f"`{PACKAGE_NAME}`. The LoRA update is merged into the weights "
         "*before* fake quantization, so it folds into the integer weights on export (`dq.export_quantized`). "
-        "This is not PEFT's `LoraConfig(use_qalora=True)` (QA-LoRA for language models), a different method.", "",
-        "## How to load", "",
-        "```python", adapter_load_snippet(model_class, repo_id, base_model, info.base_model_subfolder, revision), "```", "",
+        "This is not PEFT's `LoraConfig(use_qalora=True)` (QA-LoRA for language models), a different method.",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        adapter_load_snippet(model_class, repo_id, base_model, info.base_model_subfolder, revision),
+        "```",
+        "",
         "Importing `diffusers_qalora` registers the `QALORA` PEFT type, so `peft.PeftModel.from_pretrained(model, "
         f"{json.dumps(repo_id)})` also works after it. Put the model back into its pipeline (e.g. `pipe.unet = unet`) "
-        "to sample; the files are `adapter_config.json` and `adapter_model.safetensors` (safetensors only).", "",
-        "## Quantization", "",
-        "| setting | value |", "|---|---|",
+        "to sample; the files are `adapter_config.json` and `adapter_model.safetensors` (safetensors only).",
+        "",
+        "## Quantization",
+        "",
+        "| setting | value |",
+        "|---|---|",
         f"| weights / activations | {config.weight_bits}-bit / {config.act_bits}-bit ({bits}) |",
         f"| weight step sizes | {granularity}, {'symmetric' if config.weight_symmetric else 'asymmetric'} |",
         f"| activation step sizes | {'one per calibrated timestep' if config.temporal_activations else 'one for all timesteps'}"
@@ -352,27 +390,38 @@ def quantized_model_card(
     ``from_pretrained`` loads once ``diffusers_qalora`` is imported).  ``info`` as in `adapter_card`."""
     bits = f"W{config.weight_bits}A{config.act_bits}"
     base_model = info.base_model
-    data = _card_data(info, relation="quantized", library_name="diffusers", weight_bits=config.weight_bits,
-                      act_bits=config.act_bits)
+    data = _card_data(
+        info, relation="quantized", library_name="diffusers", weight_bits=config.weight_bits, act_bits=config.act_bits
+    )
     layouts = config.layouts()
-    special = sum(1 for lay in layouts.values() if (lay.weight_bits, lay.act_bits) != (config.weight_bits,
-                                                                                       config.act_bits))
+    special = sum(
+        1 for lay in layouts.values() if (lay.weight_bits, lay.act_bits) != (config.weight_bits, config.act_bits)
+    )
     base_text = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
     table = config.timesteps if config.timesteps is not None else [float(t) for t in range(0, 1000, 10)]
     granularity = _granularity_text(config.weight_granularity, config.weight_group_size)
     lines = [
-        f"# {bits} integer {model_class.__name__}{' of ' + base_model if base_model else ''}", "",
+        f"# {bits} integer {model_class.__name__}{' of ' + base_model if base_model else ''}",
+        "",
         f"The `{model_class.__name__}`{base_text} quantized to {bits} with [EfficientDM]({PAPER_URL}) (QALoRA, "
         f"temporal activation step sizes) and exported by `{PACKAGE_NAME}`: "
         "the LoRA update is merged into integer weight codes (int4 packed two per byte, int8 one per byte), stored "
         "with their step sizes and the per-timestep activation step-size table. It runs integer matrix products "
-        "(oneDNN int8 on CPU).", "",
-        "## How to load", "",
-        "```python", quantized_load_snippet(model_class, repo_id, revision), "```", "",
+        "(oneDNN int8 on CPU).",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        quantized_load_snippet(model_class, repo_id, revision),
+        "```",
+        "",
         "The `quantization_config` in `config.json` (`quant_method: qalora`) tells diffusers to build the integer "
-        "layers; no other argument is needed. Weights are safetensors only.", "",
-        "## Quantization", "",
-        "| setting | value |", "|---|---|",
+        "layers; no other argument is needed. Weights are safetensors only.",
+        "",
+        "## Quantization",
+        "",
+        "| setting | value |",
+        "|---|---|",
         f"| weights / activations | {config.weight_bits}-bit / {config.act_bits}-bit ({bits}) |",
         f"| weight step sizes | {granularity}, symmetric |",
         f"| activation step sizes | per timestep, {'symmetric' if config.act_symmetric else 'asymmetric with a zero point'} |",
@@ -381,9 +430,15 @@ def quantized_model_card(
         f"| integer layers | {len(layouts)} ({special} of them at {config.special_bits} bits) |",
         f"| weight files | {weight_bytes / 1e6:.2f} MB |",
         "",
-        *_results_sections(info.results, _distill_settings(info.distill_config), info.sample_grid, note=(
-            "They were measured on the fake-quantized model before export; the integer model's reference path "
-            "(`backend=\"reference\"`) reproduces its outputs bit for bit.")),
+        *_results_sections(
+            info.results,
+            _distill_settings(info.distill_config),
+            info.sample_grid,
+            note=(
+                "They were measured on the fake-quantized model before export; the integer model's reference path "
+                '(`backend="reference"`) reproduces its outputs bit for bit.'
+            ),
+        ),
         *_footer(),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

@@ -45,9 +45,23 @@ def _cast_out(v, ptr, INTERPRET: tl.constexpr):
 
 
 @device_function
-def _tile(pid, step_ptr, zp_ptr, index_ptr, segments, inner, n_params, chunks, qmin, qmax,
-          HAS_ZP: tl.constexpr, HAS_INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-          INTERPRET: tl.constexpr):
+def _tile(
+    pid,
+    step_ptr,
+    zp_ptr,
+    index_ptr,
+    segments,
+    inner,
+    n_params,
+    chunks,
+    qmin,
+    qmax,
+    HAS_ZP: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Segments, element offsets, mask, and per-row step size and code bounds ``[qmin - z, qmax - z]`` of program
     ``pid``."""
     row_block = pid // chunks
@@ -91,9 +105,23 @@ def fake_quant_fwd_kernel(
     INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    seg, chunk, offs, mask, row_mask, s_row, lo, hi = _tile(pid, step_ptr, zp_ptr, index_ptr, segments, inner,
-                                                            n_params, chunks, qmin, qmax, HAS_ZP, HAS_INDEX, ROWS,
-                                                            BLOCK, INTERPRET)
+    seg, chunk, offs, mask, row_mask, s_row, lo, hi = _tile(
+        pid,
+        step_ptr,
+        zp_ptr,
+        index_ptr,
+        segments,
+        inner,
+        n_params,
+        chunks,
+        qmin,
+        qmax,
+        HAS_ZP,
+        HAS_INDEX,
+        ROWS,
+        BLOCK,
+        INTERPRET,
+    )
     s = s_row[:, None]
     lo = lo[:, None]
     hi = hi[:, None]
@@ -132,9 +160,23 @@ def fake_quant_bwd_kernel(
     INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    seg, chunk, offs, mask, row_mask, s_row, lo, hi = _tile(pid, step_ptr, zp_ptr, index_ptr, segments, inner,
-                                                            n_params, chunks, qmin, qmax, HAS_ZP, HAS_INDEX, ROWS,
-                                                            BLOCK, INTERPRET)
+    seg, chunk, offs, mask, row_mask, s_row, lo, hi = _tile(
+        pid,
+        step_ptr,
+        zp_ptr,
+        index_ptr,
+        segments,
+        inner,
+        n_params,
+        chunks,
+        qmin,
+        qmax,
+        HAS_ZP,
+        HAS_INDEX,
+        ROWS,
+        BLOCK,
+        INTERPRET,
+    )
     s = s_row[:, None]
     lo = lo[:, None]
     hi = hi[:, None]
@@ -166,23 +208,55 @@ def _tiling(numel: int, inner: int) -> tuple[int, int, int, int, int]:
     return segments, rows, block, chunks, triton.cdiv(segments, rows) * chunks
 
 
-def forward(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor | None, index: torch.Tensor | None,
-            inner: int, n_params: int, qmin: int, qmax: int) -> torch.Tensor:
+def forward(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    index: torch.Tensor | None,
+    inner: int,
+    n_params: int,
+    qmin: int,
+    qmax: int,
+) -> torch.Tensor:
     """Launch the forward kernel on contiguous ``x`` (``numel > 0``); returns the output in ``x.dtype``."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     segments, rows, block, chunks, programs = _tiling(x.numel(), inner)
     fake_quant_fwd_kernel[(programs,)](
-        x, out, step, step if zero_point is None else zero_point, step if index is None else index,
-        segments, inner, n_params, chunks, float(qmin), float(qmax),
-        HAS_ZP=zero_point is not None, HAS_INDEX=index is not None, ROWS=rows, BLOCK=block, INTERPRET=INTERPRET,
+        x,
+        out,
+        step,
+        step if zero_point is None else zero_point,
+        step if index is None else index,
+        segments,
+        inner,
+        n_params,
+        chunks,
+        float(qmin),
+        float(qmax),
+        HAS_ZP=zero_point is not None,
+        HAS_INDEX=index is not None,
+        ROWS=rows,
+        BLOCK=block,
+        INTERPRET=INTERPRET,
         num_warps=4,
     )
     return out
 
 
-def backward(x: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor | None,
-             index: torch.Tensor | None, inner: int, n_params: int, qmin: int, qmax: int, need_x: bool,
-             need_step: bool, need_zp: bool):
+def backward(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    index: torch.Tensor | None,
+    inner: int,
+    n_params: int,
+    qmin: int,
+    qmax: int,
+    need_x: bool,
+    need_step: bool,
+    need_zp: bool,
+):
     """Launch the backward kernel; returns ``(grad_x or None, step partials or None, zero-point partials or None)``
     where the partials have shape ``(segments, chunks)`` (float32)."""
     segments, rows, block, chunks, programs = _tiling(x.numel(), inner)
@@ -191,11 +265,28 @@ def backward(x: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, zero_point
     part_zp = torch.empty(segments, chunks, device=x.device, dtype=torch.float32) if need_zp else None
     dummy = x  # never read or written when its flag is off
     fake_quant_bwd_kernel[(programs,)](
-        x, grad, dummy if grad_x is None else grad_x,
-        step, step if zero_point is None else zero_point, step if index is None else index,
-        dummy if part_step is None else part_step, dummy if part_zp is None else part_zp,
-        segments, inner, n_params, chunks, float(qmin), float(qmax),
-        HAS_ZP=zero_point is not None, HAS_INDEX=index is not None, NEED_X=need_x, NEED_STEP=need_step,
-        NEED_ZP=need_zp, ROWS=rows, BLOCK=block, INTERPRET=INTERPRET, num_warps=4,
+        x,
+        grad,
+        dummy if grad_x is None else grad_x,
+        step,
+        step if zero_point is None else zero_point,
+        step if index is None else index,
+        dummy if part_step is None else part_step,
+        dummy if part_zp is None else part_zp,
+        segments,
+        inner,
+        n_params,
+        chunks,
+        float(qmin),
+        float(qmax),
+        HAS_ZP=zero_point is not None,
+        HAS_INDEX=index is not None,
+        NEED_X=need_x,
+        NEED_STEP=need_step,
+        NEED_ZP=need_zp,
+        ROWS=rows,
+        BLOCK=block,
+        INTERPRET=INTERPRET,
+        num_warps=4,
     )
     return grad_x, part_step, part_zp

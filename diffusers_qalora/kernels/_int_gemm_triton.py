@@ -77,20 +77,41 @@ def int_gemm_kernel(
     w_scale_ptr,  # float32 (N, n_groups) weight step sizes
     w_rowsum_ptr,  # int32 (N, n_groups) sums of the weight codes of each group
     bias_ptr,  # float32 (N,) (unused without HAS_BIAS)
-    M, N, K,
+    M,
+    N,
+    K,
     rows_per_sample,  # row m belongs to sample m // rows_per_sample
     group_k,  # K elements per weight group (K for one step per output channel)
     n_groups,
-    stride_am, stride_ak,  # linear: strides of the (M, K) codes
-    stride_ab, stride_ac, stride_ah, stride_aw,  # conv: strides of the (B, C, H, W) codes
-    H, W, OW,  # conv: input height / width, output width
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,  # conv geometry
-    stride_wn, stride_wk,
-    stride_om, stride_on,
+    stride_am,
+    stride_ak,  # linear: strides of the (M, K) codes
+    stride_ab,
+    stride_ac,
+    stride_ah,
+    stride_aw,  # conv: strides of the (B, C, H, W) codes
+    H,
+    W,
+    OW,  # conv: input height / width, output width
+    conv_sh,
+    conv_sw,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,  # conv geometry
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
     M_BUCKET,  # next power of two of M: only an autotuning key
-    KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_CONV: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_CONV: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # Grouped ordering of the output tiles: GROUP_M row blocks share weight tiles in L2.
@@ -137,13 +158,13 @@ def int_gemm_kernel(
                 ih = ih0[:, None] + (kh * dil_h)[None, :]
                 iw = iw0[:, None] + (kw * dil_w)[None, :]
                 inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_mask[None, :] & m_mask[:, None]
-                a = tl.load(a_row[:, None] + c[None, :] * stride_ac + ih * stride_ah + iw * stride_aw,
-                            mask=inside, other=0)
+                a = tl.load(
+                    a_row[:, None] + c[None, :] * stride_ac + ih * stride_ah + iw * stride_aw, mask=inside, other=0
+                )
                 # Zero padding: a padded code equals the zero point, so it adds (z - z) * w = 0.
                 a = tl.where(inside, a, z_row[:, None].to(tl.int8))
             else:
-                a = tl.load(a_row[:, None] + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :],
-                            other=0)
+                a = tl.load(a_row[:, None] + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0)
             w = _load_weight_tile(w_ptr, rn, rk, n_mask, k_mask, stride_wn, stride_wk, BITS)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         rowsum = tl.load(w_rowsum_ptr + rn * n_groups + g, mask=n_mask, other=0)
@@ -154,27 +175,41 @@ def int_gemm_kernel(
     out = out * s_row[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, _cast_out(out, out_ptr, INTERPRET),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+        _cast_out(out, out_ptr, INTERPRET),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 # -- autotuning ------------------------------------------------------------------------------------------------------
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
 
 
 # Ampere (sm80/sm86/sm89): int8 mma.sync with K = 32 per instruction; 64-deep K tiles, 3-4 pipeline stages.
 SM80_CONFIGS = [
-    _config(128, 256, 64, 8, 3), _config(256, 128, 64, 8, 3), _config(128, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
-    _config(32, 64, 128, 4, 4), _config(64, 32, 64, 2, 5),
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(32, 64, 128, 4, 4),
+    _config(64, 32, 64, 2, 5),
 ]
 # Hopper (sm90): wgmma int8 with K = 32; deeper K tiles (128) and larger tiles with 8 warps.
 SM90_CONFIGS = [
-    _config(128, 256, 128, 8, 3), _config(256, 128, 128, 8, 3), _config(128, 128, 128, 8, 4),
-    _config(128, 128, 64, 4, 4), _config(128, 64, 128, 4, 4), _config(64, 128, 128, 4, 4),
-    _config(64, 64, 128, 4, 4), _config(32, 64, 128, 4, 4),
+    _config(128, 256, 128, 8, 3),
+    _config(256, 128, 128, 8, 3),
+    _config(128, 128, 128, 8, 4),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 64, 128, 4, 4),
+    _config(64, 128, 128, 4, 4),
+    _config(64, 64, 128, 4, 4),
+    _config(32, 64, 128, 4, 4),
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "group_k", "IS_CONV", "BITS", "HAS_BIAS"]
@@ -192,7 +227,8 @@ if INTERPRET:
 else:
     _TUNED = {
         arch: triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-            int_gemm_kernel)
+            int_gemm_kernel
+        )
         for arch, configs in (("sm80", SM80_CONFIGS), ("sm90", SM90_CONFIGS))
     }
 
@@ -203,8 +239,9 @@ def _tuned_kernel(device: torch.device):
 
 
 # -- launchers -------------------------------------------------------------------------------------------------------
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-                   ) -> torch.Tensor:
+def quantize_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
     """``int8`` codes of ``x`` (``numel > 0``; contiguous or channels-last) with per-sample ``scale``/``zero_point``
     (float32, one per sample of dim 0, or a single one for all).  The output has the strides of ``x``."""
     batch = scale.numel()
@@ -213,15 +250,37 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(inner, 1))))
     chunks = triton.cdiv(inner, block)
     quantize_codes_kernel[(batch * chunks,)](
-        x, out, scale, zero_point, inner, chunks, float(qmin), float(qmax), BLOCK=block, INTERPRET=INTERPRET,
+        x,
+        out,
+        scale,
+        zero_point,
+        inner,
+        chunks,
+        float(qmin),
+        float(qmax),
+        BLOCK=block,
+        INTERPRET=INTERPRET,
         num_warps=4,
     )
     return out
 
 
-def gemm(a: torch.Tensor, packed: torch.Tensor, bits: int, row_scale: torch.Tensor, row_zp: torch.Tensor,
-         w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, m: int, n: int,
-         k: int, rows_per_sample: int, conv: dict | None = None) -> torch.Tensor:
+def gemm(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    bits: int,
+    row_scale: torch.Tensor,
+    row_zp: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_rowsum: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    m: int,
+    n: int,
+    k: int,
+    rows_per_sample: int,
+    conv: dict | None = None,
+) -> torch.Tensor:
     """Launch ``int_gemm_kernel`` writing ``out`` (M, N).  ``conv`` holds the geometry of an implicit-GEMM
     convolution (``a`` is then the (B, C, H, W) code tensor)."""
     n_groups = w_scale.shape[1]
@@ -231,21 +290,53 @@ def gemm(a: torch.Tensor, packed: torch.Tensor, bits: int, row_scale: torch.Tens
         a_strides = (a.stride(0), a.stride(1))
         kh = kw = 1
     else:
-        conv_args = (*a.stride(), a.shape[2], a.shape[3], conv["ow"], *conv["stride"], *conv["padding"],
-                     *conv["dilation"])
+        conv_args = (
+            *a.stride(),
+            a.shape[2],
+            a.shape[3],
+            conv["ow"],
+            *conv["stride"],
+            *conv["padding"],
+            *conv["dilation"],
+        )
         a_strides = (0, 0)
         kh, kw = conv["kernel_size"]
     args = (
-        a, packed, out, row_scale, row_zp, w_scale, w_rowsum, w_scale if bias is None else bias,
-        m, n, k, rows_per_sample, group_k, n_groups, *a_strides, *conv_args,
-        packed.stride(0), packed.stride(1), out.stride(0), out.stride(1), triton.next_power_of_2(max(m, 1)),
+        a,
+        packed,
+        out,
+        row_scale,
+        row_zp,
+        w_scale,
+        w_rowsum,
+        w_scale if bias is None else bias,
+        m,
+        n,
+        k,
+        rows_per_sample,
+        group_k,
+        n_groups,
+        *a_strides,
+        *conv_args,
+        packed.stride(0),
+        packed.stride(1),
+        out.stride(0),
+        out.stride(1),
+        triton.next_power_of_2(max(m, 1)),
     )
-    flags = {"KH": kh, "KW": kw, "HAS_BIAS": bias is not None, "IS_CONV": conv is not None, "BITS": bits,
-             "INTERPRET": INTERPRET}
+    flags = {
+        "KH": kh,
+        "KW": kw,
+        "HAS_BIAS": bias is not None,
+        "IS_CONV": conv is not None,
+        "BITS": bits,
+        "INTERPRET": INTERPRET,
+    }
     if INTERPRET:
         grid = (triton.cdiv(m, INTERPRET_CONFIG["BLOCK_M"]) * triton.cdiv(n, INTERPRET_CONFIG["BLOCK_N"]),)
         int_gemm_kernel[grid](*args, **flags, **INTERPRET_CONFIG)
     else:
+
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 

@@ -103,14 +103,18 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"`{name}` must be a float tensor, got {t.dtype}.")
     if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"`query`, `key` and `value` must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.")
+        raise ValueError(
+            f"`query`, `key` and `value` must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}."
+        )
     if query.shape[:2] != key.shape[:2] or key.shape[:2] != value.shape[:2]:
         raise ValueError(
             f"`query`, `key` and `value` must share batch and heads, got {tuple(query.shape)}, {tuple(key.shape)}, "
             f"{tuple(value.shape)}."
         )
     if key.shape[2] != value.shape[2]:
-        raise ValueError(f"`key` and `value` must have the same number of tokens, got {key.shape[2]} and {value.shape[2]}.")
+        raise ValueError(
+            f"`key` and `value` must have the same number of tokens, got {key.shape[2]} and {value.shape[2]}."
+        )
     if query.shape[3] != key.shape[3]:
         raise ValueError(f"`query` and `key` must have the same head_dim, got {query.shape[3]} and {key.shape[3]}.")
     if attn_mask is not None:
@@ -185,8 +189,15 @@ def quantized_attention_reference(
     """Torch reference of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``backend``)."""
     _check_inputs(query, key, value, attn_mask)
     batch = query.shape[0]
-    specs = [_check_spec(s, n, batch) for s, n in ((query_quant, "query_quant"), (key_quant, "key_quant"),
-                                                   (value_quant, "value_quant"), (probs_quant, "probs_quant"))]
+    specs = [
+        _check_spec(s, n, batch)
+        for s, n in (
+            (query_quant, "query_quant"),
+            (key_quant, "key_quant"),
+            (value_quant, "value_quant"),
+            (probs_quant, "probs_quant"),
+        )
+    ]
     scale = _default_scale(query.shape[-1]) if scale is None else float(scale)
     dtype = _compute_dtype(query.dtype)
     q, k, v = (_fake_quantize(t, s, dtype) for t, s in zip((query, key, value), specs[:3]))
@@ -236,13 +247,26 @@ def attention_codes_triton(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if out.numel() == 0:
         return out
     step = _per_sample(spec.step, batch, x.device, torch.float32)
-    zp = (torch.round(_per_sample(spec.zero_point, batch, x.device, torch.float32)) if spec.zero_point is not None
-          else step)  # an unused pointer when HAS_ZP is False
+    zp = (
+        torch.round(_per_sample(spec.zero_point, batch, x.device, torch.float32))
+        if spec.zero_point is not None
+        else step
+    )  # an unused pointer when HAS_ZP is False
     block = 1024
     grid = (kernels.cdiv(total, block), batch)
     kernels.codes_kernel[grid](
-        x, out, step, zp, heads, tokens, dim, *x.stride(), float(spec.qmin), float(spec.qmax),
-        HAS_ZP=spec.zero_point is not None, BLOCK=block,
+        x,
+        out,
+        step,
+        zp,
+        heads,
+        tokens,
+        dim,
+        *x.stride(),
+        float(spec.qmin),
+        float(spec.qmax),
+        HAS_ZP=spec.zero_point is not None,
+        BLOCK=block,
     )
     return out
 
@@ -274,12 +298,21 @@ def quantized_attention_triton(
     empty inputs return an empty (or, with no key, zero) output without a launch."""
     _check_inputs(query, key, value, attn_mask)
     if query.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the Triton attention kernel takes fp16, bf16 or fp32 inputs, got {query.dtype}; use the "
-                         f"torch reference (backend='torch').")
+        raise ValueError(
+            f"the Triton attention kernel takes fp16, bf16 or fp32 inputs, got {query.dtype}; use the "
+            f"torch reference (backend='torch')."
+        )
     batch, heads, n_q, dim = query.shape
     n_k, dim_v = key.shape[2], value.shape[3]
-    specs = [_check_spec(s, n, batch) for s, n in ((query_quant, "query_quant"), (key_quant, "key_quant"),
-                                                   (value_quant, "value_quant"), (probs_quant, "probs_quant"))]
+    specs = [
+        _check_spec(s, n, batch)
+        for s, n in (
+            (query_quant, "query_quant"),
+            (key_quant, "key_quant"),
+            (value_quant, "value_quant"),
+            (probs_quant, "probs_quant"),
+        )
+    ]
     out = torch.zeros((batch, heads, n_q, dim_v), dtype=query.dtype, device=query.device)
     if out.numel() == 0 or n_k == 0:
         return out
@@ -303,8 +336,11 @@ def quantized_attention_triton(
     p_spec = specs[3]
     if p_spec is not None:
         p_step = _per_sample(p_spec.step, batch, device, torch.float32)
-        p_zp = (torch.round(_per_sample(p_spec.zero_point, batch, device, torch.float32))
-                if p_spec.zero_point is not None else torch.zeros_like(p_step))
+        p_zp = (
+            torch.round(_per_sample(p_spec.zero_point, batch, device, torch.float32))
+            if p_spec.zero_point is not None
+            else torch.zeros_like(p_step)
+        )
         p_range = (float(p_spec.qmin), float(p_spec.qmax))
     else:
         p_step, p_zp, p_range = ones, ones, (0.0, 1.0)
@@ -327,13 +363,38 @@ def quantized_attention_triton(
         launch = {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}
     grid = (kernels.cdiv(n_q, block_m), batch * heads)
     kernels.attention_kernel[grid](
-        q, k, v, out, mask, qk_scale, v_scale, p_step, p_zp, *p_range,
-        heads, n_q, n_k, dim, dim_v,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        HAS_MASK=attn_mask is not None, QUANT_P=p_spec is not None, INTERPRET=kernels.INTERPRET,
-        QK_DTYPE=tl_dtypes[qk_dtype], PV_DTYPE=tl_dtypes[pv_dtype],
-        QK_IEEE=qk_dtype == torch.float32, PV_IEEE=pv_dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, **launch,
+        q,
+        k,
+        v,
+        out,
+        mask,
+        qk_scale,
+        v_scale,
+        p_step,
+        p_zp,
+        *p_range,
+        heads,
+        n_q,
+        n_k,
+        dim,
+        dim_v,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *mask_strides,
+        HAS_MASK=attn_mask is not None,
+        QUANT_P=p_spec is not None,
+        INTERPRET=kernels.INTERPRET,
+        QK_DTYPE=tl_dtypes[qk_dtype],
+        PV_DTYPE=tl_dtypes[pv_dtype],
+        QK_IEEE=qk_dtype == torch.float32,
+        PV_IEEE=pv_dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        **launch,
     )
     return out
 
@@ -382,5 +443,14 @@ def quantized_attention(
         fn = quantized_attention_triton
     else:
         fn = quantized_attention_reference
-    return fn(query, key, value, query_quant=query_quant, key_quant=key_quant, value_quant=value_quant,
-              probs_quant=probs_quant, attn_mask=attn_mask, scale=scale)
+    return fn(
+        query,
+        key,
+        value,
+        query_quant=query_quant,
+        key_quant=key_quant,
+        value_quant=value_quant,
+        probs_quant=probs_quant,
+        attn_mask=attn_mask,
+        scale=scale,
+    )

@@ -49,8 +49,9 @@ def fake_quantize_reference(
     return fake_quantize(x, step, zero_point, qmin, qmax, grad_scale)
 
 
-def param_layout(x_shape: torch.Size | tuple[int, ...], param_shape: torch.Size | tuple[int, ...]
-                 ) -> tuple[int, int] | None:
+def param_layout(
+    x_shape: torch.Size | tuple[int, ...], param_shape: torch.Size | tuple[int, ...]
+) -> tuple[int, int] | None:
     """``(n_params, inner)`` such that element ``i`` of a contiguous ``x`` (row-major) uses parameter
     ``(i // inner) % n_params`` of a contiguous parameter tensor broadcasting to ``x``; ``None`` when the parameter's
     non-1 dims are not adjacent (or it does not broadcast to ``x`` without growing it)."""
@@ -58,7 +59,7 @@ def param_layout(x_shape: torch.Size | tuple[int, ...], param_shape: torch.Size 
     if len(param_shape) > nd:
         if any(int(s) != 1 for s in param_shape[: len(param_shape) - nd]):
             return None
-        param_shape = param_shape[len(param_shape) - nd:]
+        param_shape = param_shape[len(param_shape) - nd :]
     p = (1,) * (nd - len(param_shape)) + tuple(int(s) for s in param_shape)
     dims = [i for i in range(nd) if p[i] != 1]
     if not dims:
@@ -66,7 +67,7 @@ def param_layout(x_shape: torch.Size | tuple[int, ...], param_shape: torch.Size 
     first, last = dims[0], dims[-1]
     if any(p[i] != x_shape[i] for i in range(first, last + 1)):
         return None
-    return math.prod(x_shape[first:last + 1]), math.prod(x_shape[last + 1:])
+    return math.prod(x_shape[first : last + 1]), math.prod(x_shape[last + 1 :])
 
 
 def _kernels():
@@ -84,8 +85,16 @@ class _FusedFakeQuantize(torch.autograd.Function):
         zp_c = None if zero_point is None else zero_point.detach().contiguous()
         out = kernels.forward(x_c, step_c, zp_c, index, inner, n_params, qmin, qmax)
         ctx.save_for_backward(x_c, step_c, zp_c, index)
-        ctx.settings = (qmin, qmax, grad_scale, n_params, inner, x.shape, step.shape,
-                        None if zero_point is None else zero_point.shape)
+        ctx.settings = (
+            qmin,
+            qmax,
+            grad_scale,
+            n_params,
+            inner,
+            x.shape,
+            step.shape,
+            None if zero_point is None else zero_point.shape,
+        )
         return out.view(x.shape)
 
     @staticmethod
@@ -94,8 +103,18 @@ class _FusedFakeQuantize(torch.autograd.Function):
         qmin, qmax, grad_scale, n_params, inner, x_shape, step_shape, zp_shape = ctx.settings
         need_x, need_step, need_zp = ctx.needs_input_grad[:3]
         grad_x, part_step, part_zp = _kernels().backward(
-            x, grad.contiguous(), step, zero_point, index, inner, n_params, qmin, qmax,
-            need_x, need_step, need_zp and zero_point is not None,
+            x,
+            grad.contiguous(),
+            step,
+            zero_point,
+            index,
+            inner,
+            n_params,
+            qmin,
+            qmax,
+            need_x,
+            need_step,
+            need_zp and zero_point is not None,
         )
         grad_step = grad_zp = None
         if part_step is not None:
@@ -108,8 +127,9 @@ class _FusedFakeQuantize(torch.autograd.Function):
         return (grad_x, grad_step, grad_zp) + (None,) * 6
 
 
-def _reduce_partials(partials: torch.Tensor, n_params: int, index: torch.Tensor | None, size: int,
-                     grad_scale: float) -> torch.Tensor:
+def _reduce_partials(
+    partials: torch.Tensor, n_params: int, index: torch.Tensor | None, size: int, grad_scale: float
+) -> torch.Tensor:
     """Per-program partial sums ``(segments, chunks)`` -> one gradient per parameter (fixed summation order)."""
     per_segment = partials.sum(dim=1)
     per_slot = per_segment.view(-1, n_params).sum(dim=0)
@@ -171,8 +191,9 @@ def fused_fake_quantize(
     n_params, inner = layout
     if not _tracked(x, step, zero_point):
         zp = None if zero_point is None else zero_point.detach().contiguous()
-        out = _kernels().forward(x.detach().contiguous(), step.detach().contiguous(), zp, None, inner, n_params,
-                                 qmin, qmax)
+        out = _kernels().forward(
+            x.detach().contiguous(), step.detach().contiguous(), zp, None, inner, n_params, qmin, qmax
+        )
         return out.view(x.shape)
     return _FusedFakeQuantize.apply(x, step, zero_point, None, qmin, qmax, grad_scale, n_params, inner)
 
@@ -207,27 +228,37 @@ def fake_quantize_by_index(
         grad_scale (`float`, defaults to `1.0`): as in [fused_fake_quantize][diffusers_qalora.kernels.fused_fake_quantize].
     """
     if x.dim() == 0 or index.shape != (x.shape[0],):
-        raise ValueError(f"`index` must hold one table position per sample, shape ({x.shape[0] if x.dim() else 0},); "
-                         f"got {tuple(index.shape)} for `x` of shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"`index` must hold one table position per sample, shape ({x.shape[0] if x.dim() else 0},); "
+            f"got {tuple(index.shape)} for `x` of shape {tuple(x.shape)}."
+        )
     if step_table.dim() != 1 or (zero_point_table is not None and zero_point_table.shape != step_table.shape):
-        raise ValueError(f"`step_table` and `zero_point_table` must be 1-D tables of one shape, got "
-                         f"{tuple(step_table.shape)} and "
-                         f"{None if zero_point_table is None else tuple(zero_point_table.shape)}.")
+        raise ValueError(
+            f"`step_table` and `zero_point_table` must be 1-D tables of one shape, got "
+            f"{tuple(step_table.shape)} and "
+            f"{None if zero_point_table is None else tuple(zero_point_table.shape)}."
+        )
     if index.is_floating_point():
         raise TypeError(f"`index` must be an integer tensor, got {index.dtype}.")
     view = (-1,) + (1,) * (x.dim() - 1)
-    if (x.dtype not in _KERNEL_DTYPES or step_table.dtype not in _KERNEL_DTYPES or x.numel() == 0
-            or step_table.device != x.device):
+    if (
+        x.dtype not in _KERNEL_DTYPES
+        or step_table.dtype not in _KERNEL_DTYPES
+        or x.numel() == 0
+        or step_table.device != x.device
+    ):
         zp = None if zero_point_table is None else zero_point_table[index].view(view)
         return fake_quantize_reference(x, step_table[index].view(view), zp, qmin, qmax, grad_scale)
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= step_table.numel()):
-        raise IndexError(f"`index` values must lie in [0, {step_table.numel()}), got [{int(index.min())}, "
-                         f"{int(index.max())}].")
+        raise IndexError(
+            f"`index` values must lie in [0, {step_table.numel()}), got [{int(index.min())}, {int(index.max())}]."
+        )
     inner = x.numel() // x.shape[0]
     index32 = index.to(device=x.device, dtype=torch.int32).contiguous()
     if not _tracked(x, step_table, zero_point_table):
         zp = None if zero_point_table is None else zero_point_table.detach().contiguous()
-        out = _kernels().forward(x.detach().contiguous(), step_table.detach().contiguous(), zp, index32, inner,
-                                 x.shape[0], qmin, qmax)
+        out = _kernels().forward(
+            x.detach().contiguous(), step_table.detach().contiguous(), zp, index32, inner, x.shape[0], qmin, qmax
+        )
         return out.view(x.shape)
     return _FusedFakeQuantize.apply(x, step_table, zero_point_table, index32, qmin, qmax, grad_scale, x.shape[0], inner)

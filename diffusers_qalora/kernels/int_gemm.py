@@ -92,11 +92,13 @@ class PackedWeight:
         if packed.dtype != torch.uint8 or packed.dim() != 2:
             raise ValueError(f"`packed` must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}.")
         if packed.shape[1] != -(-k // (8 // bits)):
-            raise ValueError(f"`packed` has {packed.shape[1]} bytes per row; {k} codes of {bits} bits need "
-                             f"{-(-k // (8 // bits))}.")
+            raise ValueError(
+                f"`packed` has {packed.shape[1]} bytes per row; {k} codes of {bits} bits need {-(-k // (8 // bits))}."
+            )
         if scale.dim() != 2 or scale.shape[0] != packed.shape[0] or scale.shape[1] < 1 or k % scale.shape[1]:
-            raise ValueError(f"`scale` must be (N, G) with N = {packed.shape[0]} and G dividing K = {k}, got "
-                             f"{tuple(scale.shape)}.")
+            raise ValueError(
+                f"`scale` must be (N, G) with N = {packed.shape[0]} and G dividing K = {k}, got {tuple(scale.shape)}."
+            )
         codes = unpack_codes(packed, bits, signed=True, dim=-1)[:, :k]
         rowsum = codes.to(torch.int32).reshape(packed.shape[0], scale.shape[1], -1).sum(-1, dtype=torch.int32)
         return cls(packed.contiguous(), bits, int(k), scale.detach().float().contiguous(), rowsum.contiguous())
@@ -122,23 +124,29 @@ def _kernels():
 def _check_qparams(scale: torch.Tensor, zero_point: torch.Tensor, batch: int, what: str) -> int:
     """Number of samples the per-sample parameters describe (1 = one for all); raises on a mismatch."""
     if scale.dim() != 1 or zero_point.shape != scale.shape:
-        raise ValueError(f"`row_scale` and `row_zero_point` must be 1-D of one shape, got {tuple(scale.shape)} and "
-                         f"{tuple(zero_point.shape)}.")
+        raise ValueError(
+            f"`row_scale` and `row_zero_point` must be 1-D of one shape, got {tuple(scale.shape)} and "
+            f"{tuple(zero_point.shape)}."
+        )
     if scale.numel() not in (1, batch):
-        raise ValueError(f"{what}: `row_scale` must hold one step size per sample ({batch}) or a single one, got "
-                         f"{scale.numel()}.")
+        raise ValueError(
+            f"{what}: `row_scale` must hold one step size per sample ({batch}) or a single one, got {scale.numel()}."
+        )
     return scale.numel()
 
 
 def _check_code_range(qmin: int, qmax: int) -> None:
     if not -128 <= qmin <= qmax <= 127:
-        raise ValueError(f"int8 codes need -128 <= qmin <= qmax <= 127, got [{qmin}, {qmax}]; shift unsigned codes "
-                         f"(and their zero point) by -128.")
+        raise ValueError(
+            f"int8 codes need -128 <= qmin <= qmax <= 127, got [{qmin}, {qmax}]; shift unsigned codes "
+            f"(and their zero point) by -128."
+        )
 
 
 # -- activation quantization -----------------------------------------------------------------------------------------
-def quantize_activation_codes_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                                        qmax: int) -> torch.Tensor:
+def quantize_activation_codes_reference(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
     """``int8`` codes ``clamp(round(x / s_b) + round(z_b), qmin, qmax)`` (float32 maths, rounding half to even) with
     one ``s_b``/``z_b`` per sample of dim 0 (or one for all)."""
     _check_code_range(qmin, qmax)
@@ -149,8 +157,9 @@ def quantize_activation_codes_reference(x: torch.Tensor, scale: torch.Tensor, ze
     return torch.clamp(torch.round(x.float() / s) + z, qmin, qmax).to(torch.int8)
 
 
-def quantize_activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                              backend: str = "auto") -> torch.Tensor:
+def quantize_activation_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, backend: str = "auto"
+) -> torch.Tensor:
     """[quantize_activation_codes_reference][diffusers_qalora.kernels.quantize_activation_codes_reference] in one Triton pass (the codes keep the memory format of ``x``).
 
     Args:
@@ -182,16 +191,22 @@ def _check_linear(codes: torch.Tensor, weight: PackedWeight, bias: torch.Tensor 
         raise ValueError(f"`out_dtype` must be one of {OUT_DTYPES}, got {out_dtype}.")
 
 
-def _epilogue_reference(acc: torch.Tensor, weight: PackedWeight, row_scale: torch.Tensor,
-                        bias: torch.Tensor | None) -> torch.Tensor:
+def _epilogue_reference(
+    acc: torch.Tensor, weight: PackedWeight, row_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``acc`` float64 ``(M, G, N)`` group sums -> float64 ``(M, N)``."""
     y = (acc * weight.scale.double().t().unsqueeze(0)).sum(dim=1) * row_scale.double().unsqueeze(1)
     return y if bias is None else y + bias.double()
 
 
-def int8_linear_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor,
-                          weight: PackedWeight, bias: torch.Tensor | None = None,
-                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def int8_linear_reference(
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_zero_point: torch.Tensor,
+    weight: PackedWeight,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The torch reference of [int8_linear][diffusers_qalora.kernels.int8_linear] (same signature, no ``backend``): float64 sums (exact) and epilogue."""
     _check_linear(codes, weight, bias, out_dtype)
     samples = _check_qparams(row_scale, row_zero_point, codes.shape[0] if codes.dim() > 1 else 1, "int8_linear")
@@ -209,9 +224,15 @@ def int8_linear_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero
     return y.to(out_dtype).reshape(*codes.shape[:-1], weight.n)
 
 
-def int8_linear(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor, weight: PackedWeight,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                backend: str = "auto") -> torch.Tensor:
+def int8_linear(
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_zero_point: torch.Tensor,
+    weight: PackedWeight,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``y = s_b * sum_g s_w[:, g] * ((a - z_b) @ w_g^T) + bias``: integer GEMM with a fused dequantize epilogue.
 
     Args:
@@ -242,9 +263,19 @@ def int8_linear(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: to
                 out += bias.to(out_dtype)
         else:
             _kernels().gemm(
-                a, weight.packed, weight.bits, row_scale.float().contiguous(),
-                torch.round(row_zero_point.float()).to(torch.int32).contiguous(), weight.scale, weight.rowsum,
-                None if bias is None else bias.float().contiguous(), out, m, n, k, m // samples,
+                a,
+                weight.packed,
+                weight.bits,
+                row_scale.float().contiguous(),
+                torch.round(row_zero_point.float()).to(torch.int32).contiguous(),
+                weight.scale,
+                weight.rowsum,
+                None if bias is None else bias.float().contiguous(),
+                out,
+                m,
+                n,
+                k,
+                m // samples,
             )
     return out.reshape(*codes.shape[:-1], n)
 
@@ -269,9 +300,18 @@ def _conv_geometry(codes, weight, kernel_size, stride, padding, dilation):
     return (kh, kw), stride, padding, dilation, max(oh, 0), max(ow, 0)
 
 
-def int8_conv2d_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor,
-                          weight: PackedWeight, kernel_size, stride=1, padding=0, dilation=1,
-                          bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def int8_conv2d_reference(
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_zero_point: torch.Tensor,
+    weight: PackedWeight,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The torch reference of [int8_conv2d][diffusers_qalora.kernels.int8_conv2d] (same signature, no ``backend``): float64 convolution of ``a - z``
     (zero padding of ``a - z`` = padding with the zero point), float64 epilogue."""
     (kh, kw), stride, padding, dilation, oh, ow = _conv_geometry(codes, weight, kernel_size, stride, padding, dilation)
@@ -285,17 +325,29 @@ def int8_conv2d_reference(codes: torch.Tensor, row_scale: torch.Tensor, row_zero
     centered = codes.double() - z
     w = weight.codes().double().reshape(weight.n, c, kh, kw)
     gc = c // weight.groups
-    parts = [F.conv2d(centered[:, g * gc:(g + 1) * gc], w[:, g * gc:(g + 1) * gc], None, stride, padding, dilation)
-             for g in range(weight.groups)]
+    parts = [
+        F.conv2d(centered[:, g * gc : (g + 1) * gc], w[:, g * gc : (g + 1) * gc], None, stride, padding, dilation)
+        for g in range(weight.groups)
+    ]
     acc = torch.stack(parts, dim=1).permute(0, 3, 4, 1, 2).reshape(-1, weight.groups, weight.n)  # (B*OH*OW, G, N)
     s = row_scale.double().expand(b).repeat_interleave(oh * ow)  # one step per output pixel (row)
     y = _epilogue_reference(acc, weight, s, bias)
     return y.reshape(b, oh, ow, weight.n).permute(0, 3, 1, 2).to(out_dtype)
 
 
-def int8_conv2d(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor, weight: PackedWeight,
-                kernel_size, stride=1, padding=0, dilation=1, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+def int8_conv2d(
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_zero_point: torch.Tensor,
+    weight: PackedWeight,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Implicit-GEMM integer convolution (groups = 1) with the epilogue of [int8_linear][diffusers_qalora.kernels.int8_linear].
 
     The GEMM rows are the output pixels (``M = B * OH * OW``, each gathering its sample's step size and zero
@@ -319,17 +371,27 @@ def int8_conv2d(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: to
         `torch.Tensor`: ``(B, C_out, OH, OW)`` in ``out_dtype``, channels-last in memory on the Triton path.
     """
     if _backend(backend, codes.device) == "torch":
-        return int8_conv2d_reference(codes, row_scale, row_zero_point, weight, kernel_size, stride, padding,
-                                     dilation, bias, out_dtype)
+        return int8_conv2d_reference(
+            codes, row_scale, row_zero_point, weight, kernel_size, stride, padding, dilation, bias, out_dtype
+        )
     zp = torch.round(row_zero_point.float())
     if zp.numel() and (float(zp.min()) < -128 or float(zp.max()) > 127):
         raise ValueError("int8_conv2d pads with the zero point, so `row_zero_point` must lie in [-128, 127].")
     return conv2d_triton(codes, row_scale, zp, weight, kernel_size, stride, padding, dilation, bias, out_dtype)
 
 
-def conv2d_triton(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: torch.Tensor, weight: PackedWeight,
-                  kernel_size, stride, padding, dilation, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
+def conv2d_triton(
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_zero_point: torch.Tensor,
+    weight: PackedWeight,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """[int8_conv2d][diffusers_qalora.kernels.int8_conv2d] on the Triton path without the zero-point range check (one device synchronisation); the caller
     guarantees int8 zero points."""
     (kh, kw), stride, padding, dilation, oh, ow = _conv_geometry(codes, weight, kernel_size, stride, padding, dilation)
@@ -345,9 +407,19 @@ def conv2d_triton(codes: torch.Tensor, row_scale: torch.Tensor, row_zero_point: 
         if samples == 1 and b > 1:  # one set for all samples: every row gathers entry 0
             row_scale, row_zero_point = row_scale.expand(b), row_zero_point.expand(b)
         _kernels().gemm(
-            codes, weight.packed, weight.bits, row_scale.float().contiguous(),
-            torch.round(row_zero_point.float()).to(torch.int32).contiguous(), weight.scale, weight.rowsum,
-            None if bias is None else bias.float().contiguous(), out, m, n, weight.k, oh * ow,
+            codes,
+            weight.packed,
+            weight.bits,
+            row_scale.float().contiguous(),
+            torch.round(row_zero_point.float()).to(torch.int32).contiguous(),
+            weight.scale,
+            weight.rowsum,
+            None if bias is None else bias.float().contiguous(),
+            out,
+            m,
+            n,
+            weight.k,
+            oh * ow,
             conv={"ow": ow, "stride": stride, "padding": padding, "dilation": dilation, "kernel_size": (kh, kw)},
         )
     return out.reshape(b, oh, ow, n).permute(0, 3, 1, 2)

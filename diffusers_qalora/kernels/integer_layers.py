@@ -26,8 +26,9 @@ def _packed_weight(layer) -> PackedWeight:
     return layer._cached("triton_weight", layer._weight_key(), build)
 
 
-def _act_qparams(layer, x: torch.Tensor, scale, zero_point, need_fits: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
+def _act_qparams(
+    layer, x: torch.Tensor, scale, zero_point, need_fits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
     """Per-sample (or single) step sizes and int8-domain zero points as tensors on ``x.device``, the int8 code range,
     and (if ``need_fits``) whether every zero point is an int8 value (needed for padding with it)."""
     qmin, qmax = layer.layout.act_code_range
@@ -43,8 +44,10 @@ def _act_qparams(layer, x: torch.Tensor, scale, zero_point, need_fits: bool = Fa
         key = (float(scale), float(zero_point), str(x.device))
 
         def build():
-            return (torch.tensor([float(scale)], device=x.device),
-                    torch.tensor([float(zero_point) - shift], device=x.device))
+            return (
+                torch.tensor([float(scale)], device=x.device),
+                torch.tensor([float(zero_point) - shift], device=x.device),
+            )
 
         s, z = layer._cached("triton_qparams", key, build)
         fits = -128 <= float(zero_point) - shift <= 127
@@ -69,8 +72,18 @@ def triton_integer_conv2d(layer, x: torch.Tensor, scale, zero_point) -> torch.Te
         return layer._reference(x, scale, zero_point)
     x, padding = layer._pad_input(x)
     codes = quantize_activation_codes(x, s, z, qmin, qmax, backend="triton")
-    return conv2d_triton(codes, s, z, _packed_weight(layer), layer.kernel_size, layer.stride, padding,
-                         layer.dilation, layer.bias, x.dtype)
+    return conv2d_triton(
+        codes,
+        s,
+        z,
+        _packed_weight(layer),
+        layer.kernel_size,
+        layer.stride,
+        padding,
+        layer.dilation,
+        layer.bias,
+        x.dtype,
+    )
 
 
 triton_integer_linear.per_sample_qparams = True

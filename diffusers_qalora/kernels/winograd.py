@@ -114,7 +114,12 @@ def _grid(x: torch.Tensor, m: int, padding: tuple[int, int]) -> TileGrid:
 
 # -- torch references -------------------------------------------------------------------------------------------------
 def winograd_input_codes_reference(
-    x: torch.Tensor, bt: torch.Tensor, m: int, padding: tuple[int, int] | int, bits: int, group_size: int | None,
+    x: torch.Tensor,
+    bt: torch.Tensor,
+    m: int,
+    padding: tuple[int, int] | int,
+    bits: int,
+    group_size: int | None,
     act_granularity: str = "position",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1 in torch: int8 codes ``(n^2, P, C)`` and float32 steps ``(n^2, P, G)`` of ``V = B^T d B`` (the
@@ -127,7 +132,7 @@ def winograd_input_codes_reference(
     qmin, qmax = qrange(bits, True)
     vg = v.reshape(n2, groups, g, p)
     dims = (2,) if act_granularity == "position" else (0, 2)
-    step = (torch.maximum(vg.amax(dim=dims, keepdim=True), vg.amin(dim=dims, keepdim=True).neg()) / qmax)
+    step = torch.maximum(vg.amax(dim=dims, keepdim=True), vg.amin(dim=dims, keepdim=True).neg()) / qmax
     step = step.clamp_min(1e-30)
     codes = torch.div(vg, step).round_().clamp_(qmin, qmax).to(torch.int8)
     codes = codes.reshape(n2, c, p).transpose(1, 2).contiguous()
@@ -153,8 +158,12 @@ def winograd_position_gemm_reference(
 
 
 def winograd_output_transform_reference(
-    m_prod: torch.Tensor, at: torch.Tensor, grid: TileGrid, bias: torch.Tensor | None = None,
-    output_bits: int | None = None, out_dtype: torch.dtype = torch.float32,
+    m_prod: torch.Tensor,
+    at: torch.Tensor,
+    grid: TileGrid,
+    bias: torch.Tensor | None = None,
+    output_bits: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Stage 3 in torch: optional re-quantization of ``M: (n^2, P, K)``, ``Y = A^T M A``, crop, bias, cast."""
     prod = m_prod.float().transpose(1, 2)  # (n^2, K, P), the layout of the Winograd functional code
@@ -216,7 +225,12 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def winograd_input_codes_triton(
-    x: torch.Tensor, bt: torch.Tensor, m: int, padding: tuple[int, int] | int, bits: int, group_size: int | None,
+    x: torch.Tensor,
+    bt: torch.Tensor,
+    m: int,
+    padding: tuple[int, int] | int,
+    bits: int,
+    group_size: int | None,
     act_granularity: str = "position",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `winograd_input_codes_reference` (fp16/bf16/fp32 ``x``, any strides)."""
@@ -238,10 +252,30 @@ def winograd_input_codes_triton(
     block_t, block_c = (8, 16) if _on_gpu(x.device) else (16, 16)
     launch = {"num_warps": 8} if _on_gpu(x.device) else {}
     kernels.input_codes_kernel[(kernels.cdiv(p, block_t), groups)](
-        x, kb, codes, steps, c, h, w, grid_.tiles_h, grid_.tiles_w, p, g, *x.stride(), padding[0], padding[1],
-        float(qmin), float(qmax),
-        M_TILE=m, N_TILE=n, NN_PAD=nn_pad, PER_POSITION=act_granularity == "position", INTERPRET=kernels.INTERPRET,
-        BLOCK_T=block_t, BLOCK_C=block_c, **launch,
+        x,
+        kb,
+        codes,
+        steps,
+        c,
+        h,
+        w,
+        grid_.tiles_h,
+        grid_.tiles_w,
+        p,
+        g,
+        *x.stride(),
+        padding[0],
+        padding[1],
+        float(qmin),
+        float(qmax),
+        M_TILE=m,
+        N_TILE=n,
+        NN_PAD=nn_pad,
+        PER_POSITION=act_granularity == "position",
+        INTERPRET=kernels.INTERPRET,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        **launch,
     )
     return codes, steps
 
@@ -264,15 +298,30 @@ def winograd_position_gemm_triton(
         block_m, block_n, block_k, launch = 32, 32, 32, {}
     grid = (kernels.cdiv(p, block_m), kernels.cdiv(k, block_n), n2)
     kernels.position_gemm_kernel[grid](
-        codes_v, weight.codes, steps_v, weight.steps, out, p, c, k, weight.group_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+        codes_v,
+        weight.codes,
+        steps_v,
+        weight.steps,
+        out,
+        p,
+        c,
+        k,
+        weight.group_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **launch,
     )
     return out
 
 
 def winograd_output_transform_triton(
-    m_prod: torch.Tensor, at: torch.Tensor, grid: TileGrid, bias: torch.Tensor | None = None,
-    output_bits: int | None = None, out_dtype: torch.dtype = torch.float32,
+    m_prod: torch.Tensor,
+    at: torch.Tensor,
+    grid: TileGrid,
+    bias: torch.Tensor | None = None,
+    output_bits: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Triton version of `winograd_output_transform_reference` (``m_prod`` contiguous float32)."""
     kernels = _kernels()
@@ -288,11 +337,28 @@ def winograd_output_transform_triton(
     block_t, block_k = (4, 32) if _on_gpu(m_prod.device) else (4, 16)
     bias_arg = bias.float().contiguous() if bias is not None else ka
     kernels.output_transform_kernel[(kernels.cdiv(p, block_t), kernels.cdiv(k, block_k))](
-        m_prod.contiguous(), ka, bias_arg, y, p, k, grid.tiles_h, grid.tiles_w, grid.out_h, grid.out_w, *y.stride(),
-        float(qmin), float(qmax),
-        M_TILE=m, N_TILE=n, NN_PAD=nn_pad, MM_PAD=mm_pad, REQUANT=output_bits is not None, HAS_BIAS=bias is not None,
+        m_prod.contiguous(),
+        ka,
+        bias_arg,
+        y,
+        p,
+        k,
+        grid.tiles_h,
+        grid.tiles_w,
+        grid.out_h,
+        grid.out_w,
+        *y.stride(),
+        float(qmin),
+        float(qmax),
+        M_TILE=m,
+        N_TILE=n,
+        NN_PAD=nn_pad,
+        MM_PAD=mm_pad,
+        REQUANT=output_bits is not None,
+        HAS_BIAS=bias is not None,
         INTERPRET=kernels.INTERPRET,
-        BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
     )
     return y
 
@@ -316,8 +382,10 @@ def winograd_int_conv2d_triton(
     [pack_winograd_weight][diffusers_qalora.kernels.pack_winograd_weight]) saves repacking ``codes_u``/``step_u`` at every call."""
     m, _ = _check_common(x, bt, at, act_granularity)
     if x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the Triton Winograd kernels take fp16, bf16 or fp32 inputs, got {x.dtype}; use the torch "
-                         f"reference (backend='torch').")
+        raise ValueError(
+            f"the Triton Winograd kernels take fp16, bf16 or fp32 inputs, got {x.dtype}; use the torch "
+            f"reference (backend='torch')."
+        )
     padding = _pad_pair(padding)
     weight = packed if packed is not None else pack_winograd_weight(codes_u, step_u)
     if weight.codes.shape[1] != x.shape[1]:
@@ -371,11 +439,26 @@ def winograd_int_conv2d(
     from .dispatch import requested_backend, resolve_kernel_backend
 
     chosen = resolve_kernel_backend(backend if backend is not None else requested_backend(), x.device)
-    fn = winograd_int_conv2d_triton if chosen == "triton" and x.dtype in _TRITON_DTYPES else (
-        winograd_int_conv2d_reference)
+    fn = (
+        winograd_int_conv2d_triton
+        if chosen == "triton" and x.dtype in _TRITON_DTYPES
+        else (winograd_int_conv2d_reference)
+    )
     with torch.no_grad():
-        return fn(x, codes_u, step_u, bt, at, bias, padding, bits=bits, group_size=group_size,
-                  act_granularity=act_granularity, output_bits=output_bits, packed=packed)
+        return fn(
+            x,
+            codes_u,
+            step_u,
+            bt,
+            at,
+            bias,
+            padding,
+            bits=bits,
+            group_size=group_size,
+            act_granularity=act_granularity,
+            output_bits=output_bits,
+            packed=packed,
+        )
 
 
 class WinogradKernels:

@@ -26,9 +26,7 @@ MAX_BITS = 8
 def validate_bits(bits: int, name: str = "bits") -> int:
     """Return ``bits`` if it is an int in ``[2, 8]``, else raise a ``ValueError`` naming ``name``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(
-            f"`{name}` must be an integer between {MIN_BITS} and {MAX_BITS} (e.g. 4 or 8), got {bits!r}."
-        )
+        raise ValueError(f"`{name}` must be an integer between {MIN_BITS} and {MAX_BITS} (e.g. 4 or 8), got {bits!r}.")
     return bits
 
 
@@ -397,8 +395,10 @@ def _run_pass(which: int, numel: int, device: torch.device, *args):
     except Exception as err:  # Inductor needs a working C++ compiler; the eager passes give the same numbers
         if _compile_setting[0] == "always":
             raise
-        warnings.warn(f"torch.compile of the fused fake-quant passes failed ({type(err).__name__}: {err}); "
-                      f"running them eagerly.", stacklevel=3)
+        warnings.warn(
+            f"torch.compile of the fused fake-quant passes failed ({type(err).__name__}: {err}); running them eagerly.",
+            stacklevel=3,
+        )
         _COMPILED["failed"] = True
         return eager(*args)
 
@@ -514,6 +514,14 @@ def fake_quantize_lora_merged(
             merged = (w0.float() + delta).reshape(grouped_shape)
             return _fake_quantize_values(merged, step.float(), zero_point, qmin, qmax)[0].reshape(w0.shape)
     return _MergedLSQFakeQuantize.apply(
-        w0.float().contiguous(), a.float(), b.float(), step.float(), zero_point, float(scaling), qmin, qmax,
-        grad_scale, grouped_shape,
+        w0.float().contiguous(),
+        a.float(),
+        b.float(),
+        step.float(),
+        zero_point,
+        float(scaling),
+        qmin,
+        qmax,
+        grad_scale,
+        grouped_shape,
     )

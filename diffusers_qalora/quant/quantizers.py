@@ -299,9 +299,7 @@ class TemporalActQuantizer(nn.Module):
         mean = self._calib_sum[seen] / self._calib_count[seen, None]
         table = self.step.timesteps.double()
         seen_t = table[seen.to(table.device)]
-        filled = torch.stack(
-            [_interp(table, seen_t, mean[:, 0]), _interp(table, seen_t, mean[:, 1])], dim=1
-        ).float()
+        filled = torch.stack([_interp(table, seen_t, mean[:, 0]), _interp(table, seen_t, mean[:, 1])], dim=1).float()
         self.step.fill_(filled[:, 0])
         if self.zero_point is not None:
             self.zero_point.fill_(torch.round(filled[:, 1]))

@@ -106,6 +106,4 @@ def scale_aware_param_groups(
         for p in e.params:
             hooks.append(p.register_hook(lambda g, f=factor: g * f))
     params = [p for e in entries for p in e.params]
-    return ScaleAwareGroups(
-        [{"params": params, "lr": lora_lr, "weight_decay": weight_decay, "name": "lora"}], hooks
-    )
+    return ScaleAwareGroups([{"params": params, "lr": lora_lr, "weight_decay": weight_decay, "name": "lora"}], hooks)

@@ -20,7 +20,9 @@ def validate_timestep_table(values: Sequence[float] | torch.Tensor, name: str = 
     """Return the table as a tuple of floats; raise a ``ValueError`` unless it is non-empty and strictly increasing."""
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
-            raise ValueError(f"`{name}` must be a 1-D sequence of timesteps, got a tensor of shape {tuple(values.shape)}.")
+            raise ValueError(
+                f"`{name}` must be a 1-D sequence of timesteps, got a tensor of shape {tuple(values.shape)}."
+            )
         values = values.tolist()
     try:
         table = tuple(float(v) for v in values)
@@ -177,8 +179,9 @@ class TemporalValues(nn.Module):
         destination[prefix + "timesteps"] = self.timesteps if keep_vars else self.timesteps.detach()
         destination[prefix + "values"] = torch.stack([p if keep_vars else p.detach() for p in self.values])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         key = prefix + "values"
         if key in state_dict:
             stacked = state_dict.pop(key)
@@ -190,8 +193,9 @@ class TemporalValues(nn.Module):
                 return
             for i in range(self._size):
                 state_dict[f"{prefix}v{i}"] = stacked[i]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def lookup(self, t: torch.Tensor) -> torch.Tensor:
         """Interpolated values at timesteps ``t`` (1-D), shape ``(len(t),)``."""

@@ -31,7 +31,12 @@ from ..tuners.qalora.model import qalora_layers
 from .loading import Testbed, load_testbed
 
 PTQ_METHODS = ("fp", "naive_ptq", "timestep_ptq")
-METHOD_LABELS = {"fp": "FP", "naive_ptq": "naive PTQ", "timestep_ptq": "per-timestep PTQ", "distilled": "QALoRA distilled"}
+METHOD_LABELS = {
+    "fp": "FP",
+    "naive_ptq": "naive PTQ",
+    "timestep_ptq": "per-timestep PTQ",
+    "distilled": "QALoRA distilled",
+}
 
 
 def calibration_run(testbed: Testbed, num_samples: int, steps: int) -> Callable[[], None]:
@@ -76,17 +81,33 @@ class MethodEvaluator:
     With ``distributed=True`` every process of the run must call it: each samples its share, all score the gathered
     set (see [`evaluate_seeds`]); the main process alone writes the sample grids."""
 
-    def __init__(self, testbed: Testbed, out: Path, samples: int, seeds: Sequence[int], steps: int,
-                 save_grids: bool = True, distributed: bool = False) -> None:
+    def __init__(
+        self,
+        testbed: Testbed,
+        out: Path,
+        samples: int,
+        seeds: Sequence[int],
+        steps: int,
+        save_grids: bool = True,
+        distributed: bool = False,
+    ) -> None:
         self.testbed, self.out, self.samples, self.seeds, self.steps = testbed, out, samples, tuple(seeds), steps
         self.save_grids, self.distributed = save_grids, distributed
         self.fp_samples: dict[int, torch.Tensor] | None = None
 
     def __call__(self, name: str) -> dict[str, Any]:
         start = time.perf_counter()
-        summary = evaluate_seeds(self.testbed.pipeline, self.testbed.classifier, self.testbed.reference_images,
-                                 self.seeds, self.samples, self.steps, fp_samples=self.fp_samples,
-                                 show_progress=False, distributed=self.distributed)
+        summary = evaluate_seeds(
+            self.testbed.pipeline,
+            self.testbed.classifier,
+            self.testbed.reference_images,
+            self.seeds,
+            self.samples,
+            self.steps,
+            fp_samples=self.fp_samples,
+            show_progress=False,
+            distributed=self.distributed,
+        )
         summary["seconds"] = time.perf_counter() - start
         if self.save_grids and (not self.distributed or PartialState().is_main_process):
             save_image_grid(summary["samples"][self.seeds[0]][:100], self.out / f"grid_{name}.png", nrow=10)
@@ -99,12 +120,23 @@ class MethodEvaluator:
         return summary
 
 
-def add_ptq_baselines(unet: torch.nn.Module, testbed: Testbed, weight_bits: int, act_bits: int, table: list[float],
-                      calibration_samples: int, suffix: str = "") -> tuple[str, str]:
+def add_ptq_baselines(
+    unet: torch.nn.Module,
+    testbed: Testbed,
+    weight_bits: int,
+    act_bits: int,
+    table: list[float],
+    calibration_samples: int,
+    suffix: str = "",
+) -> tuple[str, str]:
     """Add the per-timestep and naive PTQ adapters (one calibration run serves both); returns their names."""
     per_t, naive = f"timestep_ptq{suffix}", f"naive_ptq{suffix}"
-    add_calibrated_adapter(unet, baseline_config("timestep_ptq", weight_bits, act_bits, table), per_t,
-                           calibration_run(testbed, calibration_samples, len(table)))
+    add_calibrated_adapter(
+        unet,
+        baseline_config("timestep_ptq", weight_bits, act_bits, table),
+        per_t,
+        calibration_run(testbed, calibration_samples, len(table)),
+    )
     get_qalora_model(unet, baseline_config("naive_ptq", weight_bits, act_bits, table), naive)
     copy_activation_calibration(unet, per_t, naive)
     return per_t, naive
@@ -150,20 +182,32 @@ def run_ptq_evaluation(
         set_qalora_adapter(unet, name)
         rows.append({"method": METHOD_LABELS[method], "bits": f"W{wa[0]}A{wa[1]}", **public(evaluate(name))})
         if method == "timestep_ptq":
-            plot_step_sizes(step_size_table(unet, name), out / f"step_sizes_{name}.png",
-                            title=f"Calibrated activation step size per timestep, W{wa[0]}A{wa[1]}")
+            plot_step_sizes(
+                step_size_table(unet, name),
+                out / f"step_sizes_{name}.png",
+                title=f"Calibrated activation step size per timestep, W{wa[0]}A{wa[1]}",
+            )
     results = {
         "command": command,
         "machine": machine_info(),
-        "protocol": {"samples_per_seed": samples, "seeds": list(seeds), "ddim_steps": steps, "eta": 0.0,
-                     "table_steps": table_steps, "calibration_samples": calibration_samples},
+        "protocol": {
+            "samples_per_seed": samples,
+            "seeds": list(seeds),
+            "ddim_steps": steps,
+            "eta": 0.0,
+            "table_steps": table_steps,
+            "calibration_samples": calibration_samples,
+        },
         "rows": rows,
         "peak_rss_mb": peak_rss_mb(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    notes = (f"{samples} samples per seed, seeds {list(seeds)}, {steps} DDIM steps (eta 0), mean ± std over seeds. "
-             f"Step sizes per timestep interpolated from the {table_steps}-step table. x0-MSE: each sample against the "
-             f"FP sample from the same noise and label.")
-    (out / "results.md").write_text(results_markdown(rows, "PTQ baselines on the embedded digits DDPM", command,
-                                                     notes), encoding="utf-8")
+    notes = (
+        f"{samples} samples per seed, seeds {list(seeds)}, {steps} DDIM steps (eta 0), mean ± std over seeds. "
+        f"Step sizes per timestep interpolated from the {table_steps}-step table. x0-MSE: each sample against the "
+        f"FP sample from the same noise and label."
+    )
+    (out / "results.md").write_text(
+        results_markdown(rows, "PTQ baselines on the embedded digits DDPM", command, notes), encoding="utf-8"
+    )
     return results

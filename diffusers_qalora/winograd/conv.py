@@ -163,8 +163,16 @@ class Conv3x3Layer(nn.Module):
     padding_mode = "zeros"
     transposed = False
 
-    def _init_layer(self, in_channels: int, out_channels: int, padding: int | tuple[int, int] | str, bias: bool,
-                    config: WinogradConfig, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+    def _init_layer(
+        self,
+        in_channels: int,
+        out_channels: int,
+        padding: int | tuple[int, int] | str,
+        bias: bool,
+        config: WinogradConfig,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -513,8 +521,17 @@ class WinogradConv2d(Conv3x3Layer):
 
         codes_u, step_u, packed = self._cached(self._cache_key("int-triton", x.device, torch.float32), compute_packed)
         return kernels.conv2d(
-            x.detach(), codes_u, step_u, bt.detach().float(), at.detach().float(), None, self._pad, bits=cfg.bits,
-            group_size=cfg.group_size, act_granularity=cfg.act_granularity, output_bits=cfg.output_bits,
+            x.detach(),
+            codes_u,
+            step_u,
+            bt.detach().float(),
+            at.detach().float(),
+            None,
+            self._pad,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            act_granularity=cfg.act_granularity,
+            output_bits=cfg.output_bits,
             packed=packed,
         )
 

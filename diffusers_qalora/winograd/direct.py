@@ -81,15 +81,24 @@ class DirectQuantConv2d(Conv3x3Layer):
         self._quant_mode = "int"
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, *, config: WinogradConfig | None = None, **overrides: Any) -> DirectQuantConv2d:
+    def from_conv2d(
+        cls, conv: nn.Conv2d, *, config: WinogradConfig | None = None, **overrides: Any
+    ) -> DirectQuantConv2d:
         """Wrap an eligible ``conv`` (sharing its weight and bias); ``overrides`` replace fields of ``config``."""
         reason = winograd_ineligibility(conv)
         if reason is not None:
             raise ValueError(f"cannot replace {conv!r} by a DirectQuantConv2d: {reason}.")
         base = config if config is not None else WinogradConfig(algorithm="direct")
         cfg = dataclasses.replace(base, **overrides)
-        layer = cls(conv.in_channels, conv.out_channels, padding=conv.padding, bias=conv.bias is not None,
-                    config=cfg, device="meta", dtype=conv.weight.dtype)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+            config=cfg,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
         layer.weight = conv.weight
         layer.bias = conv.bias
         return layer
@@ -155,8 +164,15 @@ class DirectQuantConv2d(Conv3x3Layer):
 
     def to_conv2d(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same (full-precision) weight and bias, shared."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=self.padding, bias=self.bias is not None,
-                         device="meta", dtype=self.weight.dtype)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            3,
+            padding=self.padding,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
         conv.weight = self.weight
         conv.bias = self.bias
         return conv

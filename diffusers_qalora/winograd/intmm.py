@@ -137,8 +137,9 @@ class Int8WinogradConv2d(nn.Module):
 class Int8Im2colConv2d(nn.Module):
     """int8 im2col convolution (3x3, stride 1) on one ``torch._int_mm`` (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 padding: int | tuple[int, int] | str = 1) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int | tuple[int, int] | str = 1
+    ) -> None:
         super().__init__()
         if weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3):
             raise ValueError(f"`weight` must be (K, C, 3, 3), got {tuple(weight.shape)}.")

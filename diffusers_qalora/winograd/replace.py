@@ -140,8 +140,10 @@ def _matches(patterns: tuple[str, ...] | str | None, name: str) -> bool:
 
 def _qalora_base(module: nn.Module) -> nn.Module | None:
     """The wrapped layer of a QALoRA layer (recognised by its interface), else ``None``."""
-    if all(hasattr(module, a) for a in ("get_base_layer", "merged_float_weight", "qal_act_quantizer",
-                                        "active_qalora_adapter")):
+    if all(
+        hasattr(module, a)
+        for a in ("get_base_layer", "merged_float_weight", "qal_act_quantizer", "active_qalora_adapter")
+    ):
         return module.get_base_layer()
     return None
 
@@ -342,8 +344,14 @@ def _random_inputs(layer: nn.Module, config: WinogradConfig, count: int, generat
     return torch.randn(count, layer.in_channels, size, size, generator=generator, dtype=dtype)
 
 
-def _tune_layer(layer: nn.Module, record: LayerRecord, inputs: torch.Tensor | None, config: WinogradConfig,
-                generator: torch.Generator, random_source: bool) -> None:
+def _tune_layer(
+    layer: nn.Module,
+    record: LayerRecord,
+    inputs: torch.Tensor | None,
+    config: WinogradConfig,
+    generator: torch.Generator,
+    random_source: bool,
+) -> None:
     start = time.perf_counter()
     if inputs is None and random_source:
         inputs = _random_inputs(layer, config, max(config.tune_batch_size, 8), generator)
@@ -368,8 +376,15 @@ def _tune_layer(layer: nn.Module, record: LayerRecord, inputs: torch.Tensor | No
         initial = {k: v.detach().clone() for k, v in layer.scales.state_dict().items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", WinogradWarning)
-            tune_scales_(layer, steps=config.tune_steps, lr=config.tune_lr, inputs=draw, loss=config.tune_loss,
-                         eval_inputs=inputs[:1].to(device), keep_best=False)
+            tune_scales_(
+                layer,
+                steps=config.tune_steps,
+                lr=config.tune_lr,
+                inputs=draw,
+                loss=config.tune_loss,
+                eval_inputs=inputs[:1].to(device),
+                keep_best=False,
+            )
         after = _measure(layer, inputs)
         if after < record.sqnr_before:  # keep the better of the two, judged on all the inputs
             layer.scales.load_state_dict(initial)
@@ -473,8 +488,14 @@ def apply_winograd(
             else:
                 report.inputs = "random"
             for name, layer in layers.items():
-                _tune_layer(layer, report.replaced[name], captured.get(name), config, generator,
-                            random_source=calibration_run is None)
+                _tune_layer(
+                    layer,
+                    report.replaced[name],
+                    captured.get(name),
+                    config,
+                    generator,
+                    random_source=calibration_run is None,
+                )
     except BaseException:
         for name, old in reversed(originals):
             _swap(model, name, old)

@@ -79,17 +79,19 @@ def winograd_record(model: nn.Module) -> dict[str, Any] | None:
     modules = []
     for name, layer in layers.items():
         padding = layer.padding
-        modules.append({
-            "name": name,
-            "class": type(layer).__name__,
-            "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels,
-            "padding": list(padding) if isinstance(padding, tuple) else padding,
-            "bias": layer.bias is not None,
-            "dtype": str(layer.weight.dtype).removeprefix("torch."),
-            "config": layer.config.to_dict(),
-            "input_quantizer": _describe_quantizer(name, layer.input_quantizer),
-        })
+        modules.append(
+            {
+                "name": name,
+                "class": type(layer).__name__,
+                "in_channels": layer.in_channels,
+                "out_channels": layer.out_channels,
+                "padding": list(padding) if isinstance(padding, tuple) else padding,
+                "bias": layer.bias is not None,
+                "dtype": str(layer.weight.dtype).removeprefix("torch."),
+                "config": layer.config.to_dict(),
+                "input_quantizer": _describe_quantizer(name, layer.input_quantizer),
+            }
+        )
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -107,8 +109,11 @@ def winograd_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
     record = winograd_record(model)
     if record is None:
         raise ValueError(f"{type(model).__name__} has no WinogradConv2d / DirectQuantConv2d; call apply_winograd.")
-    tensors = {f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
-               for name, layer in winograd_modules(model).items() for key, value in layer.state_dict().items()}
+    tensors = {
+        f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
+        for name, layer in winograd_modules(model).items()
+        for key, value in layer.state_dict().items()
+    }
     return tensors, record
 
 
@@ -135,8 +140,10 @@ def _read_record(directory: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): it is truncated or damaged; save the Winograd layers "
-                         f"again with `save_winograd(model, path)`.") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({err}): it is truncated or damaged; save the Winograd layers "
+            f"again with `save_winograd(model, path)`."
+        ) from None
     return validate_winograd_record(record, str(path))
 
 
@@ -168,8 +175,9 @@ def _target_conv(model: nn.Module, name: str) -> nn.Module:
     return conv
 
 
-def build_winograd_layers(model: nn.Module, record: dict[str, Any], where: str,
-                          device: torch.device | str | None = None) -> list[tuple[str, nn.Module]]:
+def build_winograd_layers(
+    model: nn.Module, record: dict[str, Any], where: str, device: torch.device | str | None = None
+) -> list[tuple[str, nn.Module]]:
     """Build (without swapping them in) the layers that ``record`` lists, checked against ``model``'s convs; their
     tensors are uninitialised (on ``device``, by default each conv's device).  ``where`` names the record in errors."""
     built = []
@@ -186,15 +194,22 @@ def build_winograd_layers(model: nn.Module, record: dict[str, Any], where: str,
             raise ValueError(f"`{name}`: unknown layer class {entry['class']!r} in {where}.")
         padding = entry["padding"]
         padding = tuple(padding) if isinstance(padding, list) else padding
-        layer = cls(entry["in_channels"], entry["out_channels"], padding=padding, bias=entry["bias"],
-                    config=WinogradConfig.from_dict(entry["config"]), dtype=getattr(torch, entry["dtype"]),
-                    device=conv.weight.device if device is None else device)
+        layer = cls(
+            entry["in_channels"],
+            entry["out_channels"],
+            padding=padding,
+            bias=entry["bias"],
+            config=WinogradConfig.from_dict(entry["config"]),
+            dtype=getattr(torch, entry["dtype"]),
+            device=conv.weight.device if device is None else device,
+        )
         described = entry.get("input_quantizer")
         if described is not None:
             if described.get("type") != "TemporalActQuantizer":
                 raise ValueError(f"`{name}`: unknown input quantizer {described.get('type')!r} in {where}.")
-            layer.input_quantizer = TemporalActQuantizer(described["timesteps"], described["bits"],
-                                                         symmetric=described["symmetric"], name=name)
+            layer.input_quantizer = TemporalActQuantizer(
+                described["timesteps"], described["bits"], symmetric=described["symmetric"], name=name
+            )
             if device is not None:
                 layer.input_quantizer.to(device)
         built.append((name, layer))
@@ -210,11 +225,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             expected = (f.metadata() or {}).get(CHECKSUM_KEY)
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}.") \
-            from err
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}."
+        ) from err
     if expected is not None and tensor_checksum(tensors) != expected:
-        raise ValueError(f"corrupt Winograd file {path}: its tensors do not match the checksum recorded when it was "
-                         f"saved; {fix}.")
+        raise ValueError(
+            f"corrupt Winograd file {path}: its tensors do not match the checksum recorded when it was saved; {fix}."
+        )
     return tensors
 
 
@@ -238,18 +255,24 @@ def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> Winogr
     records: dict[str, LayerRecord] = {}
     for name, layer in built:
         prefix = name + "."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             layer.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"`{name}`: the saved tensors do not fit the layer: {err}") from None
         layer.to(_target_conv(model, name).weight.device)
-        records[name] = LayerRecord(name, layer.in_channels, layer.out_channels,
-                                    source="saved", input_quantizer=layer.input_quantizer is not None)
+        records[name] = LayerRecord(
+            name,
+            layer.in_channels,
+            layer.out_channels,
+            source="saved",
+            input_quantizer=layer.input_quantizer is not None,
+        )
     if any(layer.input_quantizer is not None for _, layer in built):
         # The model's one timestep context (the QALoRA tuner's if it has one already).
         attach_timestep_context(
-            model, record.get("timestep_argument", "timestep"),
+            model,
+            record.get("timestep_argument", "timestep"),
             [layer.input_quantizer for _, layer in built if layer.input_quantizer is not None],
         )
     for name, layer in built:

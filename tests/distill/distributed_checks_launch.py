@@ -36,13 +36,15 @@ except DistributedPhaseError as err:
 # 2. The main process scores alone while the other waits at a barrier: the metric must not synchronise.
 testbed = load_testbed()
 if rank == 0:
-    seen["fid_main_only"] = digits_fid(testbed.reference_images[:40], testbed.reference_images[40:80],
-                                       testbed.classifier)
+    seen["fid_main_only"] = digits_fid(
+        testbed.reference_images[:40], testbed.reference_images[40:80], testbed.classifier
+    )
 acc.wait_for_everyone()
 
 # 3. Evaluation spread over the processes returns the one-process samples and scores on every process.
-summary = evaluate_seeds(testbed.pipeline, testbed.classifier, testbed.reference_images, [0], 7, 2,
-                         show_progress=False, distributed=True)
+summary = evaluate_seeds(
+    testbed.pipeline, testbed.classifier, testbed.reference_images, [0], 7, 2, show_progress=False, distributed=True
+)
 seen["samples"] = summary["samples"][0]
 seen["fid"] = summary["fid_mean"]
 

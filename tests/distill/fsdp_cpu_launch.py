@@ -27,9 +27,16 @@ GLOBAL_BATCH = 4
 def build():
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        num_class_embeds=10, norm_num_groups=8, attention_head_dim=8,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=10,
+        norm_num_groups=8,
+        attention_head_dim=8,
     )
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(4)
@@ -81,7 +88,7 @@ def main(path: str, steps: int) -> None:
     for step in range(steps):
         t = scheduler.timesteps[step % len(scheduler.timesteps)]
         x, y = torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
-        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         with torch.no_grad(), dq.adapters_disabled(model):
             target = student(x, t, class_labels=y).sample
         loss = F.mse_loss(student(x, t, class_labels=y).sample, target)

@@ -59,9 +59,23 @@ def test_cpu_launch_of_several_processes_says_it_runs_one(tmp_path):
     names the launch that starts two."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "examples" / "distill.py"),
-           "--weight_bits", "9"]  # fails in validation, right after the warning: no work is done
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(root / "examples" / "distill.py"),
+        "--weight_bits",
+        "9",
+    ]  # fails in validation, right after the warning: no work is done
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "--weight_bits" in proc.stderr
     assert "starts ONE process" in proc.stderr
@@ -73,7 +87,9 @@ def test_8bit_adam_without_bitsandbytes_fails_before_work(tmp_path, monkeypatch)
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     _fails(["--use_8bit_adam"], "needs bitsandbytes", tmp_path, monkeypatch)
 
 
@@ -89,10 +105,29 @@ def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
     make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, str(root / "examples" / "distill.py"), "--pretrained_model_name_or_path",
-           str(tmp_path / "pipe"), "--output_dir", str(out), "--max_train_steps", "3", "--num_inference_steps", "3",
-           "--train_batch_size", "1", "--calibration_samples", "1", "--rank", "2", "--report_to", "tensorboard",
-           "--gradient_checkpointing", "--mixed_precision", "bf16"]
+    cmd = [
+        sys.executable,
+        str(root / "examples" / "distill.py"),
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "pipe"),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--num_inference_steps",
+        "3",
+        "--train_batch_size",
+        "1",
+        "--calibration_samples",
+        "1",
+        "--rank",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--gradient_checkpointing",
+        "--mixed_precision",
+        "bf16",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -113,6 +148,9 @@ def test_learning_rate_defaults_agree_across_api_config_and_cli():
     api = inspect.signature(get_qalora_param_groups).parameters
     args = build_parser().parse_args([])
     config = DistillConfig()
-    for api_name, cli_name in (("lora_lr", "learning_rate"), ("weight_step_lr", "weight_step_lr"),
-                               ("act_step_lr", "act_step_lr")):
+    for api_name, cli_name in (
+        ("lora_lr", "learning_rate"),
+        ("weight_step_lr", "weight_step_lr"),
+        ("act_step_lr", "act_step_lr"),
+    ):
         assert api[api_name].default == getattr(config, api_name) == getattr(args, cli_name), api_name

@@ -43,16 +43,30 @@ class Recorder(ClassLabelConditioning):
                 student = self.guided(model, x, t, labels)
                 with dq.adapters_disabled(model):
                     teacher = self.guided(model, x, t, labels)
-            tables = {n: q.step.stacked().detach().clone() for n, q in model.named_modules()
-                      if isinstance(q, TemporalActQuantizer) and len(q.step) > 1}
-            self.steps.append({"x": x.detach().clone(), "t": float(t), "student": student, "teacher": teacher,
-                               "tables": tables, "timesteps": _tables_timesteps(model)})
+            tables = {
+                n: q.step.stacked().detach().clone()
+                for n, q in model.named_modules()
+                if isinstance(q, TemporalActQuantizer) and len(q.step) > 1
+            }
+            self.steps.append(
+                {
+                    "x": x.detach().clone(),
+                    "t": float(t),
+                    "student": student,
+                    "teacher": teacher,
+                    "tables": tables,
+                    "timesteps": _tables_timesteps(model),
+                }
+            )
         return super().predict(model, x, t, cond)
 
 
 def _tables_timesteps(model) -> dict[str, list[float]]:
-    return {n: q.timesteps.tolist() for n, q in model.named_modules()
-            if isinstance(q, TemporalActQuantizer) and len(q.step) > 1}
+    return {
+        n: q.timesteps.tolist()
+        for n, q in model.named_modules()
+        if isinstance(q, TemporalActQuantizer) and len(q.step) > 1
+    }
 
 
 def ddim_step(scheduler, eps: torch.Tensor, t: float, x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +86,16 @@ def ddim_step(scheduler, eps: torch.Tensor, t: float, x: torch.Tensor) -> torch.
 def recorded(tmp_path_factory):
     model, scheduler = _model_and_scheduler()
     recorder = Recorder()
-    distiller = _distiller(model, scheduler, tmp_path_factory.mktemp("maths"), conditioning=recorder,
-                           max_train_steps=TRAIN_STEPS, act_step_lr=1e-2, lora_lr=1e-3, eta=0.0)
+    distiller = _distiller(
+        model,
+        scheduler,
+        tmp_path_factory.mktemp("maths"),
+        conditioning=recorder,
+        max_train_steps=TRAIN_STEPS,
+        act_step_lr=1e-2,
+        lora_lr=1e-3,
+        eta=0.0,
+    )
     distiller.train()
     assert len(recorder.steps) == TRAIN_STEPS
     return recorder.steps, distiller, model
@@ -101,8 +123,11 @@ def test_the_loss_is_the_mse_of_the_guided_predictions(recorded):
 
 def test_each_step_moves_only_the_current_timesteps_step_sizes(recorded):
     steps, _, model = recorded
-    final = {n: q.step.stacked().detach() for n, q in model.named_modules()
-             if isinstance(q, TemporalActQuantizer) and len(q.step) > 1}
+    final = {
+        n: q.step.stacked().detach()
+        for n, q in model.named_modules()
+        if isinstance(q, TemporalActQuantizer) and len(q.step) > 1
+    }
     snapshots = [s["tables"] for s in steps] + [final]
     for k, step in enumerate(steps):
         before, after = snapshots[k], snapshots[k + 1]

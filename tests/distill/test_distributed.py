@@ -24,8 +24,24 @@ from diffusers_qalora.testbed import load_testbed
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 # The embedded default job, as small as it goes: 4-step trajectories, 2 calibration trajectories, 6 samples scored.
-TINY = ["--num_inference_steps", "4", "--calibration_samples", "2", "--eval_samples", "6", "--eval_steps", "2",
-        "--train_batch_size", "2", "--rank", "2", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+TINY = [
+    "--num_inference_steps",
+    "4",
+    "--calibration_samples",
+    "2",
+    "--eval_samples",
+    "6",
+    "--eval_steps",
+    "2",
+    "--train_batch_size",
+    "2",
+    "--rank",
+    "2",
+    "--max_train_steps",
+    "4",
+    "--checkpointing_steps",
+    "2",
+]
 # Every step of the launch (start-up, calibration, evaluation) is seconds; the bound leaves room for a busy CI box.
 LAUNCH_TIMEOUT = 600
 # How long the launch may take to end once a process failed (torchrun's monitor plus process exit).
@@ -34,8 +50,22 @@ END_AFTER_FAULT_S = 60
 
 def _launch(script: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     return proc, time.time()
 
@@ -122,8 +152,10 @@ def test_two_process_checkpoint_refuses_a_one_process_resume(two_process_run):
 def test_sampling_shards_concatenate_to_the_whole_draw():
     testbed = load_testbed()
     images, labels = sample_class_conditional(testbed.pipeline, 5, 3, 2, show_progress=False, batch_size=1)
-    shares = [sample_class_conditional(testbed.pipeline, 5, 3, 2, show_progress=False, batch_size=1, shard=(i, 3))
-              for i in range(3)]
+    shares = [
+        sample_class_conditional(testbed.pipeline, 5, 3, 2, show_progress=False, batch_size=1, shard=(i, 3))
+        for i in range(3)
+    ]
     assert [len(s[1]) for s in shares] == [1, 2, 2]
     torch.testing.assert_close(torch.cat([s[0] for s in shares]), images, rtol=0, atol=0)
     assert torch.equal(torch.cat([s[1] for s in shares]), labels)
@@ -143,11 +175,11 @@ def test_phases_metrics_evaluation_and_broadcast_on_two_processes(tmp_path):
         assert "process 0: 'phase of process 0', process 1: 'phase of process 1'" in seen[r]["mismatch"]
     assert seen[0]["fid_main_only"] > 0
     testbed = load_testbed()
-    alone = evaluate_seeds(testbed.pipeline, testbed.classifier, testbed.reference_images, [0], 7, 2,
-                           show_progress=False)
+    alone = evaluate_seeds(
+        testbed.pipeline, testbed.classifier, testbed.reference_images, [0], 7, 2, show_progress=False
+    )
     # Each process sampled its share in one batch (3 and 4 images): the same bits as those shares sampled here.
-    shares = [sample_class_conditional(testbed.pipeline, 7, 0, 2, show_progress=False, shard=(i, 2))[0]
-              for i in (0, 1)]
+    shares = [sample_class_conditional(testbed.pipeline, 7, 0, 2, show_progress=False, shard=(i, 2))[0] for i in (0, 1)]
     for r in (0, 1):
         torch.testing.assert_close(seen[r]["samples"], torch.cat(shares), rtol=0, atol=1e-6)
         # Against one batch of 7 only float rounding differs (convolutions sum in another order per batch size).
@@ -164,12 +196,30 @@ def test_fsdp2_sharded_student_and_shared_teacher_match_one_process(tmp_path):
     off; the gathered adapter equals one process training on the whole batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     script, steps = HERE / "fsdp_cpu_launch.py", "6"
-    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                              str(tmp_path / "sharded.pt"), steps], env=env, capture_output=True, text=True,
-                             timeout=LAUNCH_TIMEOUT)
+    sharded = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "sharded.pt"),
+            steps,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert sharded.returncode == 0, sharded.stderr[-4000:]
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.pt"), steps], env=env,
-                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single.pt"), steps],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     a, b = torch.load(tmp_path / "sharded.pt"), torch.load(tmp_path / "single.pt")
     assert a["before"].keys() == b["before"].keys() == a["after"].keys() == b["after"].keys()
@@ -183,8 +233,9 @@ def test_fsdp2_sharded_student_and_shared_teacher_match_one_process(tmp_path):
     kinds = {k.split(".qal_")[1].split(".")[0] for k in a["after"]}
     assert {"A", "B", "weight_quantizer", "act_quantizer"} <= kinds
     assert moved > 100, "the test would pass with nothing trained"
-    assert any("act_quantizer" in k and (b["after"][k] - b["before"][k]).abs().max() > 1e-7 for k in b["after"]), \
+    assert any("act_quantizer" in k and (b["after"][k] - b["before"][k]).abs().max() > 1e-7 for k in b["after"]), (
         "no activation step size (the 0-d parameters FSDP2 leaves out) was trained"
+    )
 
 
 def test_sharded_engine_saves_the_adapter_from_the_gathered_state(tmp_path, monkeypatch):

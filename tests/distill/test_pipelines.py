@@ -18,8 +18,20 @@ import diffusers_qalora as dq
 from diffusers_qalora.distill.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--max_train_steps", "3", "--num_inference_steps", "3", "--train_batch_size", "1",
-        "--calibration_samples", "1", "--rank", "2", "--guidance_scale", "2.0"]
+ARGS = [
+    "--max_train_steps",
+    "3",
+    "--num_inference_steps",
+    "3",
+    "--train_batch_size",
+    "1",
+    "--calibration_samples",
+    "1",
+    "--rank",
+    "2",
+    "--guidance_scale",
+    "2.0",
+]
 
 
 def _assert_adapter_loads(adapter_dir: Path, make_unet) -> None:
@@ -37,8 +49,17 @@ def test_distill_text_to_image_pipeline(tmp_path, kind):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n")
     out = tmp_path / "out"
-    results = main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out),
-                    "--prompt_file", str(prompts), *ARGS])
+    results = main(
+        [
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "pipe"),
+            "--output_dir",
+            str(out),
+            "--prompt_file",
+            str(prompts),
+            *ARGS,
+        ]
+    )
     assert results["training"]["steps"] == 3
     assert all(torch.isfinite(torch.tensor(results["loss_history"])))
     assert (out / "results.json").is_file()
@@ -64,10 +85,28 @@ def test_two_process_cpu_run(tmp_path):
     # Accelerate's `--cpu --num_processes 2` starts one process unless MPI is set up; `--multi_gpu` with
     # ACCELERATE_USE_CPU=true starts two torchrun workers that join a gloo (MULTI_CPU) group.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "distill.py"),
-           "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out), *ARGS,
-           "--checkpointing_steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "examples" / "distill.py"),
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "pipe"),
+        "--output_dir",
+        str(out),
+        *ARGS,
+        "--checkpointing_steps",
+        "2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint-2" / "rank1_distill_state.json").is_file(), "each process saves its trajectory state"
@@ -84,8 +123,12 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path):
 
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(out), *job],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(out), *job],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -17,9 +17,16 @@ STEPS = 5
 def _model_and_scheduler():
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        num_class_embeds=10, norm_num_groups=8, attention_head_dim=8,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=10,
+        norm_num_groups=8,
+        attention_head_dim=8,
     )
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(STEPS)
@@ -125,8 +132,9 @@ class _NaNAfter(ClassLabelConditioning):
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
     model, scheduler = _model_and_scheduler()
-    d = _distiller(model, scheduler, tmp_path, conditioning=_NaNAfter(after=4), max_train_steps=10,
-                   checkpointing_steps=2)
+    d = _distiller(
+        model, scheduler, tmp_path, conditioning=_NaNAfter(after=4), max_train_steps=10, checkpointing_steps=2
+    )
     with pytest.raises(NonFiniteLossError, match="checkpoint-4"):
         d.train()
     kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
@@ -136,8 +144,11 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
 
 def test_training_at_one_timestep_leaves_other_step_sizes_untouched(tmp_path):
     model, scheduler = _model_and_scheduler()
-    snapshot = {n: q.step.stacked().detach().clone() for n, q in model.named_modules()
-                if isinstance(q, TemporalActQuantizer) and len(q.step) > 1}
+    snapshot = {
+        n: q.step.stacked().detach().clone()
+        for n, q in model.named_modules()
+        if isinstance(q, TemporalActQuantizer) and len(q.step) > 1
+    }
     d = _distiller(model, scheduler, tmp_path, max_train_steps=2, act_step_lr=1e-2, weight_decay=0.1)
     d.train()
     visited = {float(t) for t in scheduler.timesteps[:2]}
@@ -177,8 +188,15 @@ def test_full_qat_trains_base_weights_against_the_frozen_teacher(tmp_path):
     teacher = copy.deepcopy(model)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     base_before = {k: v.clone() for k, v in model.state_dict().items() if "qal_" not in k}
-    cfg = DistillConfig(num_inference_steps=STEPS, batch_size=2, seed=3, max_train_steps=3 * STEPS,
-                        train_lora=False, train_base_weights=True, base_weight_lr=1e-3)
+    cfg = DistillConfig(
+        num_inference_steps=STEPS,
+        batch_size=2,
+        seed=3,
+        max_train_steps=3 * STEPS,
+        train_lora=False,
+        train_base_weights=True,
+        base_weight_lr=1e-3,
+    )
     d = DataFreeDistiller(model, scheduler, ClassLabelConditioning(10), (1, 8, 8), cfg, tmp_path, teacher=teacher)
     d.train()
     after = model.state_dict()
@@ -203,8 +221,16 @@ def test_a_separate_teacher_is_the_one_the_student_is_compared_with(tmp_path):
     teacher = copy.deepcopy(model)
     with torch.no_grad():
         teacher.conv_out.base_layer.bias += 1.0  # the teacher's output is shifted by 1 everywhere
-    cfg = DistillConfig(num_inference_steps=STEPS, batch_size=2, seed=3, max_train_steps=1, lora_lr=1e-12,
-                        weight_step_lr=1e-12, act_step_lr=1e-12)
-    history = DataFreeDistiller(model, scheduler, ClassLabelConditioning(10), (1, 8, 8), cfg, tmp_path,
-                                teacher=teacher).train()["history"]
+    cfg = DistillConfig(
+        num_inference_steps=STEPS,
+        batch_size=2,
+        seed=3,
+        max_train_steps=1,
+        lora_lr=1e-12,
+        weight_step_lr=1e-12,
+        act_step_lr=1e-12,
+    )
+    history = DataFreeDistiller(
+        model, scheduler, ClassLabelConditioning(10), (1, 8, 8), cfg, tmp_path, teacher=teacher
+    ).train()["history"]
     assert history[0]["loss"] > 0.5  # ~1 + quantization error; sharing the student's weights would give ~0.01

@@ -200,8 +200,15 @@ def test_plot_step_sizes(tmp_path):
 def test_results_markdown_shows_a_spread_only_over_several_seeds():
     from diffusers_qalora.evaluation.report import results_markdown
 
-    row = {"method": "m", "fid_mean": 30.0, "fid_std": 0.0, "accuracy_mean": 0.99, "accuracy_std": 0.0,
-           "x0_mse_mean": 0.002, "x0_mse_std": 0.0}
+    row = {
+        "method": "m",
+        "fid_mean": 30.0,
+        "fid_std": 0.0,
+        "accuracy_mean": 0.99,
+        "accuracy_std": 0.0,
+        "x0_mse_mean": 0.002,
+        "x0_mse_std": 0.0,
+    }
     one = results_markdown([{**row, "per_seed": [{}]}], "t", "cmd")
     assert "| 30.00 | — | 99.0 | 0.00200 |" in one and "±" not in one
     three = results_markdown([{**row, "fid_std": 4.5, "per_seed": [{}, {}, {}]}], "t", "cmd")
@@ -212,13 +219,19 @@ def test_fid_ratio_to_fp_is_taken_per_seed():
     from diffusers_qalora.evaluation.report import fid_ratio_to_fp, results_markdown
 
     def row(method, fids, seeds=(0, 1)):
-        return {"method": method, "fid_mean": sum(fids) / len(fids), "fid_std": 1.0, "accuracy_mean": 0.99,
-                "accuracy_std": 0.0, "per_seed": [{"seed": s, "fid": f} for s, f in zip(seeds, fids)]}
+        return {
+            "method": method,
+            "fid_mean": sum(fids) / len(fids),
+            "fid_std": 1.0,
+            "accuracy_mean": 0.99,
+            "accuracy_std": 0.0,
+            "per_seed": [{"seed": s, "fid": f} for s, f in zip(seeds, fids)],
+        }
 
     fp, quant = row("FP", [10.0, 30.0]), row("q", [20.0, 30.0])
     mean, std = fid_ratio_to_fp(quant, fp)
     # per seed 2.0 and 1.0, not the ratio of the means (50 / 40 = 1.25)
-    assert mean == pytest.approx(1.5) and std == pytest.approx(0.5 ** 0.5)
+    assert mean == pytest.approx(1.5) and std == pytest.approx(0.5**0.5)
     assert fid_ratio_to_fp(row("q", [20.0, 30.0], seeds=(0, 2)), fp) is None  # other seeds: no pairing
     assert fid_ratio_to_fp(row("q", [20.0], seeds=(0,)), row("FP", [10.0], seeds=(0,))) == (2.0, None)
     table = results_markdown([fp, quant], "t", "cmd")

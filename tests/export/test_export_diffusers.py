@@ -155,8 +155,9 @@ def test_export_before_save_is_required(tmp_path):
 
 def test_ptq_on_load_then_export_then_reload(tmp_path):
     make_unet2d().save_pretrained(tmp_path / "float")
-    cfg = dq.QALoraQuantConfig(weight_bits=4, act_bits=8, r=4, timesteps=[0.0, 500.0, 999.0], weight_init="minmax",
-                               act_init="minmax")
+    cfg = dq.QALoraQuantConfig(
+        weight_bits=4, act_bits=8, r=4, timesteps=[0.0, 500.0, 999.0], weight_init="minmax", act_init="minmax"
+    )
     model = UNet2DModel.from_pretrained(tmp_path / "float", quantization_config=cfg)
     dq.calibrate_activations(model, lambda: [model(**unet2d_inputs(t)) for t in (0.0, 500.0, 999.0)])
     inputs = unet2d_inputs(250.0)
@@ -197,17 +198,31 @@ def test_dtype_cast_of_an_integer_model_is_refused(exported_unet2d_dir):
 def test_pipeline_round_trip_and_quant_mapping(tmp_path):
     pipe = make_tiny_sd_pipeline()
     pipe.save_pretrained(tmp_path / "float")
-    mapping = PipelineQuantizationConfig(quant_mapping={"unet": dq.QALoraQuantConfig(
-        weight_bits=4, act_bits=8, r=4, timesteps=[1.0, 501.0, 951.0], weight_init="minmax", act_init="minmax",
-    )})
+    mapping = PipelineQuantizationConfig(
+        quant_mapping={
+            "unet": dq.QALoraQuantConfig(
+                weight_bits=4,
+                act_bits=8,
+                r=4,
+                timesteps=[1.0, 501.0, 951.0],
+                weight_init="minmax",
+                act_init="minmax",
+            )
+        }
+    )
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "float", quantization_config=mapping)
     assert any(isinstance(m, QALoraLayer) for m in pipe.unet.modules())
     assert not any(isinstance(m, QALoraLayer) for m in pipe.vae.modules())
     pipe.set_progress_bar_config(disable=True)
 
     def sample(p):
-        return p("a digit", num_inference_steps=3, guidance_scale=2.0, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
+        return p(
+            "a digit",
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     dq.calibrate_activations(pipe.unet, lambda: sample(pipe))
     pipe.unet = dq.export_quantized(pipe.unet)

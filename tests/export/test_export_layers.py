@@ -32,8 +32,17 @@ def _tables(num_timesteps: int, signed: bool, gen: torch.Generator):
     return t, scale, zp
 
 
-def _layer(kind: str, weight_bits=4, act_bits=8, signed=False, group_size=None, bias=True, num_timesteps=4,
-           seed=0, conv_kwargs=None):
+def _layer(
+    kind: str,
+    weight_bits=4,
+    act_bits=8,
+    signed=False,
+    group_size=None,
+    bias=True,
+    num_timesteps=4,
+    seed=0,
+    conv_kwargs=None,
+):
     gen = torch.Generator().manual_seed(seed)
     layout = IntegerLayout(kind, weight_bits, act_bits, signed, group_size, num_timesteps)
     if kind == "linear":
@@ -96,13 +105,22 @@ def _int_oracle(layer, codes, w_scale, b, x, t_value):
         ph, pw = layer.padding
         q, padding = F.pad(q.double(), (pw, pw, ph, ph), mode=layer.padding_mode).to(torch.int64), (0, 0)
     for g in range(groups):
-        wg = codes.reshape(codes.shape[0], -1)[:, g * e:(g + 1) * e].to(torch.int64)
+        wg = codes.reshape(codes.shape[0], -1)[:, g * e : (g + 1) * e].to(torch.int64)
         if lay.kind == "linear":
-            acc = q[..., g * e:(g + 1) * e] @ wg.t()
+            acc = q[..., g * e : (g + 1) * e] @ wg.t()
         else:  # float64 holds these integer sums exactly
             c = layer.in_channels // groups
-            acc = F.conv2d(q[:, g * c:(g + 1) * c].double(), wg.reshape(codes.shape[0], c, *codes.shape[2:]).double(),
-                           None, layer.stride, padding).round().to(torch.int64)
+            acc = (
+                F.conv2d(
+                    q[:, g * c : (g + 1) * c].double(),
+                    wg.reshape(codes.shape[0], c, *codes.shape[2:]).double(),
+                    None,
+                    layer.stride,
+                    padding,
+                )
+                .round()
+                .to(torch.int64)
+            )
         scale = w_scale[:, g].double() * float(s)
         out = out + acc.double() * (scale if lay.kind == "linear" else scale[:, None, None])
     if b is not None:
@@ -213,8 +231,9 @@ def test_mixed_timesteps_run_one_integer_call_matching_the_oracle(kind, kwargs, 
     # Integer timesteps read the dense per-layer table; fractional ones (e.g. from a sigma schedule) interpolate.
     for timesteps in (MIXED, MIXED - 0.25):
         context.set(timesteps)
-        expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t))
-                              for i, t in enumerate(timesteps)])
+        expected = torch.cat(
+            [_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t)) for i, t in enumerate(timesteps)]
+        )
         tol = {"rtol": 1e-5, "atol": 2e-6 * float(expected.abs().max())}
         layer.exact_activation_rounding = True
         calls.clear()
@@ -234,8 +253,9 @@ def test_mixed_timesteps_with_drifted_zero_points_pad_with_each_zero_point():
     layer.exact_activation_rounding = True
     x = _x("conv2d", batch=4) + 1.0
     context.set(torch.tensor([0.0, 250.0, 500.0, 999.0]))
-    expected = torch.cat([_int_oracle(layer, codes, w_scale, b, x[i : i + 1], t)
-                          for i, t in enumerate([0.0, 250.0, 500.0, 999.0])])
+    expected = torch.cat(
+        [_int_oracle(layer, codes, w_scale, b, x[i : i + 1], t) for i, t in enumerate([0.0, 250.0, 500.0, 999.0])]
+    )
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
 
 

@@ -56,8 +56,13 @@ def _integer_kernel_calls(model, inputs) -> dict[str, int]:
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(**inputs)
-    names = ("onednn::qconv2d_pointwise", "onednn::qlinear_pointwise", "aten::quantize_per_tensor",
-             "aten::convolution", "aten::linear")
+    names = (
+        "onednn::qconv2d_pointwise",
+        "onednn::qlinear_pointwise",
+        "aten::quantize_per_tensor",
+        "aten::convolution",
+        "aten::linear",
+    )
     return {n: sum(e.count for e in prof.key_averages() if e.key == n) for n in names}
 
 
@@ -81,8 +86,10 @@ def test_each_integer_layer_reproduces_its_qalora_layer():
     model = qalora(make_unet2d(), unet2d_inputs, 4, 8)
     inputs = unet2d_inputs(torch.tensor([0.0, 999.0, 500.0, 999.0]))
     seen = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, (a[0].clone(), o.clone())))
-             for name, layer in qalora_layers(model).items()]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, (a[0].clone(), o.clone())))
+        for name, layer in qalora_layers(model).items()
+    ]
     _outputs(model, inputs)
     for h in hooks:
         h.remove()
@@ -196,8 +203,9 @@ def test_peft_model_wrapper_is_unwrapped():
     import peft
 
     base = make_unet2d()
-    wrapped = peft.get_peft_model(base, dq.QALoraConfig(r=4, timesteps=list((0.0, 999.0)), weight_init="minmax",
-                                                        act_init="minmax"))
+    wrapped = peft.get_peft_model(
+        base, dq.QALoraConfig(r=4, timesteps=list((0.0, 999.0)), weight_init="minmax", act_init="minmax")
+    )
     dq.calibrate_activations(base, lambda: [base(**unet2d_inputs(t)) for t in (0.0, 999.0)])
     inputs = unet2d_inputs(500.0)
     fq = _outputs(base, inputs)

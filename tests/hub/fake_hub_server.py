@@ -183,8 +183,9 @@ class FakeHubServer:
     def _create_repo(self, repo_id: str, private: bool, token: str | None) -> Repo:
         repo = Repo(repo_id=repo_id, private=private, owner_token=token)
         sha = self._new_sha(repo_id, "initial commit")
-        repo.commits[sha] = Commit(sha, None, "initial commit", "", {".gitattributes": StoredFile(GITATTRIBUTES, False)},
-                                   _now())
+        repo.commits[sha] = Commit(
+            sha, None, "initial commit", "", {".gitattributes": StoredFile(GITATTRIBUTES, False)}, _now()
+        )
         repo.refs["main"] = sha
         self.repos[repo_id] = repo
         return repo
@@ -222,8 +223,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json", head: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        head: bool = False,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
@@ -273,8 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # -- routing -------------------------------------------------------------------------------------------------------------
-def _route(h: _Handler, hub: FakeHubServer, method: str, seg: list[str], query: dict[str, str], body: bytes,
-           token: str | None) -> None:
+def _route(
+    h: _Handler, hub: FakeHubServer, method: str, seg: list[str], query: dict[str, str], body: bytes, token: str | None
+) -> None:
     if seg[:2] == ["api", "repos"] and seg[2:] == ["create"] and method == "POST":
         return _create_repo(h, hub, json.loads(body), token)
     if seg[:2] == ["api", "validate-yaml"] and method == "POST":
@@ -293,7 +301,7 @@ def _route(h: _Handler, hub: FakeHubServer, method: str, seg: list[str], query: 
         return _lfs_batch(h, hub, _repo(hub, repo_id, token), json.loads(body))
     if "resolve" in seg and method in ("GET", "HEAD"):
         i = seg.index("resolve")
-        return _resolve(h, hub, "/".join(seg[:i]), seg[i + 1], "/".join(seg[i + 2:]), token, method == "HEAD")
+        return _resolve(h, hub, "/".join(seg[:i]), seg[i + 1], "/".join(seg[i + 2 :]), token, method == "HEAD")
     raise HubError(404, f"no such endpoint: {method} /{'/'.join(seg)}")
 
 
@@ -340,8 +348,9 @@ def _validate_yaml(h: _Handler, payload: dict) -> None:
     return h._json(200, {"errors": [], "warnings": []})
 
 
-def _api(h: _Handler, hub: FakeHubServer, method: str, rest: list[str], query: dict[str, str], body: bytes,
-         token: str | None) -> None:
+def _api(
+    h: _Handler, hub: FakeHubServer, method: str, rest: list[str], query: dict[str, str], body: bytes, token: str | None
+) -> None:
     # Every repo here is "namespace/name" (create_repo puts a bare name under DEFAULT_USER).
     repo_id, action, args = "/".join(rest[:2]), (rest[2] if len(rest) > 2 else None), rest[3:]
     repo = _repo(hub, repo_id, token)
@@ -351,8 +360,15 @@ def _api(h: _Handler, hub: FakeHubServer, method: str, rest: list[str], query: d
     if action == "refs" and method == "GET":
         ref = lambda name: {"name": name, "ref": f"refs/heads/{name}", "targetCommit": repo.refs[name]}  # noqa: E731
         prs = [{"name": n, "ref": n, "targetCommit": s} for n, s in repo.refs.items() if n.startswith("refs/pr/")]
-        return h._json(200, {"branches": [ref(n) for n in repo.refs if not n.startswith("refs/")], "converts": [],
-                             "tags": [], **({"pullRequests": prs} if query.get("include_prs") else {})})
+        return h._json(
+            200,
+            {
+                "branches": [ref(n) for n in repo.refs if not n.startswith("refs/")],
+                "converts": [],
+                "tags": [],
+                **({"pullRequests": prs} if query.get("include_prs") else {}),
+            },
+        )
     if action == "tree" and method == "GET":
         commit = _commit_at(repo, args[0])
         return h._json(200, _tree(commit, "/".join(args[1:]), query.get("recursive") in ("True", "true", "1")))
@@ -367,8 +383,9 @@ def _api(h: _Handler, hub: FakeHubServer, method: str, rest: list[str], query: d
             lfs = entry["path"].endswith(LFS_SUFFIXES) or entry["size"] > 10 * 1024 * 1024
             old = commit.files.get(entry["path"]) if commit else None
             oid = None if old is None else (old.sha256 if old.lfs else git_blob_sha1(old.data))
-            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": oid})
+            files.append(
+                {"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         return h._json(200, {"files": files})
     if action == "branch" and method == "POST":
         name = "/".join(args)
@@ -385,10 +402,19 @@ def _api(h: _Handler, hub: FakeHubServer, method: str, rest: list[str], query: d
 def _model_info(repo: Repo, commit: Commit) -> dict:
     card = _card_data(commit)
     return {
-        "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": commit.sha,
-        "private": repo.private, "gated": False, "disabled": False, "lastModified": commit.date,
-        "createdAt": commit.date, "tags": list(card.get("tags") or []), "library_name": card.get("library_name"),
-        "cardData": card or None, "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+        "id": repo.repo_id,
+        "modelId": repo.repo_id,
+        "author": repo.repo_id.split("/")[0],
+        "sha": commit.sha,
+        "private": repo.private,
+        "gated": False,
+        "disabled": False,
+        "lastModified": commit.date,
+        "createdAt": commit.date,
+        "tags": list(card.get("tags") or []),
+        "library_name": card.get("library_name"),
+        "cardData": card or None,
+        "siblings": [{"rfilename": p} for p in sorted(commit.files)],
     }
 
 
@@ -404,7 +430,7 @@ def _tree(commit: Commit, path: str, recursive: bool) -> list[dict]:
     for name, stored in sorted(commit.files.items()):
         if not name.startswith(prefix):
             continue
-        rest = name[len(prefix):]
+        rest = name[len(prefix) :]
         parts = rest.split("/")
         for depth in range(1, len(parts)):
             folder = prefix + "/".join(parts[:depth])
@@ -429,11 +455,14 @@ def _lfs_batch(h: _Handler, hub: FakeHubServer, repo: Repo, payload: dict) -> No
     for obj in payload["objects"]:
         entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
         if obj["oid"] not in hub.lfs_objects:
-            entry["actions"] = {"upload": {"href": f"{hub.url}/__lfs__/{obj['oid']}"},
-                                "verify": {"href": f"{hub.url}/__lfs_verify__"}}
+            entry["actions"] = {
+                "upload": {"href": f"{hub.url}/__lfs__/{obj['oid']}"},
+                "verify": {"href": f"{hub.url}/__lfs_verify__"},
+            }
         objects.append(entry)
-    h._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-            content_type="application/vnd.git-lfs+json")
+    h._send(
+        200, json.dumps({"transfer": "basic", "objects": objects}).encode(), content_type="application/vnd.git-lfs+json"
+    )
 
 
 def _lfs_put(h: _Handler, hub: FakeHubServer, oid: str, body: bytes) -> None:
@@ -443,8 +472,9 @@ def _lfs_put(h: _Handler, hub: FakeHubServer, oid: str, body: bytes) -> None:
     h._send(200)
 
 
-def _commit(h: _Handler, hub: FakeHubServer, repo: Repo, revision: str, create_pr: bool, body: bytes,
-            token: str | None) -> None:
+def _commit(
+    h: _Handler, hub: FakeHubServer, repo: Repo, revision: str, create_pr: bool, body: bytes, token: str | None
+) -> None:
     if hub.fail_commits:
         raise HubError(500, "commit failed (FakeHubServer.fail_commits is set)")
     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
@@ -491,21 +521,38 @@ def _commit(h: _Handler, hub: FakeHubServer, repo: Repo, revision: str, create_p
     else:
         ref = revision
     repo.refs[ref] = sha
-    hub.commits.append(CommitRecord(repo.repo_id, revision, ref, create_pr, header.get("summary", ""),
-                                    header.get("description", ""), added, deleted, sha, f"Bearer {token}", pr_url))
-    h._json(200, {"commitUrl": f"{hub.url}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
-                  "pullRequestUrl": pr_url})
+    hub.commits.append(
+        CommitRecord(
+            repo.repo_id,
+            revision,
+            ref,
+            create_pr,
+            header.get("summary", ""),
+            header.get("description", ""),
+            added,
+            deleted,
+            sha,
+            f"Bearer {token}",
+            pr_url,
+        )
+    )
+    h._json(200, {"commitUrl": f"{hub.url}/{repo.repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pr_url})
 
 
-def _resolve(h: _Handler, hub: FakeHubServer, repo_id: str, revision: str, path: str, token: str | None,
-             head: bool) -> None:
+def _resolve(
+    h: _Handler, hub: FakeHubServer, repo_id: str, revision: str, path: str, token: str | None, head: bool
+) -> None:
     repo = _repo(hub, repo_id, token)
     commit = _commit_at(repo, revision)
     stored = commit.files.get(path)
     if stored is None:
         raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit.sha})
-    headers = {"ETag": f'"{stored.git_oid}"', "X-Repo-Commit": commit.sha, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'inline; filename="{quote(path.rsplit("/", 1)[-1])}"'}
+    headers = {
+        "ETag": f'"{stored.git_oid}"',
+        "X-Repo-Commit": commit.sha,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'inline; filename="{quote(path.rsplit("/", 1)[-1])}"',
+    }
     if stored.lfs:
         headers.update({"X-Linked-Etag": f'"{stored.sha256}"', "X-Linked-Size": str(len(stored.data))})
     data = stored.data
@@ -539,22 +586,31 @@ def hub_client_environment(endpoint: str, hf_home: str | os.PathLike, offline: b
     cache = home / "hub"
     token_path = home / "token"
     with pytest.MonkeyPatch.context() as mp:
-        env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_XET": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN_PATH": str(token_path),
-               "NO_PROXY": ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))}
+        env = {
+            "HF_ENDPOINT": endpoint,
+            "HF_HOME": str(home),
+            "HF_HUB_CACHE": str(cache),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_TOKEN_PATH": str(token_path),
+            "NO_PROXY": ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"])),
+        }
         for key, value in env.items():
             mp.setenv(key, value)
-        for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                    "HF_OIDC_RESOURCE"):
+        for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE"):
             mp.delenv(key, raising=False)
         if offline:
             mp.setenv("HF_HUB_OFFLINE", "1")
         patches = {
             "ENDPOINT": endpoint,
             "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-            "HF_HOME": str(home), "HF_HUB_CACHE": str(cache), "HF_TOKEN_PATH": str(token_path),
-            "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"), "HF_HUB_OFFLINE": offline,
-            "HF_HUB_DISABLE_XET": True, "HF_HUB_DISABLE_TELEMETRY": True,
+            "HF_HOME": str(home),
+            "HF_HUB_CACHE": str(cache),
+            "HF_TOKEN_PATH": str(token_path),
+            "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+            "HF_HUB_OFFLINE": offline,
+            "HF_HUB_DISABLE_XET": True,
+            "HF_HUB_DISABLE_TELEMETRY": True,
         }
         for name, value in patches.items():
             mp.setattr(constants, name, value)

@@ -44,8 +44,15 @@ def qalora_unet(weight_bits: int = 4, act_bits: int = 4, seed: int = 0, calibrat
     """The tiny UNet2DModel with a QALoRA adapter: random B (a non-zero update, as after distillation), calibrated at
     every table timestep."""
     torch.manual_seed(seed)
-    cfg = dq.QALoraConfig(r=2, weight_bits=weight_bits, act_bits=act_bits, timesteps=list(TABLE),
-                          weight_init="minmax", act_init="minmax", init_weights=False)
+    cfg = dq.QALoraConfig(
+        r=2,
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        timesteps=list(TABLE),
+        weight_init="minmax",
+        act_init="minmax",
+        init_weights=False,
+    )
     model = dq.get_qalora_model(make_unet2d(), cfg)
     dq.calibrate_activations(model, lambda: [model(**unet2d_inputs(t, seed=calibration_seed)) for t in TABLE])
     return model
@@ -84,7 +91,13 @@ def adapter_model():
 @pytest.fixture(scope="module")
 def pushed_adapter(fake_hub, base_repo, adapter_model):
     model, expected = adapter_model
-    info = dq.push_qalora_adapter(model, "test-org/tiny-qalora", token=TOKEN, commit_message="first push", card=CardInfo(base_model=base_repo, results=RESULTS, sample_grid=GRID))
+    info = dq.push_qalora_adapter(
+        model,
+        "test-org/tiny-qalora",
+        token=TOKEN,
+        commit_message="first push",
+        card=CardInfo(base_model=base_repo, results=RESULTS, sample_grid=GRID),
+    )
     return "test-org/tiny-qalora", info
 
 
@@ -118,14 +131,22 @@ def test_push_adapter_then_load_by_repo_id(fake_hub, pushed_adapter, adapter_mod
     assert record.authorization == f"Bearer {TOKEN}" and info.oid == record.sha
     assert info.commit_url.endswith(record.sha) and server.repos[repo_id].refs["main"] == record.sha
     files = server.files(repo_id)
-    assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors",
-                          "results.json", "sample_grid.png"}
+    assert set(files) == {
+        ".gitattributes",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "results.json",
+        "sample_grid.png",
+    }
     assert files["adapter_model.safetensors"].lfs and files["sample_grid.png"].data == GRID.read_bytes()
     assert files["results.json"].data == RESULTS.read_bytes()  # the run's own file, as it is
     # The uploaded tensors are what save_qalora_adapter writes locally.
     dq.save_qalora_adapter(model, tmp_path)
-    local, remote = load_file(tmp_path / "adapter_model.safetensors"), load_file(
-        _saved(files["adapter_model.safetensors"].data, tmp_path / "remote.safetensors"))
+    local, remote = (
+        load_file(tmp_path / "adapter_model.safetensors"),
+        load_file(_saved(files["adapter_model.safetensors"].data, tmp_path / "remote.safetensors")),
+    )
     assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
 
     fresh = make_unet2d()
@@ -172,7 +193,9 @@ def test_adapter_model_card(fake_hub, pushed_adapter, adapter_model, base_repo):
     exec(snippet, namespace)
     assert_same_outputs(namespace["unet"], adapter_model[1])
     # The card is a function of its inputs: rebuilt locally (results given as the job's output folder), it is the same.
-    again = dq.hub.qalora_adapter_card(adapter_model[0], repo_id, info=CardInfo(base_model=base_repo, results=BENCH, sample_grid="sample_grid.png"))
+    again = dq.hub.qalora_adapter_card(
+        adapter_model[0], repo_id, info=CardInfo(base_model=base_repo, results=BENCH, sample_grid="sample_grid.png")
+    )
     assert again.content.strip() == card.content.strip()
 
 
@@ -180,8 +203,10 @@ def test_base_model_recorded_by_from_pretrained(fake_hub, base_repo):
     """A model loaded from the Hub remembers its id: the card names it without `base_model=` and does not warn."""
     import warnings
 
-    unet = dq.get_qalora_model(UNet2DModel.from_pretrained(base_repo), dq.QALoraConfig(
-        r=2, timesteps=list(TABLE), weight_init="minmax", act_init="minmax"))
+    unet = dq.get_qalora_model(
+        UNet2DModel.from_pretrained(base_repo),
+        dq.QALoraConfig(r=2, timesteps=list(TABLE), weight_init="minmax", act_init="minmax"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", ModelCardWarning)
         card = dq.hub.qalora_adapter_card(unet, "test-org/z")
@@ -215,7 +240,14 @@ def test_branch_and_pull_request(fake_hub, pushed_adapter, adapter_model):
     other = qalora_unet(seed=5, calibration_seed=12)
     other_expected = outputs(other)
     assert not torch.equal(other_expected[0], adapter_model[1][0])
-    info = dq.push_qalora_adapter(other, repo_id, token=TOKEN, revision="v2", commit_message="second adapter on a branch", card=CardInfo(base_model=BASE_REPO))
+    info = dq.push_qalora_adapter(
+        other,
+        repo_id,
+        token=TOKEN,
+        revision="v2",
+        commit_message="second adapter on a branch",
+        card=CardInfo(base_model=BASE_REPO),
+    )
     record = server.commits[-1]
     assert (record.ref, record.revision, record.create_pr) == ("v2", "v2", False) and info.pr_url is None
     assert server.repos[repo_id].refs["main"] == main_head  # main untouched
@@ -224,13 +256,23 @@ def test_branch_and_pull_request(fake_hub, pushed_adapter, adapter_model):
     (snippet,) = code_blocks(server.file(repo_id, "README.md", "v2").decode())
     assert 'revision="v2"' in snippet
 
-    pr = dq.push_qalora_adapter(other, repo_id, token=TOKEN, create_pr=True, commit_message="proposal", commit_description="a better adapter", card=CardInfo(base_model=BASE_REPO))
+    pr = dq.push_qalora_adapter(
+        other,
+        repo_id,
+        token=TOKEN,
+        create_pr=True,
+        commit_message="proposal",
+        commit_description="a better adapter",
+        card=CardInfo(base_model=BASE_REPO),
+    )
     record = server.commits[-1]
     assert record.create_pr and record.ref == "refs/pr/1" and record.description == "a better adapter"
     assert pr.pr_url == record.pr_url and pr.pr_url.endswith("/discussions/1")
     assert server.repos[repo_id].refs["main"] == main_head
     assert_same_outputs(dq.load_qalora_adapter(make_unet2d(), repo_id, revision="refs/pr/1"), other_expected)
-    dq.push_qalora_adapter(adapter_model[0], repo_id, token=TOKEN, create_pr=True, revision="v2", card=CardInfo(base_model=BASE_REPO))
+    dq.push_qalora_adapter(
+        adapter_model[0], repo_id, token=TOKEN, create_pr=True, revision="v2", card=CardInfo(base_model=BASE_REPO)
+    )
     record = server.commits[-1]
     assert (record.revision, record.ref, record.create_pr) == ("v2", "refs/pr/2", True)  # a PR against the branch
     assert_same_outputs(dq.load_qalora_adapter(make_unet2d(), repo_id, revision="refs/pr/2"), adapter_model[1])
@@ -238,7 +280,9 @@ def test_branch_and_pull_request(fake_hub, pushed_adapter, adapter_model):
 
 def test_private_repo_needs_its_token(fake_hub, adapter_model):
     model, expected = adapter_model
-    dq.push_qalora_adapter(model, "test-org/private-qalora", token=TOKEN, private=True, card=CardInfo(base_model=BASE_REPO))
+    dq.push_qalora_adapter(
+        model, "test-org/private-qalora", token=TOKEN, private=True, card=CardInfo(base_model=BASE_REPO)
+    )
     assert fake_hub.server.repos["test-org/private-qalora"].private
     create = [r for r in fake_hub.server.requests if r[1] == "/api/repos/create"][-1]
     assert create[2] == f"Bearer {TOKEN}"
@@ -334,11 +378,22 @@ def test_offline_load_from_the_cache_after_the_server_stopped(tmp_path, adapter_
         "except Exception as err:\n"
         "    print(type(err).__name__, '|', str(err).splitlines()[0])\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_ENDPOINT": dead_endpoint, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.safetensors")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_ENDPOINT": dead_endpoint,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out.safetensors")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = load_file(tmp_path / "out.safetensors")
     for i in range(len(PROBE_TIMESTEPS)):
@@ -360,8 +415,9 @@ def test_missing_repo(fake_hub):
 def test_wrong_revision(fake_hub, pushed_adapter, exported_model):
     repo_id, _ = pushed_adapter
     model = make_unet2d()
-    with pytest.raises(RevisionNotFoundError,
-                       match=rf"Hub repo '{repo_id}' has no revision 'no-such-branch'(.|\n)*list_repo_refs"):
+    with pytest.raises(
+        RevisionNotFoundError, match=rf"Hub repo '{repo_id}' has no revision 'no-such-branch'(.|\n)*list_repo_refs"
+    ):
         dq.load_qalora_adapter(model, repo_id, revision="no-such-branch")
     assert not hasattr(model, "peft_config")
     with pytest.raises(OSError, match="no-such-branch"):
@@ -373,8 +429,11 @@ def test_repos_holding_other_adapters(fake_hub, tmp_path, base_repo):
     peft.get_peft_model(make_unet2d(), LoraConfig(r=2, target_modules=["to_q"])).save_pretrained(tmp_path / "peft")
     upload_folder(tmp_path / "peft", "test-org/plain-lora")
     model = make_unet2d()
-    with pytest.raises(ValueError, match=r"Hub repo 'test-org/plain-lora' \(revision 'main'\) holds a 'LORA' "
-                                         r"adapter, not a QALoRA one(.|\n)*load_lora_weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"Hub repo 'test-org/plain-lora' \(revision 'main'\) holds a 'LORA' "
+        r"adapter, not a QALoRA one(.|\n)*load_lora_weights",
+    ):
         dq.load_qalora_adapter(model, "test-org/plain-lora")
     assert not hasattr(model, "peft_config")
     # A diffusers LoRA: pytorch_lora_weights.safetensors and no adapter_config.json.
@@ -382,8 +441,11 @@ def test_repos_holding_other_adapters(fake_hub, tmp_path, base_repo):
     lora_unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
     lora_unet.save_lora_adapter(tmp_path / "diffusers")
     upload_folder(tmp_path / "diffusers", "test-org/diffusers-lora")
-    with pytest.raises(EntryNotFoundError, match=r"has no file 'adapter_config.json'(.|\n)*diffusers LoRA "
-                                                 r"\(pytorch_lora_weights.safetensors\)(.|\n)*load_lora_weights"):
+    with pytest.raises(
+        EntryNotFoundError,
+        match=r"has no file 'adapter_config.json'(.|\n)*diffusers LoRA "
+        r"\(pytorch_lora_weights.safetensors\)(.|\n)*load_lora_weights",
+    ):
         dq.load_qalora_adapter(make_unet2d(), "test-org/diffusers-lora")
     # A model repo.
     with pytest.raises(EntryNotFoundError, match=r"holds a model \(config.json\)(.|\n)*from_pretrained"):
@@ -392,8 +454,11 @@ def test_repos_holding_other_adapters(fake_hub, tmp_path, base_repo):
 
 def test_offline_without_cache_is_a_clear_error(fake_hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(LocalEntryNotFoundError, match=r"'test-org/never-pulled' \(revision 'main'\) is not in the "
-                                                      r"local cache(.|\n)*HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        LocalEntryNotFoundError,
+        match=r"'test-org/never-pulled' \(revision 'main'\) is not in the "
+        r"local cache(.|\n)*HF_HUB_OFFLINE is set",
+    ):
         dq.load_qalora_adapter(make_unet2d(), "test-org/never-pulled")
 
 
@@ -408,9 +473,14 @@ def test_failed_push_leaves_local_files_and_model_unchanged(fake_hub, adapter_mo
     commits = len(fake_hub.server.commits)
     fake_hub.server.fail_commits = True
     try:
-        with pytest.raises(HfHubHTTPError, match=r"Pushing to Hub repo 'test-org/fails' failed; the local model and "
-                                                 r"files are unchanged"):
-            dq.push_qalora_adapter(model, "test-org/fails", token=TOKEN, card=CardInfo(results=results, sample_grid=grid))
+        with pytest.raises(
+            HfHubHTTPError,
+            match=r"Pushing to Hub repo 'test-org/fails' failed; the local model and "
+            r"files are unchanged",
+        ):
+            dq.push_qalora_adapter(
+                model, "test-org/fails", token=TOKEN, card=CardInfo(results=results, sample_grid=grid)
+            )
     finally:
         fake_hub.server.fail_commits = False
     assert len(fake_hub.server.commits) == commits
@@ -476,10 +546,29 @@ def test_distill_script_pushes_the_adapter_it_saved(fake_hub, tmp_path):
 
     make_tiny_sd_pipeline().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "out"
-    args = ["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out),
-            "--max_train_steps", "2", "--num_inference_steps", "3", "--train_batch_size", "1",
-            "--calibration_samples", "1", "--rank", "2", "--guidance_scale", "2.0",
-            "--push_to_hub", "--hub_model_id", "test-org/distilled-tiny-sd", "--hub_token", TOKEN]
+    args = [
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "pipe"),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--num_inference_steps",
+        "3",
+        "--train_batch_size",
+        "1",
+        "--calibration_samples",
+        "1",
+        "--rank",
+        "2",
+        "--guidance_scale",
+        "2.0",
+        "--push_to_hub",
+        "--hub_model_id",
+        "test-org/distilled-tiny-sd",
+        "--hub_token",
+        TOKEN,
+    ]
     with pytest.warns(ModelCardWarning, match="no base model"):  # a local pipeline folder has no Hub id
         main(args)
     local, pulled = make_sd15_unet(), make_sd15_unet()

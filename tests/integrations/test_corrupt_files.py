@@ -19,14 +19,16 @@ from diffusers_qalora.integrations.adapters import CHECKSUM_KEY
 def make_tiny_unet() -> torch.nn.Module:
     return make_unet2d(0, block_out_channels=(8, 16), norm_num_groups=4)
 
+
 TIMESTEPS = [0.0, 500.0, 999.0]
 WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    config = dq.QALoraConfig(r=4, weight_bits=4, act_bits=8, weight_init="minmax", act_init="minmax",
-                             timesteps=TIMESTEPS, init_weights=False)
+    config = dq.QALoraConfig(
+        r=4, weight_bits=4, act_bits=8, weight_init="minmax", act_init="minmax", timesteps=TIMESTEPS, init_weights=False
+    )
     model = dq.get_qalora_model(make_unet2d(), config)
     dq.calibrate_activations(model, lambda: [model(**unet2d_inputs(t)) for t in TIMESTEPS])
     folder = tmp_path_factory.mktemp("adapter")

@@ -13,8 +13,16 @@ TIMESTEPS = [0.0, 500.0, 999.0]
 
 
 def tiny_qalora_model() -> torch.nn.Module:
-    config = dq.QALoraConfig(r=4, lora_alpha=4, weight_bits=4, act_bits=8, weight_init="minmax", act_init="minmax",
-                             timesteps=TIMESTEPS, init_weights=False)
+    config = dq.QALoraConfig(
+        r=4,
+        lora_alpha=4,
+        weight_bits=4,
+        act_bits=8,
+        weight_init="minmax",
+        act_init="minmax",
+        timesteps=TIMESTEPS,
+        init_weights=False,
+    )
     model = dq.get_qalora_model(make_unet2d(), config)
     dq.calibrate_activations(model, lambda: model(**unet2d_inputs(500.0)))
     return model

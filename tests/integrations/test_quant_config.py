@@ -86,8 +86,9 @@ def test_regex_targets_are_kept():
 
 def test_regex_targets_select_the_layers_on_load(tmp_path):
     make_unet2d().save_pretrained(tmp_path)
-    config = dq.QALoraQuantConfig(target_modules=r".*attentions\.0\.to_(q|k)", modules_to_not_convert=r".*to_k",
-                                  eight_bit_modules=[], r=4)
+    config = dq.QALoraQuantConfig(
+        target_modules=r".*attentions\.0\.to_(q|k)", modules_to_not_convert=r".*to_k", eight_bit_modules=[], r=4
+    )
     model = UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
     wrapped = sorted(qalora_layers(model))
     assert wrapped and all(name.endswith("attentions.0.to_q") for name in wrapped)
@@ -126,11 +127,14 @@ def test_load_default_is_minmax_and_frozen_and_trainable_on_request(tmp_path):
     with pytest.raises(ValueError, match="no trainable QALoRA parameter"):
         dq.get_qalora_param_groups(frozen)
     # The frozen default is the min-max PTQ model: same weight steps as get_qalora_model with weight_init="minmax".
-    reference = dq.get_qalora_model(make_unet2d(), dq.QALoraConfig(r=4, act_bits=8, timesteps=timesteps,
-                                                                   weight_init="minmax"))
+    reference = dq.get_qalora_model(
+        make_unet2d(), dq.QALoraConfig(r=4, act_bits=8, timesteps=timesteps, weight_init="minmax")
+    )
     for name, layer in qalora_layers(frozen).items():
-        torch.testing.assert_close(layer.qal_weight_quantizer["default"].step,
-                                   qalora_layers(reference)[name].qal_weight_quantizer["default"].step)
+        torch.testing.assert_close(
+            layer.qal_weight_quantizer["default"].step,
+            qalora_layers(reference)[name].qal_weight_quantizer["default"].step,
+        )
     dq.calibrate_activations(frozen, lambda: [frozen(**unet2d_inputs(t)) for t in timesteps])
     assert torch.isfinite(output_of(frozen(**unet2d_inputs(500.0)))).all()
 

@@ -17,7 +17,9 @@ def declared_floors() -> dict[str, str]:
     # The `dependencies = [...]` list of [project] (tomllib is Python 3.11+; the package supports 3.10).
     text = PYPROJECT.read_text()
     deps = text[text.index("\ndependencies = [") : text.index("]", text.index("\ndependencies = ["))]
-    return {m.group(1).replace("-", "_").lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', deps)}
+    return {
+        m.group(1).replace("-", "_").lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', deps)
+    }
 
 
 def test_pyproject_declares_the_floors_the_import_checks():
@@ -58,6 +60,8 @@ def test_old_peft_and_diffusers_raise_an_import_error_naming_the_upgrade(monkeyp
 
 def test_missing_package_and_prereleases(monkeypatch):
     fake_versions(monkeypatch, safetensors=None, peft="0.21.0.dev0", diffusers="0.40.0rc1")
-    with pytest.raises(ImportError, match=r'(?s)safetensors is not installed.*pip install -U "safetensors>=0.8"$') as err:
+    with pytest.raises(
+        ImportError, match=r'(?s)safetensors is not installed.*pip install -U "safetensors>=0.8"$'
+    ) as err:
         versions.check_dependency_versions()
     assert "peft " not in str(err.value) and "diffusers " not in str(err.value)  # a dev build of a floor passes

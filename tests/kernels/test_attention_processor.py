@@ -31,8 +31,16 @@ TABLE = [0.0, 250.0, 500.0, 999.0]
 
 
 def _config(**kwargs) -> dq.QALoraConfig:
-    base = {"weight_bits": 8, "act_bits": 8, "timesteps": TABLE, "quantize_attention": True, "init_weights": False,
-            "r": 4, "weight_init": "minmax", "act_init": "minmax"}  # the cheap initialisers keep the tests fast
+    base = {
+        "weight_bits": 8,
+        "act_bits": 8,
+        "timesteps": TABLE,
+        "quantize_attention": True,
+        "init_weights": False,
+        "r": 4,
+        "weight_init": "minmax",
+        "act_init": "minmax",
+    }  # the cheap initialisers keep the tests fast
     return dq.QALoraConfig(**{**base, **kwargs})
 
 

@@ -143,8 +143,14 @@ def test_without_resolver_the_quantizers_run_fake_quantize():
 
 def _integer_linear() -> IntegerLinear:
     layer = IntegerLinear(8, 4, True, IntegerLayout("linear", 8, 8))
-    layer.load_codes_(torch.randint(-8, 8, (4, 8)), torch.full((4, 1), 0.1), torch.zeros(4), torch.zeros(1),
-                      torch.ones(1), torch.zeros(1))
+    layer.load_codes_(
+        torch.randint(-8, 8, (4, 8)),
+        torch.full((4, 1), 0.1),
+        torch.zeros(4),
+        torch.zeros(1),
+        torch.ones(1),
+        torch.zeros(1),
+    )
     layer.context = TimestepContext()
     return layer
 

@@ -25,8 +25,16 @@ FLUX_TABLE = [0.0, 0.25, 0.5, 1.0]  # Flux's timestep argument lies in [0, 1]
 
 
 def _config(table, **kwargs) -> dq.QALoraConfig:
-    base = {"weight_bits": 8, "act_bits": 8, "timesteps": table, "quantize_attention": True, "init_weights": False,
-            "r": 4, "weight_init": "minmax", "act_init": "minmax"}
+    base = {
+        "weight_bits": 8,
+        "act_bits": 8,
+        "timesteps": table,
+        "quantize_attention": True,
+        "init_weights": False,
+        "r": 4,
+        "weight_init": "minmax",
+        "act_init": "minmax",
+    }
     return dq.QALoraConfig(**{**base, **kwargs})
 
 
@@ -34,8 +42,16 @@ def make_flux_guided(seed: int = 0) -> FluxTransformer2DModel:
     """Tiny Flux-dev-like model: a guidance embedding beside the timestep embedding."""
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
         guidance_embeds=True,
     ).eval()
 
@@ -46,9 +62,19 @@ def make_sd35(seed: int = 0):
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
-        pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,),
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
     ).eval()
 
 
@@ -149,7 +175,11 @@ def _independent_flux(attn, hidden, context, rotary, t, mask=None):
     q, k = attn.norm_q(q), attn.norm_k(k)
     if context is not None:
         cq, ck, cv = heads(attn.add_q_proj(context)), heads(attn.add_k_proj(context)), heads(attn.add_v_proj(context))
-        q, k, v = torch.cat([attn.norm_added_q(cq), q], 1), torch.cat([attn.norm_added_k(ck), k], 1), torch.cat([cv, v], 1)
+        q, k, v = (
+            torch.cat([attn.norm_added_q(cq), q], 1),
+            torch.cat([attn.norm_added_k(ck), k], 1),
+            torch.cat([cv, v], 1),
+        )
     cos, sin = rotary
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     out = _explicit_attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), t, d**-0.5, mask)

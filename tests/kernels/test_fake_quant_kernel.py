@@ -116,7 +116,9 @@ def test_edges_zero_size_single_element_and_blocks(numel):
 def test_inference_path_and_layouts_the_kernel_does_not_cover():
     x, step, zp, qmin, qmax = _case((4, 3, 5), (4, 3, 1), True, torch.float32)
     with torch.no_grad():
-        assert torch.equal(fused_fake_quantize(x, step, zp, qmin, qmax), fake_quantize_reference(x, step, zp, qmin, qmax))
+        assert torch.equal(
+            fused_fake_quantize(x, step, zp, qmin, qmax), fake_quantize_reference(x, step, zp, qmin, qmax)
+        )
     # Step dims that are not adjacent in x: the torch reference runs (same numbers by construction).
     assert param_layout((4, 3, 5), (4, 1, 5)) is None
     step2 = 0.2 + torch.rand(4, 1, 5)
@@ -137,8 +139,9 @@ def test_by_index_gathers_each_samples_step_from_the_table():
     out.backward(grad_out)
     ref_leaves = [t.clone().requires_grad_() for t in (x, table, zps)]
     view = (-1, 1, 1, 1)
-    ref = fake_quantize_reference(ref_leaves[0], ref_leaves[1][index].view(view), ref_leaves[2][index].view(view), 0,
-                                  255, 0.5)
+    ref = fake_quantize_reference(
+        ref_leaves[0], ref_leaves[1][index].view(view), ref_leaves[2][index].view(view), 0, 255, 0.5
+    )
     ref.backward(grad_out)
     assert torch.equal(out, ref) and torch.equal(leaves[0].grad, ref_leaves[0].grad)
     for got, want in zip(leaves[1:], ref_leaves[1:]):
@@ -207,20 +210,45 @@ def _tiny_qalora_unet():
 
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        num_class_embeds=4, norm_num_groups=4, attention_head_dim=8,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=4,
+        norm_num_groups=4,
+        attention_head_dim=8,
     )
     # The convolutions and attention projections of the down path plus the output conv (the interpreter runs about
     # 30 kernels per layer and step, so the whole UNet would take minutes).
-    targets = ["conv_in", "conv_out", "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2",
-               "down_blocks.1.resnets.0.conv1", "down_blocks.1.attentions.0.to_q", "down_blocks.1.attentions.0.to_v"]
-    model = dq.get_qalora_model(unet, dq.QALoraConfig(r=2, weight_bits=4, act_bits=4, timesteps=TABLE,
-                                                       target_modules=targets, weight_init="minmax",
-                                                       act_init="minmax", init_weights=False))
+    targets = [
+        "conv_in",
+        "conv_out",
+        "down_blocks.0.resnets.0.conv1",
+        "down_blocks.0.resnets.0.conv2",
+        "down_blocks.1.resnets.0.conv1",
+        "down_blocks.1.attentions.0.to_q",
+        "down_blocks.1.attentions.0.to_v",
+    ]
+    model = dq.get_qalora_model(
+        unet,
+        dq.QALoraConfig(
+            r=2,
+            weight_bits=4,
+            act_bits=4,
+            timesteps=TABLE,
+            target_modules=targets,
+            weight_init="minmax",
+            act_init="minmax",
+            init_weights=False,
+        ),
+    )
     gen = torch.Generator().manual_seed(1)
-    dq.calibrate_activations(model, lambda: [model(torch.randn(2, 1, 8, 8, generator=gen), t,
-                                                   class_labels=torch.arange(2)) for t in TABLE])
+    dq.calibrate_activations(
+        model, lambda: [model(torch.randn(2, 1, 8, 8, generator=gen), t, class_labels=torch.arange(2)) for t in TABLE]
+    )
     return model
 
 

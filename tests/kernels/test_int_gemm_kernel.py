@@ -97,7 +97,7 @@ def _dequantized_linear(codes, scale, zero_point, w: PackedWeight, w_codes, bias
     samples = scale.numel()
     a = codes.reshape(codes.shape[0] if samples > 1 else 1, -1, w.k).double()
     x_hat = scale.double().view(-1, 1, 1) * (a - zero_point.double().view(-1, 1, 1))
-    w_hat = (w.scale.double().repeat_interleave(w.group_k, dim=1) * w_codes.double())
+    w_hat = w.scale.double().repeat_interleave(w.group_k, dim=1) * w_codes.double()
     y = x_hat @ w_hat.t()
     return (y if bias is None else y + bias.double()).reshape(*codes.shape[:-1], w.n)
 
@@ -111,8 +111,9 @@ def test_linear_matches_the_reference_and_an_independent_oracle(bits, groups, bi
     codes, scale, zero_point = _acts((3, 5, k), 3)
     b = torch.randn(n, generator=torch.Generator().manual_seed(4)) if bias else None
     want = int8_linear_reference(codes, scale, zero_point, w, b, torch.float32)
-    torch.testing.assert_close(want.double(), _dequantized_linear(codes, scale, zero_point, w, w_codes, b),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        want.double(), _dequantized_linear(codes, scale, zero_point, w, w_codes, b), rtol=1e-6, atol=1e-6
+    )
     got = int8_linear(codes, scale, zero_point, w, b, torch.float32, backend="triton")
     _close(got, want)
 
@@ -130,8 +131,10 @@ def test_linear_zero_points_beyond_int8_and_edges():
     w, _ = _weight(9, 16, 8, 1)
     codes, scale, _ = _acts((2, 3, 16), 2)
     zero_point = torch.tensor([300.0, -500.0])  # drifted learned zero points: the int32 correction stays exact
-    _close(int8_linear(codes, scale, zero_point, w, None, backend="triton"),
-           int8_linear_reference(codes, scale, zero_point, w, None))
+    _close(
+        int8_linear(codes, scale, zero_point, w, None, backend="triton"),
+        int8_linear_reference(codes, scale, zero_point, w, None),
+    )
     single, s1, z1 = _acts((1, 16), 1)
     _close(int8_linear(single, s1, z1, w, None, backend="triton"), int8_linear_reference(single, s1, z1, w, None))
     empty = torch.zeros(0, 16, dtype=torch.int8)
@@ -157,8 +160,14 @@ def _dequantized_conv(codes, scale, zero_point, w: PackedWeight, w_codes, geomet
     kh, kw = (geometry["kernel_size"],) * 2 if isinstance(geometry["kernel_size"], int) else geometry["kernel_size"]
     x_hat = scale.double().view(-1, 1, 1, 1) * (codes.double() - zero_point.double().view(-1, 1, 1, 1))
     w_hat = (w.scale.double().repeat_interleave(w.group_k, dim=1) * w_codes.double()).reshape(w.n, -1, kh, kw)
-    return F.conv2d(x_hat, w_hat, None if bias is None else bias.double(), geometry["stride"], geometry["padding"],
-                    geometry["dilation"])
+    return F.conv2d(
+        x_hat,
+        w_hat,
+        None if bias is None else bias.double(),
+        geometry["stride"],
+        geometry["padding"],
+        geometry["dilation"],
+    )
 
 
 @pytest.mark.parametrize("name, geometry", CONVS, ids=[c[0] for c in CONVS])
@@ -170,12 +179,20 @@ def test_conv_matches_the_reference_and_an_independent_oracle(name, geometry, bi
     codes, scale, zero_point = _acts((3, c_in, 7, 6), 3)
     bias = torch.randn(c_out)
     want = int8_conv2d_reference(codes, scale, zero_point, w, bias=bias, **geometry)
-    torch.testing.assert_close(want.double(), _dequantized_conv(codes, scale, zero_point, w, w_codes, geometry, bias),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        want.double(), _dequantized_conv(codes, scale, zero_point, w, w_codes, geometry, bias), rtol=1e-6, atol=1e-6
+    )
     got = int8_conv2d(codes, scale, zero_point, w, bias=bias, backend="triton", **geometry)
     _close(got, want)
-    cl = int8_conv2d(codes.contiguous(memory_format=torch.channels_last), scale, zero_point, w, bias=bias,
-                     backend="triton", **geometry)
+    cl = int8_conv2d(
+        codes.contiguous(memory_format=torch.channels_last),
+        scale,
+        zero_point,
+        w,
+        bias=bias,
+        backend="triton",
+        **geometry,
+    )
     _close(cl, want)
 
 
@@ -186,8 +203,10 @@ def test_conv_output_dtypes_one_scale_and_edges(out_dtype):
     got = int8_conv2d(codes, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, backend="triton")
     _close(got, int8_conv2d_reference(codes, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype))
     single = codes[:1, :, :1, :1].contiguous()
-    _close(int8_conv2d(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, backend="triton"),
-           int8_conv2d_reference(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype))
+    _close(
+        int8_conv2d(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, backend="triton"),
+        int8_conv2d_reference(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype),
+    )
     empty = codes[:0]
     assert int8_conv2d(empty, scale, zero_point, w, 3, 1, 1, 1, backend="triton").shape == (0, 5, 5, 5)
     with pytest.raises(ValueError, match="pads with the zero point"):
@@ -198,8 +217,7 @@ def test_conv_output_dtypes_one_scale_and_edges(out_dtype):
 TABLE = torch.tensor([0.0, 250.0, 500.0, 999.0])
 
 
-def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | None, seed: int = 0,
-                   act_bits: int = 8):
+def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | None, seed: int = 0, act_bits: int = 8):
     g = torch.Generator().manual_seed(seed)
     layout = IntegerLayout(kind, weight_bits, act_bits, signed, group_size, len(TABLE))
     if kind == "linear":
@@ -209,20 +227,29 @@ def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | 
     lim = 2 ** (weight_bits - 1)
     groups = 1 if group_size is None else shape[1] // group_size
     mid = 2 ** (act_bits - 1)  # unsigned activation codes: a zero point near the middle of [0, 2^bits - 1]
-    zp = torch.zeros(len(TABLE)) if signed else torch.randint(mid - mid // 4, mid + mid // 4 + 1, (len(TABLE),),
-                                                                 generator=g).float()
-    layer.load_codes_(torch.randint(-lim, lim, shape, generator=g), 0.005 + 0.01 * torch.rand(shape[0], groups,
-                      generator=g), torch.randn(shape[0], generator=g), TABLE, 0.01 + 0.03 * torch.rand(len(TABLE),
-                      generator=g), zp)
+    zp = (
+        torch.zeros(len(TABLE))
+        if signed
+        else torch.randint(mid - mid // 4, mid + mid // 4 + 1, (len(TABLE),), generator=g).float()
+    )
+    layer.load_codes_(
+        torch.randint(-lim, lim, shape, generator=g),
+        0.005 + 0.01 * torch.rand(shape[0], groups, generator=g),
+        torch.randn(shape[0], generator=g),
+        TABLE,
+        0.01 + 0.03 * torch.rand(len(TABLE), generator=g),
+        zp,
+    )
     layer.context = TimestepContext()
     return layer
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("weight_bits, act_bits, signed, group_size",
-                         [(8, 8, False, None), (4, 8, True, None), (4, 8, False, 4), (4, 4, False, None),
-                          (4, 4, True, 4)],
-                         ids=["W8A8", "W4A8-signed", "W4A8-group", "W4A4", "W4A4-signed-group"])
+@pytest.mark.parametrize(
+    "weight_bits, act_bits, signed, group_size",
+    [(8, 8, False, None), (4, 8, True, None), (4, 8, False, 4), (4, 4, False, None), (4, 4, True, 4)],
+    ids=["W8A8", "W4A8-signed", "W4A8-group", "W4A4", "W4A4-signed-group"],
+)
 @pytest.mark.parametrize("timesteps", [[500.0], [0.0, 700.0, 999.0]], ids=["one-timestep", "mixed-timesteps"])
 def test_integer_layers_on_the_triton_backend(kind, weight_bits, act_bits, signed, group_size, timesteps):
     layer = _integer_layer(kind, weight_bits, signed, group_size, act_bits=act_bits)

@@ -80,8 +80,11 @@ def test_strided_input_and_zero_size(device):
     x = base.permute(0, 3, 1, 2)  # channels-last (N, C, H, W) view
     assert not x.is_contiguous()
     args = (codes_u, step_u, t.BT, t.AT, bias, 1)
-    _close(winograd_int_conv2d_triton(x, *args, group_size=4), winograd_int_conv2d_reference(x.contiguous(), *args,
-                                                                                            group_size=4), torch.float32)
+    _close(
+        winograd_int_conv2d_triton(x, *args, group_size=4),
+        winograd_int_conv2d_reference(x.contiguous(), *args, group_size=4),
+        torch.float32,
+    )
     empty = torch.zeros(0, 8, 9, 10, device=device)
     got = winograd_int_conv2d_triton(empty, *args, group_size=4)
     assert got.shape == (0, 5, 9, 10) and got.shape == winograd_int_conv2d_reference(empty, *args, group_size=4).shape
@@ -141,10 +144,13 @@ def test_reference_is_the_winograd_layer_and_close_to_conv2d():
     assert float((ref - exact).square().mean() / exact.square().mean()) < 1e-2  # SQNR above 20 dB
 
 
-@pytest.mark.parametrize("config", [
-    WinogradConfig(tile=4, bits=8, group_size=8),
-    WinogradConfig(tile=6, bits=8, group_size=None, act_granularity="tile", output_bits=8),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        WinogradConfig(tile=4, bits=8, group_size=8),
+        WinogradConfig(tile=6, bits=8, group_size=None, act_granularity="tile", output_bits=8),
+    ],
+)
 def test_winograd_layer_runs_the_kernels_when_asked(config):
     """``WinogradConv2d`` in int mode on the Triton backend (chosen per module) gives the torch path's numbers."""
     conv = torch.nn.Conv2d(16, 8, 3, padding=1)
@@ -164,8 +170,12 @@ def test_dispatch_and_errors():
     t, _, codes_u, step_u, bias = _weights(4, 8, 4, None, 8)
     x = torch.randn(1, 8, 5, 5, generator=torch.Generator().manual_seed(9))
     args = (codes_u, step_u, t.BT, t.AT, bias)
-    torch.testing.assert_close(winograd_int_conv2d(x, *args, backend="triton"),
-                               winograd_int_conv2d(x, *args, backend="torch"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        winograd_int_conv2d(x, *args, backend="triton"),
+        winograd_int_conv2d(x, *args, backend="torch"),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     f64 = winograd_int_conv2d(x.double(), *args, backend="triton")  # float64 runs the reference
     assert f64.dtype == torch.float64
     with pytest.raises(ValueError, match="act_granularity"):

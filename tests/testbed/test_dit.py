@@ -184,7 +184,10 @@ def test_shipped_dit_loads_offline_and_matches_its_record():
         metadata = f.metadata()
     assert metadata["component"] == "dit" and metadata["recipe_version"] == record["recipe_version"]
     assert json.loads(metadata["config"]) == record["dit_config"] == DEFAULT_DIT_CONFIG
-    assert record["hyperparameters"] == {**asdict(DitRecipeConfig()), "num_threads": record["environment"]["num_threads"]}
+    assert record["hyperparameters"] == {
+        **asdict(DitRecipeConfig()),
+        "num_threads": record["environment"]["num_threads"],
+    }
     tb = load_testbed(model="dit")
     assert isinstance(tb.unet, ClassConditionalTransformer) and not tb.unet.training
     assert sum(p.numel() for p in tb.unet.parameters()) == record["num_parameters"]["dit"]

@@ -33,8 +33,10 @@ class TinyDenoiser(nn.Module):
 
 def qalora_model() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    model = dq.get_qalora_model(TinyDenoiser(), dq.QALoraConfig(
-        r=2, timesteps=TIMESTEPS, weight_init="minmax", act_init="minmax", init_weights=False))
+    model = dq.get_qalora_model(
+        TinyDenoiser(),
+        dq.QALoraConfig(r=2, timesteps=TIMESTEPS, weight_init="minmax", act_init="minmax", init_weights=False),
+    )
     x = torch.randn(2, 2, 6, 6)
     # Inputs scaled per timestep, so that every timestep gets its own step sizes.
     dq.calibrate_activations(model, lambda: [model(x * (1 + t / 250), torch.full((2,), t)) for t in TIMESTEPS])

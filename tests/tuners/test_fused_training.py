@@ -32,8 +32,9 @@ def embedded_student():
     job = EmbeddedJobConfig()
     table = timestep_table(testbed.pipeline.scheduler, job.table_steps)
     unet = testbed.unet
-    cfg = dq.QALoraConfig(r=job.rank, lora_alpha=job.rank, weight_bits=job.weight_bits, act_bits=job.act_bits,
-                          timesteps=table)
+    cfg = dq.QALoraConfig(
+        r=job.rank, lora_alpha=job.rank, weight_bits=job.weight_bits, act_bits=job.act_bits, timesteps=table
+    )
     dq.get_qalora_model(unet, cfg)
     gen = torch.Generator().manual_seed(0)
 

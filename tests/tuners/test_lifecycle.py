@@ -49,8 +49,9 @@ def calibrate(model, case) -> None:
 
 
 def quantized(case, adapter_name="default", model=None, **overrides):
-    model = dq.get_qalora_model(model if model is not None else case.build(), make_config(case, **overrides),
-                                adapter_name=adapter_name)
+    model = dq.get_qalora_model(
+        model if model is not None else case.build(), make_config(case, **overrides), adapter_name=adapter_name
+    )
     calibrate(model, case)
     return model
 
@@ -67,8 +68,9 @@ def add_style(model, name="style", seed=3):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PEFT: "Already found a `peft_config` attribute"
-        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=STYLE_TARGETS, init_lora_weights=False),
-                          adapter_name=name)
+        model.add_adapter(
+            LoraConfig(r=2, lora_alpha=2, target_modules=STYLE_TARGETS, init_lora_weights=False), adapter_name=name
+        )
     return model
 
 
@@ -78,8 +80,11 @@ def snapshot(model: nn.Module) -> dict:
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "hooks": dict(model._forward_pre_hooks),
         "peft_config": dict(getattr(model, "peft_config", {}) or {}),
-        "active": {n: list(m.active_adapters) for n, m in model.named_modules() if hasattr(m, "active_adapters")
-                   and not callable(m.active_adapters)},
+        "active": {
+            n: list(m.active_adapters)
+            for n, m in model.named_modules()
+            if hasattr(m, "active_adapters") and not callable(m.active_adapters)
+        },
         "merged": {n: list(m.merged_adapters) for n, m in qalora_layers(model).items()},
     }
 
@@ -100,7 +105,9 @@ def assert_plain(model: nn.Module, reference: nn.Module) -> None:
     assert not qalora_layers(model)
     assert not any(isinstance(m, TemporalActQuantizer) for m in model.modules())
     assert getattr(model, CONTEXT_ATTR, None) is None and not model._forward_pre_hooks
-    assert not any(getattr(c, "peft_type", None) == "QALORA" for c in (getattr(model, "peft_config", {}) or {}).values())
+    assert not any(
+        getattr(c, "peft_type", None) == "QALORA" for c in (getattr(model, "peft_config", {}) or {}).values()
+    )
     state, ref = model.state_dict(), reference.state_dict()
     assert state.keys() == ref.keys()
     assert all(torch.equal(state[k], ref[k]) for k in ref)
@@ -138,12 +145,19 @@ def test_merged_layer_follows_a_dtype_cast_in_its_forward():
     unmerged = run(model, case, dtype=torch.float64)
     for layer in qalora_layers(model).values():
         layer.merge()
-    assert torch.equal(run(model, case, dtype=torch.float64), unmerged)  # the merged cache is exactly the on-the-fly weight
+    assert torch.equal(
+        run(model, case, dtype=torch.float64), unmerged
+    )  # the merged cache is exactly the on-the-fly weight
     assert all(layer.qal_merged_weight.dtype == torch.float64 for layer in qalora_layers(model).values())
 
 
-@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "meta",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
 def test_merge_then_move_then_unmerge_keeps_everything_on_the_new_device(device):
     case = MODEL_KINDS["unet2d"]
     model = quantized(case)
@@ -469,7 +483,8 @@ def test_pipeline_with_a_loaded_style_lora_saves_and_reloads_to_the_same_images(
     # A style LoRA file, written by diffusers from a plain UNet.
     style_unet = add_style(make_sd15_unet())
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(style_unet, adapter_name="style"))
+        tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(style_unet, adapter_name="style")
+    )
 
     pipe = make_tiny_sd_pipeline()
     pipe.unet = dq.get_qalora_model(pipe.unet, dq.QALoraConfig(r=2, weight_init="minmax", init_weights=False))

@@ -832,8 +832,11 @@ def test_add_adapter_keeps_qalora_active():
     assert all(layer.active_qalora_adapter() == "default" for layer in qalora_layers(model).values())
     style = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
     assert style and {n for n, p in model.named_parameters() if p.requires_grad} - style == {
-        n.replace("to_q.", "to_q.base_layer.").replace("to_k.", "to_k.base_layer.").replace(
-            "to_v.", "to_v.base_layer.").replace("to_out.0.", "to_out.0.base_layer.") for n in trainable
+        n.replace("to_q.", "to_q.base_layer.")
+        .replace("to_k.", "to_k.base_layer.")
+        .replace("to_v.", "to_v.base_layer.")
+        .replace("to_out.0.", "to_out.0.base_layer.")
+        for n in trainable
     }
     after_add = run(model, case)
     model.set_adapters(["default", "style"])

@@ -88,7 +88,9 @@ def test_naming_an_ineligible_module_raises_and_changes_nothing(target, match):
 
 def test_targets_by_name_suffix_regex_and_excludes():
     model = make_tiny_unet()
-    report = apply_winograd(model, WinogradConfig(bits=None, target_modules=["conv1"], exclude_modules=["mid_block.resnets.0.conv1"]))
+    report = apply_winograd(
+        model, WinogradConfig(bits=None, target_modules=["conv1"], exclude_modules=["mid_block.resnets.0.conv1"])
+    )
     assert len(report.replaced) == 7 and all(n.endswith("conv1") for n in report.replaced)
     assert report.skipped["mid_block.resnets.0.conv1"] == "excluded by `exclude_modules`"
     assert report.skipped["conv_out"] == "not in `target_modules`"
@@ -106,8 +108,16 @@ def test_targets_by_name_suffix_regex_and_excludes():
 
 def test_tuning_on_captured_inputs_raises_the_sqnr_of_every_layer():
     model = make_tiny_unet()
-    cfg = WinogradConfig(tile=6, bits=8, output_bits=8, scale_init="lavin", tune_steps=12, tune_lr=0.1,
-                         tune_samples=8, target_modules=["conv1", "conv2"])
+    cfg = WinogradConfig(
+        tile=6,
+        bits=8,
+        output_bits=8,
+        scale_init="lavin",
+        tune_steps=12,
+        tune_lr=0.1,
+        tune_samples=8,
+        target_modules=["conv1", "conv2"],
+    )
     report = apply_winograd(model, cfg, calibration_run=_calibration_run(model))
     assert report.inputs == "captured" and len(report.replaced) == 16
     gains = [r.sqnr_after - r.sqnr_before for r in report.replaced.values()]
@@ -119,14 +129,30 @@ def test_tuning_on_captured_inputs_raises_the_sqnr_of_every_layer():
 
 def test_tuning_with_random_inputs_and_invisible_scales():
     model = make_tiny_unet()
-    report = apply_winograd(model, WinogradConfig(tile=4, bits=8, output_bits=8, scale_init="lavin", tune_steps=5,
-                                                  tune_batch_size=2, tune_input_size=8, target_modules=["conv2"]))
-    assert report.inputs == "random" and all(r.tuned and r.sqnr_after >= r.sqnr_before for r in report.replaced.values())
+    report = apply_winograd(
+        model,
+        WinogradConfig(
+            tile=4,
+            bits=8,
+            output_bits=8,
+            scale_init="lavin",
+            tune_steps=5,
+            tune_batch_size=2,
+            tune_input_size=8,
+            target_modules=["conv2"],
+        ),
+    )
+    assert report.inputs == "random" and all(
+        r.tuned and r.sqnr_after >= r.sqnr_before for r in report.replaced.values()
+    )
     model = make_tiny_unet()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = apply_winograd(model, WinogradConfig(tile=4, bits=8, tune_steps=5, target_modules=["conv2"]),
-                                calibration_run=_calibration_run(model))
+        report = apply_winograd(
+            model,
+            WinogradConfig(tile=4, bits=8, tune_steps=5, target_modules=["conv2"]),
+            calibration_run=_calibration_run(model),
+        )
     assert all(not r.tuned and "invisible" in r.note for r in report.replaced.values())
     assert all(r.sqnr_before == r.sqnr_after > 10.0 for r in report.replaced.values())
 
@@ -212,8 +238,13 @@ def test_full_precision_pass_is_exact_in_float64(channels, size, tile, padding, 
 
 
 def test_pass_config_fields_round_trip_and_validate():
-    cfg = WinogradConfig(target_modules=["conv1", "conv2"], exclude_modules=r".*up_blocks.*", tune_steps=3,
-                         qalora_weight="float", algorithm="winograd")
+    cfg = WinogradConfig(
+        target_modules=["conv1", "conv2"],
+        exclude_modules=r".*up_blocks.*",
+        tune_steps=3,
+        qalora_weight="float",
+        algorithm="winograd",
+    )
     assert cfg.target_modules == ("conv1", "conv2")
     assert WinogradConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["target_modules"] == ["conv1", "conv2"]
@@ -245,8 +276,11 @@ def test_target_matching_follows_peft(patterns):
     from diffusers_qalora.winograd.replace import _matches
 
     names = [n for n, _ in make_tiny_unet().named_modules() if n] + ["xconv1", "a.conv1.b"]
-    peft_config = SimpleNamespace(target_modules=patterns if isinstance(patterns, str) else set(patterns),
-                                  exclude_modules=None, target_parameters=None)
+    peft_config = SimpleNamespace(
+        target_modules=patterns if isinstance(patterns, str) else set(patterns),
+        exclude_modules=None,
+        target_parameters=None,
+    )
     assert [n for n in names if _matches(patterns, n)] == [
         n for n in names if check_target_module_exists(peft_config, n)
     ]

@@ -48,7 +48,9 @@ TUNED = WinogradConfig(tile=4, bits=8, group_size=8, output_bits=8, scale_init="
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     model = make_tiny_unet()
     apply_winograd(model, TUNED, calibration_run=_run(model))
-    assert any(float(m.scales.log_b.detach().abs().sum()) > 0 for m in winograd_modules(model).values())  # tuned: not lavin
+    assert any(
+        float(m.scales.log_b.detach().abs().sum()) > 0 for m in winograd_modules(model).values()
+    )  # tuned: not lavin
     out = save_winograd(model, tmp_path / "wino")
     assert sorted(p.name for p in out.iterdir()) == ["winograd.safetensors", "winograd_config.json"]
     record = json.loads((out / "winograd_config.json").read_text())
@@ -108,18 +110,22 @@ def test_full_precision_winograd_on_a_qalora_student_computes_the_student():
     model = _qalora_model()
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "qal_act_quantizer")}
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: inputs.__setitem__(n, a[0].clone()))
-             for n, m in layers.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: inputs.__setitem__(n, a[0].clone())) for n, m in layers.items()
+    ]
     student = _out(model)
     for hook in hooks:
         hook.remove()
     with torch.no_grad():
         student_layers = {n: layers[n](x) for n, x in inputs.items()}
-    weights = {n: layers[n].quantized_weight("default").detach().clone() for n in ("conv_out", "mid_block.resnets.0.conv1")}
+    weights = {
+        n: layers[n].quantized_weight("default").detach().clone() for n in ("conv_out", "mid_block.resnets.0.conv1")
+    }
     report = apply_winograd(model, WinogradConfig(bits=None))
     assert len(report.replaced) == 19
-    assert all(r.source == "QALoRA Conv2d" and r.adapter == "default" and r.input_quantizer
-               for r in report.replaced.values())
+    assert all(
+        r.source == "QALoRA Conv2d" and r.adapter == "default" and r.input_quantizer for r in report.replaced.values()
+    )
     assert "kernel size" in report.skipped["down_blocks.1.resnets.0.conv_shortcut"]  # still a QALoRA layer
     assert not any(n.endswith("base_layer") for n in report.skipped)
     for name, weight in weights.items():

@@ -121,7 +121,9 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     trainable_adapter: bool = field(
         default=False, metadata={"help": "Inject the adapter trainable (distillation) instead of frozen."}
     )
-    backend: str = field(default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."})
+    backend: str = field(
+        default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."}
+    )
     layers: dict[str, dict] | None = field(default=None, metadata={"help": "Layout of each exported integer layer."})
     winograd: dict[str, Any] | None = field(default=None, metadata={"help": "Record of the Winograd layers."})
     adapters: dict[str, Any] | None = field(
@@ -155,8 +157,10 @@ class QALoraQuantConfig(QuantizationConfigMixin):
             self.winograd = validate_winograd_record(self.winograd, "quantization_config.winograd")
         if self.adapters is not None:
             if self.layers is not None:
-                raise ValueError("quantization_config has both `layers` (an exported model) and `adapters` (a float "
-                                 "model carrying QALoRA); restore the config.json that save_pretrained wrote.")
+                raise ValueError(
+                    "quantization_config has both `layers` (an exported model) and `adapters` (a float "
+                    "model carrying QALoRA); restore the config.json that save_pretrained wrote."
+                )
             self.adapters = validate_adapter_record(self.adapters, "quantization_config.adapters")
 
     def _validated_layers(self, layers: Any) -> dict[str, dict]:
@@ -166,7 +170,8 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         for name, spec in layers.items():
             layout = spec if isinstance(spec, IntegerLayout) else IntegerLayout.from_dict(spec, f"layers[{name!r}]")
             if layout.weight_bits not in (self.weight_bits, self.special_bits) or layout.act_bits not in (
-                self.act_bits, self.special_bits
+                self.act_bits,
+                self.special_bits,
             ):
                 raise ValueError(
                     f"quantization_config disagrees with itself: layer `{name}` is W{layout.weight_bits}A"

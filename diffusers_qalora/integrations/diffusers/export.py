@@ -77,7 +77,8 @@ def export_quantized(
             config = QALoraQuantConfig.from_qalora_config(qalora_config, layers=layers, backend=backend)
         else:
             first = next(iter(layouts.values()))
-            config = QALoraQuantConfig(weight_bits=first.weight_bits, act_bits=first.act_bits, layers=layers,
-                                       backend=backend, special_bits=8)
+            config = QALoraQuantConfig(
+                weight_bits=first.weight_bits, act_bits=first.act_bits, layers=layers, backend=backend, special_bits=8
+            )
         mark_exported(converted, config)
     return converted

@@ -111,7 +111,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             )
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values() and self.pre_quantized:
-            raise NotImplementedError("integer QALoRA layers cannot be offloaded to disk; use a device_map without 'disk'.")
+            raise NotImplementedError(
+                "integer QALoRA layers cannot be offloaded to disk; use a device_map without 'disk'."
+            )
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
         # Float layers follow `torch_dtype` as with every backend; integer layers keep integer codes and float32 scales.
@@ -160,8 +162,10 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             try:
                 actual = streamed_tensor_checksum(sorted(owner), lambda name: owner[name].get_tensor(name))
             except Exception as err:  # safetensors raises its own error types for data cut short
-                raise OSError(f"{self._where()} cannot be read whole ({err}); it is truncated or damaged. Download "
-                              f"or save the model again.") from err
+                raise OSError(
+                    f"{self._where()} cannot be read whole ({err}); it is truncated or damaged. Download "
+                    f"or save the model again."
+                ) from err
         if actual != expected:
             raise ValueError(
                 f"corrupt checkpoint ({self._where()}): the checksum of its tensors differs from the one recorded by "
@@ -203,8 +207,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         if self.quantization_config.winograd is not None:
             # Their tensors arrive through create_quantized_param and are loaded with the layers' own load_state_dict
             # once all are in (a temporal step-size table is one tensor on disk but one parameter per timestep).
-            winograd = build_winograd_layers(model, self.quantization_config.winograd,
-                                             "config.json's quantization_config.winograd", device="cpu")
+            winograd = build_winograd_layers(
+                model, self.quantization_config.winograd, "config.json's quantization_config.winograd", device="cpu"
+            )
             self._winograd_state = {name: {} for name, _ in winograd}
         for name, new in [*replacements.items(), *winograd]:
             model.set_submodule(name, new)
@@ -218,7 +223,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         layout = self._layouts[module_name]
         expected = getattr(model.get_submodule(module_name), tensor_name)
         if expected is None:
-            raise ValueError(f"{self._where()}: `{key}` is a bias, but config.json describes `{module_name}` without one.")
+            raise ValueError(
+                f"{self._where()}: `{key}` is a bias, but config.json describes `{module_name}` without one."
+            )
         if tuple(value.shape) != tuple(expected.shape):
             raise ValueError(
                 f"{self._where()}: `{key}` has shape {tuple(value.shape)}, but config.json's quantization_config "
@@ -248,7 +255,8 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
         # `create_quantized_param`; the float32 scales of the integer layers must not be rounded to that dtype.  They
         # travel as their int32 bit patterns (not floating, so not cast) and are viewed back as float32 on arrival.
         return {
-            key: value.view(torch.int32) if (self._owns(key) or key in self._adapter_keys) and value.dtype == torch.float32
+            key: value.view(torch.int32)
+            if (self._owns(key) or key in self._adapter_keys) and value.dtype == torch.float32
             else value
             for key, value in state_dict.items()
         }
@@ -292,8 +300,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             )
         return True
 
-    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
-                               unexpected_keys=None, **kwargs) -> None:
+    def create_quantized_param(
+        self, model, param_value, param_name, target_device, state_dict=None, unexpected_keys=None, **kwargs
+    ) -> None:
         if param_name in self._adapter_keys:
             if param_name in self._bit_viewed:
                 param_value = param_value.view(torch.float32)  # see maybe_update_state_dict
@@ -302,7 +311,7 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             return
         owner = self._winograd_owner(param_name)
         if owner is not None:
-            self._winograd_state[owner][param_name[len(owner) + 1:]] = param_value
+            self._winograd_state[owner][param_name[len(owner) + 1 :]] = param_value
             self._winograd_device[owner] = target_device
             return
         module_name, _, tensor_name = param_name.rpartition(".")
@@ -326,8 +335,12 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             from ...tuners.qalora.api import get_qalora_model
 
             return get_qalora_model(model, config.to_qalora_config())
-        left = [f"{n}.{b}" for n, layer in integer_layers(model).items() for b, t in layer._buffers.items()
-                if t is not None and t.device.type == "meta"]
+        left = [
+            f"{n}.{b}"
+            for n, layer in integer_layers(model).items()
+            for b, t in layer._buffers.items()
+            if t is not None and t.device.type == "meta"
+        ]
         if left:
             raise ValueError(f"{self._where()}: integer tensors {left[:3]} were not loaded; save the model again.")
         if self._expected_checksum is not None:
@@ -343,8 +356,10 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
             try:
                 layer.load_state_dict(state, strict=True)
             except RuntimeError as err:
-                raise ValueError(f"{self._where()}: the tensors of Winograd layer `{name}` do not fit the layer that "
-                                 f"config.json describes ({err}); save the model again.") from None
+                raise ValueError(
+                    f"{self._where()}: the tensors of Winograd layer `{name}` do not fit the layer that "
+                    f"config.json describes ({err}); save the model again."
+                ) from None
             device = self._winograd_device.get(name)
             if device is not None:
                 layer.to(device)
@@ -416,4 +431,3 @@ def mark_exported(model: nn.Module, config: QALoraQuantConfig) -> None:
     model.quantization_method = config.quant_method
     model.hf_quantizer = quantizer
     quantizer._owner = weakref.ref(model)
-

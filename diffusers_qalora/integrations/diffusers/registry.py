@@ -49,7 +49,9 @@ def unregister_diffusers_backend() -> None:
     from diffusers.quantizers import auto
 
     key = QALoraQuantMethod.QALORA.value
-    for table, cls in ((auto.AUTO_QUANTIZER_MAPPING, QALoraDiffusersQuantizer),
-                       (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, QALoraQuantConfig)):
+    for table, cls in (
+        (auto.AUTO_QUANTIZER_MAPPING, QALoraDiffusersQuantizer),
+        (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, QALoraQuantConfig),
+    ):
         if key in table and _same_class(table[key], cls):
             del table[key]

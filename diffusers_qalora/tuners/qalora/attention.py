@@ -83,8 +83,10 @@ class AttentionQuantizers(NamedTuple):
 
 def _qalora_projection(layer: nn.Module | None) -> nn.Module | None:
     """The QALoRA layer of a projection, also under a style LoRA that wraps it (else the layer itself)."""
-    while layer is not None and not isinstance(layer, QALoraLayer) and isinstance(
-        getattr(layer, "base_layer", None), nn.Module
+    while (
+        layer is not None
+        and not isinstance(layer, QALoraLayer)
+        and isinstance(getattr(layer, "base_layer", None), nn.Module)
     ):
         layer = layer.base_layer
     return layer
@@ -254,7 +256,9 @@ def quantized_module_attention(
     active = [q for q in quantizers if q is not None]
     calibrating = any(q.is_calibrating for q in active)
     needs_grad = torch.is_grad_enabled() and (
-        query.requires_grad or key.requires_grad or value.requires_grad
+        query.requires_grad
+        or key.requires_grad
+        or value.requires_grad
         or any(q.step.values[0].requires_grad for q in active)  # PEFT freezes a quantizer as a whole
     )
     if calibrating or needs_grad:
@@ -263,7 +267,9 @@ def quantized_module_attention(
 
     batch = query.shape[0]
     return quantized_attention(
-        query, key, value,
+        query,
+        key,
+        value,
         query_quant=_quant_spec(quantizers.query, batch),
         key_quant=_quant_spec(quantizers.key, batch),
         value_quant=_quant_spec(quantizers.value, batch),
@@ -383,7 +389,11 @@ class QALoraFluxAttnProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         out = quantized_module_attention(
-            attn, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+            attn,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attention_mask,
             attn.head_dim**-0.5,
         )
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
@@ -426,8 +436,9 @@ def _differentiable_attention(
     k = key if quantizers.key is None else quantizers.key(key)
     v = value if quantizers.value is None else quantizers.value(value)
     if quantizers.probs is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                              scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
+        )
     # The softmax output must exist to be quantized: explicit attention (memory grows with queries x keys).
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if attention_mask is not None:

@@ -93,7 +93,12 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
     codes = layer.integer_weight(adapter)
     zero_point = aq.zero_point.stacked() if aq.zero_point is not None else torch.zeros(len(aq.step))
     new.load_codes_(
-        codes, weight_scale, base.bias, aq.timesteps, aq.step.stacked().detach(), zero_point.detach(),
+        codes,
+        weight_scale,
+        base.bias,
+        aq.timesteps,
+        aq.step.stacked().detach(),
+        zero_point.detach(),
     )
     return new
 

@@ -37,7 +37,12 @@ class QALoraLayer(BaseTunerLayer):
     # ``qal_out_quantizer`` (q/k/v of attention) and ``qal_prob_quantizer`` (softmax output) exist only on the
     # ``to_q``/``to_k``/``to_v`` layers of adapters with ``quantize_attention``; `QALoraAttnProcessor` applies them.
     adapter_layer_names = (
-        "qal_A", "qal_B", "qal_weight_quantizer", "qal_act_quantizer", "qal_out_quantizer", "qal_prob_quantizer"
+        "qal_A",
+        "qal_B",
+        "qal_weight_quantizer",
+        "qal_act_quantizer",
+        "qal_out_quantizer",
+        "qal_prob_quantizer",
     )
     other_param_names = ("r", "lora_alpha", "scaling", "eight_bit")
     # False runs the reference composition in training too (benchmarks compare the two; same numbers).
@@ -85,7 +90,10 @@ class QALoraLayer(BaseTunerLayer):
             bits_w = bits_a = config.special_bits
             table = [0.0]  # one static step size for every timestep, as EfficientDM does for these layers
             self.frozen_peft_weight_names[adapter_name] = (
-                "qal_weight_quantizer", "qal_act_quantizer", "qal_out_quantizer", "qal_prob_quantizer"
+                "qal_weight_quantizer",
+                "qal_act_quantizer",
+                "qal_out_quantizer",
+                "qal_prob_quantizer",
             )
         else:
             r = config.r
@@ -103,11 +111,16 @@ class QALoraLayer(BaseTunerLayer):
             bits_w, bits_a = config.weight_bits, config.act_bits
             table = config.timestep_table() if config.temporal_activations else [0.0]
         granularity = (
-            PerGroup(config.weight_group_size) if config.weight_granularity == "group" and not eight_bit else PerChannel()
+            PerGroup(config.weight_group_size)
+            if config.weight_granularity == "group" and not eight_bit
+            else PerChannel()
         )
         try:
             wq = WeightQuantizer(
-                weight.shape, bits_w, symmetric=config.weight_symmetric, granularity=granularity,
+                weight.shape,
+                bits_w,
+                symmetric=config.weight_symmetric,
+                granularity=granularity,
                 lsq_grad_scale=config.lsq_grad_scale,
             )
         except ValueError as err:
@@ -201,14 +214,26 @@ class QALoraLayer(BaseTunerLayer):
         step); otherwise the composition itself (small weights, and the Triton kernel on CUDA)."""
         wq = self.qal_weight_quantizer[adapter]
         weight = self.get_base_layer().weight
-        if (not self.fused_weight_path or adapter not in self.qal_A or not torch.is_grad_enabled()
-                or not fused_path_enabled(weight.numel(), weight.device)
-                or fake_quantize_impl(wq, weight) is not fake_quantize):
+        if (
+            not self.fused_weight_path
+            or adapter not in self.qal_A
+            or not torch.is_grad_enabled()
+            or not fused_path_enabled(weight.numel(), weight.device)
+            or fake_quantize_impl(wq, weight) is not fake_quantize
+        ):
             return self.quantized_weight(adapter)
         grouped = grouped_view(weight, wq.granularity).shape
         return fake_quantize_lora_merged(
-            weight, self.qal_A[adapter], self.qal_B[adapter], self.scaling[adapter], wq.step, wq.zero_point,
-            wq.qmin, wq.qmax, wq.grad_scale, grouped,
+            weight,
+            self.qal_A[adapter],
+            self.qal_B[adapter],
+            self.scaling[adapter],
+            wq.step,
+            wq.zero_point,
+            wq.qmin,
+            wq.qmax,
+            wq.grad_scale,
+            grouped,
         ).to(weight.dtype)
 
     # -- merge / unmerge / scale (PEFT and diffusers hooks) -------------------------------------------------------
@@ -311,8 +336,15 @@ class QALoraLayer(BaseTunerLayer):
 class Linear(nn.Module, QALoraLayer):
     """QALoRA wrapper of ``nn.Linear``: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``."""
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: QALoraConfig, eight_bit: bool = False,
-                 name: str = "", **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str,
+        config: QALoraConfig,
+        eight_bit: bool = False,
+        name: str = "",
+        **kwargs,
+    ) -> None:
         super().__init__()
         QALoraLayer.__init__(self, base_layer, **kwargs)
         # Code that inspects the layer (e.g. SDXL pipelines read `add_embedding.linear_1.in_features`) keeps working.
@@ -339,8 +371,15 @@ class Conv2d(nn.Module, QALoraLayer):
     """QALoRA wrapper of ``nn.Conv2d`` (groups = 1): ``A`` carries the full kernel ``(r, in, kh, kw)`` and ``B`` is
     a 1x1 ``(out, r)``, so ``B @ A`` has the base kernel's shape (PEFT's conv-LoRA convention)."""
 
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config: QALoraConfig, eight_bit: bool = False,
-                 name: str = "", **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        adapter_name: str,
+        config: QALoraConfig,
+        eight_bit: bool = False,
+        name: str = "",
+        **kwargs,
+    ) -> None:
         super().__init__()
         QALoraLayer.__init__(self, base_layer, **kwargs)
         base = self.get_base_layer()
@@ -374,8 +413,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return f"{type(module).__name__} (QALoRA supports torch.nn.Linear and torch.nn.Conv2d)"
 
 
-def dispatch_qalora(target: nn.Module, adapter_name: str, config: QALoraConfig, eight_bit: bool,
-                    name: str) -> nn.Module:
+def dispatch_qalora(
+    target: nn.Module, adapter_name: str, config: QALoraConfig, eight_bit: bool, name: str
+) -> nn.Module:
     """Build the wrapper for ``target`` (an unwrapped base layer), or raise a ``ValueError`` naming it."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     reason = unsupported_reason(base)

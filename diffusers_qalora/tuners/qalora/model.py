@@ -241,8 +241,10 @@ def attach_save_record(model: nn.Module) -> None:
     current = config.get("quantization_config")
     # A record read back from config.json (`from_pretrained` of a saved QALoRA model) is replaced by a live one.
     recorded = current.get("adapters") if isinstance(current, dict) else getattr(current, "adapters", None)
-    if current is None or recorded is not None or (
-        isinstance(current, QALoraSaveRecord) and current._model() is not model
+    if (
+        current is None
+        or recorded is not None
+        or (isinstance(current, QALoraSaveRecord) and current._model() is not model)
     ):
         model.register_to_config(quantization_config=QALoraSaveRecord(model))
 
@@ -304,20 +306,27 @@ def validate_adapter_record(record: Any, where: str) -> dict[str, Any]:
             f"QALoRA), got {sorted(record) if isinstance(record, dict) else type(record).__name__}."
         )
     if record["version"] != ADAPTER_RECORD_VERSION:
-        raise ValueError(f"{where}: version {record['version']!r} is not supported (this diffusers_qalora reads "
-                         f"{ADAPTER_RECORD_VERSION}); upgrade diffusers_qalora.")
+        raise ValueError(
+            f"{where}: version {record['version']!r} is not supported (this diffusers_qalora reads "
+            f"{ADAPTER_RECORD_VERSION}); upgrade diffusers_qalora."
+        )
     configs = record["configs"]
-    if not isinstance(configs, dict) or not configs or not all(
-        isinstance(c, dict) and "peft_type" in c for c in configs.values()
+    if (
+        not isinstance(configs, dict)
+        or not configs
+        or not all(isinstance(c, dict) and "peft_type" in c for c in configs.values())
     ):
         raise ValueError(f"{where}: `configs` must map adapter names to PEFT config dicts with a `peft_type`.")
     if sorted(record["order"]) != sorted(configs):
-        raise ValueError(f"{where}: `order` {record['order']} does not list the adapters of `configs` "
-                         f"{sorted(configs)}; restore the config.json that save_pretrained wrote.")
+        raise ValueError(
+            f"{where}: `order` {record['order']} does not list the adapters of `configs` "
+            f"{sorted(configs)}; restore the config.json that save_pretrained wrote."
+        )
     unknown = sorted(set(record["active"]) - set(configs))
     if unknown:
-        raise ValueError(f"{where}: active adapters {unknown} have no config; restore the config.json that "
-                         f"save_pretrained wrote.")
+        raise ValueError(
+            f"{where}: active adapters {unknown} have no config; restore the config.json that save_pretrained wrote."
+        )
     return record
 
 
@@ -351,13 +360,21 @@ def finish_rebuild(model: nn.Module, record: dict[str, Any], tensors: dict[str, 
 
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
-        raise ValueError(f"{where}: adapter tensors {result.unexpected_keys[:3]} fit no adapter that config.json "
-                         f"lists; restore the config.json that save_pretrained wrote.")
-    left = [f"{n}.{k}" for n, layer in _tuner_layers(model).items()
-            for k, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+        raise ValueError(
+            f"{where}: adapter tensors {result.unexpected_keys[:3]} fit no adapter that config.json "
+            f"lists; restore the config.json that save_pretrained wrote."
+        )
+    left = [
+        f"{n}.{k}"
+        for n, layer in _tuner_layers(model).items()
+        for k, t in [*layer.named_parameters(), *layer.named_buffers()]
+        if t.is_meta
+    ]
     if left:
-        raise ValueError(f"{where} lacks adapter tensors, e.g. {left[:3]}: the file is truncated or not the one "
-                         f"this config.json belongs to. Save the pipeline again.")
+        raise ValueError(
+            f"{where} lacks adapter tensors, e.g. {left[:3]}: the file is truncated or not the one "
+            f"this config.json belongs to. Save the pipeline again."
+        )
     layers = _tuner_layers(model)
     if record["active"]:
         set_adapter(model, record["active"], inference_mode=True)
