@@ -17,7 +17,6 @@ gives the same file.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -29,16 +28,15 @@ from typing import Any
 
 import diffusers
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from ..utils import atomic_write
-from .data import DEFAULT_SPLIT_SEED, DigitsSplit, load_digits_split, to_model_range
+from .data import DEFAULT_SPLIT_SEED, DigitsSplit, load_digits_split
 from .dit import DEFAULT_DIT_CONFIG, build_dit
 from .loading import WEIGHTS_DIR, read_testbed_config, sha256_file, verify_weights
-from .models import DEFAULT_SCHEDULER_CONFIG, DigitsClassifier, build_ddim_scheduler, build_ddpm_scheduler
-from .recipe import _cosine_lr, _ema_update, _epoch_batches, _jsonable, _save_safetensors
+from .models import DEFAULT_SCHEDULER_CONFIG, DigitsClassifier, build_ddim_scheduler
+from .recipe import _jsonable, _save_safetensors, train_denoiser
 
 __all__ = ["DIT_CONFIG_NAME", "DIT_RECIPE_VERSION", "DitRecipeConfig", "main", "run_dit_recipe", "train_dit"]
 
@@ -104,43 +102,21 @@ def train_dit(split: DigitsSplit, config: DitRecipeConfig, log_every: int = 100)
         `tuple[ClassConditionalTransformer, dict]`: the shipped model (the EMA weights when `ema_decay > 0`) in eval
         mode, and a summary (final loss, time).
     """
-    start_time = time.perf_counter()
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    model = build_dit(config.model_config())
-    ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else None
-    noise_scheduler = build_ddpm_scheduler(DEFAULT_SCHEDULER_CONFIG)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    x_train = to_model_range(split.train_images)
-    y_train = split.train_labels
-    batches = _epoch_batches(len(y_train), config.batch_size, generator)
-    model.train()
-    running = 0.0
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _cosine_lr(step, config.steps, config.warmup_steps, config.min_lr_ratio)
-        idx = next(batches)
-        x0, labels = x_train[idx], y_train[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
-        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-        loss = F.mse_loss(model(noisy, timesteps, class_labels=labels).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
-        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-        if log_every and (step + 1) % log_every == 0:
-            logger.info(
-                "dit step %d/%d loss %.4f (%.0f s)", step + 1, config.steps, running, time.perf_counter() - start_time
-            )
-    shipped = ema if ema is not None else model
-    shipped.eval()
-    return shipped, {"final_loss_ema": round(running, 5), "seconds": round(time.perf_counter() - start_time, 1)}
+    return train_denoiser(
+        lambda: build_dit(config.model_config()),
+        split,
+        seed=config.seed,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        min_lr_ratio=config.min_lr_ratio,
+        grad_clip=config.grad_clip,
+        ema_decay=config.ema_decay,
+        log_every=log_every,
+        log_name="dit",
+    )
 
 
 def _evaluate_fp(model: nn.Module, classifier: nn.Module, split: DigitsSplit, config: DitRecipeConfig) -> dict:

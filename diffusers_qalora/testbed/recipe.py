@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,51 +201,85 @@ def train_ddpm(split: DigitsSplit, config: RecipeConfig, log_every: int = 100) -
         `tuple[UNet2DModel, dict]`: the shipped UNet (the EMA weights when `ema_decay > 0`) in eval mode, and a
         summary (final loss, time).
     """
+    return train_denoiser(
+        lambda: build_unet(DEFAULT_UNET_CONFIG),
+        split,
+        seed=config.seed,
+        steps=config.ddpm_steps,
+        batch_size=config.ddpm_batch_size,
+        lr=config.ddpm_lr,
+        weight_decay=config.ddpm_weight_decay,
+        warmup_steps=config.ddpm_warmup_steps,
+        min_lr_ratio=config.ddpm_min_lr_ratio,
+        grad_clip=config.ddpm_grad_clip,
+        ema_decay=config.ema_decay,
+        log_every=log_every,
+        log_name="ddpm",
+    )
+
+
+def train_denoiser(
+    build: Callable[[], nn.Module],
+    split: DigitsSplit,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    grad_clip: float,
+    ema_decay: float,
+    log_every: int = 100,
+    log_name: str = "denoiser",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The epsilon-prediction DDPM training loop shared by the UNet and the DiT recipes: AdamW with a cosine schedule
+    after a linear warm-up, optional gradient clipping and an EMA copy.  ``build()`` is called after seeding, so the
+    same seed gives the same initial weights, batches, noise and timesteps.
+
+    Returns:
+        `tuple[nn.Module, dict]`: the shipped model (the EMA weights when ``ema_decay > 0``) in eval mode, and a
+        summary (final loss, time).
+    """
     start_time = time.perf_counter()
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    unet = build_unet(DEFAULT_UNET_CONFIG)
-    ema = copy.deepcopy(unet).requires_grad_(False) if config.ema_decay > 0 else None
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 2)
+    model = build()
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
     noise_scheduler = build_ddpm_scheduler(DEFAULT_SCHEDULER_CONFIG)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.ddpm_lr, weight_decay=config.ddpm_weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     x_train = to_model_range(split.train_images)
     y_train = split.train_labels
-    batches = _epoch_batches(len(y_train), config.ddpm_batch_size, generator)
-    unet.train()
+    batches = _epoch_batches(len(y_train), batch_size, generator)
+    model.train()
     running = 0.0
-    for step in range(config.ddpm_steps):
+    for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.ddpm_lr * _cosine_lr(
-                step, config.ddpm_steps, config.ddpm_warmup_steps, config.ddpm_min_lr_ratio
-            )
+            group["lr"] = lr * _cosine_lr(step, steps, warmup_steps, min_lr_ratio)
         idx = next(batches)
         x0, labels = x_train[idx], y_train[idx]
         noise = torch.randn(x0.shape, generator=generator)
         timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
         noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps, class_labels=labels).sample, noise)
+        loss = F.mse_loss(model(noisy, timesteps, class_labels=labels).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.ddpm_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.ddpm_grad_clip)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         if ema is not None:
             # Warm-up of the decay: early on the EMA would otherwise be dominated by the random initialisation.
-            _ema_update(ema, unet, min(config.ema_decay, (1 + step) / (10 + step)))
+            _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if log_every and (step + 1) % log_every == 0:
             logger.info(
-                "ddpm step %d/%d loss %.4f (%.0f s)",
-                step + 1,
-                config.ddpm_steps,
-                running,
-                time.perf_counter() - start_time,
+                "%s step %d/%d loss %.4f (%.0f s)", log_name, step + 1, steps, running, time.perf_counter() - start_time
             )
-    shipped = ema if ema is not None else unet
+    shipped = ema if ema is not None else model
     shipped.eval()
-    summary = {"final_loss_ema": round(running, 5), "seconds": round(time.perf_counter() - start_time, 1)}
-    return shipped, summary
+    return shipped, {"final_loss_ema": round(running, 5), "seconds": round(time.perf_counter() - start_time, 1)}
 
 
 def _evaluate_fp(unet: nn.Module, classifier: nn.Module, split: DigitsSplit, config: RecipeConfig) -> dict[str, Any]:
