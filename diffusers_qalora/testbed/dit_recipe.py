@@ -35,8 +35,8 @@ from ..utils import atomic_write
 from .data import DEFAULT_SPLIT_SEED, DigitsSplit, load_digits_split
 from .dit import DEFAULT_DIT_CONFIG, build_dit
 from .loading import WEIGHTS_DIR, read_testbed_config, sha256_file, verify_weights
-from .models import DEFAULT_SCHEDULER_CONFIG, DigitsClassifier, build_ddim_scheduler
-from .recipe import _jsonable, _save_safetensors, train_denoiser
+from .models import DEFAULT_SCHEDULER_CONFIG, DigitsClassifier
+from .recipe import _jsonable, _save_safetensors, evaluate_denoiser, train_denoiser
 
 __all__ = ["DIT_CONFIG_NAME", "DIT_RECIPE_VERSION", "DitRecipeConfig", "main", "run_dit_recipe", "train_dit"]
 
@@ -119,26 +119,6 @@ def train_dit(split: DigitsSplit, config: DitRecipeConfig, log_every: int = 100)
     )
 
 
-def _evaluate_fp(model: nn.Module, classifier: nn.Module, split: DigitsSplit, config: DitRecipeConfig) -> dict:
-    from ..evaluation import class_accuracy, digits_fid, sample_class_conditional
-    from .pipeline import ClassConditionalDDIMPipeline
-
-    start_time = time.perf_counter()
-    pipe = ClassConditionalDDIMPipeline(unet=model, scheduler=build_ddim_scheduler(DEFAULT_SCHEDULER_CONFIG))
-    images, labels = sample_class_conditional(
-        pipe, config.eval_samples, seed=config.eval_seed, num_inference_steps=config.eval_steps, show_progress=False
-    )
-    return {
-        "num_samples": config.eval_samples,
-        "num_inference_steps": config.eval_steps,
-        "eta": 0.0,
-        "seed": config.eval_seed,
-        "digits_fid": round(digits_fid(images, split.heldout_images, classifier), 3),
-        "class_accuracy": round(class_accuracy(images, labels, classifier), 4),
-        "seconds": round(time.perf_counter() - start_time, 1),
-    }
-
-
 def _load_classifier(weights_dir: Path) -> DigitsClassifier:
     """The UNet testbed's classifier (the DiT is scored with the same one)."""
     testbed_config = read_testbed_config(weights_dir)
@@ -173,7 +153,9 @@ def run_dit_recipe(
     evaluation = None
     if config.eval_samples > 0:
         classifier = _load_classifier(Path(classifier_dir) if classifier_dir is not None else WEIGHTS_DIR)
-        evaluation = _evaluate_fp(model, classifier, split, config)
+        evaluation = evaluate_denoiser(
+            model, classifier, split, config.eval_samples, config.eval_seed, config.eval_steps
+        )
 
     path = out_dir / "dit.safetensors"
     tmp = path.with_name(f".{path.name}.tmp")
