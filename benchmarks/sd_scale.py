@@ -458,6 +458,39 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
     }
 
 
+def mac_floor(bench: Bench, r: int = 32) -> dict[str, float]:
+    """Multiply-adds of one step, counted from the layer shapes of one forward pass: full fine-tuning does ``3 N``
+    per weight of every convolution / linear layer (forward, input gradient, weight gradient; ``N`` = output positions
+    x batch), QALoRA the same plus ``3 r`` per weight of its LoRA layers (``B @ A`` forward, the two LoRA gradients
+    through the masked weight gradient).  Their ratio is what ``fwd+bwd / full FT`` comes to at equal arithmetic rates
+    (attention's own products, the same in both, are left out)."""
+    lora_weights = {
+        m.base_layer.weight.data_ptr()
+        for m in bench.twin.modules()
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+    }
+    counts: list[tuple[int, int, bool]] = []
+
+    def hook(module, inputs, out):
+        n = out.shape[0] * out.shape[2] * out.shape[3] if out.dim() == 4 else out.numel() // out.shape[-1]
+        counts.append((module.weight.numel(), n, module.weight.data_ptr() in lora_weights))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for name, m in bench.twin.named_modules()
+        if type(m) in (torch.nn.Conv2d, torch.nn.Linear) and ".lora_" not in f".{name}"
+    ]
+    try:
+        with torch.no_grad():
+            output(bench.twin, bench.inputs, bench.t)
+    finally:
+        for h in handles:
+            h.remove()
+    full = sum(3 * n * w for w, n, _ in counts)
+    extra = sum(3 * r * w for w, _, lora in counts if lora)
+    return {"full_ft_gmac": full / 1e9, "qalora_extra_gmac": extra / 1e9, "ratio": (full + extra) / full}
+
+
 def profile_step(bench: Bench, variant: str, target: torch.Tensor, rows: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -495,8 +528,25 @@ def main(argv: list[str] | None = None) -> dict:
         help="optimizer cost of per-entry vs per-table activation step parameters (issue 16)",
     )
     p.add_argument("--tag", default=None)
+    p.add_argument("--render", type=Path, default=None, help="only rewrite <tag>.md from this <tag>.json")
+    p.add_argument(
+        "--mac_floor_into",
+        type=Path,
+        default=None,
+        help="only count the multiply-add floor of --model/--latent and add it to this result JSON (and its .md)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.render is not None or args.mac_floor_into is not None:
+        path = args.render or args.mac_floor_into
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if args.mac_floor_into is not None:
+            torch.set_num_threads(args.threads)
+            result["mac_floor"] = mac_floor(Bench(args))
+            result["mac_floor_command"] = "python benchmarks/sd_scale.py " + " ".join(argv)
+            path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        path.with_suffix(".md").write_text(markdown(result, path.stem), encoding="utf-8")
+        return result
     torch.set_num_threads(args.threads)
     variants = list(args.variants) + (
         ["qalora_ref"] if args.with_reference and "qalora_ref" not in args.variants else []
@@ -589,6 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "machine": machine_info(),
     }
+    result["mac_floor"] = mac_floor(bench)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")  # before the extras
     if args.temporal_values_study:
@@ -649,6 +700,17 @@ def markdown(result: dict, tag: str) -> str:
             f"| {variant} | {row['setting']} | {med['forward']:.2f} | {med['backward']:.2f} | {med['fwd_bwd']:.2f} | {opt} | "
             f"{ft} | {lo} | {share} | {row['peak_memory_above_start_bytes'] / gib:.2f} |"
         )
+    floor = result.get("mac_floor")
+    if floor:
+        lines += [
+            "",
+            f"Multiply-add floor (`mac_floor`): full fine-tuning {floor['full_ft_gmac']:.1f} GMAC per step, QALoRA "
+            f"{floor['qalora_extra_gmac']:.1f} GMAC more (`3 r` per LoRA weight): a multiply-add ratio of "
+            f"**{floor['ratio']:.2f}x**, what the QALoRA step costs against full fine-tuning at equal arithmetic "
+            "rates.  It is an estimate, not a strict bound on the time ratio: the rates differ (the LoRA products "
+            "are dense matrix products, while full fine-tuning's smallest convolutions take PyTorch's slow native "
+            "kernel on one thread).",
+        ]
     lines += [
         "",
         "Optimizer share = optimizer / (teacher + fwd + bwd + optimizer).  full_ft has no optimizer "
