@@ -211,7 +211,8 @@ class WinogradConv2d(Conv3x3Layer):
       per group, group steps applied and summed in fp32; the weight codes are cached until the weight or the
       scales change.  Not differentiable.  Agrees with ``"fake"`` up to fp32 summation order.  On CUDA (float32
       compute) it runs the fused Triton kernels of `diffusers_qalora.kernels.winograd` when Triton imports; the
-      choice is made once per module and can be overridden (`diffusers_qalora.kernels.set_module_kernel_backend`).
+      choice is made once per module from its [KernelPreference][diffusers_qalora.KernelPreference]
+      ([set_kernel_preference][diffusers_qalora.set_kernel_preference]).
 
     The quantized modes compute in float32 (float64 for a float64 input) whatever the input dtype, with autocast
     disabled; the output is cast back to the input dtype.

@@ -24,6 +24,7 @@ from ...quant import (
     fake_quantize_lora_merged,
     fused_path_enabled,
     grouped_view,
+    set_kernel_preference,
 )
 from .config import QALoraConfig
 
@@ -133,6 +134,14 @@ class QALoraLayer(BaseTunerLayer):
         ).to(device)
         self.qal_act_quantizer[adapter_name] = aq
         self._update_attention_quantizers(adapter_name, config, table, config.special_bits if eight_bit else None, name)
+        for quantizers in (
+            self.qal_weight_quantizer,
+            self.qal_act_quantizer,
+            self.qal_out_quantizer,
+            self.qal_prob_quantizer,
+        ):
+            if adapter_name in quantizers:
+                set_kernel_preference(quantizers[adapter_name], config.kernel_preference)
         self.set_adapter(self.active_adapters)
 
     def _update_attention_quantizers(
