@@ -28,7 +28,7 @@ import diffusers_qalora as dq
 from diffusers_qalora.evaluation import paired_mse, sample_class_conditional
 from diffusers_qalora.evaluation.baselines import add_calibrated_adapter, baseline_config
 from diffusers_qalora.evaluation.report import machine_info, mean_std, score_samples, write_results
-from diffusers_qalora.export import set_integer_backend
+from diffusers_qalora.export import integer_layers
 from diffusers_qalora.testbed import load_testbed
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     export_seconds = time.time() - export_started
     integer = {seed: sample(seed) for seed in args.seeds}
     score("integer (oneDNN)", integer)
-    set_integer_backend(unet, "auto", exact_activation_rounding=True)
+    for layer in integer_layers(unet).values():
+        layer.exact_activation_rounding = True
     score("integer (oneDNN, exact rounding)", {seed: sample(seed) for seed in args.seeds})
-    set_integer_backend(unet, "reference", exact_activation_rounding=False)
+    for layer in integer_layers(unet).values():
+        layer.exact_activation_rounding = False
+    dq.set_kernel_preference(unet, "torch")
     reference = {seed: sample(seed) for seed in args.seeds}
     score("integer (reference path)", reference)
 

@@ -66,6 +66,12 @@ class Bench:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def kernels(self) -> str:
+        """The kernel preference of the kernels under test: ``"triton"`` in a dry run (the interpreted kernels on CPU
+        tensors), ``"auto"`` in a real run (Triton on CUDA)."""
+        return "triton" if self.dry_run else "auto"
+
+    @property
     def half(self) -> torch.dtype:
         return torch.float16
 
@@ -260,15 +266,22 @@ def _bench_gemm(bench: Bench, label: str, m: int, k: int, n: int, gen: torch.Gen
     w8 = PackedWeight.from_codes(w_codes.to(dev), 8, torch.full((n, 1), 0.01, device=dev))
     w4 = PackedWeight.from_codes((w_codes // 16).to(dev), 4, torch.full((n, 1), 0.1, device=dev))
     w8t = w_codes.to(dev).t()  # torch._int_mm takes (K, N)
+    kernels = bench.kernels
     scale = torch.full((1,), 0.02, device=dev)
     zero_point = torch.zeros(1, device=dev)
     variants: dict[str, Callable[[], Any]] = {
         "torch fp16 matmul": lambda: x16 @ w16.t(),
         "torch bf16 matmul": lambda: xb @ wb.t(),
-        "triton W8A8 (int8 codes in)": lambda: int8_linear(a8, scale, zero_point, w8, None, torch.float16),
-        "triton W4A8 (int8 codes in)": lambda: int8_linear(a8, scale, zero_point, w4, None, torch.float16),
+        "triton W8A8 (int8 codes in)": lambda: int8_linear(a8, scale, zero_point, w8, None, torch.float16, kernels),
+        "triton W4A8 (int8 codes in)": lambda: int8_linear(a8, scale, zero_point, w4, None, torch.float16, kernels),
         "triton W8A8 + activation quantization": lambda: int8_linear(
-            quantize_activation_codes(x16, scale, zero_point, -128, 127), scale, zero_point, w8, None, torch.float16
+            quantize_activation_codes(x16, scale, zero_point, -128, 127, kernels),
+            scale,
+            zero_point,
+            w8,
+            None,
+            torch.float16,
+            kernels,
         ),
     }
     if dev.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:  # torch._int_mm's shape constraints
@@ -276,11 +289,11 @@ def _bench_gemm(bench: Bench, label: str, m: int, k: int, n: int, gen: torch.Gen
     times = bench.time(variants)
     errors = {  # the compiled kernels against the float64 reference (exact integer sums)
         "triton W8A8 (int8 codes in)": _relative_error(
-            int8_linear(a8, scale, zero_point, w8, None, torch.float32),
+            int8_linear(a8, scale, zero_point, w8, None, torch.float32, kernels),
             int8_linear_reference(a8, scale, zero_point, w8, None, torch.float32),
         ),
         "triton W4A8 (int8 codes in)": _relative_error(
-            int8_linear(a8, scale, zero_point, w4, None, torch.float32),
+            int8_linear(a8, scale, zero_point, w4, None, torch.float32, kernels),
             int8_linear_reference(a8, scale, zero_point, w4, None, torch.float32),
         ),
     }
@@ -314,12 +327,12 @@ def _bench_conv(bench: Bench, label: str, shape: tuple[int, int, int, int], c_ou
         {
             "torch fp16 conv2d": lambda: F.conv2d(x16, weight16, padding=1),
             "triton W8A8 implicit GEMM": lambda: int8_conv2d(
-                codes, scale, zero_point, w8, (3, 3), 1, 1, 1, None, torch.float16
+                codes, scale, zero_point, w8, (3, 3), 1, 1, 1, None, torch.float16, bench.kernels
             ),
         }
     )
     error = _relative_error(
-        int8_conv2d(codes, scale, zero_point, w8, (3, 3), 1, 1, 1),
+        int8_conv2d(codes, scale, zero_point, w8, (3, 3), 1, 1, 1, kernel_preference=bench.kernels),
         int8_conv2d_reference(codes, scale, zero_point, w8, (3, 3), 1, 1, 1),
     )
     for variant, ms in times.items():
@@ -401,6 +414,7 @@ def bench_unet_step(bench: Bench) -> None:
                 weight_init="minmax",
                 act_init="minmax",
                 target_modules=targets,
+                kernel_preference=bench.kernels,
             ),
         )
         dq.calibrate_activations(
@@ -411,8 +425,7 @@ def bench_unet_step(bench: Bench) -> None:
         )
         name = f"W{bits[0]}A{bits[1]}"
         variants[f"fake-quant {name}"] = lambda qmodel=qmodel: call(qmodel)
-        integer = dq.export_quantized(copy.deepcopy(qmodel))
-        dq.set_integer_backend(integer, "triton")
+        integer = dq.export_quantized(copy.deepcopy(qmodel), kernel_preference="triton")
         variants[f"integer {name} (triton)"] = lambda integer=integer: call(integer)
     times = bench.time(variants)
     case = "UNet2DConditionModel (SD1.5 config), batch 2, 64 x 64 latents" if not bench.dry_run else "tiny UNet"
@@ -464,12 +477,14 @@ def bench_attention(bench: Bench) -> None:
             "torch fake-quant q/k/v + SDPA fp16": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 fake(q), fake(k), fake(v)
             ),
-            "triton fused, no quantization": lambda q=q, k=k, v=v: quantized_attention(q, k, v, backend="triton"),
+            "triton fused, no quantization": lambda q=q, k=k, v=v: quantized_attention(
+                q, k, v, kernel_preference="triton"
+            ),
             "triton fused, q/k/v 8-bit": lambda q=q, k=k, v=v, qkv=qkv: quantized_attention(
-                q, k, v, backend="triton", **qkv
+                q, k, v, kernel_preference="triton", **qkv
             ),
             "triton fused, q/k/v + softmax 8-bit": lambda q=q, k=k, v=v, qkv=qkv, probs=probs: quantized_attention(
-                q, k, v, backend="triton", probs_quant=probs, **qkv
+                q, k, v, kernel_preference="triton", probs_quant=probs, **qkv
             ),
         }
         with torch.no_grad():
@@ -642,14 +657,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "triton), or pass --dry_run to check the script on CPU under the Triton interpreter."
             )
         bench = Bench(torch.device("cuda"), dry_run=False, repeats=args.repeats, inner=args.inner)
-    from diffusers_qalora.kernels import kernel_backend
-
-    # A dry run forces the Triton path on CPU tensors; a real run uses the automatic choice (Triton on CUDA).
-    with kernel_backend("triton" if args.dry_run else "auto"):
-        for name, section in SECTIONS:
-            if name in args.sections:
-                print(f"[gpu_kernels] {name}", flush=True)
-                section(bench)
+    # Each section asks for `bench.kernels`: the Triton path on CPU tensors in a dry run, the automatic choice
+    # (Triton on CUDA) in a real run.
+    for name, section in SECTIONS:
+        if name in args.sections:
+            print(f"[gpu_kernels] {name}", flush=True)
+            section(bench)
     if args.dry_run:
         print(f"[gpu_kernels] dry run: {len(bench.rows)} rows, nothing written")
         return bench.rows

@@ -37,6 +37,9 @@ _EXPORTS: dict[str, str] = {
     "PerGroup": "quant.granularity",
     "PerTensor": "quant.granularity",
     "TimestepContext": "quant.temporal",
+    # which implementation runs (Triton kernels, torch, oneDNN)
+    "KernelPreference": "quant.kernel_preference",
+    "set_kernel_preference": "quant.kernel_preference",
     # saving, loading and sharing
     "load_qalora_adapter": "integrations.adapters",
     "save_qalora_adapter": "integrations.adapters",
@@ -45,7 +48,6 @@ _EXPORTS: dict[str, str] = {
     # integer export and the diffusers backend
     "IntegerConv2d": "export.modules",
     "IntegerLinear": "export.modules",
-    "set_integer_backend": "export.context",
     "QALoraQuantConfig": "integrations.diffusers.config",
     "QALoraQuantMethod": "integrations.diffusers.config",
     "export_quantized": "integrations.diffusers.export",
@@ -65,6 +67,7 @@ __all__ = [
     "DirectQuantConv2d",
     "IntegerConv2d",
     "IntegerLinear",
+    "KernelPreference",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -93,7 +96,7 @@ __all__ = [
     "remove_qalora",
     "save_qalora_adapter",
     "save_winograd",
-    "set_integer_backend",
+    "set_kernel_preference",
     "set_qalora_adapter",
     "timestep_table",
     "tune_scales_",
@@ -117,13 +120,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from .export.context import set_integer_backend
     from .export.modules import IntegerConv2d, IntegerLinear
     from .integrations.adapters import load_qalora_adapter, save_qalora_adapter
     from .integrations.diffusers.config import QALoraQuantConfig, QALoraQuantMethod
     from .integrations.diffusers.export import export_quantized
     from .integrations.hub import push_qalora_adapter, push_quantized_model
     from .quant.granularity import PerChannel, PerGroup, PerTensor
+    from .quant.kernel_preference import KernelPreference, set_kernel_preference
     from .quant.temporal import TimestepContext
     from .tuners.qalora.api import (
         adapters_disabled,

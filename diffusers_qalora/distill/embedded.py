@@ -143,6 +143,17 @@ def run_embedded_job(
             get_qalora_model(unet, cfg, "distilled")
             copy_activation_calibration(unet, "timestep_ptq", "distilled")
         broadcast_module_state(unet, only="qal_")
+
+    def plot_steps(adapter: str, kind: str) -> None:
+        with distributed_phase(f"plot {kind.lower()} step sizes", phase_seconds):
+            if main:
+                plot_step_sizes(
+                    step_size_table(unet, adapter),
+                    out / f"step_sizes_{adapter}.png",
+                    title=f"{kind} activation step size per timestep (selected layers)",
+                )
+            accelerator.wait_for_everyone()
+
     rows = []
     evaluate = MethodEvaluator(
         testbed, out, config.eval_samples, config.eval_seeds, config.eval_steps, config.save_grids, distributed=True
@@ -156,14 +167,7 @@ def run_embedded_job(
             with distributed_phase(f"evaluation: {kind}", phase_seconds):
                 set_qalora_adapter(unet, kind)
                 rows.append({"method": METHOD_LABELS[kind], "bits": bits, **public(evaluate(kind))})
-    with distributed_phase("plot calibrated step sizes", phase_seconds):
-        if main:
-            plot_step_sizes(
-                step_size_table(unet, "timestep_ptq"),
-                out / "step_sizes_timestep_ptq.png",
-                title="Calibrated activation step size per timestep (selected layers)",
-            )
-        accelerator.wait_for_everyone()
+    plot_steps("timestep_ptq", "Calibrated")
     if "distilled" in config.methods:
         set_qalora_adapter(unet, "distilled", trainable=True)
         distiller = DataFreeDistiller(
@@ -194,14 +198,7 @@ def run_embedded_job(
             )
         results["training"] = {k: v for k, v in train.items() if k != "history"}
         results["training"]["loss_history"] = [h["loss"] for h in train["history"]]
-        with distributed_phase("plot distilled step sizes", phase_seconds):
-            if main:
-                plot_step_sizes(
-                    step_size_table(unet, "distilled"),
-                    out / "step_sizes_distilled.png",
-                    title="Distilled activation step size per timestep (selected layers)",
-                )
-            accelerator.wait_for_everyone()
+        plot_steps("distilled", "Distilled")
     results["methods"] = {r["method"]: r for r in rows}
     with distributed_phase("write results"):
         results["phase_seconds"] = phase_seconds

@@ -4,14 +4,8 @@ and loading through diffusers lives in `diffusers_qalora.integrations.diffusers`
 ``diffusers_qalora.export_quantized``.
 """
 
-from .backends import (
-    BACKENDS,
-    IntegerKernelWarning,
-    onednn_status,
-    register_kernel,
-    unregister_kernel,
-)
-from .context import attach_integer_context, set_integer_backend
+from .backends import IntegerKernelWarning, onednn_status, register_kernel, unregister_kernel
+from .context import attach_integer_context
 from .functional import dequantize_weight, lookup_act_qparams, quantize_activation_uint8, unpack_weight_codes
 from .layout import LAYOUT_KINDS, IntegerLayout
 from .modules import IntegerConv2d, IntegerLayer, IntegerLinear, integer_layers
@@ -24,6 +18,5 @@ __all__ = [
     "IntegerLinear",
     "onednn_status",
     "register_kernel",
-    "set_integer_backend",
     "unregister_kernel",
 ]

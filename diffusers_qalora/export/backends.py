@@ -1,20 +1,17 @@
-"""Integer kernels and their dispatch.
-
-Backends:
+"""Integer kernels and their dispatch, by the layer's [KernelPreference][diffusers_qalora.KernelPreference]:
 
 * ``"onednn"`` (CPU): oneDNN's quantized matmul and convolution as exposed by torch
   (``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise`` on pre-packed ``int8`` weights): ``uint8``
   activations with a zero point, ``int8`` per-channel weights, ``int32`` accumulation, and a float32 output with the
   ``s_x * s_w`` epilogue and the bias fused;
-* ``"reference"``: the dequantized float computation, bit-identical to the fake-quant model (the fallback, and the
+* ``"torch"``: the dequantized float computation, bit-identical to the fake-quant model (the fallback, and the
   oracle of the tests);
 * ``"triton"``: the Triton integer GEMM of `diffusers_qalora.kernels` (CUDA; CPU tensors under the Triton
   interpreter), provided through `set_kernel_provider` (this package stays plain torch and does not import it);
 * kernels registered with [register_kernel][diffusers_qalora.export.register_kernel] for other devices.
 
 ``"auto"`` picks a registered kernel for the input's device, else what the kernel provider chooses (Triton on CUDA
-when ``triton`` imports, following the global ``diffusers_qalora.kernels.set_kernel_backend``), else oneDNN on CPU
-when it is available and exact on this machine, else the reference.
+when ``triton`` imports), else oneDNN on CPU when it is available and exact on this machine, else the torch path.
 """
 
 from __future__ import annotations
@@ -25,11 +22,12 @@ from functools import lru_cache
 
 import torch
 
-BACKENDS = ("auto", "onednn", "reference", "triton")
+from ..quant.kernel_preference import KernelPreference
+
 KERNEL_OPS = ("linear", "conv2d")
 
-# provider(backend, device, op) -> kernel, or None to fall through to the built-in choice; installed by
-# `diffusers_qalora.kernels.install`.  For ``backend="triton"`` it returns a kernel or raises (naming the reason).
+# provider(preference, device, op) -> kernel, or None to fall through to the built-in choice; installed by
+# `diffusers_qalora.kernels.install`.  For ``"triton"`` it returns a kernel or raises (naming the reason).
 _PROVIDER: list[Callable | None] = [None]
 
 # (device type, op) -> kernel(module, x, scale, zero_point) -> output.  ``scale``/``zero_point`` are Python numbers
@@ -38,7 +36,7 @@ _KERNELS: dict[tuple[str, str], Callable] = {}
 
 
 class IntegerKernelWarning(UserWarning):
-    """A fast integer kernel is unavailable or inexact here and the layer falls back to the reference path."""
+    """A fast integer kernel is unavailable or inexact here and the layer falls back to the torch path."""
 
 
 def register_kernel(device_type: str, op: str, kernel: Callable, replace: bool = False) -> None:
@@ -66,19 +64,13 @@ def unregister_kernel(device_type: str, op: str) -> None:
 
 
 def set_kernel_provider(provider: Callable | None) -> Callable | None:
-    """Install the provider of the ``"triton"`` backend (and of the CUDA choice of ``"auto"``); return the previous
-    one.  ``provider(backend, device, op)`` returns a kernel with the calling convention of [register_kernel][diffusers_qalora.export.register_kernel]
+    """Install the provider of the ``"triton"`` preference (and of the CUDA choice of ``"auto"``); return the previous
+    one.  ``provider(preference, device, op)`` returns a kernel with the calling convention of [register_kernel][diffusers_qalora.export.register_kernel]
     (a kernel with ``per_sample_qparams = True`` also accepts ``(B,)`` tensors of per-sample step sizes and zero
     points, so a batch of mixed timesteps runs in one call), or ``None``."""
     previous = _PROVIDER[0]
     _PROVIDER[0] = provider
     return previous
-
-
-def validate_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-    return backend
 
 
 # -- oneDNN ----------------------------------------------------------------------------------------------------------
@@ -98,7 +90,7 @@ def onednn_status() -> tuple[bool, str]:
 
     The probe multiplies all-255 activations by all-127 weights (and a 4-bit pattern): CPUs without int8 dot-product
     instructions (VNNI/AMX) make oneDNN pre-scale 8-bit weights, which changes the result; such CPUs use the
-    reference path instead.
+    torch path instead.
     """
     if not _onednn_ops_present() or not torch.backends.mkldnn.is_available():
         return False, "torch was built without oneDNN's quantized kernels (torch.ops.onednn.qlinear_pointwise)"
@@ -206,36 +198,45 @@ def warn_once(message: str) -> None:
         warnings.warn(message, IntegerKernelWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str | Callable:
-    """The implementation for one call: ``"onednn"``, ``"reference"`` or a registered kernel."""
-    if backend == "reference":
-        return "reference"
+def resolve_integer_kernel(
+    preference: KernelPreference, device: torch.device, op: str, where: str = "an integer layer"
+) -> str | Callable:
+    """The implementation of one call of ``where`` (a layer name, for the errors): ``"onednn"``, ``"torch"`` or a
+    kernel (registered, or from the kernel provider)."""
+    if preference is KernelPreference.TORCH:
+        return "torch"
     kernel = _KERNELS.get((device.type, op))
-    if kernel is not None and backend == "auto":
+    if kernel is not None and preference is KernelPreference.AUTO:
         return kernel
     provider = _PROVIDER[0]
-    if backend in ("auto", "triton"):
-        provided = None if provider is None else provider(backend, device, op)
+    if preference in (KernelPreference.AUTO, KernelPreference.TRITON):
+        provided = None if provider is None else provider(preference, device, op)
         if provided is not None:
             return provided
-        if backend == "triton":
+        if preference is KernelPreference.TRITON:
             raise RuntimeError(
-                "backend='triton' needs the kernels of diffusers_qalora.kernels, which install themselves when "
-                "imported; `import diffusers_qalora.kernels` (the tuner and `diffusers_qalora.<name>` do) or use "
-                "backend='auto'."
+                f"{where}: kernel_preference='triton' needs the kernels of diffusers_qalora.kernels, which install "
+                f"themselves when imported; `import diffusers_qalora.kernels` (the tuner and "
+                f"`diffusers_qalora.<name>` do) or use kernel_preference='auto'."
             )
     if device.type == "cpu":
         usable, reason = onednn_status()
         if usable:
             return "onednn"
-        if backend == "onednn":
-            raise RuntimeError(f"backend='onednn' is unavailable: {reason}. Use backend='auto' or 'reference'.")
-        warn_once(f"integer layers run the dequantized reference path: {reason}.")
-        return "reference"
-    if backend == "onednn":
-        raise RuntimeError(f"backend='onednn' runs on CPU only, but the input is on {device}. Use backend='auto'.")
+        if preference is KernelPreference.ONEDNN:
+            raise RuntimeError(
+                f"{where}: kernel_preference='onednn' is unavailable: {reason}. Use 'auto' or 'torch' "
+                f"(diffusers_qalora.set_kernel_preference(model, 'auto'))."
+            )
+        warn_once(f"integer layers run the dequantized torch path: {reason}.")
+        return "torch"
+    if preference is KernelPreference.ONEDNN:
+        raise RuntimeError(
+            f"{where}: kernel_preference='onednn' runs on CPU only, but the input is on {device}. Use 'auto' "
+            f"(diffusers_qalora.set_kernel_preference(model, 'auto'))."
+        )
     warn_once(
-        f"no integer kernel is registered for {device.type!r} ({op}); the layers run the dequantized reference "
-        f"path there (register one with diffusers_qalora.export.register_kernel)."
+        f"no integer kernel is registered for {device.type!r} ({op}); the layers run the dequantized torch path "
+        f"there (register one with diffusers_qalora.export.register_kernel)."
     )
-    return "reference"
+    return "torch"

@@ -1,5 +1,5 @@
-"""The timestep plumbing of an integer model: the shared [TimestepContext][diffusers_qalora.TimestepContext], the denoiser's pre-hook that fills it,
-and the backend switch.  Pure torch (the QALoRA tuner uses the same model attributes, so a model exported from QALoRA
+"""The timestep plumbing of an integer model: the shared [TimestepContext][diffusers_qalora.TimestepContext] and the denoiser's pre-hook that fills
+it.  Pure torch (the QALoRA tuner uses the same model attributes, so a model exported from QALoRA
 keeps its hook)."""
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from ..quant import TimestepContext, attach_timestep_context
-from .backends import validate_backend
 from .modules import integer_layers
 
-__all__ = ["OUTPUT_HOOK_ATTR", "attach_integer_context", "set_integer_backend"]
+__all__ = ["OUTPUT_HOOK_ATTR", "attach_integer_context"]
 
 OUTPUT_HOOK_ATTR = "_qalora_contiguous_output_hook"
 
@@ -41,19 +40,3 @@ def attach_integer_context(model: nn.Module, timestep_argument: str = "timestep"
     if getattr(model, OUTPUT_HOOK_ATTR, None) is None:
         object.__setattr__(model, OUTPUT_HOOK_ATTR, model.register_forward_hook(_contiguous_output_hook))
     return context
-
-
-def set_integer_backend(
-    model: nn.Module, backend: str = "auto", exact_activation_rounding: bool | None = None
-) -> nn.Module:
-    """Choose the compute path of every integer layer: ``"auto"``, ``"onednn"`` or ``"reference"`` (the dequantized
-    float fallback).  ``exact_activation_rounding=True`` quantizes activations with the fake-quant model's formula."""
-    validate_backend(backend)
-    layers = integer_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no integer layer; export it first with export_quantized.")
-    for layer in layers.values():
-        layer.backend = backend
-        if exact_activation_rounding is not None:
-            layer.exact_activation_rounding = bool(exact_activation_rounding)
-    return model

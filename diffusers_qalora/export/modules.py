@@ -8,8 +8,8 @@ step-size table keyed by timestep (see [IntegerLayout][diffusers_qalora.export.I
 2. quantizes the input to ``uint8`` codes,
 3. runs the integer product (``int32`` accumulation) with one epilogue ``acc * s_x * s_w + bias``.
 
-``backend="reference"`` computes the same layer in float from the dequantized codes (the fake-quant model's numbers,
-bit for bit in float32); it is the fallback where no integer kernel applies.
+The kernel preference ``"torch"`` computes the same layer in float from the dequantized codes (the fake-quant model's
+numbers, bit for bit in float32); it is the fallback where no integer kernel applies.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import TimestepContext, pack_codes
+from ..quant import KernelPreference, TimestepContext, pack_codes
+from ..quant.kernel_preference import kernel_preference_of
 from .backends import (
     conv2d_onednn,
     linear_onednn,
     prepack_conv2d,
     prepack_linear,
-    resolve_backend,
-    validate_backend,
+    resolve_integer_kernel,
 )
 from .functional import (
     dequantize_activation_reference,
@@ -55,13 +55,14 @@ class IntegerLayer(nn.Module):
     Attributes:
         layout ([IntegerLayout][diffusers_qalora.export.IntegerLayout]): bit widths, granularity and table size.
         context ([TimestepContext][diffusers_qalora.TimestepContext]): the timesteps of the denoiser call in progress (shared by all layers).
-        backend (`str`): ``"auto"`` (default), ``"onednn"``, ``"triton"`` or ``"reference"``; see
-            `diffusers_qalora.export.backends`.
         exact_activation_rounding (`bool`): quantize activations with the fake-quant model's ``x / s`` formula instead
             of torch's fused quantizer (slower; the fused one differs by one code at rare exact ties).
     """
 
     op: str = ""
+    # Integer layers also have oneDNN kernels (set with `diffusers_qalora.set_kernel_preference`; see
+    # `diffusers_qalora.export.backends`).
+    kernel_preferences = tuple(KernelPreference)
 
     def __init__(
         self,
@@ -84,7 +85,6 @@ class IntegerLayer(nn.Module):
         for name in ("act_timesteps", "act_scale", "act_zero_point"):
             self.register_buffer(name, torch.empty(shapes[name], dtype=torch.float32, device=device))
         self.context: TimestepContext | None = None
-        self.backend = "auto"
         self.exact_activation_rounding = False
         self.name = ""
         self._derived: dict[str, tuple[tuple, object]] = {}
@@ -154,7 +154,7 @@ class IntegerLayer(nn.Module):
         gran = "per-channel" if lay.group_size is None else f"group={lay.group_size}"
         return (
             f"W{lay.weight_bits}A{lay.act_bits}{' signed-act' if lay.act_signed else ''}, {gran}, "
-            f"timesteps={lay.num_timesteps}, backend={self.backend!r}"
+            f"timesteps={lay.num_timesteps}, kernel_preference={kernel_preference_of(self).value!r}"
         )
 
     def _cached(self, name: str, key: tuple, build: Callable[[], object]) -> object:
@@ -193,9 +193,6 @@ class IntegerLayer(nn.Module):
         self._derived.clear()
         self._qparams_cache = None
         return super()._apply(fn, recurse)
-
-    def set_backend(self, backend: str) -> None:
-        self.backend = validate_backend(backend)
 
     # -- activation step sizes -------------------------------------------------------------------------------------
     def _sample_timesteps(self, batch: int) -> torch.Tensor:
@@ -313,9 +310,9 @@ class IntegerLayer(nn.Module):
         if x.shape[0] == 0 or all(v == values[0] for v in values):
             return self._forward_group(x, *self._qparams_at(values[0]))
         # Samples at different timesteps: their step sizes are a per-sample (per-row) scale.
-        impl = resolve_backend(self.backend, x.device, self.op)
+        impl = resolve_integer_kernel(kernel_preference_of(self), x.device, self.op, self._where())
         view = (-1,) + (1,) * (x.dim() - 1)
-        if impl == "reference":
+        if impl == "torch":
             # One call with per-sample step sizes, as the fake-quant model computes it (bit-identical).
             scale, zero_point = self.sample_qparams(timesteps)
             return self._reference(x, scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device))
@@ -340,8 +337,8 @@ class IntegerLayer(nn.Module):
         return out
 
     def _forward_group(self, x: torch.Tensor, scale: float, zero_point: float) -> torch.Tensor:
-        impl = resolve_backend(self.backend, x.device, self.op)
-        if impl == "reference":
+        impl = resolve_integer_kernel(kernel_preference_of(self), x.device, self.op, self._where())
+        if impl == "torch":
             return self._reference(x, scale, zero_point)
         if impl == "onednn":
             lo, hi = self.layout.act_code_range

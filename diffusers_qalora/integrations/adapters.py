@@ -15,8 +15,7 @@ import torch
 from huggingface_hub import HfApi
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..quant.checksum import tensor_checksum
@@ -24,12 +23,12 @@ from ..tuners.qalora.api import inject_qalora_adapter, restore_on_error
 from ..tuners.qalora.config import QALoraConfig, QALoraPeftType
 from ..tuners.qalora.model import attach_timestep_context, qalora_layers
 from ..tuners.qalora.registration import register_peft_method
+from ..utils import CHECKSUM_KEY, read_checked_safetensors
 from .downloads import hub_file, snapshot_revision
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
 
 
 def unwrap_peft_model(model: nn.Module) -> nn.Module:
@@ -229,19 +228,7 @@ def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         "download it again (from the Hub: delete its copy in the Hugging Face cache first) or save it again with "
         "save_qalora_adapter"
     )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
-        state = load_file(str(path), device="cpu")
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}."
-        ) from err
-    if expected is not None and tensor_checksum(state) != expected:
-        raise ValueError(
-            f"corrupt adapter file {path}: its tensors do not match the checksum recorded when it was saved; {fix}."
-        )
-    return state
+    return read_checked_safetensors(path, "adapter", fix)
 
 
 def load_qalora_adapter(

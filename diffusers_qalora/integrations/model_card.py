@@ -435,8 +435,8 @@ def quantized_model_card(
             _distill_settings(info.distill_config),
             info.sample_grid,
             note=(
-                "They were measured on the fake-quantized model before export; the integer model's reference path "
-                '(`backend="reference"`) reproduces its outputs bit for bit.'
+                "They were measured on the fake-quantized model before export; the integer model's torch path "
+                '(`diffusers_qalora.set_kernel_preference(model, "torch")`) reproduces its outputs bit for bit.'
             ),
         ),
         *_footer(),

@@ -4,8 +4,9 @@
   quantizers of `diffusers_qalora.quant` during training and calibration-free inference on CUDA;
 * integer GEMM / implicit-GEMM convolution with a fused dequantize epilogue ([int8_linear][diffusers_qalora.kernels.int8_linear], [int8_conv2d][diffusers_qalora.kernels.int8_conv2d]), used
   by the exported integer layers on CUDA (backend ``"triton"``);
-* dispatch ([set_kernel_backend][diffusers_qalora.kernels.set_kernel_backend], [kernel_backend][diffusers_qalora.kernels.kernel_backend], [set_module_kernel_backend][diffusers_qalora.kernels.set_module_kernel_backend]): Triton on CUDA when ``triton``
-  imports, the torch reference elsewhere.
+* dispatch ([resolve_kernel_preference][diffusers_qalora.kernels.resolve_kernel_preference], following each module's
+  [KernelPreference][diffusers_qalora.KernelPreference]): Triton on CUDA when ``triton`` imports, the torch reference
+  elsewhere.
 
 Importing this package does not import ``triton``; the kernels are built the first time one runs.  `install`
 (called when this package is imported) connects the dispatch to the quantizers, the integer layers and the Winograd
@@ -13,13 +14,8 @@ convolution.
 """
 
 from .dispatch import (
-    KERNEL_BACKENDS,
-    get_kernel_backend,
-    kernel_backend,
-    module_kernel_backend,
-    resolve_kernel_backend,
-    set_kernel_backend,
-    set_module_kernel_backend,
+    resolve_kernel_preference,
+    resolved_kernel,
     triton_import_error,
     triton_unavailable_reason,
 )
@@ -45,16 +41,13 @@ __all__ = [
     "int8_conv2d_reference",
     "int8_linear",
     "int8_linear_reference",
-    "kernel_backend",
-    "module_kernel_backend",
     "pack_winograd_weight",
     "quantize_activation_codes",
     "quantize_activation_codes_reference",
     "quantized_attention",
     "quantized_attention_reference",
-    "resolve_kernel_backend",
-    "set_kernel_backend",
-    "set_module_kernel_backend",
+    "resolve_kernel_preference",
+    "resolved_kernel",
     "winograd_int_conv2d",
     "winograd_int_conv2d_reference",
 ]

@@ -186,7 +186,7 @@ def quantized_attention_reference(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Torch reference of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``backend``)."""
+    """Torch reference of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``kernel_preference``)."""
     _check_inputs(query, key, value, attn_mask)
     batch = query.shape[0]
     specs = [
@@ -294,13 +294,13 @@ def quantized_attention_triton(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Triton version of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``backend``).  fp16, bf16 and fp32 inputs;
+    """Triton version of [quantized_attention][diffusers_qalora.kernels.quantized_attention] (same arguments, no ``kernel_preference``).  fp16, bf16 and fp32 inputs;
     empty inputs return an empty (or, with no key, zero) output without a launch."""
     _check_inputs(query, key, value, attn_mask)
     if query.dtype not in _TRITON_DTYPES:
         raise ValueError(
             f"the Triton attention kernel takes fp16, bf16 or fp32 inputs, got {query.dtype}; use the "
-            f"torch reference (backend='torch')."
+            f"torch reference (kernel_preference='torch')."
         )
     batch, heads, n_q, dim = query.shape
     n_k, dim_v = key.shape[2], value.shape[3]
@@ -317,7 +317,7 @@ def quantized_attention_triton(
     if out.numel() == 0 or n_k == 0:
         return out
     if dim == 0:
-        raise ValueError("`query` and `key` have head_dim 0; use the torch reference (backend='torch').")
+        raise ValueError("`query` and `key` have head_dim 0; use the torch reference (kernel_preference='torch').")
     kernels = _kernels()
     scale = _default_scale(dim) if scale is None else float(scale)
     device = query.device
@@ -411,7 +411,7 @@ def quantized_attention(
     probs_quant: QuantSpec | None = None,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str | None = None,
+    kernel_preference: str = "auto",
 ) -> torch.Tensor:
     """Attention with fake-quantized ``q``, ``k``, ``v`` and (optionally) softmax output, per-sample step sizes.
 
@@ -429,16 +429,15 @@ def quantized_attention(
         attn_mask (`torch.Tensor`, *optional*): additive float mask, or boolean (``True`` = attend, as in
             ``F.scaled_dot_product_attention``), broadcastable to ``(B, H, N_q, N_k)``.
         scale (`float`, *optional*): score scale, ``1 / sqrt(D)`` by default.
-        backend (`str`, *optional*): ``"auto"``, ``"triton"`` or ``"torch"``; by default the global kernel backend
-            (see `diffusers_qalora.kernels.dispatch`: Triton for CUDA tensors when it imports, the torch reference
-            otherwise).  float64 inputs (and an empty head dim) always run the torch reference.
+        kernel_preference (`str`, defaults to `"auto"`): ``"auto"`` (Triton for CUDA tensors when it imports, the
+            torch reference otherwise), ``"triton"`` or ``"torch"``.  float64 inputs (and an empty head dim) always run the torch reference.
 
     Returns:
         `torch.Tensor`: ``(B, H, N_q, D_v)`` in the dtype of ``query``.
     """
-    from .dispatch import requested_backend, resolve_kernel_backend
+    from .dispatch import resolve_kernel_preference
 
-    chosen = resolve_kernel_backend(backend if backend is not None else requested_backend(), query.device)
+    chosen = resolve_kernel_preference(kernel_preference, query.device)
     if chosen == "triton" and query.dtype in _TRITON_DTYPES and query.shape[-1] > 0:
         fn = quantized_attention_triton
     else:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..quant.packing import pack_codes, unpack_codes
 from ._build import load_kernel_module
-from .dispatch import requested_backend, resolve_kernel_backend
+from .dispatch import resolve_kernel_preference
 
 __all__ = [
     "PackedWeight",
@@ -113,10 +113,6 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"`bits` (bits per stored weight code) must be one of {STORED_BITS}, got {bits!r}.")
 
 
-def _backend(backend: str, device: torch.device) -> str:
-    return resolve_kernel_backend(requested_backend() if backend == "auto" else backend, device)
-
-
 def _kernels():
     return load_kernel_module("_int_gemm_triton")
 
@@ -158,7 +154,12 @@ def quantize_activation_codes_reference(
 
 
 def quantize_activation_codes(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, backend: str = "auto"
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    kernel_preference: str = "auto",
 ) -> torch.Tensor:
     """[quantize_activation_codes_reference][diffusers_qalora.kernels.quantize_activation_codes_reference] in one Triton pass (the codes keep the memory format of ``x``).
 
@@ -168,9 +169,9 @@ def quantize_activation_codes(
         zero_point (`torch.Tensor`): ``(B,)`` or ``(1,)`` zero points (int8 code domain).
         qmin (`int`): lowest code, inside ``[-128, 127]``.
         qmax (`int`): highest code, inside ``[-128, 127]``.
-        backend (`str`, defaults to `"auto"`): ``"auto"`` (the dispatch rules), ``"triton"`` or ``"torch"``.
+        kernel_preference (`str`, defaults to `"auto"`): ``"auto"`` (the dispatch rules), ``"triton"`` or ``"torch"``.
     """
-    if _backend(backend, x.device) == "torch" or x.numel() == 0:
+    if resolve_kernel_preference(kernel_preference, x.device) == "torch" or x.numel() == 0:
         return quantize_activation_codes_reference(x, scale, zero_point, qmin, qmax)
     _check_code_range(qmin, qmax)
     _check_qparams(scale, zero_point, x.shape[0] if x.dim() else 1, "quantize_activation_codes")
@@ -207,7 +208,7 @@ def int8_linear_reference(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The torch reference of [int8_linear][diffusers_qalora.kernels.int8_linear] (same signature, no ``backend``): float64 sums (exact) and epilogue."""
+    """The torch reference of [int8_linear][diffusers_qalora.kernels.int8_linear] (same signature, no ``kernel_preference``): float64 sums (exact) and epilogue."""
     _check_linear(codes, weight, bias, out_dtype)
     samples = _check_qparams(row_scale, row_zero_point, codes.shape[0] if codes.dim() > 1 else 1, "int8_linear")
     a = codes.reshape(-1, weight.k).double()
@@ -231,7 +232,7 @@ def int8_linear(
     weight: PackedWeight,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
+    kernel_preference: str = "auto",
 ) -> torch.Tensor:
     """``y = s_b * sum_g s_w[:, g] * ((a - z_b) @ w_g^T) + bias``: integer GEMM with a fused dequantize epilogue.
 
@@ -244,12 +245,12 @@ def int8_linear(
         weight ([PackedWeight][diffusers_qalora.kernels.PackedWeight]): packed 2/4/8-bit codes and their step sizes (per channel or per group).
         bias (`torch.Tensor`, *optional*): ``(N,)``.
         out_dtype (`torch.dtype`, defaults to `torch.float32`): float32, float16 or bfloat16.
-        backend (`str`, defaults to `"auto"`): ``"auto"`` (the dispatch rules), ``"triton"`` or ``"torch"``.
+        kernel_preference (`str`, defaults to `"auto"`): ``"auto"`` (the dispatch rules), ``"triton"`` or ``"torch"``.
 
     Returns:
         `torch.Tensor`: ``(B, ..., N)`` in ``out_dtype``.
     """
-    if _backend(backend, codes.device) == "torch":
+    if resolve_kernel_preference(kernel_preference, codes.device) == "torch":
         return int8_linear_reference(codes, row_scale, row_zero_point, weight, bias, out_dtype)
     _check_linear(codes, weight, bias, out_dtype)
     samples = _check_qparams(row_scale, row_zero_point, codes.shape[0] if codes.dim() > 1 else 1, "int8_linear")
@@ -312,7 +313,7 @@ def int8_conv2d_reference(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The torch reference of [int8_conv2d][diffusers_qalora.kernels.int8_conv2d] (same signature, no ``backend``): float64 convolution of ``a - z``
+    """The torch reference of [int8_conv2d][diffusers_qalora.kernels.int8_conv2d] (same signature, no ``kernel_preference``): float64 convolution of ``a - z``
     (zero padding of ``a - z`` = padding with the zero point), float64 epilogue."""
     (kh, kw), stride, padding, dilation, oh, ow = _conv_geometry(codes, weight, kernel_size, stride, padding, dilation)
     if bias is not None and bias.shape != (weight.n,):
@@ -346,7 +347,7 @@ def int8_conv2d(
     dilation=1,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
+    kernel_preference: str = "auto",
 ) -> torch.Tensor:
     """Implicit-GEMM integer convolution (groups = 1) with the epilogue of [int8_linear][diffusers_qalora.kernels.int8_linear].
 
@@ -365,12 +366,12 @@ def int8_conv2d(
         dilation (`int` or pair, defaults to `1`): the convolution's dilation.
         bias (`torch.Tensor`, *optional*): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
         out_dtype (`torch.dtype`, defaults to `torch.float32`): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
-        backend (`str`, defaults to `"auto"`): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
+        kernel_preference (`str`, defaults to `"auto"`): as in [int8_linear][diffusers_qalora.kernels.int8_linear].
 
     Returns:
         `torch.Tensor`: ``(B, C_out, OH, OW)`` in ``out_dtype``, channels-last in memory on the Triton path.
     """
-    if _backend(backend, codes.device) == "torch":
+    if resolve_kernel_preference(kernel_preference, codes.device) == "torch":
         return int8_conv2d_reference(
             codes, row_scale, row_zero_point, weight, kernel_size, stride, padding, dilation, bias, out_dtype
         )

@@ -1,4 +1,4 @@
-"""The ``"triton"`` backend of the exported integer layers (`diffusers_qalora.export.IntegerLinear` /
+"""The Triton kernels of the exported integer layers (`diffusers_qalora.export.IntegerLinear` /
 ``IntegerConv2d``): activation quantization and the integer GEMM of `int_gemm`, with each sample's timestep step
 size gathered in the kernels.
 
@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import get_kernel_backend, resolve_kernel_backend, triton_import_error
+from ..quant.kernel_preference import KernelPreference
+from .dispatch import resolve_kernel_preference
 from .int_gemm import PackedWeight, conv2d_triton, int8_linear, quantize_activation_codes
 
 __all__ = ["integer_kernel_provider", "triton_integer_conv2d", "triton_integer_linear"]
@@ -57,8 +58,8 @@ def _act_qparams(
 def triton_integer_linear(layer, x: torch.Tensor, scale, zero_point) -> torch.Tensor:
     """``IntegerLinear`` forward on the Triton kernels (``scale``/``zero_point``: numbers, or ``(B,)`` tensors)."""
     s, z, qmin, qmax, _ = _act_qparams(layer, x, scale, zero_point)
-    codes = quantize_activation_codes(x, s, z, qmin, qmax, backend="triton")
-    return int8_linear(codes, s, z, _packed_weight(layer), layer.bias, x.dtype, backend="triton")
+    codes = quantize_activation_codes(x, s, z, qmin, qmax, kernel_preference="triton")
+    return int8_linear(codes, s, z, _packed_weight(layer), layer.bias, x.dtype, kernel_preference="triton")
 
 
 def triton_integer_conv2d(layer, x: torch.Tensor, scale, zero_point) -> torch.Tensor:
@@ -71,7 +72,7 @@ def triton_integer_conv2d(layer, x: torch.Tensor, scale, zero_point) -> torch.Te
             return layer._reference(x, scale.reshape(view).to(x.device), zero_point.reshape(view).to(x.device))
         return layer._reference(x, scale, zero_point)
     x, padding = layer._pad_input(x)
-    codes = quantize_activation_codes(x, s, z, qmin, qmax, backend="triton")
+    codes = quantize_activation_codes(x, s, z, qmin, qmax, kernel_preference="triton")
     return conv2d_triton(
         codes,
         s,
@@ -91,21 +92,13 @@ triton_integer_conv2d.per_sample_qparams = True
 _KERNELS = {"linear": triton_integer_linear, "conv2d": triton_integer_conv2d}
 
 
-def integer_kernel_provider(backend: str, device: torch.device, op: str) -> Callable | None:
+def integer_kernel_provider(preference: KernelPreference, device: torch.device, op: str) -> Callable | None:
     """The provider installed into `diffusers_qalora.export.backends`.
 
-    ``backend="triton"``: the Triton kernel (a ``RuntimeError`` naming the reason where it cannot run).
-    ``backend="auto"``: the Triton kernel on CUDA when ``triton`` imports (or everywhere while the global kernel
-    backend is ``"triton"``); ``None`` otherwise, which leaves the choice to the export backends (oneDNN on CPU,
-    else the reference path).
+    ``"triton"``: the Triton kernel (a ``RuntimeError`` naming the reason where it cannot run).  ``"auto"``: the
+    Triton kernel on CUDA when ``triton`` imports; ``None`` otherwise, which leaves the choice to the export backends
+    (oneDNN on CPU, else the torch path).
     """
-    if backend == "triton":
-        resolve_kernel_backend("triton", device)
-        return _KERNELS[op]
-    requested = get_kernel_backend()
-    if requested == "torch":
-        return None
-    if requested == "triton" or (device.type == "cuda" and triton_import_error() is None):
-        resolve_kernel_backend("triton", device)
+    if resolve_kernel_preference(preference, device) == "triton":
         return _KERNELS[op]
     return None

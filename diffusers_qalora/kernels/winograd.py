@@ -29,7 +29,8 @@ an error of a rounding boundary can take the neighbouring code, and an absmax th
 its group's step by as much.  ``tests/kernels/test_winograd_kernel.py`` bounds both.
 
 Dispatch: [winograd_int_conv2d][diffusers_qalora.kernels.winograd_int_conv2d] runs the Triton kernels for CUDA tensors (fp16/bf16/fp32) when Triton imports and
-the torch reference otherwise; `WinogradConv2d` in ``"int"`` mode calls it with the backend it resolved once.
+the torch reference otherwise; `WinogradConv2d` in ``"int"`` mode calls it with the implementation it resolved once
+from its [KernelPreference][diffusers_qalora.KernelPreference].
 """
 
 from __future__ import annotations
@@ -378,13 +379,13 @@ def winograd_int_conv2d_triton(
     output_bits: int | None = None,
     packed: WinogradPackedWeight | None = None,
 ) -> torch.Tensor:
-    """Triton version of [winograd_int_conv2d][diffusers_qalora.kernels.winograd_int_conv2d] (same arguments, no ``backend``).  ``packed`` (from
+    """Triton version of [winograd_int_conv2d][diffusers_qalora.kernels.winograd_int_conv2d] (same arguments, no ``kernel_preference``).  ``packed`` (from
     [pack_winograd_weight][diffusers_qalora.kernels.pack_winograd_weight]) saves repacking ``codes_u``/``step_u`` at every call."""
     m, _ = _check_common(x, bt, at, act_granularity)
     if x.dtype not in _TRITON_DTYPES:
         raise ValueError(
             f"the Triton Winograd kernels take fp16, bf16 or fp32 inputs, got {x.dtype}; use the torch "
-            f"reference (backend='torch')."
+            f"reference (kernel_preference='torch')."
         )
     padding = _pad_pair(padding)
     weight = packed if packed is not None else pack_winograd_weight(codes_u, step_u)
@@ -412,7 +413,7 @@ def winograd_int_conv2d(
     act_granularity: str = "position",
     output_bits: int | None = None,
     packed: WinogradPackedWeight | None = None,
-    backend: str | None = None,
+    kernel_preference: str = "auto",
 ) -> torch.Tensor:
     """Integer Winograd F(m, 3) convolution of ``x`` with quantized Winograd-domain weights.
 
@@ -430,15 +431,15 @@ def winograd_int_conv2d(
         act_granularity (`"position" | "tile"`, defaults to `"position"`): the ``V`` step granularity.
         output_bits (`int`, *optional*): re-quantize ``M`` before the output transform.
         packed ([WinogradPackedWeight][diffusers_qalora.kernels.WinogradPackedWeight], *optional*): the weight already packed for the Triton path.
-        backend (`str`, *optional*): ``"auto"``, ``"triton"`` or ``"torch"``; by default the global kernel backend
-            (Triton for CUDA tensors when it imports, else the torch reference).  float64 runs the reference.
+        kernel_preference (`str`, defaults to `"auto"`): ``"auto"`` (Triton for CUDA tensors when it imports, else the
+            torch reference), ``"triton"`` or ``"torch"``.  float64 runs the reference.
 
     Returns:
         `torch.Tensor`: ``(N, K, H_o, W_o)`` in the dtype of ``x``.  Not differentiable.
     """
-    from .dispatch import requested_backend, resolve_kernel_backend
+    from .dispatch import resolve_kernel_preference
 
-    chosen = resolve_kernel_backend(backend if backend is not None else requested_backend(), x.device)
+    chosen = resolve_kernel_preference(kernel_preference, x.device)
     fn = (
         winograd_int_conv2d_triton
         if chosen == "triton" and x.dtype in _TRITON_DTYPES

@@ -2,6 +2,7 @@
 
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, grouped_view, step_shape
 from .init import INIT_METHODS, init_qparams, lp_search_qparams, minmax_qparams
+from .kernel_preference import KernelPreference, set_kernel_preference
 from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
 from .primitives import (
     clear_workspace,
@@ -37,6 +38,7 @@ from .temporal import (
 
 __all__ = [
     "Granularity",
+    "KernelPreference",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -53,5 +55,6 @@ __all__ = [
     "qrange",
     "quantize",
     "scale_aware_param_groups",
+    "set_kernel_preference",
     "unpack_codes",
 ]

@@ -85,28 +85,25 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_testbed_config(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read `testbed.json` of a weights folder (the shipped one by default)."""
-    path = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / _CONFIG_NAME
+def _read_record(weights_dir: str | os.PathLike | None, name: str, what: str, recipe: str) -> dict[str, Any]:
+    path = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"No testbed configuration at {path}. Train the testbed with "
-            "`python -m diffusers_qalora.testbed.recipe --out <folder>` or reinstall the package."
+            f"No {what} at {path}. Train it with `python -m diffusers_qalora.testbed.{recipe} --out <folder>` or "
+            "reinstall the package."
         )
     with open(path) as f:
         return json.load(f)
+
+
+def read_testbed_config(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read `testbed.json` of a weights folder (the shipped one by default)."""
+    return _read_record(weights_dir, _CONFIG_NAME, "testbed configuration", "recipe")
 
 
 def read_dit_config(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read `dit.json`, the embedded DiT's record, of a weights folder (the shipped one by default)."""
-    path = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / _DIT_CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No embedded-DiT record at {path}. Train the DiT with "
-            "`python -m diffusers_qalora.testbed.dit_recipe --out <folder>` or reinstall the package."
-        )
-    with open(path) as f:
-        return json.load(f)
+    return _read_record(weights_dir, _DIT_CONFIG_NAME, "embedded-DiT record", "dit_recipe")
 
 
 def verify_weights(weights_dir: str | os.PathLike | None = None, config: dict[str, Any] | None = None) -> None:

@@ -187,6 +187,64 @@ class Conv3x3Layer(nn.Module):
         self.input_quantizer: nn.Module | None = None
         self._capture: Any = None  # set by apply_winograd while it records the layer's inputs
 
+    @classmethod
+    def _sharing_weights_of(cls, conv: nn.Module, config: WinogradConfig) -> Conv3x3Layer:
+        """A layer of ``conv``'s shape built on the meta device, then given ``conv``'s weight and bias (shared)."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+            config=config,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the full-precision function of this layer (sharing its weight and bias)."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            3,
+            padding=self.padding,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        conv.weight = self.weight
+        conv.bias = self.bias
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``.
+
+        Applies ``input_quantizer`` (if any), then `forward_core`.
+        """
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self._capture is not None:  # recording inputs: behave as the FP direct conv (teacher trajectory)
+            self._capture(x)
+            return self.reference_forward(x)
+        return self.forward_core(x)
+
+    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Check that ``x`` is ``(N, C_in, H, W)`` and record its shape (``last_input_shape``, for tuning)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        self.last_input_shape = tuple(x.shape)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-precision direct convolution ``F.conv2d`` with this layer's weight, bias and padding."""
+        return F.conv2d(
+            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), padding=self._pad
+        )
+
 
 class WinogradConv2d(Conv3x3Layer):
     r"""A 3x3, stride-1 convolution computed with the Winograd algorithm F(m x m, 3 x 3), optionally fully quantized.
@@ -211,7 +269,8 @@ class WinogradConv2d(Conv3x3Layer):
       per group, group steps applied and summed in fp32; the weight codes are cached until the weight or the
       scales change.  Not differentiable.  Agrees with ``"fake"`` up to fp32 summation order.  On CUDA (float32
       compute) it runs the fused Triton kernels of `diffusers_qalora.kernels.winograd` when Triton imports; the
-      choice is made once per module and can be overridden (`diffusers_qalora.kernels.set_module_kernel_backend`).
+      choice is made once per module from its [KernelPreference][diffusers_qalora.KernelPreference]
+      ([set_kernel_preference][diffusers_qalora.set_kernel_preference]).
 
     The quantized modes compute in float32 (float64 for a float64 input) whatever the input dtype, with autocast
     disabled; the output is cast back to the input dtype.
@@ -338,34 +397,9 @@ class WinogradConv2d(Conv3x3Layer):
         if unknown:
             raise TypeError(f"unknown WinogradConfig fields {unknown}.")
         cfg = dataclasses.replace(base, **overrides)
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            padding=conv.padding,
-            bias=conv.bias is not None,
-            config=cfg,
-            device="meta",
-            dtype=conv.weight.dtype,
-        )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
+        layer = cls._sharing_weights_of(conv, cfg)
         layer.scales = layer._initial_scales(cfg.scale_init, conv.weight.device)
         return layer
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the full-precision function of this layer (sharing its weight and bias)."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            3,
-            padding=self.padding,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-        conv.weight = self.weight
-        conv.bias = self.bias
-        return conv
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -424,23 +458,9 @@ class WinogradConv2d(Conv3x3Layer):
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (N, C_in, H, W) -> (N, C_out, H + 2 p_h - 2, W + 2 p_w - 2)`` in the dtype of ``x``.
-
-        Applies ``input_quantizer`` (if any), then `forward_core`.
-        """
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        if self._capture is not None:  # recording inputs: behave as the FP direct conv (teacher trajectory)
-            self._capture(x)
-            return self.reference_forward(x)
-        return self.forward_core(x)
-
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """The (quantized) Winograd convolution of ``x`` without ``input_quantizer``: what tuning optimises."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        self.last_input_shape = tuple(x.shape)
+        self._check_input(x)
         if self._quant_mode == "fp":
             y = self._forward_fp(x)
         else:
@@ -546,9 +566,3 @@ class WinogradConv2d(Conv3x3Layer):
                 parts.append(f"output_bits={cfg.output_bits}")
         parts.append(f"quant_mode={self._quant_mode!r}")
         return ", ".join(parts)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The direct convolution ``F.conv2d`` with this layer's weight, bias and padding (the FP reference)."""
-        return F.conv2d(
-            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), padding=self._pad
-        )

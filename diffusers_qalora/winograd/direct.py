@@ -89,19 +89,7 @@ class DirectQuantConv2d(Conv3x3Layer):
         if reason is not None:
             raise ValueError(f"cannot replace {conv!r} by a DirectQuantConv2d: {reason}.")
         base = config if config is not None else WinogradConfig(algorithm="direct")
-        cfg = dataclasses.replace(base, **overrides)
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            padding=conv.padding,
-            bias=conv.bias is not None,
-            config=cfg,
-            device="meta",
-            dtype=conv.weight.dtype,
-        )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        return layer
+        return cls._sharing_weights_of(conv, dataclasses.replace(base, **overrides))
 
     @property
     def quant_mode(self) -> str:
@@ -131,20 +119,9 @@ class DirectQuantConv2d(Conv3x3Layer):
                 self._cache = {"key": key, "value": (codes.to(torch.float64) * step).float()}
         return self._cache["value"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies ``input_quantizer`` (if any), then `forward_core`."""
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        if self._capture is not None:
-            self._capture(x)
-            return self.reference_forward(x)
-        return self.forward_core(x)
-
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized direct convolution of ``x`` (computed in float32, returned in the dtype of ``x``)."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        self.last_input_shape = tuple(x.shape)
+        self._check_input(x)
         if self._quant_mode == "fp":
             return self.reference_forward(x)
         with torch.no_grad():
@@ -155,27 +132,6 @@ class DirectQuantConv2d(Conv3x3Layer):
             bias = None if self.bias is None else self.bias.detach().float()
             y = F.conv2d(x_hat, self.quantized_weight(), bias, padding=self._pad)
         return y.to(x.dtype)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The full-precision direct convolution ``F.conv2d`` with this layer's weight, bias and padding."""
-        return F.conv2d(
-            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), padding=self._pad
-        )
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with the same (full-precision) weight and bias, shared."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            3,
-            padding=self.padding,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-        conv.weight = self.weight
-        conv.bias = self.bias
-        return conv
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}", f"padding={self.padding}", f"bits={self.config.bits}"]

@@ -1,5 +1,8 @@
 """Integer-GEMM convolutions for measuring speed: int8 Winograd F(m, 3) and int8 im2col, both on ``torch._int_mm``.
 
+Nothing in the package uses them: they are kept as the torch int8 baselines that `benchmarks/winograd_speed.py` and
+the Winograd section of `benchmarks/gpu_kernels.py` measure the Winograd layers and kernels against.
+
 Both take and return float ``(N, C, H, W)`` tensors and include every step a drop-in layer pays for (dynamic input
 quantization, layout changes, dequantization); weights are transformed and quantized once, at construction.
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.kernel_preference import kernel_preference_of, set_kernel_preference
 from .config import WinogradConfig
 from .conv import _CONV_TYPES, WinogradConv2d, WinogradPrecisionWarning, WinogradWarning, winograd_ineligibility
 from .direct import DirectQuantConv2d
@@ -261,6 +262,8 @@ def _build(plan: _Plan, config: WinogradConfig) -> tuple[nn.Module, LayerRecord]
         if quantizer is not None:
             layer.input_quantizer = quantizer
             record.input_quantizer = True
+        if adapter is not None:  # the kernels the adapter's config asked for (`QALoraConfig.kernel_preference`)
+            set_kernel_preference(layer, kernel_preference_of(plan.module.qal_weight_quantizer[adapter]), recurse=False)
     return layer, record
 
 

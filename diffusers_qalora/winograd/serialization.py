@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..quant import TemporalActQuantizer, attach_timestep_context
 from ..quant.checksum import tensor_checksum
-from ..utils import atomic_write
+from ..utils import CHECKSUM_KEY, atomic_write, read_checked_safetensors
 from .config import WinogradConfig
 from .conv import WinogradConv2d, winograd_ineligibility
 from .direct import DirectQuantConv2d
@@ -38,7 +37,6 @@ WEIGHTS_NAME = "winograd.safetensors"
 CONFIG_NAME = "winograd_config.json"
 FORMAT = "diffusers_qalora.winograd"
 FORMAT_VERSION = 1
-CHECKSUM_KEY = "qalora_checksum"  # safetensors metadata: tensor_checksum of the file's tensors
 _CLASSES = {"WinogradConv2d": WinogradConv2d, "DirectQuantConv2d": DirectQuantConv2d}
 
 
@@ -220,19 +218,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``winograd.safetensors`` (safetensors: never unpickles), checksum verified when the file has one
     (files saved before it existed have none)."""
     fix = "save the Winograd layers again with `save_winograd(model, path)` (or copy the folder again)"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}."
-        ) from err
-    if expected is not None and tensor_checksum(tensors) != expected:
-        raise ValueError(
-            f"corrupt Winograd file {path}: its tensors do not match the checksum recorded when it was saved; {fix}."
-        )
-    return tensors
+    return read_checked_safetensors(path, "Winograd", fix)
 
 
 def load_winograd(model: nn.Module, load_directory: str | os.PathLike) -> WinogradReport:

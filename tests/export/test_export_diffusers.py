@@ -64,8 +64,12 @@ def test_config_round_trip_and_validation():
         dq.QALoraQuantConfig(weight_bits=1)
     with pytest.raises(ValueError, match="quant_method"):
         dq.QALoraQuantConfig(quant_method="torchao")
-    with pytest.raises(ValueError, match="backend"):
-        dq.QALoraQuantConfig(backend="cutlass")
+    with pytest.raises(ValueError, match="kernel_preference"):
+        dq.QALoraQuantConfig(kernel_preference="cutlass")
+    with pytest.raises(ValueError, match="'reference' is now 'torch'"):
+        dq.QALoraQuantConfig(kernel_preference="reference")  # the old name is read from saved files only
+    with pytest.raises(ValueError, match="quantizes a float model on load"):
+        dq.QALoraQuantConfig(kernel_preference="onednn")  # integer layers only
     with pytest.raises(ValueError, match="disagrees"):
         dq.QALoraQuantConfig(weight_bits=4, layers={"a": {"kind": "linear", "weight_bits": 6, "act_bits": 8}})
     with pytest.raises(ValueError, match="does not know"):
@@ -162,11 +166,11 @@ def test_ptq_on_load_then_export_then_reload(tmp_path):
     dq.calibrate_activations(model, lambda: [model(**unet2d_inputs(t)) for t in (0.0, 500.0, 999.0)])
     inputs = unet2d_inputs(250.0)
     fq = _out(model, inputs)
-    dq.export_quantized(model, backend="reference")
+    dq.export_quantized(model, kernel_preference="torch")
     assert torch.equal(_out(model, inputs), fq)
     model.save_pretrained(tmp_path / "int")
     saved = json.loads((tmp_path / "int" / "config.json").read_text())["quantization_config"]
-    assert saved["timesteps"] == [0.0, 500.0, 999.0] and saved["backend"] == "reference"
+    assert saved["timesteps"] == [0.0, 500.0, 999.0] and saved["kernel_preference"] == "torch"
     loaded = UNet2DModel.from_pretrained(tmp_path / "int")
     assert torch.equal(_out(loaded, inputs), fq)
     assert cfg.layers is None  # the user's config object was not modified

@@ -18,7 +18,7 @@ from diffusers_qalora.export import (
     register_kernel,
     unregister_kernel,
 )
-from diffusers_qalora.quant import TemporalValues, TimestepContext, fake_quantize
+from diffusers_qalora.quant import TemporalValues, TimestepContext, fake_quantize, set_kernel_preference
 
 ONEDNN, WHY = onednn_status()
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"oneDNN int8 kernels unusable here: {WHY}")
@@ -189,7 +189,7 @@ CASES = [
 @pytest.mark.parametrize("kind, kwargs", CASES)
 def test_reference_path_is_bit_identical_to_fake_quant(kind, kwargs):
     layer, codes, w_scale, b, context = _layer(kind, **kwargs)
-    layer.backend = "reference"
+    set_kernel_preference(layer, "torch")
     x = _x(kind)
     for t in (torch.tensor([300.0]), torch.tensor([0.0, 640.0, 999.0])):
         context.set(t)
@@ -208,7 +208,7 @@ def test_integer_path_matches_int64_oracle(kind, kwargs):
     got = layer(x).double()
     # Integer accumulation is exact; only the float32 epilogue rounds.
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
-    layer.backend = "reference"
+    set_kernel_preference(layer, "torch")
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -356,7 +356,7 @@ def test_registered_kernel_is_the_dispatch_point():
             register_kernel("cpu", "linear", lambda *a: None)
         out = layer(_x("linear"))
         assert calls and calls[0][0] is layer and float(out.abs().sum()) == 0.0
-        layer.backend = "reference"  # an explicit backend bypasses the registry
+        set_kernel_preference(layer, "torch")  # an explicit preference bypasses the registry
         assert float(layer(_x("linear")).abs().sum()) > 0
     finally:
         unregister_kernel("cpu", "linear")

@@ -9,7 +9,7 @@ from export_fixtures import make_sd15_unet, make_unet2d, qalora, relative_error,
 from peft import LoraConfig, inject_adapter_in_model
 
 import diffusers_qalora as dq
-from diffusers_qalora.export import IntegerLayer, integer_layers, onednn_status, set_integer_backend
+from diffusers_qalora.export import IntegerLayer, integer_layers, onednn_status
 from diffusers_qalora.tuners.qalora import QALoraLayer, qalora_layers
 
 ONEDNN, WHY = onednn_status()
@@ -40,11 +40,11 @@ def test_unet2d_export_matches_fake_quant(bits):
     assert not [k for k in model.state_dict() if "qal_" in k or "base_layer" in k]
     assert not hasattr(model, "peft_config")
     # The reference path is the fake-quant model, bit for bit, whatever the timesteps of the batch.
-    set_integer_backend(model, "reference")
+    dq.set_kernel_preference(model, "torch")
     assert torch.equal(_outputs(model, single), fq_single)
     assert torch.equal(_outputs(model, mixed), fq_mixed)
     if ONEDNN:
-        set_integer_backend(model, "auto")
+        dq.set_kernel_preference(model, "auto")
         quant_error = relative_error(fq_single, float_single)
         assert relative_error(_outputs(model, single), fq_single) < REL_TOL_VS_QUANT_ERROR * quant_error
         assert relative_error(_outputs(model, mixed), fq_mixed) < REL_TOL_VS_QUANT_ERROR * quant_error
@@ -94,7 +94,8 @@ def test_each_integer_layer_reproduces_its_qalora_layer():
     for h in hooks:
         h.remove()
     dq.export_quantized(model)
-    set_integer_backend(model, "auto", exact_activation_rounding=True)
+    for layer in integer_layers(model).values():
+        layer.exact_activation_rounding = True
     model._qalora_timestep_context.set(inputs["timestep"])
     layers = integer_layers(model)
     assert layers.keys() == seen.keys()
@@ -107,7 +108,7 @@ def test_timestep_hook_drives_the_integer_layers():
     model = qalora(make_unet2d(), unet2d_inputs, 4, 4)
     inputs = unet2d_inputs(0.0)
     expected = {t: _outputs(model, {**inputs, "timestep": torch.full((4,), t)}) for t in (0.0, 600.0)}
-    dq.export_quantized(model, backend="reference")
+    dq.export_quantized(model, kernel_preference="torch")
     layers = integer_layers(model)
     assert layers and all(layer.context is model._qalora_timestep_context for layer in layers.values())
     for t, want in expected.items():
@@ -118,7 +119,7 @@ def test_sd15_unet_export_and_eight_bit_layers():
     model = qalora(make_sd15_unet(), sd15_inputs, 4, 8)
     inputs = sd15_inputs(500.0)
     fq = _outputs(model, inputs)
-    dq.export_quantized(model, backend="reference")
+    dq.export_quantized(model, kernel_preference="torch")
     layers = integer_layers(model)
     assert layers["conv_in"].layout.weight_bits == 8 and layers["conv_in"].layout.num_timesteps == 1
     assert layers["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"].layout.weight_bits == 4
@@ -132,12 +133,12 @@ def test_group_granularity_exports():
     fq = _outputs(model, inputs)
     with dq.adapters_disabled(model):
         quant_error = relative_error(fq, _outputs(model, inputs))
-    dq.export_quantized(model, backend="reference")
+    dq.export_quantized(model, kernel_preference="torch")
     groups = {layer.layout.group_size for layer in integer_layers(model).values()}
     assert groups == {None, 8}  # the 8-bit layers stay per channel
     assert torch.equal(_outputs(model, inputs), fq)
     if ONEDNN:
-        set_integer_backend(model, "auto")
+        dq.set_kernel_preference(model, "auto")
         assert relative_error(_outputs(model, inputs), fq) < REL_TOL_VS_QUANT_ERROR * quant_error
 
 
@@ -145,7 +146,7 @@ def test_inplace_false_leaves_the_qalora_model():
     model = qalora(make_unet2d(), unet2d_inputs)
     inputs = unet2d_inputs(500.0)
     fq = _outputs(model, inputs)
-    exported = dq.export_quantized(model, inplace=False, backend="reference")
+    exported = dq.export_quantized(model, inplace=False, kernel_preference="torch")
     assert exported is not model and any(isinstance(m, QALoraLayer) for m in model.modules())
     assert torch.equal(_outputs(model, inputs), fq)
     assert torch.equal(_outputs(exported, inputs), fq)
@@ -186,8 +187,8 @@ def test_refusals_change_nothing():
     _assert_unchanged(model, state)
 
     model = qalora(make_unet2d(), unet2d_inputs)
-    with pytest.raises(ValueError, match="backend"):
-        dq.export_quantized(model, backend="cuda")
+    with pytest.raises(ValueError, match="kernel_preference"):
+        dq.export_quantized(model, kernel_preference="cuda")
 
 
 def test_export_reuses_the_tuner_timestep_hook():
@@ -209,6 +210,6 @@ def test_peft_model_wrapper_is_unwrapped():
     dq.calibrate_activations(base, lambda: [base(**unet2d_inputs(t)) for t in (0.0, 999.0)])
     inputs = unet2d_inputs(500.0)
     fq = _outputs(base, inputs)
-    exported = dq.export_quantized(wrapped, backend="reference")
+    exported = dq.export_quantized(wrapped, kernel_preference="torch")
     assert exported is base and integer_layers(exported)
     assert torch.equal(_outputs(exported, inputs), fq)

@@ -38,6 +38,7 @@ NON_DEFAULT = {
     "attention_bits": 5,
     "quantize_attention_probs": True,
     "timestep_argument": "t",
+    "kernel_preference": "triton",
     "init_weights": False,
 }
 
@@ -49,10 +50,11 @@ def test_every_qalora_config_field_is_taken_or_excluded_for_a_reason():
     for name in qalora_fields:
         assert name in quant_fields or name in NOT_TAKEN_FROM_QALORA_CONFIG, name
     assert "modules_to_not_convert" in quant_fields and "exclude_modules" not in quant_fields
-    # Same help and defaults as QALoraConfig, except the loader's own defaults.
+    # Same help and defaults as QALoraConfig, except the loader's own defaults and the kernel preference, which
+    # also names the integer layers' "onednn".
     source = {f.name: f for f in dataclasses.fields(dq.QALoraConfig)}
     for f in dataclasses.fields(dq.QALoraQuantConfig):
-        if f.name in METHOD_FIELDS and f.name not in ("act_bits", "weight_init"):
+        if f.name in METHOD_FIELDS and f.name not in ("act_bits", "weight_init", "kernel_preference"):
             assert (f.default, f.metadata["help"]) == (source[f.name].default, source[f.name].metadata["help"])
     assert dq.QALoraQuantConfig().act_bits == 8 and dq.QALoraQuantConfig().weight_init == "minmax"
     # The docstring names every field.
@@ -62,11 +64,12 @@ def test_every_qalora_config_field_is_taken_or_excluded_for_a_reason():
 
 def test_conversion_keeps_every_setting_both_ways():
     qalora = dq.QALoraConfig(**NON_DEFAULT, exclude_modules=["conv_out"])
-    quant = dq.QALoraQuantConfig.from_qalora_config(qalora, backend="reference")
+    quant = dq.QALoraQuantConfig.from_qalora_config(qalora)
     for name, value in NON_DEFAULT.items():
         expected = sorted(value) if name == "target_modules" else value
         assert getattr(quant, name) == expected, name
-    assert quant.modules_to_not_convert == ["conv_out"] and quant.backend == "reference"
+    assert quant.modules_to_not_convert == ["conv_out"]
+    assert dq.QALoraQuantConfig.from_qalora_config(qalora, kernel_preference="torch").kernel_preference == "torch"
     data = quant.to_dict()
     assert json.loads(json.dumps(data)) == data
     again = dq.QALoraQuantConfig.from_dict(data).to_qalora_config()

@@ -149,7 +149,7 @@ def test_empty_head_dim_routes_to_the_reference():
     """With D = 0 every score is 0: the output is the mean of the (quantized) values, whatever the backend."""
     q, k, v = _inputs(2, 1, 3, 4, 0, 8, torch.float32, "cpu")
     specs = _build(QUANTS["qkv_asym"], 2, "cpu")
-    got = quantized_attention(q, k, v, backend="triton", **specs)
+    got = quantized_attention(q, k, v, kernel_preference="triton", **specs)
     v_hat = attention_codes_reference(v, specs["value_quant"]) * specs["value_quant"].step.view(-1, 1, 1, 1)
     torch.testing.assert_close(got, v_hat.mean(dim=2, keepdim=True).expand_as(got), atol=1e-6, rtol=1e-6)
 
@@ -216,11 +216,15 @@ def test_quantization_changes_the_result():
 def test_dispatch_and_default_scale():
     q, k, v = _inputs(1, 1, 7, 9, 16, 16, torch.float32, "cpu", seed=11)
     specs = _build(QUANTS["qkv_asym"], 1, "cpu")
-    torch_out = quantized_attention(q, k, v, backend="torch", **specs)
-    triton_out = quantized_attention(q, k, v, backend="triton", **specs)  # the interpreter (tests/kernels/conftest.py)
+    torch_out = quantized_attention(q, k, v, kernel_preference="torch", **specs)
+    triton_out = quantized_attention(
+        q, k, v, kernel_preference="triton", **specs
+    )  # the interpreter (tests/kernels/conftest.py)
     torch.testing.assert_close(triton_out, torch_out, atol=2e-5, rtol=1e-5)
     assert torch.equal(torch_out, quantized_attention_reference(q, k, v, scale=1 / math.sqrt(16), **specs))
-    f64 = quantized_attention(q.double(), k.double(), v.double(), backend="triton", **specs)  # float64: reference
+    f64 = quantized_attention(
+        q.double(), k.double(), v.double(), kernel_preference="triton", **specs
+    )  # float64: reference
     torch.testing.assert_close(f64.float(), torch_out, atol=1e-5, rtol=1e-5)
 
 

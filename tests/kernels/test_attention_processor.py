@@ -23,7 +23,6 @@ from tiny_models import (
 )
 
 import diffusers_qalora as dq
-from diffusers_qalora.kernels.dispatch import MODULE_BACKEND_ATTR, MODULE_CHOICE_ATTR
 from diffusers_qalora.tuners.qalora import qalora_layers
 from diffusers_qalora.tuners.qalora.attention import QALoraAttnProcessor
 
@@ -56,12 +55,11 @@ def _calibrated(build=make_sd15_unet, inputs=sd15_inputs, **kwargs):
 
 
 def _attention_backend(model, backend: str) -> None:
-    """Choose the kernel of the attention modules only (``set_module_kernel_backend`` would also switch every
-    fake-quantizer inside them, whose own kernels are tested in their own files)."""
+    """Choose the kernel of the attention modules only (``recurse=True`` would also switch every fake-quantizer
+    inside them, whose own kernels are tested in their own files)."""
     for module in model.modules():
         if isinstance(module, Attention):
-            module.__dict__[MODULE_BACKEND_ATTR] = backend
-            module.__dict__.pop(MODULE_CHOICE_ATTR, None)
+            dq.set_kernel_preference(module, backend, recurse=False)
 
 
 def _attn(unet):

@@ -15,7 +15,6 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAt
 from tiny_models import flux_inputs, make_flux, make_sd3, output_of, sd3_inputs
 
 import diffusers_qalora as dq
-from diffusers_qalora.kernels.dispatch import MODULE_BACKEND_ATTR, MODULE_CHOICE_ATTR
 from diffusers_qalora.quant import fake_quantize
 from diffusers_qalora.tuners.qalora import qalora_layers
 from diffusers_qalora.tuners.qalora.attention import QALoraFluxAttnProcessor, QALoraJointAttnProcessor
@@ -105,8 +104,7 @@ def _calibrated(case: str, **kwargs):
 def _attention_backend(model, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, FluxAttention) or hasattr(module, "added_kv_proj_dim"):
-            module.__dict__[MODULE_BACKEND_ATTR] = backend
-            module.__dict__.pop(MODULE_CHOICE_ATTR, None)
+            dq.set_kernel_preference(module, backend, recurse=False)
 
 
 def _fake_quant(x: torch.Tensor, quantizer, t: torch.Tensor) -> torch.Tensor:

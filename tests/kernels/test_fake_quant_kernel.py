@@ -18,7 +18,6 @@ from diffusers_qalora.kernels import (  # noqa: E402
     fake_quantize_by_index,
     fake_quantize_reference,
     fused_fake_quantize,
-    kernel_backend,
 )
 from diffusers_qalora.kernels.fake_quant import param_layout  # noqa: E402
 from diffusers_qalora.quant import TemporalActQuantizer, TimestepContext, WeightQuantizer  # noqa: E402
@@ -85,8 +84,7 @@ def test_independent_formulas_half_even_ties_and_clipping():
     step = torch.tensor(0.5, requires_grad=True)
     zp = torch.tensor(2.0, requires_grad=True)
     x = torch.tensor([-10.0, -1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 3.3, 10.0], requires_grad=True)
-    with kernel_backend("triton"):
-        out = fused_fake_quantize(x, step, zp, 0, 7)  # codes in [0 - 2, 7 - 2] = [-2, 5]
+    out = fused_fake_quantize(x, step, zp, 0, 7)  # codes in [0 - 2, 7 - 2] = [-2, 5]
     # x / s = -20, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 6.6, 20 -> round half even -2, -2, 0, 0, 2, 2, 7, 20 -> clamp
     codes = torch.tensor([-2.0, -2.0, -2.0, -0.0, 0.0, 2.0, 2.0, 5.0, 5.0])
     assert torch.equal(out.detach(), codes * 0.5)
@@ -160,9 +158,9 @@ def _weight_run(backend: str, granularity=None):
     wq = WeightQuantizer(w.shape, bits=4, granularity=granularity, lsq_grad_scale=True)
     wq.initialize_(w, "minmax")
     w = w.requires_grad_()
-    with kernel_backend(backend):
-        out = wq(w)
-        out.pow(2).sum().backward()
+    dq.set_kernel_preference(wq, backend)
+    out = wq(w)
+    out.pow(2).sum().backward()
     return out.detach(), w.grad, wq.step.grad
 
 
@@ -185,9 +183,9 @@ def test_temporal_quantizer_runs_the_kernel_with_the_same_numbers(dtype, timeste
         aq.context = TimestepContext()
         aq.context.set(torch.tensor(timesteps))
         x = (torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).requires_grad_()
-        with kernel_backend(backend):
-            out = aq(x)
-            (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        dq.set_kernel_preference(aq, backend)
+        out = aq(x)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         params = [p.grad for p in list(aq.step.values) + list(aq.zero_point.values)]
         return out.detach(), x.grad, params
 
@@ -260,17 +258,17 @@ def _distill(backend: str, steps: int = 2) -> dict[str, torch.Tensor]:
     groups = dq.get_qalora_param_groups(model, lora_lr=1e-1, weight_step_lr=1e-4, act_step_lr=1e-4)
     optimizer = torch.optim.SGD(groups.param_groups)
     gen = torch.Generator().manual_seed(2)
-    with kernel_backend(backend):
-        for i in range(steps):
-            x = torch.randn(2, 1, 8, 8, generator=gen)
-            t = torch.tensor([TABLE[3 - i], TABLE[i]])  # a batch of mixed timesteps
-            labels = torch.tensor([i % 4, (i + 1) % 4])
-            with torch.no_grad(), dq.adapters_disabled(model):
-                target = model(x, t, class_labels=labels).sample
-            loss = (model(x, t, class_labels=labels).sample - target).pow(2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    dq.set_kernel_preference(model, backend)
+    for i in range(steps):
+        x = torch.randn(2, 1, 8, 8, generator=gen)
+        t = torch.tensor([TABLE[3 - i], TABLE[i]])  # a batch of mixed timesteps
+        labels = torch.tensor([i % 4, (i + 1) % 4])
+        with torch.no_grad(), dq.adapters_disabled(model):
+            target = model(x, t, class_labels=labels).sample
+        loss = (model(x, t, class_labels=labels).sample - target).pow(2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".qal_" in n}
 
 

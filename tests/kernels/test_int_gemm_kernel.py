@@ -1,6 +1,6 @@
 """The integer GEMM / implicit-GEMM convolution kernels (Triton interpreter on CPU) against their torch references,
-the references against independent float64 computations, and the exported integer layers on the ``"triton"``
-backend against the reference backend.
+the references against independent float64 computations, and the exported integer layers with the kernel preference
+``"triton"`` against ``"torch"``.
 
 Tolerances: the integer sums are exact on both paths (int32 in the kernel, float64 in the reference); only the
 epilogue differs (float32 in the kernel, float64 in the reference), so float32 outputs agree to ``rtol 1e-6`` of the
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import diffusers_qalora as dq  # noqa: E402
 from diffusers_qalora.export import IntegerConv2d, IntegerLayout, IntegerLinear  # noqa: E402
 from diffusers_qalora.kernels import (  # noqa: E402
     PackedWeight,
@@ -78,7 +79,7 @@ def test_activation_codes_match_the_reference(dtype, layout):
     zero_point = torch.randint(-10, 10, (samples,), generator=g).float()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    got = quantize_activation_codes(x, scale, zero_point, -128, 127, backend="triton")
+    got = quantize_activation_codes(x, scale, zero_point, -128, 127, kernel_preference="triton")
     want = quantize_activation_codes_reference(x, scale, zero_point, -128, 127)
     assert got.dtype == torch.int8 and torch.equal(got, want)
     if layout == "channels_last":
@@ -88,7 +89,7 @@ def test_activation_codes_match_the_reference(dtype, layout):
     expected = torch.clamp(torch.round(x.float() / scale.view(view)) + zero_point.view(view), -128, 127)
     assert torch.equal(want.float(), expected)
     with pytest.raises(ValueError, match="shift unsigned codes"):
-        quantize_activation_codes(x, scale, zero_point, 0, 255, backend="triton")
+        quantize_activation_codes(x, scale, zero_point, 0, 255, kernel_preference="triton")
 
 
 # -- linear ----------------------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_linear_matches_the_reference_and_an_independent_oracle(bits, groups, bi
     torch.testing.assert_close(
         want.double(), _dequantized_linear(codes, scale, zero_point, w, w_codes, b), rtol=1e-6, atol=1e-6
     )
-    got = int8_linear(codes, scale, zero_point, w, b, torch.float32, backend="triton")
+    got = int8_linear(codes, scale, zero_point, w, b, torch.float32, kernel_preference="triton")
     _close(got, want)
 
 
@@ -123,7 +124,7 @@ def test_linear_output_dtypes_and_one_scale_for_all_rows(out_dtype):
     w, _ = _weight(20, 64, 4, 2)
     codes, scale, zero_point = _acts((33, 64), 1)
     bias = torch.randn(20)
-    got = int8_linear(codes, scale, zero_point, w, bias, out_dtype, backend="triton")
+    got = int8_linear(codes, scale, zero_point, w, bias, out_dtype, kernel_preference="triton")
     _close(got, int8_linear_reference(codes, scale, zero_point, w, bias, out_dtype))
 
 
@@ -132,18 +133,20 @@ def test_linear_zero_points_beyond_int8_and_edges():
     codes, scale, _ = _acts((2, 3, 16), 2)
     zero_point = torch.tensor([300.0, -500.0])  # drifted learned zero points: the int32 correction stays exact
     _close(
-        int8_linear(codes, scale, zero_point, w, None, backend="triton"),
+        int8_linear(codes, scale, zero_point, w, None, kernel_preference="triton"),
         int8_linear_reference(codes, scale, zero_point, w, None),
     )
     single, s1, z1 = _acts((1, 16), 1)
-    _close(int8_linear(single, s1, z1, w, None, backend="triton"), int8_linear_reference(single, s1, z1, w, None))
+    _close(
+        int8_linear(single, s1, z1, w, None, kernel_preference="triton"), int8_linear_reference(single, s1, z1, w, None)
+    )
     empty = torch.zeros(0, 16, dtype=torch.int8)
-    out = int8_linear(empty, s1, z1, w, None, backend="triton")
+    out = int8_linear(empty, s1, z1, w, None, kernel_preference="triton")
     assert out.shape == (0, 9)
     with pytest.raises(ValueError, match="K = 15"):
-        int8_linear(torch.zeros(2, 15, dtype=torch.int8), s1, z1, w, None, backend="triton")
+        int8_linear(torch.zeros(2, 15, dtype=torch.int8), s1, z1, w, None, kernel_preference="triton")
     with pytest.raises(ValueError, match="one step size per sample"):
-        int8_linear(codes, torch.ones(3), torch.zeros(3), w, None, backend="triton")
+        int8_linear(codes, torch.ones(3), torch.zeros(3), w, None, kernel_preference="triton")
 
 
 # -- convolution -----------------------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def test_conv_matches_the_reference_and_an_independent_oracle(name, geometry, bi
     torch.testing.assert_close(
         want.double(), _dequantized_conv(codes, scale, zero_point, w, w_codes, geometry, bias), rtol=1e-6, atol=1e-6
     )
-    got = int8_conv2d(codes, scale, zero_point, w, bias=bias, backend="triton", **geometry)
+    got = int8_conv2d(codes, scale, zero_point, w, bias=bias, kernel_preference="triton", **geometry)
     _close(got, want)
     cl = int8_conv2d(
         codes.contiguous(memory_format=torch.channels_last),
@@ -190,7 +193,7 @@ def test_conv_matches_the_reference_and_an_independent_oracle(name, geometry, bi
         zero_point,
         w,
         bias=bias,
-        backend="triton",
+        kernel_preference="triton",
         **geometry,
     )
     _close(cl, want)
@@ -200,20 +203,20 @@ def test_conv_matches_the_reference_and_an_independent_oracle(name, geometry, bi
 def test_conv_output_dtypes_one_scale_and_edges(out_dtype):
     w, _ = _weight(5, 4 * 9, 8, 1)
     codes, scale, zero_point = _acts((2, 4, 5, 5), 1)
-    got = int8_conv2d(codes, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, backend="triton")
+    got = int8_conv2d(codes, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, kernel_preference="triton")
     _close(got, int8_conv2d_reference(codes, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype))
     single = codes[:1, :, :1, :1].contiguous()
     _close(
-        int8_conv2d(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, backend="triton"),
+        int8_conv2d(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype, kernel_preference="triton"),
         int8_conv2d_reference(single, scale, zero_point, w, 3, 1, 1, 1, None, out_dtype),
     )
     empty = codes[:0]
-    assert int8_conv2d(empty, scale, zero_point, w, 3, 1, 1, 1, backend="triton").shape == (0, 5, 5, 5)
+    assert int8_conv2d(empty, scale, zero_point, w, 3, 1, 1, 1, kernel_preference="triton").shape == (0, 5, 5, 5)
     with pytest.raises(ValueError, match="pads with the zero point"):
-        int8_conv2d(codes, scale, torch.tensor([200.0]), w, 3, 1, 1, 1, backend="triton")
+        int8_conv2d(codes, scale, torch.tensor([200.0]), w, 3, 1, 1, 1, kernel_preference="triton")
 
 
-# -- the exported integer layers on the "triton" backend ---------------------------------------------------------------------
+# -- the exported integer layers on the Triton kernels ----------------------------------------------------------------------
 TABLE = torch.tensor([0.0, 250.0, 500.0, 999.0])
 
 
@@ -251,14 +254,14 @@ def _integer_layer(kind: str, weight_bits: int, signed: bool, group_size: int | 
     ids=["W8A8", "W4A8-signed", "W4A8-group", "W4A4", "W4A4-signed-group"],
 )
 @pytest.mark.parametrize("timesteps", [[500.0], [0.0, 700.0, 999.0]], ids=["one-timestep", "mixed-timesteps"])
-def test_integer_layers_on_the_triton_backend(kind, weight_bits, act_bits, signed, group_size, timesteps):
+def test_integer_layers_on_the_triton_kernels(kind, weight_bits, act_bits, signed, group_size, timesteps):
     layer = _integer_layer(kind, weight_bits, signed, group_size, act_bits=act_bits)
     g = torch.Generator().manual_seed(7)
     x = torch.randn((3, 5, 24) if kind == "linear" else (3, 8, 6, 5), generator=g)
     layer.context.set(torch.tensor(timesteps))
-    layer.set_backend("reference")
+    dq.set_kernel_preference(layer, "torch")
     want = layer(x)
-    layer.set_backend("triton")
+    dq.set_kernel_preference(layer, "triton")
     got = layer(x)
     assert got.shape == want.shape and got.dtype == x.dtype
     # The reference computes the same codes in float32 (rounding ~1e-7 of the output).

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_qalora.kernels.dispatch import MODULE_BACKEND_ATTR, MODULE_CHOICE_ATTR
+import diffusers_qalora as dq
+from diffusers_qalora.kernels import resolved_kernel
 from diffusers_qalora.kernels.winograd import (
     pack_winograd_weight,
     winograd_input_codes_reference,
@@ -133,7 +134,7 @@ def test_reference_is_the_winograd_layer_and_close_to_conv2d():
     conv = torch.nn.Conv2d(16, 8, 3, padding=1)
     layer = WinogradConv2d.from_conv2d(conv, config=WinogradConfig(tile=4, bits=8, group_size=8, scale_init="lavin"))
     x = torch.randn(2, 16, 10, 7, generator=torch.Generator().manual_seed(7))
-    layer.__dict__[MODULE_BACKEND_ATTR] = "torch"
+    dq.set_kernel_preference(layer, "torch")
     with torch.no_grad():
         out = layer(x)
     t = winograd_transforms(4)
@@ -152,17 +153,16 @@ def test_reference_is_the_winograd_layer_and_close_to_conv2d():
     ],
 )
 def test_winograd_layer_runs_the_kernels_when_asked(config):
-    """``WinogradConv2d`` in int mode on the Triton backend (chosen per module) gives the torch path's numbers."""
+    """``WinogradConv2d`` in int mode on the Triton kernels (chosen per module) gives the torch path's numbers."""
     conv = torch.nn.Conv2d(16, 8, 3, padding=1)
     layer = WinogradConv2d.from_conv2d(conv, config=config)
     x = torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        layer.__dict__[MODULE_BACKEND_ATTR] = "torch"
+        dq.set_kernel_preference(layer, "torch")
         ref = layer(x)
-        layer.__dict__[MODULE_BACKEND_ATTR] = "triton"
-        layer.__dict__.pop(MODULE_CHOICE_ATTR, None)
+        dq.set_kernel_preference(layer, "triton")
         got = layer(x)
-    assert layer.__dict__[MODULE_CHOICE_ATTR][1] == "triton"
+    assert resolved_kernel(layer) == "triton"
     _close(got, ref, torch.float32)
 
 
@@ -171,12 +171,12 @@ def test_dispatch_and_errors():
     x = torch.randn(1, 8, 5, 5, generator=torch.Generator().manual_seed(9))
     args = (codes_u, step_u, t.BT, t.AT, bias)
     torch.testing.assert_close(
-        winograd_int_conv2d(x, *args, backend="triton"),
-        winograd_int_conv2d(x, *args, backend="torch"),
+        winograd_int_conv2d(x, *args, kernel_preference="triton"),
+        winograd_int_conv2d(x, *args, kernel_preference="torch"),
         atol=1e-4,
         rtol=1e-4,
     )
-    f64 = winograd_int_conv2d(x.double(), *args, backend="triton")  # float64 runs the reference
+    f64 = winograd_int_conv2d(x.double(), *args, kernel_preference="triton")  # float64 runs the reference
     assert f64.dtype == torch.float64
     with pytest.raises(ValueError, match="act_granularity"):
         winograd_int_conv2d_triton(x, *args, act_granularity="channel")

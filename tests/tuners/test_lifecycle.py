@@ -399,8 +399,8 @@ def test_reloaded_model_exports_like_the_original(tmp_path):
     model = quantized(case)
     model.save_pretrained(tmp_path / "a")
     reloaded = reload(model, tmp_path / "a")
-    expected = run(dq.export_quantized(model, backend="reference"), case)
-    exported = dq.export_quantized(reloaded, backend="reference")
+    expected = run(dq.export_quantized(model, kernel_preference="torch"), case)
+    exported = dq.export_quantized(reloaded, kernel_preference="torch")
     assert torch.equal(run(exported, case), expected)
     exported.save_pretrained(tmp_path / "b")  # the export's quantization_config replaced the adapter record
     assert torch.equal(run(reload(model, tmp_path / "b"), case), expected)

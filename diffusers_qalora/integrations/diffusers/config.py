@@ -10,7 +10,8 @@ from typing import Any
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from peft import PeftConfig
 
-from ...export import BACKENDS, IntegerLayout
+from ...export import IntegerLayout
+from ...quant.kernel_preference import KernelPreference, validate_kernel_preference
 from ...tuners.qalora.config import QALoraConfig
 from ...tuners.qalora.model import validate_adapter_record
 from ...winograd.serialization import validate_winograd_record
@@ -30,12 +31,11 @@ NOT_TAKEN_FROM_QALORA_CONFIG = {
     **{f.name: "PEFT bookkeeping of every PeftConfig" for f in fields(PeftConfig)},
     "exclude_modules": "taken under diffusers' name `modules_to_not_convert`",
     "modules_to_save": "trains and saves whole modules: PEFT training state, not quantization",
-    "layers_to_transform": "unused by QALoRA (PEFT compatibility only)",
-    "layers_pattern": "unused by QALoRA (PEFT compatibility only)",
     "bias": "always 'none' for QALoRA",
     "version": "each config has its own format version",
 }
 RENAMED_FIELDS = {"modules_to_not_convert": "exclude_modules"}  # QALoraQuantConfig name -> QALoraConfig name
+OLD_KEYS = ("backend",)  # read as `kernel_preference` (with "reference" as "torch") from files of earlier versions
 METHOD_FIELDS = tuple(f.name for f in fields(QALoraConfig) if f.name not in NOT_TAKEN_FROM_QALORA_CONFIG)
 _NAME_LISTS = ("target_modules", "modules_to_not_convert", "eight_bit_modules")
 
@@ -100,8 +100,11 @@ class QALoraQuantConfig(QuantizationConfigMixin):
             ``exclude_modules``; diffusers' name).
         trainable_adapter (`bool`, defaults to `False`): inject the QALoRA adapter trainable (for distillation)
             instead of frozen.
-        backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): compute path of the integer
-            layers.
+        kernel_preference (`"auto" | "torch" | "triton" | "onednn"`, defaults to `"auto"`): the implementation of
+            the integer layers of an exported model (``"onednn"``: oneDNN's int8 kernels, CPU only), or of the
+            fake-quantizers injected on load (``"auto"``, ``"torch"`` or ``"triton"``); see
+            [KernelPreference][diffusers_qalora.KernelPreference].  Files written by earlier versions say
+            ``"backend": "reference"``, read as ``"torch"``.
         layers (`dict[str, dict]`, *optional*): the [`IntegerLayout`] of every integer layer of an exported model;
             written by `export_quantized`, never set by hand.
         winograd (`dict`, *optional*): the record of the model's Winograd layers (what `save_winograd` writes as
@@ -121,8 +124,9 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     trainable_adapter: bool = field(
         default=False, metadata={"help": "Inject the adapter trainable (distillation) instead of frozen."}
     )
-    backend: str = field(
-        default="auto", metadata={"help": "Integer compute path: 'auto', 'onednn', 'triton', 'reference'."}
+    kernel_preference: KernelPreference = field(
+        default=KernelPreference.AUTO,
+        metadata={"help": "Implementation: 'auto', 'torch', 'triton', or 'onednn' (integer layers on CPU)."},
     )
     layers: dict[str, dict] | None = field(default=None, metadata={"help": "Layout of each exported integer layer."})
     winograd: dict[str, Any] | None = field(default=None, metadata={"help": "Record of the Winograd layers."})
@@ -135,8 +139,13 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         if self.quant_method != QALoraQuantMethod.QALORA.value:
             raise ValueError(f"`quant_method` must be 'qalora' for QALoraQuantConfig, got {self.quant_method!r}.")
         self.quant_method = QALoraQuantMethod.QALORA
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+        self.kernel_preference = validate_kernel_preference(self.kernel_preference, integer_layers=True)
+        if self.kernel_preference is KernelPreference.ONEDNN and self.layers is None:
+            raise ValueError(
+                "`kernel_preference='onednn'` names the oneDNN kernels of an exported model's integer layers; this "
+                "config quantizes a float model on load into fake-quant QALoRA layers, which run 'auto', 'torch' or "
+                "'triton'. Pass 'onednn' to export_quantized (or set_kernel_preference) after calibrating."
+            )
         if not isinstance(self.trainable_adapter, bool):
             raise ValueError(f"`trainable_adapter` must be True or False, got {self.trainable_adapter!r}.")
         if self.version != 1:
@@ -195,12 +204,14 @@ class QALoraQuantConfig(QuantizationConfigMixin):
         """The [`QALoraConfig`] of the QALoRA adapter injected on load (frozen unless ``trainable_adapter``)."""
         kwargs = {name: copy.deepcopy(getattr(self, name)) for name in METHOD_FIELDS}
         kwargs.update({RENAMED_FIELDS[name]: copy.deepcopy(getattr(self, name)) for name in RENAMED_FIELDS})
+        if kwargs["kernel_preference"] is KernelPreference.ONEDNN:  # an exported model's: no fake-quant layer runs it
+            kwargs["kernel_preference"] = KernelPreference.AUTO
         return QALoraConfig(**kwargs, inference_mode=not self.trainable_adapter)
 
     @classmethod
     def from_qalora_config(cls, config: QALoraConfig, **overrides: Any) -> QALoraQuantConfig:
         """The backend config carrying every setting of a QALoRA adapter's config (used by `export_quantized`);
-        ``overrides`` set the backend's own fields (``layers``, ``backend``, ...)."""
+        ``overrides`` set the backend's own fields (``layers``, ``kernel_preference``, ...)."""
         if not isinstance(config, QALoraConfig):
             raise TypeError(f"`config` must be a QALoraConfig, got {type(config).__name__}.")
         kwargs = {name: copy.deepcopy(getattr(config, name)) for name in METHOD_FIELDS}
@@ -211,9 +222,16 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     # -- serialisation ---------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Rebuild from `to_dict` (what ``config.json`` holds); unknown keys are an error naming them."""
+        """Rebuild from `to_dict` (what ``config.json`` holds); unknown keys are an error naming them.  The
+        ``"backend"`` key of files written by earlier versions is read as ``kernel_preference``."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"a QALoRA quantization_config must be a dict, got {type(config_dict).__name__}.")
+        config_dict = dict(config_dict)
+        for key in (*OLD_KEYS, "kernel_preference"):
+            if key in config_dict:
+                where = f"quantization_config.{key}"
+                value = validate_kernel_preference(config_dict.pop(key), where, integer_layers=True, saved=True)
+                config_dict["kernel_preference"] = value
         unknown = sorted(set(config_dict) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from peft import PeftModel
 from torch import nn
 
+from ...quant import KernelPreference
 from ...tuners.qalora.config import QALoraConfig
 from ...tuners.qalora.convert import convert_qalora_to_integer
 from ...tuners.qalora.model import active_qalora_adapter
@@ -25,7 +26,7 @@ def _adapter_config(model: nn.Module, adapter_name: str | None) -> QALoraConfig 
 def export_quantized(
     model: nn.Module,
     adapter_name: str | None = None,
-    backend: str = "auto",
+    kernel_preference: str | None = None,
     inplace: bool = True,
 ) -> nn.Module:
     """Merge a (distilled) QALoRA model into integer layers and return the integer model.
@@ -41,8 +42,11 @@ def export_quantized(
     Args:
         model (`torch.nn.Module`): the QALoRA model, activation step sizes calibrated.
         adapter_name (`str`, *optional*): the adapter to export; the active one by default.
-        backend (`"auto" | "onednn" | "triton" | "reference"`, defaults to `"auto"`): the integer layers' compute path
-            (oneDNN int8 on CPU; ``"reference"`` is the dequantized float fallback).
+        kernel_preference (`"auto" | "torch" | "triton" | "onednn"`, *optional*): the integer layers' implementation
+            (see [KernelPreference][diffusers_qalora.KernelPreference]: ``"auto"`` takes Triton on CUDA and oneDNN's
+            int8 kernels on CPU; ``"torch"`` is the dequantized float computation, bit for bit the fake-quant model).
+            By default the adapter config's ``kernel_preference`` (``"auto"`` unless it says otherwise).  Recorded
+            in the model's quantization config, so ``from_pretrained`` of the saved folder uses it too.
         inplace (`bool`, defaults to `True`): convert ``model`` itself, or (`False`) a deep copy.
 
     Returns:
@@ -68,17 +72,20 @@ def export_quantized(
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     qalora_config = _adapter_config(base, adapter_name)
     previous = getattr(getattr(base, "config", None), "quantization_config", None)
-    converted, layouts = convert_qalora_to_integer(base, adapter_name=adapter_name, backend=backend, inplace=inplace)
+    if kernel_preference is None:
+        kernel_preference = qalora_config.kernel_preference if qalora_config is not None else KernelPreference.AUTO
+    converted, layouts = convert_qalora_to_integer(
+        base, adapter_name=adapter_name, kernel_preference=kernel_preference, inplace=inplace
+    )
     if hasattr(converted, "register_to_config"):  # a diffusers ModelMixin
         layers = {name: layout.to_dict() for name, layout in layouts.items()}
+        own = {"layers": layers, "kernel_preference": kernel_preference}
         if isinstance(previous, QALoraQuantConfig):
-            config = QALoraQuantConfig(**{**previous.to_dict(), "layers": layers, "backend": backend})
+            config = QALoraQuantConfig(**{**previous.to_dict(), **own})
         elif qalora_config is not None:
-            config = QALoraQuantConfig.from_qalora_config(qalora_config, layers=layers, backend=backend)
+            config = QALoraQuantConfig.from_qalora_config(qalora_config, **own)
         else:
             first = next(iter(layouts.values()))
-            config = QALoraQuantConfig(
-                weight_bits=first.weight_bits, act_bits=first.act_bits, layers=layers, backend=backend, special_bits=8
-            )
+            config = QALoraQuantConfig(weight_bits=first.weight_bits, act_bits=first.act_bits, special_bits=8, **own)
         mark_exported(converted, config)
     return converted

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ...export import IntegerConv2d, IntegerLinear, attach_integer_context, integer_layers
+from ...quant import KernelPreference, set_kernel_preference
 from ...quant.checksum import streamed_tensor_checksum, tensor_checksum
 from ...tuners.qalora.model import adapter_keys, finish_rebuild, rebuild_adapters
 from ...winograd import winograd_modules
@@ -201,7 +202,7 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                     f"has a {type(module).__name__} there. Restore the config.json that save_pretrained wrote."
                 )
             new.name = name
-            new.backend = self.quantization_config.backend
+            set_kernel_preference(new, self.quantization_config.kernel_preference)
             replacements[name] = new
         winograd = []
         if self.quantization_config.winograd is not None:
@@ -211,6 +212,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                 model, self.quantization_config.winograd, "config.json's quantization_config.winograd", device="cpu"
             )
             self._winograd_state = {name: {} for name, _ in winograd}
+            if self.quantization_config.kernel_preference is not KernelPreference.ONEDNN:  # integer layers only
+                for _, layer in winograd:
+                    set_kernel_preference(layer, self.quantization_config.kernel_preference)
         for name, new in [*replacements.items(), *winograd]:
             model.set_submodule(name, new)
         return model

@@ -276,7 +276,7 @@ def quantized_module_attention(
         probs_quant=_quant_spec(quantizers.probs, batch),
         attn_mask=attention_mask,
         scale=scale,
-        backend=module_choice(attn, query.device),
+        kernel_preference=module_choice(attn, query.device),
     )
 
 

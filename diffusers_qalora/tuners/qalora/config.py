@@ -13,6 +13,7 @@ from typing import Literal
 from peft import PeftConfig
 
 from ...quant import INIT_METHODS, validate_bits, validate_timestep_table
+from ...quant.kernel_preference import KernelPreference, validate_kernel_preference
 
 
 class QALoraPeftType(str, enum.Enum):
@@ -38,6 +39,10 @@ DEFAULT_EIGHT_BIT_ROOTS = (
     "time_text_embed",
     "norm_out",
 )
+
+
+# Fields that older adapter_config.json files hold and this config no longer has (dropped when such a file is read).
+OBSOLETE_FIELDS = ("layers_to_transform", "layers_pattern")
 
 
 @dataclass
@@ -85,6 +90,11 @@ class QALoraConfig(PeftConfig):
             probabilities), with a temporal step size held on the ``to_v`` layer (``qal_prob_quantizer``).  Needs
             ``quantize_attention``.
         timestep_argument (`str`, defaults to `"timestep"`): name of the denoiser's timestep argument.
+        kernel_preference (`"auto" | "torch" | "triton"`, defaults to `"auto"`): the implementation the adapter's
+            fake-quantizers (and its quantized attention) run, written on them at injection (see
+            [KernelPreference][diffusers_qalora.KernelPreference]): ``"auto"`` picks the Triton kernels on CUDA when
+            ``triton`` imports and the torch code elsewhere.  Change it later with
+            [set_kernel_preference][diffusers_qalora.set_kernel_preference].
         init_weights (`bool`, defaults to `True`): ``B = 0`` so the model starts exactly at its PTQ state; `False`
             draws ``B`` at random (tests only).
         modules_to_save (`list[str]`, *optional*): extra modules trained and saved in full, as in PEFT.
@@ -127,11 +137,12 @@ class QALoraConfig(PeftConfig):
         default=False, metadata={"help": "Also quantize the softmax output (needs quantize_attention)."}
     )
     timestep_argument: str = field(default="timestep", metadata={"help": "The denoiser's timestep argument."})
+    kernel_preference: KernelPreference = field(
+        default=KernelPreference.AUTO,
+        metadata={"help": "Implementation of the fake-quantizers: 'auto', 'torch' or 'triton'."},
+    )
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at init (exact PTQ start)."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
-    # Read by PEFT's generic BaseTuner utilities.
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Unused; PEFT compatibility."})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Unused; PEFT compatibility."})
     bias: str = field(default="none", metadata={"help": "Bias training: only 'none' is supported."})
     version: int = field(default=1, metadata={"help": "Config format version."})
 
@@ -145,6 +156,7 @@ class QALoraConfig(PeftConfig):
         validate_bits(self.weight_bits, "weight_bits")
         validate_bits(self.act_bits, "act_bits")
         validate_bits(self.special_bits, "special_bits")
+        self.kernel_preference = validate_kernel_preference(self.kernel_preference)
         if self.attention_bits is not None:
             validate_bits(self.attention_bits, "attention_bits")
         if self.quantize_attention_probs and not self.quantize_attention:
@@ -173,6 +185,14 @@ class QALoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.eight_bit_modules is not None:
             self.eight_bit_modules = list(self.eight_bit_modules)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # adapter_config.json files written by earlier versions carry two always-null fields copied from PEFT's LoRA
+        # config, which QALoRA never used; PEFT itself would drop them with a warning to upgrade PEFT.
+        for name in OBSOLETE_FIELDS:
+            kwargs.pop(name, None)
+        return super().check_kwargs(**kwargs)
 
     @property
     def scaling(self) -> float:

@@ -14,11 +14,11 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...export.backends import validate_backend
 from ...export.context import attach_integer_context
 from ...export.layout import IntegerLayout
 from ...export.modules import IntegerConv2d, IntegerLayer, IntegerLinear
-from ...quant import PerChannel, PerGroup, PerTensor
+from ...quant import PerChannel, PerGroup, PerTensor, set_kernel_preference
+from ...quant.kernel_preference import validate_kernel_preference
 from .layer import QALoraLayer
 from .model import active_qalora_adapter, qalora_layers
 
@@ -106,7 +106,7 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
 def convert_qalora_to_integer(
     model: nn.Module,
     adapter_name: str | None = None,
-    backend: str = "auto",
+    kernel_preference: str = "auto",
     inplace: bool = True,
 ) -> tuple[nn.Module, dict[str, IntegerLayout]]:
     """Replace every QALoRA layer of ``model`` by an integer layer; return the model and the layout of each layer.
@@ -118,10 +118,11 @@ def convert_qalora_to_integer(
         model (`torch.nn.Module`): a QALoRA model (from `get_qalora_model`, `peft.get_peft_model` or
             `load_qalora_adapter`) with calibrated activation step sizes.
         adapter_name (`str`, *optional*): the adapter to export; by default the active one.
-        backend (`str`, defaults to `"auto"`): compute path of the integer layers.
+        kernel_preference (`str`, defaults to `"auto"`): the integer layers' implementation (``"auto"``,
+            ``"torch"``, ``"triton"`` or ``"onednn"``; see [KernelPreference][diffusers_qalora.KernelPreference]).
         inplace (`bool`, defaults to `True`): convert ``model`` itself; `False` converts a deep copy.
     """
-    validate_backend(backend)
+    kernel_preference = validate_kernel_preference(kernel_preference, integer_layers=True)
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     layers = qalora_layers(model)
@@ -142,9 +143,13 @@ def convert_qalora_to_integer(
         model = copy.deepcopy(model)
         layers = qalora_layers(model)
     built = {name: _build_integer_layer(layer, adapter, name) for name, layer in layers.items()}
+    for name, new in built.items():  # before the first swap: "onednn" on a CUDA model raises here
+        try:
+            set_kernel_preference(new, kernel_preference)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err} Nothing was changed.") from None
     timestep_argument = _timestep_argument(model, adapter)
     for name, new in built.items():
-        new.backend = backend
         model.set_submodule(name, new)
     if hasattr(model, "peft_config"):
         del model.peft_config

@@ -24,6 +24,7 @@ from ...quant import (
     fake_quantize_lora_merged,
     fused_path_enabled,
     grouped_view,
+    set_kernel_preference,
 )
 from .config import QALoraConfig
 
@@ -133,6 +134,14 @@ class QALoraLayer(BaseTunerLayer):
         ).to(device)
         self.qal_act_quantizer[adapter_name] = aq
         self._update_attention_quantizers(adapter_name, config, table, config.special_bits if eight_bit else None, name)
+        for quantizers in (
+            self.qal_weight_quantizer,
+            self.qal_act_quantizer,
+            self.qal_out_quantizer,
+            self.qal_prob_quantizer,
+        ):
+            if adapter_name in quantizers:
+                set_kernel_preference(quantizers[adapter_name], config.kernel_preference)
         self.set_adapter(self.active_adapters)
 
     def _update_attention_quantizers(
@@ -333,12 +342,16 @@ class QALoraLayer(BaseTunerLayer):
                     self.scaling[adapter] /= scale
 
 
-class Linear(nn.Module, QALoraLayer):
-    """QALoRA wrapper of ``nn.Linear``: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``."""
+class _QALoraModule(nn.Module, QALoraLayer):
+    """What `Linear` and `Conv2d` share: the construction (the base layer's ``base_attributes`` mirrored, so that
+    code inspecting the layer keeps working, e.g. SDXL pipelines read ``add_embedding.linear_1.in_features``), the
+    forward pass and the repr."""
+
+    base_attributes: tuple[str, ...] = ()
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         adapter_name: str,
         config: QALoraConfig,
         eight_bit: bool = False,
@@ -347,11 +360,23 @@ class Linear(nn.Module, QALoraLayer):
     ) -> None:
         super().__init__()
         QALoraLayer.__init__(self, base_layer, **kwargs)
-        # Code that inspects the layer (e.g. SDXL pipelines read `add_embedding.linear_1.in_features`) keeps working.
         base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        for attr in self.base_attributes:
+            setattr(self, attr, getattr(base, attr))
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, eight_bit, name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._qalora_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "qalora." + super().__repr__()
+
+
+class Linear(_QALoraModule):
+    """QALoRA wrapper of ``nn.Linear``: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``."""
+
+    base_attributes = ("in_features", "out_features")
 
     def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         base = self.get_base_layer()
@@ -360,33 +385,12 @@ class Linear(nn.Module, QALoraLayer):
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.get_base_layer().bias)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self._qalora_forward(x, *args, **kwargs)
 
-    def __repr__(self) -> str:
-        return "qalora." + super().__repr__()
-
-
-class Conv2d(nn.Module, QALoraLayer):
+class Conv2d(_QALoraModule):
     """QALoRA wrapper of ``nn.Conv2d`` (groups = 1): ``A`` carries the full kernel ``(r, in, kh, kw)`` and ``B`` is
     a 1x1 ``(out, r)``, so ``B @ A`` has the base kernel's shape (PEFT's conv-LoRA convention)."""
 
-    def __init__(
-        self,
-        base_layer: nn.Conv2d,
-        adapter_name: str,
-        config: QALoraConfig,
-        eight_bit: bool = False,
-        name: str = "",
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        QALoraLayer.__init__(self, base_layer, **kwargs)
-        base = self.get_base_layer()
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, attr, getattr(base, attr))
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, eight_bit, name)
+    base_attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 
     def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         base = self.get_base_layer()
@@ -394,12 +398,6 @@ class Conv2d(nn.Module, QALoraLayer):
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.get_base_layer()._conv_forward(x, weight, self.get_base_layer().bias)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self._qalora_forward(x, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "qalora." + super().__repr__()
 
 
 def unsupported_reason(module: nn.Module) -> str | None:

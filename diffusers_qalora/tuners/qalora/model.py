@@ -14,8 +14,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from ...quant import attach_timestep_context, detach_timestep_context
-from .config import QALoraConfig
+from ...quant import attach_timestep_context, detach_timestep_context, set_kernel_preference
+from .config import QALoraConfig, QALoraPeftType
 from .layer import QALoraLayer, dispatch_qalora, unsupported_reason
 
 
@@ -143,11 +143,15 @@ class QALoraModel(BaseTuner):
             # diffusers' PeftAdapterMixin verbs (set_adapter, disable_adapters, delete_adapters, ...) check this flag,
             # which only its own add_adapter / load_lora_adapter set: without it they say "No adapter loaded".
             model._hf_peft_config_loaded = True
-        if self.peft_config[adapter_name].quantize_attention:
-            # The q/k/v step sizes live on the projections; the processor that applies them is stateless.
-            from .attention import set_qalora_attn_processor
+        config = self.peft_config[adapter_name]
+        if config.quantize_attention:
+            # The q/k/v step sizes live on the projections; the processor that applies them is stateless and asks
+            # the kernels' dispatch with the attention module, which takes this adapter's kernel preference.
+            from .attention import quantized_attention_modules, set_qalora_attn_processor
 
             set_qalora_attn_processor(model)
+            for module in quantized_attention_modules(model).values():
+                set_kernel_preference(module, config.kernel_preference, recurse=False)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -342,7 +346,10 @@ def rebuild_adapters(model: nn.Module, record: dict[str, Any]) -> None:
     from peft import PeftConfig, inject_adapter_in_model
 
     for name in record["order"]:
-        config = PeftConfig.from_peft_type(**copy.deepcopy(record["configs"][name]))
+        kwargs = copy.deepcopy(record["configs"][name])
+        if kwargs.get("peft_type") == QALoraPeftType.QALORA:
+            kwargs = QALoraConfig.check_kwargs(**kwargs)  # drops the fields older versions recorded
+        config = PeftConfig.from_peft_type(**kwargs)
         recorded_init = getattr(config, "weight_init", None)
         if recorded_init is not None:
             config.weight_init = "minmax"  # the step sizes are loaded from the file; no search on meta tensors
