@@ -135,16 +135,19 @@ class PromptConditioning(Conditioning):
                 )
         self.embeds, self.neg_embeds = pe.cpu(), npe.cpu()
 
-    def _set_prompts(self, prompts: list[str], guidance_scale: float | None) -> None:
+    def _set_prompts(
+        self, prompts: list[str], guidance_scale: float | None, call_kwargs: dict[str, Any] | None = None
+    ) -> None:
         if not prompts:
             raise ValueError("`prompts` must hold at least one prompt.")
         self.prompts = list(prompts)
         self.guidance_scale = guidance_scale
+        self._call_kwargs = dict(call_kwargs or {})
 
     def pipeline_call_kwargs(self) -> dict[str, Any]:
         """Extra arguments of the pipeline's ``__call__`` that sample what ``predict`` sees (image size, text
         length): calibration runs the pipeline with them."""
-        return {}
+        return dict(getattr(self, "_call_kwargs", {}))
 
     def sample(self, batch_size, generator):
         return {"prompt_index": torch.randint(0, len(self.prompts), (batch_size,), generator=generator)}
@@ -203,10 +206,10 @@ class SD3PromptConditioning(PromptConditioning):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        self._set_prompts(prompts, guidance_scale)
+        self._set_prompts(
+            prompts, guidance_scale, {"max_sequence_length": max_sequence_length, "height": height, "width": width}
+        )
         self.sdxl = False
-        self.max_sequence_length = max_sequence_length
-        self.height, self.width = height, width
         with torch.no_grad():
             pe, npe, pooled, npooled = pipeline.encode_prompt(
                 self.prompts,
@@ -219,9 +222,6 @@ class SD3PromptConditioning(PromptConditioning):
             )
         self.embeds, self.neg_embeds = pe.cpu(), npe.cpu()
         self.pooled, self.neg_pooled = pooled.cpu(), npooled.cpu()
-
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length, "height": self.height, "width": self.width}
 
     def predict(self, model, x, t, cond):
         idx = cond["prompt_index"].cpu()
@@ -296,9 +296,11 @@ class FluxPromptConditioning(PromptConditioning):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        self._set_prompts(prompts, 3.5 if guidance_scale is None else guidance_scale)
-        self.max_sequence_length = max_sequence_length
-        self.height, self.width = height, width
+        self._set_prompts(
+            prompts,
+            3.5 if guidance_scale is None else guidance_scale,
+            {"max_sequence_length": max_sequence_length, "height": height, "width": width},
+        )
         self.guidance_embeds = bool(pipeline.transformer.config.guidance_embeds)
         with torch.no_grad():
             pe, pooled, text_ids = pipeline.encode_prompt(
@@ -313,9 +315,6 @@ class FluxPromptConditioning(PromptConditioning):
     @property
     def use_guidance(self) -> bool:
         return False  # the guidance scale is an input of the transformer, not a second pass
-
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length, "height": self.height, "width": self.width}
 
     def predict(self, model, x, t, cond):
         idx = cond["prompt_index"].cpu()
