@@ -83,16 +83,16 @@ def make_sdxl_unet(seed: int = 0):
     ).eval()
 
 
-def make_sd3(seed: int = 0):
-    """``SD3Transformer2DModel`` with one joint block."""
+def make_sd3(seed: int = 0, in_channels: int = 4):
+    """``SD3Transformer2DModel`` with one joint block (8 x 8 latents, 2 x 2 patches, context width 32, pooled 16)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
-        in_channels=4,
-        out_channels=4,
+        in_channels=in_channels,
+        out_channels=in_channels,
         num_layers=1,
         attention_head_dim=8,
         num_attention_heads=2,
@@ -103,21 +103,23 @@ def make_sd3(seed: int = 0):
     ).eval()
 
 
-def make_flux(seed: int = 0):
-    """``FluxTransformer2DModel`` with one double and one single block; its timestep argument lies in [0, 1]."""
+def make_flux(seed: int = 0, in_channels: int = 4, guidance_embeds: bool = False):
+    """``FluxTransformer2DModel`` with one double and one single block (T5 width 16, pooled 16); its timestep argument
+    lies in [0, 1]."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4,
-        out_channels=4,
+        in_channels=in_channels,
+        out_channels=in_channels,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=16,
         pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4),
     ).eval()
 
@@ -231,41 +233,11 @@ def make_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
 
 
-def make_tiny_sd_pipeline(seed: int = 0):
-    """``StableDiffusionPipeline`` with a tiny UNet, VAE, CLIP text encoder, a local tokenizer and DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _sd_ddim_scheduler():
+    """DDIM with Stable Diffusion's noise schedule."""
+    from diffusers import DDIMScheduler
 
-    tokenizer = make_tiny_tokenizer()
-    unet = make_sd15_unet(seed)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=32,
-        )
-    ).eval()
-    scheduler = DDIMScheduler(
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -273,6 +245,19 @@ def make_tiny_sd_pipeline(seed: int = 0):
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def make_tiny_sd_pipeline(seed: int = 0):
+    """``StableDiffusionPipeline`` with a tiny UNet, VAE, CLIP text encoder, a local tokenizer and DDIM."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = make_tiny_tokenizer()
+    unet = make_sd15_unet(seed)
+    vae = _tiny_vae(4, seed)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer), 32, 32)).eval()
+    scheduler = _sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -290,48 +275,15 @@ def make_tiny_sd_pipeline(seed: int = 0):
 def make_tiny_sdxl_pipeline(seed: int = 0):
     """``StableDiffusionXLPipeline`` with the SDXL-like tiny UNet, two tiny CLIP text encoders (hidden 16 + 16 =
     the UNet's cross-attention dim; the second projects to the pooled dim), a local tokenizer and DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = make_tiny_tokenizer()
     unet = make_sdxl_unet(seed)
-
-    def text_config(projection_dim: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=projection_dim,
-        )
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
-    text_encoder = CLIPTextModel(text_config(16)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(SDXL_POOLED_DIM)).eval()
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    vae = _tiny_vae(4, seed)
+    text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer), 16, 16)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer), 16, SDXL_POOLED_DIM)).eval()
+    scheduler = _sd_ddim_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -340,6 +292,152 @@ def make_tiny_sdxl_pipeline(seed: int = 0):
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_vae(latent_channels: int, seed: int, flow_matching: bool = False):
+    """A tiny ``AutoencoderKL`` (scale factor 2); ``flow_matching``: without the quant convs and with a shift factor,
+    as SD3's and Flux's VAEs."""
+    from diffusers import AutoencoderKL
+
+    flow = {"use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 0.5, "shift_factor": 0.1}
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=16,
+        **(flow if flow_matching else {}),
+    ).eval()
+
+
+def _clip_text_config(vocab_size: int, hidden_size: int, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=projection_dim,
+    )
+
+
+def make_sd3_pipeline_transformer(seed: int = 0):
+    """The ``SD3Transformer2DModel`` of ``make_tiny_sd3_pipeline``: ``make_sd3`` with 16 latent channels (as SD3's
+    VAE); 16 image tokens, context width 32 (the two CLIP encoders' 16 + 16, and T5's 32)."""
+    return make_sd3(seed, in_channels=16)
+
+
+def make_tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
+    """``StableDiffusion3Pipeline`` with ``make_sd3_pipeline_transformer``, a 16-channel VAE (scale factor 2, so the
+    default image is 16 x 16 pixels), two tiny ``CLIPTextModelWithProjection`` (hidden 16, projection 8 each), a tiny
+    ``T5EncoderModel`` (width 32) with a local tokenizer, and SD3's flow-matching Euler scheduler (static shift).
+    (``text_encoder_3=None`` runs, but a pipeline saved so does not load again with ``from_pretrained``.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = make_tiny_tokenizer()
+    transformer = make_sd3_pipeline_transformer(seed)
+    vae = _tiny_vae(16, seed, flow_matching=True)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer), 16, 8)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer), 16, 8)).eval()
+    tokenizer_3 = make_tiny_t5_tokenizer()
+    text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), 32)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single characters, built locally: every lower-case prompt tokenizes."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-'"]
+    pieces += [("\u2581" + c, -3.5) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
+
+
+def _tiny_t5_encoder(vocab_size: int, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+
+
+def make_flux_pipeline_transformer(seed: int = 0, guidance_embeds: bool = True):
+    """The ``FluxTransformer2DModel`` of ``make_tiny_flux_pipeline``: ``make_flux`` on packed 2 x 2 patches of 4
+    latent channels (``in_channels=16``), with a guidance embedding (FLUX.1-dev) unless ``guidance_embeds=False``."""
+    return make_flux(seed, in_channels=16, guidance_embeds=guidance_embeds)
+
+
+def make_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """``FluxPipeline`` with ``make_flux_pipeline_transformer``, a 4-channel VAE (scale factor 2), a tiny
+    ``CLIPTextModel`` (pooled 16) and ``T5EncoderModel`` (width 16) with local tokenizers, and Flux-dev's scheduler
+    (flow-matching Euler with resolution-dependent shifting).  FluxPipeline's default image is 128 latent rows: pass
+    ``height=width=16`` (8 x 8 latents, 16 packed tokens) to keep it tiny."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = make_tiny_tokenizer()
+    tokenizer_2 = make_tiny_t5_tokenizer()
+    transformer = make_flux_pipeline_transformer(seed, guidance_embeds)
+    vae = _tiny_vae(4, seed, flow_matching=True)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer), 16, 16)).eval()
+    text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), 16)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

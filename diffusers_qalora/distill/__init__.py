@@ -3,7 +3,9 @@
 from .conditioning import (
     ClassLabelConditioning,
     Conditioning,
+    FluxPromptConditioning,
     PromptConditioning,
+    SD3PromptConditioning,
     UnconditionalConditioning,
     load_prompts,
 )
@@ -14,8 +16,10 @@ __all__ = [
     "Conditioning",
     "DataFreeDistiller",
     "DistillConfig",
+    "FluxPromptConditioning",
     "NonFiniteLossError",
     "PromptConditioning",
+    "SD3PromptConditioning",
     "UnconditionalConditioning",
     "load_prompts",
 ]

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
-        help="diffusers pipeline folder or Hub id; default: the embedded digits DDPM",
+        help="diffusers pipeline folder or Hub id (SD1.5, SDXL, SD3, Flux, or a class-conditional / unconditional "
+        "UNet pipeline); default: the embedded digits DDPM",
     )
     p.add_argument(
         "--model",
@@ -36,8 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_bits", type=int, default=4)
     p.add_argument("--act_bits", type=int, default=4)
     p.add_argument("--rank", type=int, default=32, help="LoRA rank r")
-    p.add_argument("--num_inference_steps", type=int, default=100, help="DDIM steps of each teacher trajectory")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the teacher trajectories")
+    p.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=100,
+        help="steps of each teacher trajectory (DDIM, or Euler for SD3/Flux), also the timestep table",
+    )
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the teacher trajectories (UNet pipelines)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="SD3/Flux: image size in pixels the trajectories are sampled at (default: the pipeline's, e.g. 1024)",
+    )
+    p.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3/Flux: T5 prompt tokens (default: the pipeline's, 256 for SD3, 512 for Flux)",
+    )
+    p.add_argument(
+        "--quantize_attention",
+        action="store_true",
+        help="pipelines: also quantize q, k, v of the attention (UNet, SD3 joint and Flux attention processors)",
+    )
     p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
     p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
     p.add_argument(
@@ -47,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act_step_lr", type=float, default=DEFAULT_ACT_STEP_LR)
     p.add_argument("--scale_aware", choices=SCALE_AWARE_MODES, default="lr")
     p.add_argument("--lr_schedule", choices=("linear", "constant", "cosine"), default="linear")
-    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (text-to-image: 7.5)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (SD/SDXL 7.5, SD3 7.0); Flux: the guidance embedding (3.5)",
+    )
     p.add_argument("--prompt_file", default=None, help="one prompt per line; default: the shipped prompt list")
     p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -96,13 +124,29 @@ def validate_args(args: argparse.Namespace) -> None:
 
     validate_bits(args.weight_bits, "--weight_bits")
     validate_bits(args.act_bits, "--act_bits")
-    for name in ("rank", "num_inference_steps", "train_batch_size", "max_train_steps", "eval_samples", "eval_steps"):
+    for name in (
+        "rank",
+        "num_inference_steps",
+        "train_batch_size",
+        "max_train_steps",
+        "eval_samples",
+        "eval_steps",
+        "resolution",
+        "max_sequence_length",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
     if not args.ddp_timeout > 0:
         raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
+    if model is None:
+        for option in ("resolution", "max_sequence_length", "quantize_attention"):
+            if getattr(args, option) not in (None, False):
+                raise SystemExit(
+                    f"error: --{option} applies to pipelines (--pretrained_model_name_or_path); the embedded job "
+                    f"runs at its model's size with the quantizers the comparison defines (drop --{option})."
+                )
     if model is not None and args.model != "unet":
         raise SystemExit(
             f"error: --model {args.model} chooses an embedded model; it cannot be combined with "
@@ -280,11 +324,13 @@ def push_distilled_adapter(args: argparse.Namespace) -> None:
 
         denoiser, base_model, subfolder = load_testbed(model=args.model).unet, None, None
     else:
-        from diffusers import UNet2DConditionModel
+        from diffusers import AutoModel
 
-        denoiser = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+        # The job records which component it distilled: "unet", or "transformer" for SD3 / Flux.
+        name = json.loads((out / "results.json").read_text(encoding="utf-8")).get("denoiser", "unet")
+        denoiser = AutoModel.from_pretrained(model, subfolder=name)
         # A local folder has no Hub id for the card to name.
-        base_model, subfolder = (None, None) if Path(model).expanduser().exists() else (model, "unet")
+        base_model, subfolder = (None, None) if Path(model).expanduser().exists() else (model, name)
     load_qalora_adapter(denoiser, out / "adapter")
     grid = out / "grid_distilled.png"
     # The embedded job's results.json holds a metrics table for the card; a pipeline job measures no metrics, so its

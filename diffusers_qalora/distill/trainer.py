@@ -1,9 +1,11 @@
 """Data-free distillation of a QALoRA student from its own full-precision weights (EfficientDM, Sec. 3.3).
 
 For each trajectory: fresh Gaussian noise and random conditioning; the full-precision teacher (the same model with
-its adapters and quantizers switched off, so the weights are held once) samples its own DDIM trajectory; at every
+its adapters and quantizers switched off, so the weights are held once) samples its own trajectory (DDIM for
+diffusion schedulers, Euler steps over the sigmas for flow-matching ones: see ``tuners.qalora.sampling``); at every
 step the student sees the same ``x_t``, ``t`` and conditioning, and one optimizer step minimises the MSE between the
-two noise predictions (after classifier-free guidance when used).  The trajectory always follows the teacher.
+two predictions (noise or velocity, after classifier-free guidance when used).  The trajectory always follows the
+teacher.
 No dataset is read or stored.
 """
 
@@ -24,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,6 +35,7 @@ from ..quant import clear_workspace
 from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR
 from ..tuners.qalora.api import adapters_disabled, get_qalora_param_groups
 from ..tuners.qalora.model import active_qalora_adapter
+from ..tuners.qalora.sampling import DDIMSampler, TrajectorySampler, trajectory_sampler
 from .checkpoint_files import verify_checksum_manifest, write_checksum_manifest
 from .conditioning import Conditioning
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, distributed_phase, make_accelerator
@@ -53,8 +55,9 @@ class DistillConfig:
     """Hyper-parameters of [DataFreeDistiller][diffusers_qalora.distill.DataFreeDistiller].
 
     Args:
-        num_inference_steps (`int`, defaults to `100`): DDIM steps of each teacher trajectory (one optimizer step each).
-        eta (`float`, defaults to `0.0`): DDIM eta of the teacher trajectory (EfficientDM trains with 1.0).
+        num_inference_steps (`int`, defaults to `100`): steps of each teacher trajectory (one optimizer step each).
+        eta (`float`, defaults to `0.0`): DDIM eta of the teacher trajectory (EfficientDM trains with 1.0); must be 0
+            for flow-matching schedulers, whose trajectories are Euler steps.
         batch_size (`int`, defaults to `8`): trajectories sampled in parallel per process.
         max_train_steps (`int`, defaults to `1000`): optimizer steps in all.
         lora_lr (`float`, defaults to `1e-4`): LoRA learning rate of a layer of average weight step size.
@@ -172,7 +175,10 @@ class DataFreeDistiller:
 
     Args:
         model (`nn.Module`): the QALoRA denoiser (student; the teacher is the same model with adapters disabled).
-        scheduler: a diffusers scheduler whose config builds the DDIM sampler of the teacher trajectories.
+        scheduler: the teacher's sampler: a diffusers scheduler (a diffusion scheduler's config builds a DDIM
+            trajectory, a flow-matching scheduler an Euler one with its static shift), or a ``TrajectorySampler``
+            built for the pipeline (``tuners.qalora.sampling.trajectory_sampler(pipe, n, height=..., width=...)``:
+            Flux and resolution-dependent shifts need it).
         conditioning (`Conditioning`): class labels, prompts or none.
         sample_shape (`tuple[int, ...]`): shape of one latent ``(C, H, W)``.
         config (`DistillConfig`): the training hyper-parameters.
@@ -216,9 +222,22 @@ class DataFreeDistiller:
         self.teacher = teacher
         self.conditioning = conditioning
         self.sample_shape = tuple(sample_shape)
-        self.ddim = DDIMScheduler.from_config(scheduler.config)
-        self.ddim.set_timesteps(config.num_inference_steps)
-        self.timesteps = self.ddim.timesteps.clone()
+        if isinstance(scheduler, TrajectorySampler):
+            if isinstance(scheduler, DDIMSampler) and scheduler.eta != config.eta:
+                raise ValueError(
+                    f"the DDIM sampler was built with eta={scheduler.eta} but `DistillConfig.eta` is {config.eta}; "
+                    f"build it with the config's eta."
+                )
+            self.sampler = scheduler
+        else:
+            self.sampler = trajectory_sampler(scheduler, config.num_inference_steps, eta=config.eta)
+        if len(self.sampler) != config.num_inference_steps:
+            raise ValueError(
+                f"the sampler has {len(self.sampler)} steps but `num_inference_steps` is "
+                f"{config.num_inference_steps}; build it with the same number of steps."
+            )
+        # What the denoiser's `timestep` argument receives at each position (Flux: t / 1000).
+        self.timesteps = self.sampler.model_timesteps
         self.progress = _Progress()
         self._prepared_model: nn.Module = model  # the engine's wrapper once `train` has prepared it
         self.history: list[dict[str, float]] = []
@@ -386,7 +405,7 @@ class DataFreeDistiller:
                     f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
                 )
                 raise NonFiniteLossError(
-                    f"non-finite distillation loss ({loss.item()}) at step {p.global_step}, timestep {int(t)}; "
+                    f"non-finite distillation loss ({loss.item()}) at step {p.global_step}, timestep {t.item()}; "
                     f"training stopped and {where}. Lower the learning rates (--learning_rate, --act_step_lr) or "
                     f"use fp32 (--mixed_precision no)."
                 )
@@ -398,16 +417,16 @@ class DataFreeDistiller:
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 step_gen = self._noise_generator(p.trajectory, p.position)
-                p.x = self.ddim.step(target.to(x.dtype).cpu(), t, x.cpu(), eta=cfg.eta, generator=step_gen).prev_sample
+                p.x = self.sampler.step(target.to(x.dtype).cpu(), p.position, x.cpu(), generator=step_gen)
             p.position += 1
             if p.position >= len(timesteps):
                 p.position = 0
                 p.trajectory += 1
             p.global_step += 1
             loss_value = acc.reduce(loss.detach(), reduction="mean").item()
-            self.history.append({"step": p.global_step, "timestep": int(t), "loss": loss_value})
+            self.history.append({"step": p.global_step, "timestep": t.item(), "loss": loss_value})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3e}", t=int(t))
+            bar.set_postfix(loss=f"{loss_value:.3e}", t=t.item())
             if p.global_step % cfg.log_every == 0 and acc.log_with:
                 acc.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=p.global_step)
             if cfg.checkpointing_steps and p.global_step % cfg.checkpointing_steps == 0:

@@ -105,8 +105,8 @@ def test_the_trajectory_follows_the_teacher(recorded):
     steps, distiller, _ = recorded
     for k in range(TRAIN_STEPS - 1):
         now, nxt = steps[k], steps[k + 1]
-        expected = ddim_step(distiller.ddim, now["teacher"], now["t"], now["x"])
-        student_driven = ddim_step(distiller.ddim, now["student"], now["t"], now["x"])
+        expected = ddim_step(distiller.sampler.ddim, now["teacher"], now["t"], now["x"])
+        student_driven = ddim_step(distiller.sampler.ddim, now["student"], now["t"], now["x"])
         gap = (expected - student_driven).abs().max().item()
         assert gap > 1e-3  # the student's and the teacher's predictions differ: a student-driven trajectory shows
         torch.testing.assert_close(nxt["x"], expected, rtol=0, atol=gap / 100)

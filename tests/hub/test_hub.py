@@ -584,6 +584,30 @@ def test_distill_script_pushes_the_adapter_it_saved(fake_hub, tmp_path):
     assert "W4A4" in card.text and "| optimizer steps | 2 |" in card.text  # the run's settings, not the defaults
 
 
+def test_distill_script_pushes_a_transformer_adapter(fake_hub, tmp_path):
+    """An SD3 pipeline job distils `transformer`: the push reloads that component (not a UNet) with the adapter."""
+    from tiny_models import make_sd3_pipeline_transformer, make_tiny_sd3_pipeline
+
+    from diffusers_qalora.distill.cli import main
+
+    make_tiny_sd3_pipeline().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(out)]
+    args += ["--max_train_steps", "2", "--num_inference_steps", "2", "--train_batch_size", "1"]
+    args += ["--calibration_samples", "1", "--rank", "2", "--max_sequence_length", "4"]
+    args += ["--push_to_hub", "--hub_model_id", "test-org/distilled-tiny-sd3", "--hub_token", TOKEN]
+    with pytest.warns(ModelCardWarning, match="no base model"):
+        main(args)
+    local, pulled = make_sd3_pipeline_transformer(), make_sd3_pipeline_transformer()
+    dq.load_qalora_adapter(local, out / "adapter")
+    dq.load_qalora_adapter(pulled, "test-org/distilled-tiny-sd3", token=TOKEN)
+    local_state, pulled_state = local.state_dict(), pulled.state_dict()
+    assert local_state.keys() == pulled_state.keys()
+    assert all(torch.equal(local_state[k], pulled_state[k]) for k in local_state)
+    card = ModelCard.load("test-org/distilled-tiny-sd3", token=TOKEN)
+    assert "SD3Transformer2DModel" in card.text
+
+
 def test_distill_script_refuses_a_bad_hub_model_id_before_any_work(tmp_path):
     from diffusers_qalora.distill.cli import main
 

@@ -18,15 +18,36 @@ from ...quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_W
 from .config import QALoraConfig, QALoraPeftType
 from .layer import QALoraLayer
 from .model import eligible_module_names, qalora_layers
+from .sampling import is_flow_matching, trajectory_sampler
 
 
-def timestep_table(scheduler: Any, num_inference_steps: int) -> list[float]:
-    """The sorted timesteps a diffusers scheduler visits in ``num_inference_steps`` steps, for
-    ``QALoraConfig(timesteps=...)``: with the table equal to the distillation schedule, every trained timestep has its
-    own entry, and shorter schedules of the same spacing are interpolated.  The scheduler is not modified."""
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_inference_steps)
-    return sorted({float(t) for t in scheduler.timesteps.tolist()})
+def timestep_table(
+    scheduler: Any, num_inference_steps: int, *, height: int | None = None, width: int | None = None
+) -> list[float]:
+    """The sorted timesteps a pipeline's denoiser receives in ``num_inference_steps`` steps, for
+    ``QALoraConfig(timesteps=...)``, in the denoiser's own units: with the table equal to the distillation schedule,
+    every trained timestep has its own entry, and shorter schedules of the same spacing are interpolated.
+
+    Args:
+        scheduler: the pipeline's scheduler, or the pipeline itself.  Flow-matching pipelines set their schedule in
+            ``__call__``: pass the pipeline for Flux (its sigmas depend on the image size and its transformer sees
+            ``t / 1000``, so the table lies in ``[0, 1]``) and for any scheduler with ``use_dynamic_shifting``.  SD3's
+            static-shift schedule is the same either way.
+        num_inference_steps (`int`): the number of sampling steps.
+        height (`int`, *optional*): image height in pixels of a flow-matching pipeline (default: its default
+            size); the table of Flux depends on the image size.
+        width (`int`, *optional*): image width in pixels (default: the pipeline's).
+
+    The scheduler and the pipeline are not modified.
+    """
+    pipeline_scheduler = getattr(scheduler, "scheduler", None)
+    if is_flow_matching(pipeline_scheduler if pipeline_scheduler is not None else scheduler):
+        values = trajectory_sampler(scheduler, num_inference_steps, height=height, width=width).model_timesteps
+    else:
+        scheduler = copy.deepcopy(pipeline_scheduler if pipeline_scheduler is not None else scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        values = scheduler.timesteps
+    return sorted({float(t) for t in values.tolist()})
 
 
 def get_qalora_model(model: nn.Module, config: QALoraConfig, adapter_name: str = "default") -> nn.Module:
