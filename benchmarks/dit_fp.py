@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers_qalora.evaluation.embedded import MethodEvaluator, peak_rss_mb, public
 
 from diffusers_qalora.evaluation.report import format_metric, machine_info
 from diffusers_qalora.testbed import load_testbed
+from diffusers_qalora.testbed.evaluation import MethodEvaluator, peak_rss_mb, public
 
 RESULTS = Path(__file__).parent / "results" / "dit_fp"
 LABELS = {"unet": "UNet (UNet2DModel)", "dit": "DiT (SD3Transformer2DModel)"}
