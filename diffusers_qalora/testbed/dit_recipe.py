@@ -1,6 +1,6 @@
 """The recipe that trains the embedded DiT: a class-conditional SD3-style transformer on the same digits as the UNet.
 
-Run it from the repository root (about 6 minutes of one CPU core plus the final evaluation; the shipped run's wall
+Run it from the repository root (about 25 minutes of one CPU core plus the final evaluation; the shipped run's wall
 time, on a machine shared with other jobs, is in `dit.json`):
 
 ```bash
@@ -56,11 +56,11 @@ class DitRecipeConfig:
         split_seed (`int`, defaults to `0`): seed of the train / held-out split (must match the UNet testbed's).
         num_threads (`int`, defaults to `1`): torch CPU threads (recorded: the thread count changes float rounding).
         num_layers / attention_head_dim / num_attention_heads (`int`): the transformer's size.
-        steps (`int`, defaults to `1000`): optimisation steps.
+        steps (`int`, defaults to `3000`): optimisation steps.
         lr (`float`, defaults to `1e-3`): peak learning rate (AdamW, linear warm-up, cosine decay).
         warmup_steps (`int`, defaults to `100`): warm-up steps.
         min_lr_ratio (`float`, defaults to `0.05`): final / peak learning rate.
-        batch_size (`int`, defaults to `64`): batch size (half the UNet's: a transformer step costs more per image).
+        batch_size (`int`, defaults to `128`): batch size (the UNet's).
         weight_decay (`float`, defaults to `0.0`): AdamW weight decay.
         grad_clip (`float`, defaults to `1.0`): gradient-norm clipping.
         ema_decay (`float`, defaults to `0.999`): EMA decay of the shipped weights (`0` disables the EMA).
@@ -73,11 +73,11 @@ class DitRecipeConfig:
     num_layers: int = field(default=DEFAULT_DIT_CONFIG["num_layers"], metadata={"help": "Joint transformer blocks."})
     attention_head_dim: int = field(default=DEFAULT_DIT_CONFIG["attention_head_dim"], metadata={"help": "Head width."})
     num_attention_heads: int = field(default=DEFAULT_DIT_CONFIG["num_attention_heads"], metadata={"help": "Heads."})
-    steps: int = field(default=1000, metadata={"help": "Optimisation steps."})
+    steps: int = field(default=3000, metadata={"help": "Optimisation steps."})
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps of the learning rate."})
     min_lr_ratio: float = field(default=0.05, metadata={"help": "Final / peak learning rate."})
-    batch_size: int = field(default=64, metadata={"help": "Batch size."})
+    batch_size: int = field(default=128, metadata={"help": "Batch size."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the shipped weights (0: off)."})
