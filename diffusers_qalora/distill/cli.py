@@ -303,7 +303,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.push_to_hub:
         push_distilled_adapter(args)
+    _release_process_group()
     return results
+
+
+def _release_process_group() -> None:
+    """End a multi-process launch cleanly once every phase is done: wait for all processes, then destroy the
+    ``torch.distributed`` group.  A gloo group left to the interpreter's exit can abort a finished process
+    ("terminate called without an active exception"), which fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def push_distilled_adapter(args: argparse.Namespace) -> None:
