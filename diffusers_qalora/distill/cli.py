@@ -13,6 +13,7 @@ from typing import Any
 
 from ..integrations.adapters import looks_like_local_path
 from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR, SCALE_AWARE_MODES
+from ..tuners.qalora.config import ACT_GRANULARITIES
 from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from .trainer import DistillConfig
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pipelines: also quantize q, k, v of the attention (UNet, SD3 joint and Flux attention processors)",
     )
+    p.add_argument(
+        "--act_granularity",
+        choices=ACT_GRANULARITIES,
+        default="tensor",
+        help="step sizes of the layer inputs: 'tensor' (EfficientDM's temporal, learned), 'token' or 'group' "
+        "(dynamic min-max per token, or per token and group of --act_group_size channels)",
+    )
+    p.add_argument("--act_group_size", type=int, default=None, help="channels per group for --act_granularity group")
     p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
     p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
     p.add_argument(
@@ -137,6 +146,10 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be a positive integer, got {value}.")
+    if args.act_granularity == "group" and (args.act_group_size is None or args.act_group_size < 1):
+        raise SystemExit("error: --act_granularity group needs --act_group_size, a positive integer (e.g. 32).")
+    if args.act_granularity != "group" and args.act_group_size is not None:
+        raise SystemExit("error: --act_group_size is only used with --act_granularity group (drop it or add that).")
     if not args.ddp_timeout > 0:
         raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
@@ -272,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_seeds=tuple(args.eval_seeds),
             eval_steps=args.eval_steps,
             methods=tuple(args.methods or METHODS),
+            qalora_overrides=(
+                {}
+                if args.act_granularity == "tensor"
+                else {"act_granularity": args.act_granularity, "act_group_size": args.act_group_size}
+            ),
             model=args.model,
         )
         results = run_embedded_job(

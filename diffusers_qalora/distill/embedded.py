@@ -146,9 +146,10 @@ def run_embedded_job(
 
     def plot_steps(adapter: str, kind: str) -> None:
         with distributed_phase(f"plot {kind.lower()} step sizes", phase_seconds):
-            if main:
+            table = step_size_table(unet, adapter)
+            if main and table:  # dynamic activation quantizers (act_granularity "token"/"group") have no table
                 plot_step_sizes(
-                    step_size_table(unet, adapter),
+                    table,
                     out / f"step_sizes_{adapter}.png",
                     title=f"{kind} activation step size per timestep (selected layers)",
                 )

@@ -137,6 +137,8 @@ def run_pipeline_job(args: argparse.Namespace, distill: DistillConfig, command: 
             act_bits=args.act_bits,
             timesteps=table,
             quantize_attention=args.quantize_attention,
+            act_granularity=args.act_granularity,
+            act_group_size=args.act_group_size,
         )
         set_seed(distill.seed)  # the LoRA factors are drawn at injection: the same command gives the same adapter
         get_qalora_model(denoiser, cfg)

@@ -27,18 +27,18 @@ def baseline_config(
     """The [QALoraConfig][diffusers_qalora.QALoraConfig] of a PTQ baseline (rank 1, since its LoRA stays zero)."""
     if kind not in BASELINES:
         raise ValueError(f"`kind` must be one of {BASELINES}, got {kind!r}.")
-    return QALoraConfig(
-        r=1,
-        lora_alpha=1,
-        weight_bits=weight_bits,
-        act_bits=act_bits,
-        weight_init="minmax",
-        act_init="lp",
-        timesteps=list(timesteps) if timesteps is not None else None,
-        temporal_activations=(kind == "timestep_ptq"),
-        inference_mode=True,
-        **overrides,
-    )
+    fields = {
+        "r": 1,
+        "lora_alpha": 1,
+        "weight_bits": weight_bits,
+        "act_bits": act_bits,
+        "weight_init": "minmax",
+        "act_init": "lp",
+        "timesteps": list(timesteps) if timesteps is not None else None,
+        "temporal_activations": kind == "timestep_ptq",
+        "inference_mode": True,
+    }
+    return QALoraConfig(**{**fields, **overrides})
 
 
 def add_calibrated_adapter(

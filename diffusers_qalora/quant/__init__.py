@@ -1,6 +1,6 @@
 """The quantization core: pure torch maths, no Hugging Face imports."""
 
-from .granularity import Granularity, PerChannel, PerGroup, PerTensor, grouped_view, step_shape
+from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, grouped_view, step_shape
 from .init import INIT_METHODS, init_qparams, lp_search_qparams, minmax_qparams
 from .kernel_preference import KernelPreference, set_kernel_preference
 from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
@@ -18,6 +18,7 @@ from .primitives import (
     validate_bits,
 )
 from .quantizers import (
+    DynamicActQuantizer,
     TemporalActQuantizer,
     WeightQuantizer,
     attach_timestep_context,
@@ -37,11 +38,13 @@ from .temporal import (
 )
 
 __all__ = [
+    "DynamicActQuantizer",
     "Granularity",
     "KernelPreference",
     "PerChannel",
     "PerGroup",
     "PerTensor",
+    "PerToken",
     "TemporalActQuantizer",
     "TemporalValues",
     "TimestepContext",

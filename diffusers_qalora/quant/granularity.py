@@ -1,7 +1,10 @@
-"""Granularities of a quantization step size: one per tensor, per output channel, or per group of input channels.
+"""Granularities of a quantization step size: one per tensor, per output channel, per token, or per group of channels.
 
-A granularity maps a weight of shape ``(C_out, C_in, *kernel)`` to a *grouped view* ``(C_out, G, E)`` where each of the
-``G`` groups of ``E`` elements shares one step size; the step tensor then has shape ``(C_out or 1, G, 1)``.
+For weights, a granularity maps a weight of shape ``(C_out, C_in, *kernel)`` to a *grouped view* ``(C_out, G, E)``
+where each of the ``G`` groups of ``E`` elements shares one step size; the step tensor then has shape
+``(C_out or 1, G, 1)``.  For activations (dynamic quantization, ``DynamicActQuantizer``), `PerToken` gives one step
+per token (a row of a linear layer's input, a pixel of a convolution's input) and `PerGroup` one step per token and
+group of ``group_size`` channels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ class PerTensor:
 @dataclass(frozen=True)
 class PerChannel:
     """One step size per output channel (dim 0 of a weight)."""
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """One step size per token: per row of a linear layer's input, per pixel (over the channels) of a convolution's.
+    Activations only (dynamic quantization)."""
 
 
 @dataclass(frozen=True)

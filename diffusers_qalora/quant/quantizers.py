@@ -1,4 +1,5 @@
-"""Fake-quantizer modules: LSQ weight quantizer and temporal (per-timestep) activation quantizer."""
+"""Fake-quantizer modules: LSQ weight quantizer, temporal (per-timestep) activation quantizer and dynamic (per-token or
+per-group) activation quantizer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .granularity import Granularity, PerChannel, check_granularity, grouped_view, step_shape
+from .granularity import Granularity, PerChannel, PerGroup, PerToken, check_granularity, grouped_view, step_shape
 from .init import INIT_METHODS, init_qparams
 from .primitives import fake_quantize, qrange, quantize, validate_bits
 from .primitives import lsq_grad_scale as lsq_grad_scale_factor
@@ -308,13 +309,166 @@ class TemporalActQuantizer(nn.Module):
         self._calib_sum = None
 
 
+ActGranularity = PerToken | PerGroup
+
+
+def dynamic_qparams(
+    x: torch.Tensor, bits: int, symmetric: bool, granularity: ActGranularity, channel_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max step sizes (and integer zero points) of ``x`` per token or per token and group of channels.
+
+    ``channel_dim`` is the channel dimension (-1 for a linear layer's input, 1 for a convolution's).  The results
+    broadcast against ``x`` viewed by `dynamic_grouped_view` (per token: ``x`` itself, the channel dimension of size
+    1).  Symmetric: ``s = max|x| / qmax``.  Asymmetric: the range ``[min(x, 0), max(x, 0)]`` over ``qmax - qmin``
+    codes, so that 0 is exact, with ``z = round(qmin - min / s)``.  A token of zeros gets the smallest normal step
+    (its codes are then all ``z``, i.e. exactly 0).
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    view, dim = dynamic_grouped_view(x, granularity, channel_dim)
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        v = view.float()
+        if symmetric:
+            step = v.abs().amax(dim=dim, keepdim=True).div_(qmax).clamp_min_(tiny)
+            return step, None
+        lo = v.amin(dim=dim, keepdim=True).clamp_max_(0.0)
+        hi = v.amax(dim=dim, keepdim=True).clamp_min_(0.0)
+        step = (hi - lo).div_(qmax - qmin).clamp_min_(tiny)
+        zero_point = torch.round(qmin - lo / step).clamp_(qmin, qmax)
+        return step, zero_point
+
+
+def dynamic_grouped_view(x: torch.Tensor, granularity: ActGranularity, channel_dim: int) -> tuple[torch.Tensor, int]:
+    """``(view, dim)``: ``x`` with its channel dimension split into ``(groups, group_size)`` for `PerGroup` (unchanged
+    for `PerToken`) and the dimension that a step size reduces over."""
+    dim = channel_dim % x.dim()
+    if isinstance(granularity, PerToken):
+        return x, dim
+    if not isinstance(granularity, PerGroup):
+        raise TypeError(f"activation granularity must be PerToken() or PerGroup(group_size), got {granularity!r}.")
+    channels = x.shape[dim]
+    if channels % granularity.group_size:
+        raise ValueError(
+            f"`act_group_size` ({granularity.group_size}) must divide the number of input channels ({channels})."
+        )
+    shape = (*x.shape[:dim], channels // granularity.group_size, granularity.group_size, *x.shape[dim + 1 :])
+    return x.reshape(shape), dim + 1
+
+
+def dynamic_fake_quantize(
+    x: torch.Tensor, bits: int, symmetric: bool, granularity: ActGranularity, channel_dim: int
+) -> torch.Tensor:
+    """Quantize and dequantize ``x`` with min-max step sizes computed from ``x`` itself per token (or per token and
+    group of channels).  The gradient flows straight through to ``x``; the step sizes are constants of each call
+    (they have no parameter to learn)."""
+    qmin, qmax = qrange(bits, symmetric)
+    step, zero_point = dynamic_qparams(x, bits, symmetric, granularity, channel_dim)
+    view, _ = dynamic_grouped_view(x, granularity, channel_dim)
+    out = fake_quantize(view.to(_compute_dtype(x)), step, zero_point, qmin, qmax)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+class DynamicActQuantizer(nn.Module):
+    """Dynamic activation fake-quantizer: min-max step sizes (and zero points) computed from each input per token or
+    per token and group of channels, at every call.
+
+    Nothing is calibrated or learned, so the step sizes follow each sample, timestep and token: no timestep table,
+    and mixed timesteps in one batch cost nothing extra.  What it costs is a reduction over the input at every call
+    (and, in an exported model, a per-token scale in the integer GEMM's epilogue).  It drops in for
+    [TemporalActQuantizer][diffusers_qalora.quant.TemporalActQuantizer]: ``calibrated`` is always true and
+    calibration passes the inputs through.
+
+    Args:
+        bits (`int`): 2..8.
+        symmetric (`bool`, defaults to `False`): signed codes over ``[-max|x|, max|x|]``; by default unsigned codes
+            over ``[min(x, 0), max(x, 0)]`` with a zero point per token (group).
+        granularity (`PerToken | PerGroup`, defaults to `PerToken()`): one step size per token, or per token and
+            group of ``group_size`` channels.
+        channel_dim (`int`, defaults to `-1`): the channel dimension of the input: -1 for linear layers, 1 for
+            convolutions (a token is then a pixel).
+        name (`str`, *optional*): used in error messages.
+    """
+
+    calibrated = True
+
+    def __init__(
+        self,
+        bits: int,
+        symmetric: bool = False,
+        granularity: ActGranularity | None = None,
+        channel_dim: int = -1,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.bits = validate_bits(bits, "act_bits")
+        self.symmetric = bool(symmetric)
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric)
+        self.granularity = PerToken() if granularity is None else granularity
+        if not isinstance(self.granularity, PerToken | PerGroup):
+            raise TypeError(
+                f"activation granularity must be PerToken() or PerGroup(group_size), got {self.granularity!r}."
+            )
+        self.channel_dim = int(channel_dim)
+        self.name = name
+        self.enabled = True
+        self._calibrating = False
+
+    def extra_repr(self) -> str:
+        gran = "per-token" if isinstance(self.granularity, PerToken) else f"group={self.granularity.group_size}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, dynamic {gran}"
+
+    @property
+    def group_size(self) -> int | None:
+        return self.granularity.group_size if isinstance(self.granularity, PerGroup) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calibrating or not self.enabled or x.numel() == 0:
+            return x
+        return dynamic_fake_quantize(x, self.bits, self.symmetric, self.granularity, self.channel_dim)
+
+    def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step sizes and zero points of ``x`` (see `dynamic_qparams`)."""
+        return dynamic_qparams(x, self.bits, self.symmetric, self.granularity, self.channel_dim)
+
+    @torch.no_grad()
+    def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (``int32``, the shape of ``x``)."""
+        step, zero_point = self.qparams(x)
+        view, _ = dynamic_grouped_view(x, self.granularity, self.channel_dim)
+        return quantize(view.float(), step, zero_point, self.qmin, self.qmax).reshape(x.shape)
+
+    # -- calibration: nothing to calibrate; inputs pass through so the model runs in full precision meanwhile ------
+    @property
+    def is_calibrating(self) -> bool:
+        return self._calibrating
+
+    def start_calibration(self, method: str = "lp", max_elements: int = 8192) -> None:
+        self._calibrating = True
+
+    def finish_calibration(self) -> None:
+        self._calibrating = False
+
+    def cancel_calibration(self) -> None:
+        self._calibrating = False
+
+
 @torch.no_grad()
-def copy_calibration_(target: TemporalActQuantizer, source: TemporalActQuantizer) -> None:
-    """Set ``target``'s step sizes (and zero points) from a calibrated ``source`` of the same bits and symmetry.
+def copy_calibration_(
+    target: TemporalActQuantizer | DynamicActQuantizer, source: TemporalActQuantizer | DynamicActQuantizer
+) -> None:
+    """Set ``target``'s step sizes (and zero points) from a calibrated ``source`` of the same bits and symmetry (a
+    dynamic ``target`` needs nothing).
 
     Equal tables are copied; otherwise the source is interpolated at the target's timesteps, except that a
     single-entry target gets the mean over the source's entries (one step size for every timestep).
     """
+    if isinstance(target, DynamicActQuantizer):
+        return  # it computes its step sizes from each input: nothing to calibrate, whatever the source
+    if isinstance(source, DynamicActQuantizer):
+        raise ValueError(
+            f"cannot calibrate {target.name or 'a temporal quantizer'} from {source.name or 'a dynamic quantizer'}: "
+            f"a dynamic quantizer stores no step sizes. Calibrate it with calibrate_activations instead."
+        )
     if not bool(source.calibrated):
         raise RuntimeError(f"{source.name or 'source quantizer'} is not calibrated.")
     if (target.bits, target.symmetric) != (source.bits, source.symmetric):

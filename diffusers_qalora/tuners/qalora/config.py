@@ -41,6 +41,8 @@ DEFAULT_EIGHT_BIT_ROOTS = (
 )
 
 
+ACT_GRANULARITIES = ("tensor", "token", "group")
+
 # Fields that older adapter_config.json files hold and this config no longer has (dropped when such a file is read).
 OBSOLETE_FIELDS = ("layers_to_transform", "layers_pattern")
 
@@ -71,6 +73,15 @@ class QALoraConfig(PeftConfig):
         weight_init (`"minmax" | "mse" | "lp"`, defaults to `"mse"`): weight step-size initialisation.
         act_symmetric (`bool`, defaults to `False`): signed activation codes; by default unsigned with a zero point.
         act_init (`"minmax" | "mse" | "lp"`, defaults to `"lp"`): activation calibration search (LAPQ's p = 2.4).
+        act_granularity (`"tensor" | "token" | "group"`, defaults to `"tensor"`): the step sizes of the layer inputs.
+            ``"tensor"`` is EfficientDM's: one calibrated, learned step size per tensor and timestep (temporal LSQ).
+            ``"token"`` computes a min-max step size per token at every call (a row of a linear layer's input, a
+            pixel of a convolution's), ``"group"`` one per token and group of ``act_group_size`` channels
+            (SVDQuant's 4-bit activations); both are dynamic (`DynamicActQuantizer`): nothing to calibrate or learn,
+            the step sizes follow every input, at the cost of one reduction per call.  The ``eight_bit_modules`` are
+            then quantized per token.
+        act_group_size (`int`, *optional*): channels per activation group for ``act_granularity="group"`` (e.g. 64);
+            it must divide the input channels of every wrapped layer outside ``eight_bit_modules``.
         timesteps (`list[float]`, *optional*): the timestep table, strictly increasing, in the units the denoiser
             receives.  By default the 100 values ``0, 10, ..., 990`` (a 100-step DDIM schedule over 1000 training
             timesteps); pass ``diffusers_qalora.timestep_table(scheduler, 100)`` to match a pipeline's scheduler exactly, and values in
@@ -121,6 +132,11 @@ class QALoraConfig(PeftConfig):
     weight_init: str = field(default="mse", metadata={"help": "Weight step init: 'minmax', 'mse' or 'lp'."})
     act_symmetric: bool = field(default=False, metadata={"help": "Signed activation codes without zero point."})
     act_init: str = field(default="lp", metadata={"help": "Activation calibration: 'minmax', 'mse' or 'lp'."})
+    act_granularity: Literal["tensor", "token", "group"] = field(
+        default="tensor",
+        metadata={"help": "Input step sizes: 'tensor' (temporal, learned), 'token' or 'group' (dynamic, min-max)."},
+    )
+    act_group_size: int | None = field(default=None, metadata={"help": "Channels per activation group."})
     timesteps: list[float] | None = field(
         default=None, metadata={"help": "Strictly increasing timestep table; default 0, 10, ..., 990."}
     )
@@ -171,6 +187,20 @@ class QALoraConfig(PeftConfig):
         if self.weight_granularity == "group" and bad_group_size:
             raise ValueError(
                 f"`weight_group_size` must be a positive integer when weight_granularity='group', got {group_size!r}."
+            )
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"`act_granularity` must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}.")
+        group_size = self.act_group_size
+        bad_group_size = isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        if self.act_granularity == "group" and bad_group_size:
+            raise ValueError(
+                f"`act_group_size` must be a positive integer when act_granularity='group' (e.g. 64), got "
+                f"{group_size!r}."
+            )
+        if self.act_granularity != "group" and group_size is not None:
+            raise ValueError(
+                f"`act_group_size` ({group_size!r}) is only used with act_granularity='group'; drop it or set "
+                f"act_granularity='group'."
             )
         for name in ("weight_init", "act_init"):
             if getattr(self, name) not in INIT_METHODS:

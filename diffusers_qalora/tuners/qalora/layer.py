@@ -15,8 +15,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...quant import (
+    DynamicActQuantizer,
     PerChannel,
     PerGroup,
+    PerToken,
     TemporalActQuantizer,
     WeightQuantizer,
     fake_quantize,
@@ -129,10 +131,7 @@ class QALoraLayer(BaseTunerLayer):
         wq.to(device)
         wq.initialize_(weight.detach().float(), config.weight_init)
         self.qal_weight_quantizer[adapter_name] = wq
-        aq = TemporalActQuantizer(
-            table, bits_a, symmetric=config.act_symmetric, lsq_grad_scale=config.lsq_grad_scale, name=name
-        ).to(device)
-        self.qal_act_quantizer[adapter_name] = aq
+        self.qal_act_quantizer[adapter_name] = self._input_quantizer(config, table, bits_a, eight_bit, name).to(device)
         self._update_attention_quantizers(adapter_name, config, table, config.special_bits if eight_bit else None, name)
         for quantizers in (
             self.qal_weight_quantizer,
@@ -143,6 +142,31 @@ class QALoraLayer(BaseTunerLayer):
             if adapter_name in quantizers:
                 set_kernel_preference(quantizers[adapter_name], config.kernel_preference)
         self.set_adapter(self.active_adapters)
+
+    def _input_quantizer(
+        self, config: QALoraConfig, table: list[float], bits: int, eight_bit: bool, name: str
+    ) -> TemporalActQuantizer | DynamicActQuantizer:
+        """The quantizer of the layer input: temporal for ``act_granularity="tensor"``, else dynamic (per token for the
+        8-bit layers, whose few or odd channel counts a group size need not divide)."""
+        if config.act_granularity == "tensor":
+            return TemporalActQuantizer(
+                table, bits, symmetric=config.act_symmetric, lsq_grad_scale=config.lsq_grad_scale, name=name
+            )
+        channel_dim = -1 if isinstance(self.get_base_layer(), nn.Linear) else 1
+        if config.act_granularity == "token" or eight_bit:
+            granularity = PerToken()
+        else:
+            granularity = PerGroup(config.act_group_size)
+            channels = self.get_base_layer().weight.shape[1]
+            if channels % config.act_group_size:
+                raise ValueError(
+                    f"{name or type(self.get_base_layer()).__name__}: `act_group_size` ({config.act_group_size}) must "
+                    f"divide the layer's {channels} input channels; choose a common divisor of the wrapped layers' "
+                    f"input channels, or add the layer to `exclude_modules` / `eight_bit_modules`."
+                )
+        return DynamicActQuantizer(
+            bits, symmetric=config.act_symmetric, granularity=granularity, channel_dim=channel_dim, name=name
+        )
 
     def _update_attention_quantizers(
         self, adapter_name: str, config: QALoraConfig, table: list[float], bits: int | None, name: str
