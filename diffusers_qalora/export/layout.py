@@ -9,7 +9,8 @@ An exported layer stores
   and group of ``group_size`` input channels (``G = C_in / group_size``);
 * ``bias`` (``float32``, ``(C_out,)``), when the layer has one;
 * ``act_timesteps``, ``act_scale``, ``act_zero_point`` (``float32``, ``(T,)``): the activation step-size table keyed
-  by timestep value (``T = 1`` for a static step), interpolated exactly as the fake-quant model does.
+  by timestep value (``T = 1`` for a static step), interpolated exactly as the fake-quant model does; absent for
+  dynamic activations (``act_granularity`` ``"token"`` or ``"group"``), whose step sizes are computed per call.
 
 The layout is what ``config.json`` records per layer, so that a loader can build the empty modules and check every
 tensor of the file against it before loading anything.
@@ -17,12 +18,14 @@ tensor of the file against it before loading anything.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from ..quant import validate_bits
 
 LAYOUT_KINDS = ("linear", "conv2d")
+ACT_GRANULARITIES = ("tensor", "token", "group")
+ACT_TABLE_NAMES = ("act_timesteps", "act_scale", "act_zero_point")
 _PACKED_BITS = {2: 2, 4: 4}  # bit widths stored several codes per byte; every other width takes a byte
 
 
@@ -38,6 +41,10 @@ class IntegerLayout:
             are unsigned with an integer zero point per timestep.
         group_size (`int`, *optional*): input channels per weight step; `None` for one step per output channel.
         num_timesteps (`int`): entries of the activation step-size table (1 for a static step size).
+        act_granularity (`"tensor" | "token" | "group"`, defaults to `"tensor"`): a step-size table
+            (``"tensor"``), or dynamic min-max step sizes per token (``"token"``) or per token and group of
+            ``act_group_size`` input channels (``"group"``), computed from each input.
+        act_group_size (`int`, *optional*): channels per activation group for ``act_granularity="group"``.
     """
 
     kind: Literal["linear", "conv2d"]
@@ -46,6 +53,8 @@ class IntegerLayout:
     act_signed: bool = False
     group_size: int | None = None
     num_timesteps: int = 1
+    act_granularity: Literal["tensor", "token", "group"] = "tensor"
+    act_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUT_KINDS:
@@ -60,6 +69,20 @@ class IntegerLayout:
             raise ValueError(f"`group_size` must be a positive integer or None, got {self.group_size!r}.")
         if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
             raise ValueError(f"`num_timesteps` must be a positive integer, got {self.num_timesteps!r}.")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"`act_granularity` must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}.")
+        size = self.act_group_size
+        bad_size = isinstance(size, bool) or not isinstance(size, int) or size < 1
+        if (self.act_granularity == "group") == (size is None) or (size is not None and bad_size):
+            raise ValueError(
+                f"`act_group_size` must be a positive integer with act_granularity='group' and None otherwise, got "
+                f"{size!r} with {self.act_granularity!r}."
+            )
+
+    @property
+    def dynamic_activations(self) -> bool:
+        """Whether the activation step sizes are computed per call (no step-size table)."""
+        return self.act_granularity != "tensor"
 
     # -- derived sizes ---------------------------------------------------------------------------------------------
     @property
@@ -90,10 +113,13 @@ class IntegerLayout:
         shapes = {
             "weight_packed": (out_channels, self.packed_width(k)),
             "weight_scale": (out_channels, self.num_groups(in_channels)),
-            "act_timesteps": (self.num_timesteps,),
-            "act_scale": (self.num_timesteps,),
-            "act_zero_point": (self.num_timesteps,),
         }
+        if self.act_granularity == "group" and in_channels % self.act_group_size:
+            raise ValueError(
+                f"`act_group_size` ({self.act_group_size}) must divide the number of input channels ({in_channels})."
+            )
+        if not self.dynamic_activations:
+            shapes.update({name: (self.num_timesteps,) for name in ACT_TABLE_NAMES})
         if bias:
             shapes["bias"] = (out_channels,)
         return shapes
@@ -113,14 +139,17 @@ class IntegerLayout:
 
     # -- serialisation ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.dynamic_activations:  # a table layout reads as it did before dynamic activations existed
+            del data["act_granularity"], data["act_group_size"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "layout") -> IntegerLayout:
         """Rebuild from `to_dict`; unknown or missing keys raise a ``ValueError`` naming ``where``."""
         if not isinstance(data, dict):
             raise TypeError(f"{where}: expected a dict, got {type(data).__name__}.")
-        names = {"kind", "weight_bits", "act_bits", "act_signed", "group_size", "num_timesteps"}
+        names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         missing = sorted({"kind", "weight_bits", "act_bits"} - set(data))
         if unknown or missing:

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import KernelPreference, TimestepContext, pack_codes
+from ..quant import KernelPreference, PerGroup, PerToken, TimestepContext, pack_codes
 from ..quant.kernel_preference import kernel_preference_of
+from ..quant.quantizers import dynamic_fake_quantize, minmax_qparams_from_range
 from .backends import (
     conv2d_onednn,
     linear_onednn,
@@ -38,7 +39,7 @@ from .functional import (
     quantize_activation_uint8_per_sample,
     unpack_weight_codes,
 )
-from .layout import IntegerLayout
+from .layout import ACT_TABLE_NAMES, IntegerLayout
 
 __all__ = ["IntegerConv2d", "IntegerLayer", "IntegerLinear", "integer_layers"]
 
@@ -82,8 +83,9 @@ class IntegerLayer(nn.Module):
         self.register_buffer("weight_packed", torch.empty(shapes["weight_packed"], dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty(shapes["weight_scale"], dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(shapes["bias"], dtype=torch.float32, device=device) if bias else None)
-        for name in ("act_timesteps", "act_scale", "act_zero_point"):
-            self.register_buffer(name, torch.empty(shapes[name], dtype=torch.float32, device=device))
+        for name in ACT_TABLE_NAMES:  # absent (None) for dynamic activations
+            table = torch.empty(shapes[name], dtype=torch.float32, device=device) if name in shapes else None
+            self.register_buffer(name, table)
         self.context: TimestepContext | None = None
         self.exact_activation_rounding = False
         self.name = ""
@@ -96,12 +98,13 @@ class IntegerLayer(nn.Module):
         codes: torch.Tensor,
         weight_scale: torch.Tensor,
         bias: torch.Tensor | None,
-        act_timesteps: torch.Tensor,
-        act_scale: torch.Tensor,
-        act_zero_point: torch.Tensor,
+        act_timesteps: torch.Tensor | None = None,
+        act_scale: torch.Tensor | None = None,
+        act_zero_point: torch.Tensor | None = None,
     ) -> None:
         """Fill the layer from integer weight codes (any integer dtype, the weight's shape or ``(C_out, K)``) and the
-        float tables; every shape and range is checked before anything is written."""
+        float tables (``None`` for dynamic activations); every shape and range is checked before anything is
+        written."""
         layout = self.layout
         if codes.is_floating_point():
             raise TypeError(f"{self._where()}: `codes` must be an integer tensor, got {codes.dtype}.")
@@ -120,10 +123,17 @@ class IntegerLayer(nn.Module):
         values = {
             "weight_packed": packed,
             "weight_scale": weight_scale.detach().float().reshape(self.weight_scale.shape),
-            "act_timesteps": act_timesteps.detach().float().reshape(-1),
-            "act_scale": act_scale.detach().float().reshape(-1),
-            "act_zero_point": act_zero_point.detach().float().reshape(-1),
         }
+        tables = dict(zip(ACT_TABLE_NAMES, (act_timesteps, act_scale, act_zero_point)))
+        if layout.dynamic_activations:
+            if any(t is not None for t in tables.values()):
+                raise ValueError(f"{self._where()}: dynamic activations have no step-size table; pass None.")
+        else:
+            if any(t is None for t in tables.values()):
+                raise ValueError(
+                    f"{self._where()}: the activation step-size table (timesteps, scales, zero points) is missing."
+                )
+            values.update({name: t.detach().float().reshape(-1) for name, t in tables.items()})
         if (bias is None) != (self.bias is None):
             raise ValueError(
                 f"{self._where()}: bias {'missing' if bias is None else 'given'} for a layer "
@@ -137,7 +147,8 @@ class IntegerLayer(nn.Module):
                     f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected "
                     f"{tuple(getattr(self, name).shape)}."
                 )
-        if not bool((values["weight_scale"] > 0).all()) or not bool((values["act_scale"] > 0).all()):
+        act_scale_ok = "act_scale" not in values or bool((values["act_scale"] > 0).all())
+        if not bool((values["weight_scale"] > 0).all()) or not act_scale_ok:
             raise ValueError(f"{self._where()}: step sizes must be positive.")
         device = self.weight_packed.device if self.weight_packed.device.type != "meta" else codes.device
         for name, value in values.items():
@@ -152,9 +163,15 @@ class IntegerLayer(nn.Module):
     def extra_repr(self) -> str:
         lay = self.layout
         gran = "per-channel" if lay.group_size is None else f"group={lay.group_size}"
+        if lay.act_granularity == "token":
+            acts = "dynamic per-token activations"
+        elif lay.act_granularity == "group":
+            acts = f"dynamic activations group={lay.act_group_size}"
+        else:
+            acts = f"timesteps={lay.num_timesteps}"
         return (
             f"W{lay.weight_bits}A{lay.act_bits}{' signed-act' if lay.act_signed else ''}, {gran}, "
-            f"timesteps={lay.num_timesteps}, kernel_preference={kernel_preference_of(self).value!r}"
+            f"{acts}, kernel_preference={kernel_preference_of(self).value!r}"
         )
 
     def _cached(self, name: str, key: tuple, build: Callable[[], object]) -> object:
@@ -305,6 +322,8 @@ class IntegerLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout.dynamic_activations:
+            return self._forward_dynamic(x)
         timesteps = self._sample_timesteps(x.shape[0])
         values = timesteps.tolist()
         if x.shape[0] == 0 or all(v == values[0] for v in values):
@@ -350,6 +369,75 @@ class IntegerLayer(nn.Module):
             return self._reference(x, scale, zero_point)
         return impl(self, x, scale, zero_point)
 
+    # -- dynamic activations (act_granularity "token" / "group") -----------------------------------------------
+    channel_dim: int = -1
+
+    def _act_granularity(self) -> PerToken | PerGroup:
+        size = self.layout.act_group_size
+        return PerToken() if size is None else PerGroup(size)
+
+    def _forward_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """Step sizes from ``x`` itself per token (group): no timestep lookup, so a batch of mixed timesteps costs the
+        same as any other.  oneDNN runs one integer GEMM per kernel tap and channel segment (see
+        [`_dynamic_segments`]) with the per-token scales in the epilogue; other preferences run the reference."""
+        if x.numel() == 0:
+            return self._float_forward(x, x.shape[-2:] if x.dim() == 4 else None)
+        impl = resolve_integer_kernel(kernel_preference_of(self), x.device, self.op, self._where())
+        if impl == "onednn":
+            return self._onednn_dynamic(x)
+        x, padding = self._pad_input(x)
+        lay = self.layout
+        x_hat = dynamic_fake_quantize(x, lay.act_bits, lay.act_signed, self._act_granularity(), self.channel_dim)
+        return self._float_forward(x_hat, padding)
+
+    def _token_codes(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, s, s * z)`` of a ``(M, C)`` token matrix: ``uint8`` codes ``(M, C)`` (signed codes offset by
+        128) and, per token and activation group, the step size and the step times the ``uint8`` zero point
+        ``(M, G)``.  The step sizes and the rounding are the fake-quant model's (``x / s`` rounded half to even), so
+        the codes are the same."""
+        lay = self.layout
+        m, channels = tokens.shape
+        rows = tokens.float().reshape(-1, lay.act_group_size or channels)
+        lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)  # faster than aminmax on CPU
+        step, zero_point = minmax_qparams_from_range(lo, hi, lay.act_bits, lay.act_signed)
+        qmin, qmax = lay.act_code_range
+        off = lay.act_offset
+        z = step.new_full((), float(off)) if zero_point is None else zero_point.add_(off)
+        codes = torch.div(rows, step).round_().add_(z).clamp_(qmin + off, qmax + off).to(torch.uint8)
+        return codes.reshape(m, channels), step.reshape(m, -1), (step * z).reshape(m, -1)
+
+    def _group_weight_sums(self, weight: torch.Tensor) -> torch.Tensor:
+        """``sum over the input channels c of activation group g of s_w[o, c] * q_w[o, c, ...]``:
+        ``(C_out, G, *kernel)`` float32 (exact integer sums in float64); ``weight`` is ``(C_out, C_in, *kernel)``."""
+        channels = self._in_channels()
+        act = self.layout.act_group_size or channels
+        weight_groups = self.weight_scale.shape[1]
+        s_w = self.weight_scale.double().repeat_interleave(channels // weight_groups, dim=1)  # (C_out, C_in)
+        scaled = weight.double() * s_w.reshape(*s_w.shape, *([1] * (weight.dim() - 2)))
+        return scaled.reshape(weight.shape[0], channels // act, act, *weight.shape[2:]).sum(2).float()
+
+    def _dynamic_segments(self) -> list[tuple[int, int, int, int]]:
+        """``[(start, stop, activation group, weight group)]`` over the input channels: the coarsest split on which
+        both the activation step (per group) and the weight step (per group) are constant."""
+        channels = self._in_channels()
+        act = self.layout.act_group_size or channels
+        weight = channels // self.weight_scale.shape[1]
+        size = math.gcd(act, weight)
+        return [(a, a + size, a // act, a // weight) for a in range(0, channels, size)]
+
+    def _bias_rows(self, rows: int) -> torch.Tensor:
+        """``(rows, C_out)`` float32 accumulator holding the bias (zeros without one)."""
+        out_channels = self.weight_scale.shape[0]
+        if self.bias is None:
+            return torch.zeros(rows, out_channels, dtype=torch.float32, device=self.weight_scale.device)
+        return self.bias.float().expand(rows, -1).clone()
+
+    def _float_forward(self, x_hat: torch.Tensor, padding) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _onednn_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _reference_input(self, x: torch.Tensor, scale, zero_point) -> torch.Tensor:
         """``scale``/``zero_point``: Python numbers, or per-sample tensors shaped to broadcast against ``x``."""
         qmin, qmax = self.layout.act_code_range
@@ -359,6 +447,9 @@ class IntegerLayer(nn.Module):
 
     def _reference_weight(self) -> torch.Tensor:
         return self._cached("float_weight", self._weight_key(), self.dequantized_weight)
+
+    def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        return x, None
 
     def _reference(self, x: torch.Tensor, scale: float, zero_point: float) -> torch.Tensor:
         raise NotImplementedError
@@ -468,10 +559,41 @@ class IntegerLinear(IntegerLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
     def _reference(self, x, scale, zero_point):
-        x_hat = self._reference_input(x, scale, zero_point).to(x.dtype)
-        weight = self._reference_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self._float_forward(self._reference_input(x, scale, zero_point).to(x.dtype), None)
+
+    def _float_forward(self, x_hat, padding):
+        weight = self._reference_weight().to(x_hat.dtype)
+        bias = None if self.bias is None else self.bias.to(x_hat.dtype)
         return F.linear(x_hat, weight, bias)
+
+    def _dynamic_prepacked(self):
+        """oneDNN's packed weight and step sizes per channel segment, and the zero-point weights
+        `_group_weight_sums` transposed to ``(G, C_out)``."""
+
+        def build():
+            weight = self.int8_weight()
+            segments = [
+                (prepack_linear(weight[:, a:b]), self.weight_scale[:, wg].contiguous())
+                for a, b, _, wg in self._dynamic_segments()
+            ]
+            return segments, self._group_weight_sums(weight).t().contiguous()
+
+        return self._cached("onednn_dynamic", self._weight_key(), build)
+
+    def _onednn_dynamic(self, x):
+        codes, step, scaled_zero = self._token_codes(x.reshape(-1, self.in_features))
+        segments, zero_weights = self._dynamic_prepacked()
+        # bias - (s * z) @ M: the zero points of all groups in one small matmul, then s * acc per segment
+        y = self._zero_point_term(scaled_zero, zero_weights)
+        for (a, b, ag, _), (w, s_w) in zip(self._dynamic_segments(), segments):
+            part = linear_onednn(codes[:, a:b].contiguous(), 1.0, 0, w, s_w, None, torch.float32)
+            y.addcmul_(part, step[:, ag : ag + 1])
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _zero_point_term(self, scaled_zero: torch.Tensor, zero_weights: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.mm(scaled_zero, zero_weights).neg_()
+        return torch.addmm(self.bias.float(), scaled_zero, zero_weights, alpha=-1.0)
 
     def _prepacked(self):
         def build():
@@ -608,12 +730,69 @@ class IntegerConv2d(IntegerLayer):
             return x, self.padding
         return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
 
+    channel_dim = 1
+
     def _reference(self, x, scale, zero_point):
         x, padding = self._pad_input(x)
-        x_hat = self._reference_input(x, scale, zero_point).to(x.dtype)
-        weight = self._reference_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self._float_forward(self._reference_input(x, scale, zero_point).to(x.dtype), padding)
+
+    def _float_forward(self, x_hat, padding):
+        weight = self._reference_weight().to(x_hat.dtype)
+        bias = None if self.bias is None else self.bias.to(x_hat.dtype)
         return F.conv2d(x_hat, weight, bias, self.stride, padding, self.dilation, 1)
+
+    def _dynamic_prepacked(self):
+        """oneDNN's packed ``(C_out, segment)`` weight of each kernel tap and channel segment with its step sizes,
+        and the zero-point kernel `_group_weight_sums` ``(C_out, G, kh, kw)``."""
+
+        def build():
+            weight = self.int8_weight().reshape(self._weight_shape())
+            segments = [
+                (prepack_linear(weight[:, a:b, i, j]), self.weight_scale[:, wg].contiguous())
+                for i in range(self.kernel_size[0])
+                for j in range(self.kernel_size[1])
+                for a, b, _, wg in self._dynamic_segments()
+            ]
+            return segments, self._group_weight_sums(weight)
+
+        return self._cached("onednn_dynamic", self._weight_key(), build)
+
+    def _onednn_dynamic(self, x):
+        """A convolution whose input step size changes from pixel to pixel cannot take it out of the sum over the
+        kernel window, so it runs as one GEMM per kernel tap (the shifted input against that tap's weights), each
+        scaled by its pixels' step sizes; the multiply-adds are the convolution's.  The zero points' part is a
+        float convolution of the ``s * z`` map (one channel per activation group) with the weight sums."""
+        x, padding = self._pad_input(x)
+        n, channels, height, width = x.shape
+        codes, step, scaled_zero = self._token_codes(x.permute(0, 2, 3, 1).reshape(-1, channels))
+        segments, zero_kernel = self._dynamic_prepacked()
+        groups = step.shape[1]
+        zero_map = scaled_zero.reshape(n, height, width, groups).permute(0, 3, 1, 2)
+        bias = None if self.bias is None else self.bias.float()
+        y = F.conv2d(zero_map, zero_kernel.neg(), bias, self.stride, padding, self.dilation)
+        _, _, h_out, w_out = y.shape
+        y = y.permute(0, 2, 3, 1).reshape(-1, self.out_channels)  # (N * H_out * W_out, C_out), a view
+        (ph, pw), (sh, sw), (dh, dw) = padding, self.stride, self.dilation
+        # padded pixels get step 0: they add nothing, whatever their code
+        codes = F.pad(codes.reshape(n, height, width, channels), (0, 0, pw, pw, ph, ph))
+        step = F.pad(step.reshape(n, height, width, groups), (0, 0, pw, pw, ph, ph))
+        rows = y.shape[0]
+        packed = iter(segments)
+        for i in range(self.kernel_size[0]):
+            for j in range(self.kernel_size[1]):
+                window = (
+                    slice(None),
+                    slice(i * dh, i * dh + (h_out - 1) * sh + 1, sh),
+                    slice(j * dw, j * dw + (w_out - 1) * sw + 1, sw),
+                )
+                tap, tap_step = codes[window].reshape(rows, channels), step[window].reshape(rows, groups)
+                for (a, b, ag, _), (w, s_w) in zip(self._dynamic_segments(), packed):
+                    part = linear_onednn(tap[:, a:b].contiguous(), 1.0, 0, w, s_w, None, torch.float32)
+                    y.addcmul_(part, tap_step[:, ag : ag + 1])
+        y = y.reshape(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
+        if not self.channels_last_output and x.is_contiguous():
+            y = y.contiguous()
+        return y.to(x.dtype)
 
     def _conv_padding(self) -> tuple[int, int]:
         return self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first

@@ -319,23 +319,31 @@ def dynamic_qparams(
 
     ``channel_dim`` is the channel dimension (-1 for a linear layer's input, 1 for a convolution's).  The results
     broadcast against ``x`` viewed by `dynamic_grouped_view` (per token: ``x`` itself, the channel dimension of size
-    1).  Symmetric: ``s = max|x| / qmax``.  Asymmetric: the range ``[min(x, 0), max(x, 0)]`` over ``qmax - qmin``
-    codes, so that 0 is exact, with ``z = round(qmin - min / s)``.  A token of zeros gets the smallest normal step
-    (its codes are then all ``z``, i.e. exactly 0).
+    1).  See `minmax_qparams_from_range` for the formulas.
+    """
+    view, dim = dynamic_grouped_view(x, granularity, channel_dim)
+    with torch.no_grad():
+        v = view.float()  # amin and amax: torch.aminmax over the last dim is several times slower on CPU
+        lo, hi = v.amin(dim=dim, keepdim=True), v.amax(dim=dim, keepdim=True)
+        return minmax_qparams_from_range(lo, hi, bits, symmetric)
+
+
+def minmax_qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step sizes (and zero points) that cover ``[lo, hi]`` elementwise (float32 tensors of one shape).
+
+    Symmetric: ``s = max(|lo|, |hi|) / qmax``.  Asymmetric: the range ``[min(lo, 0), max(hi, 0)]`` over
+    ``qmax - qmin`` codes, so that 0 is exact, with ``z = round(qmin - min / s)`` clamped to the codes.  An all-zero
+    range gets the smallest normal step (its codes are then all ``z``, i.e. exactly 0).
     """
     qmin, qmax = qrange(bits, symmetric)
-    view, dim = dynamic_grouped_view(x, granularity, channel_dim)
     tiny = torch.finfo(torch.float32).tiny
-    with torch.no_grad():
-        v = view.float()
-        if symmetric:
-            step = v.abs().amax(dim=dim, keepdim=True).div_(qmax).clamp_min_(tiny)
-            return step, None
-        lo = v.amin(dim=dim, keepdim=True).clamp_max_(0.0)
-        hi = v.amax(dim=dim, keepdim=True).clamp_min_(0.0)
-        step = (hi - lo).div_(qmax - qmin).clamp_min_(tiny)
-        zero_point = torch.round(qmin - lo / step).clamp_(qmin, qmax)
-        return step, zero_point
+    if symmetric:
+        return torch.maximum(lo.abs(), hi.abs()).div_(qmax).clamp_min_(tiny), None
+    lo = lo.clamp_max(0.0)
+    step = (hi.clamp_min(0.0) - lo).div_(qmax - qmin).clamp_min_(tiny)
+    return step, torch.round(qmin - lo / step).clamp_(qmin, qmax)
 
 
 def dynamic_grouped_view(x: torch.Tensor, granularity: ActGranularity, channel_dim: int) -> tuple[torch.Tensor, int]:

@@ -17,7 +17,7 @@ from torch import nn
 from ...export.context import attach_integer_context
 from ...export.layout import IntegerLayout
 from ...export.modules import IntegerConv2d, IntegerLayer, IntegerLinear
-from ...quant import PerChannel, PerGroup, PerTensor, set_kernel_preference
+from ...quant import DynamicActQuantizer, PerChannel, PerGroup, PerTensor, set_kernel_preference
 from ...quant.kernel_preference import validate_kernel_preference
 from .layer import QALoraLayer
 from .model import active_qalora_adapter, qalora_layers
@@ -76,13 +76,16 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
     wq = layer.qal_weight_quantizer[adapter]
     aq = layer.qal_act_quantizer[adapter]
     weight_scale, group_size = _weight_scale(layer, adapter, name)
+    dynamic = isinstance(aq, DynamicActQuantizer)
     layout = IntegerLayout(
         kind="linear" if isinstance(base, nn.Linear) else "conv2d",
         weight_bits=wq.bits,
         act_bits=aq.bits,
         act_signed=aq.symmetric,
         group_size=group_size,
-        num_timesteps=len(aq.step),
+        num_timesteps=1 if dynamic else len(aq.step),
+        act_granularity=("token" if aq.group_size is None else "group") if dynamic else "tensor",
+        act_group_size=aq.group_size if dynamic else None,
     )
     device = base.weight.device
     if isinstance(base, nn.Linear):
@@ -91,6 +94,9 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
         new = IntegerConv2d.from_conv2d(base, layout, device=device)
     new.name = name
     codes = layer.integer_weight(adapter)
+    if dynamic:
+        new.load_codes_(codes, weight_scale, base.bias)
+        return new
     zero_point = aq.zero_point.stacked() if aq.zero_point is not None else torch.zeros(len(aq.step))
     new.load_codes_(
         codes,
