@@ -49,6 +49,14 @@ def test_bits_and_methods_validated():
         validate_args(build_parser().parse_args(["--methods", "fp", "magic"]))
 
 
+def test_act_granularity_flags_validated():
+    with pytest.raises(SystemExit, match="--act_group_size"):
+        validate_args(build_parser().parse_args(["--act_granularity", "group"]))
+    with pytest.raises(SystemExit, match="only used with --act_granularity group"):
+        validate_args(build_parser().parse_args(["--act_granularity", "token", "--act_group_size", "32"]))
+    validate_args(build_parser().parse_args(["--act_granularity", "group", "--act_group_size", "32"]))
+
+
 def test_default_prompts_ship_with_the_package():
     prompts = load_prompts()
     assert len(prompts) >= 8 and all(p.strip() == p and p for p in prompts)
@@ -95,7 +103,8 @@ def test_8bit_adam_without_bitsandbytes_fails_before_work(tmp_path, monkeypatch)
 
 def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
     """The training options of diffusers' scripts on a tiny SD pipeline: tensorboard events are written, and a bf16
-    autocast run with gradient checkpointing trains to a finite loss and an adapter that loads.  In a subprocess:
+    autocast run with gradient checkpointing (and dynamic per-group activations) trains to a finite loss and an
+    adapter that loads.  In a subprocess:
     Accelerate keeps one state per process, so a bf16 run would make later in-process runs bf16 too."""
     from tiny_models import make_sd15_unet, make_tiny_sd_pipeline
 
@@ -127,6 +136,10 @@ def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
         "--gradient_checkpointing",
         "--mixed_precision",
         "bf16",
+        "--act_granularity",
+        "group",
+        "--act_group_size",
+        "8",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -136,6 +149,7 @@ def test_tensorboard_gradient_checkpointing_and_bf16(tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard event file"
     unet = make_sd15_unet()
     dq.load_qalora_adapter(unet, out / "adapter")
+    assert unet.peft_config["default"].act_granularity == "group"
 
 
 def test_learning_rate_defaults_agree_across_api_config_and_cli():
