@@ -41,7 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from export_speed import _status_kb, interleaved, profile_table, tensor_bytes
+from export_speed import _status_kb, interleaved, profile_markdown, profile_table, tensor_bytes
 from torch import nn
 
 import diffusers_qalora as dq
@@ -349,28 +349,8 @@ def markdown(meta: dict, results: dict) -> str:
                 f"| {label} | {k} | {mem['model_tensor_mb']:.1f} | {mem['forward_peak_increase_mb']:.0f} | {err:.4f} |"
             )
     for label, r in blocks:
-        prof = r["profile"]
-        names = list(prof)
-        lines += [
-            "",
-            f"Where the time goes ({label}, {meta['profile_threads']} thread(s), one profiled forward each, "
-            "self CPU time ms and share):",
-            "",
-            "| category | " + " | ".join(names) + " |",
-            "|---|" + "---|" * len(names),
-        ]
-        cats = list(dict.fromkeys(c for v in prof.values() for c in v["categories"]))
-        for c in cats:
-            cells = []
-            for v in names:
-                x = prof[v]["categories"].get(c)
-                cells.append(f"{x['ms']:.1f} ({100 * x['share']:.0f}%)" if x else "")
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-        lines.append("| total (profiled) | " + " | ".join(f"{prof[v]['total_ms']:.1f}" for v in names) + " |")
-        lines += ["", "Top ops:", ""]
-        for v in names:
-            top = ", ".join(f"{x['op']} {100 * x['share']:.0f}% ({x['calls']})" for x in prof[v]["top_ops"][:8])
-            lines.append(f"- {v}: {top}")
+        heading = f"{label}, {meta['profile_threads']} thread(s), one profiled forward each, self CPU time ms and share"
+        lines += profile_markdown(r["profile"], heading, calls=True)
     return "\n".join(lines) + "\n"
 
 

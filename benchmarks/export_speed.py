@@ -408,29 +408,35 @@ def markdown(meta: dict, results: list[dict]) -> str:
                     )
     for r in results:
         if "profile" in r:
-            prof = r["profile"]
-            names = list(prof)
-            lines += [
-                "",
-                f"Where the time goes ({r['case']}, one profiled forward each, torch.profiler self CPU time, "
-                "ms and share):",
-                "",
-                "| category | " + " | ".join(names) + " |",
-                "|---|" + "---|" * len(names),
-            ]
-            cats = list(dict.fromkeys(c for v in prof.values() for c in v["categories"]))
-            for c in cats:
-                cells = []
-                for v in names:
-                    x = prof[v]["categories"].get(c)
-                    cells.append(f"{x['ms']:.1f} ({100 * x['share']:.0f}%)" if x else "")
-                lines.append(f"| {c} | " + " | ".join(cells) + " |")
-            lines.append("| total (profiled) | " + " | ".join(f"{prof[v]['total_ms']:.1f}" for v in names) + " |")
-            lines += ["", "Top ops:", ""]
-            for variant in names:
-                top = ", ".join(f"{x['op']} {100 * x['share']:.0f}%" for x in prof[variant]["top_ops"][:8])
-                lines.append(f"- {variant}: {top}")
+            heading = f"{r['case']}, one profiled forward each, torch.profiler self CPU time, ms and share"
+            lines += profile_markdown(r["profile"], heading)
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(prof: dict, heading: str, calls: bool = False) -> list[str]:
+    """Markdown lines of a "where the time goes" table (one column per variant of `profile_table` results) and the
+    top ops of each variant (with their call counts if ``calls``)."""
+    names = list(prof)
+    lines = [
+        "",
+        f"Where the time goes ({heading}):",
+        "",
+        "| category | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for c in dict.fromkeys(c for v in prof.values() for c in v["categories"]):
+        cells = []
+        for v in names:
+            x = prof[v]["categories"].get(c)
+            cells.append(f"{x['ms']:.1f} ({100 * x['share']:.0f}%)" if x else "")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append("| total (profiled) | " + " | ".join(f"{prof[v]['total_ms']:.1f}" for v in names) + " |")
+    lines += ["", "Top ops:", ""]
+    for v in names:
+        ops = prof[v]["top_ops"][:8]
+        top = ", ".join(f"{x['op']} {100 * x['share']:.0f}%" + (f" ({x['calls']})" if calls else "") for x in ops)
+        lines.append(f"- {v}: {top}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
