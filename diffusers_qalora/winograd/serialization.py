@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..quant import TemporalActQuantizer, attach_timestep_context
+from ..quant import DynamicActQuantizer, PerGroup, PerToken, TemporalActQuantizer, attach_timestep_context
 from ..quant.checksum import tensor_checksum
 from ..utils import CHECKSUM_KEY, atomic_write, read_checked_safetensors
 from .config import WinogradConfig
@@ -43,10 +43,18 @@ _CLASSES = {"WinogradConv2d": WinogradConv2d, "DirectQuantConv2d": DirectQuantCo
 def _describe_quantizer(name: str, quantizer: nn.Module | None) -> dict[str, Any] | None:
     if quantizer is None:
         return None
+    if isinstance(quantizer, DynamicActQuantizer):  # no state: its settings rebuild it
+        return {
+            "type": "DynamicActQuantizer",
+            "bits": quantizer.bits,
+            "symmetric": quantizer.symmetric,
+            "group_size": quantizer.group_size,
+            "channel_dim": quantizer.channel_dim,
+        }
     if not isinstance(quantizer, TemporalActQuantizer):
         raise ValueError(
-            f"cannot save the input quantizer of `{name}`: only TemporalActQuantizer is supported, got "
-            f"{type(quantizer).__name__}."
+            f"cannot save the input quantizer of `{name}`: only TemporalActQuantizer and DynamicActQuantizer are "
+            f"supported, got {type(quantizer).__name__}."
         )
     return {
         "type": "TemporalActQuantizer",
@@ -203,11 +211,22 @@ def build_winograd_layers(
         )
         described = entry.get("input_quantizer")
         if described is not None:
-            if described.get("type") != "TemporalActQuantizer":
-                raise ValueError(f"`{name}`: unknown input quantizer {described.get('type')!r} in {where}.")
-            layer.input_quantizer = TemporalActQuantizer(
-                described["timesteps"], described["bits"], symmetric=described["symmetric"], name=name
-            )
+            kind = described.get("type")
+            if kind == "DynamicActQuantizer":
+                size = described.get("group_size")
+                layer.input_quantizer = DynamicActQuantizer(
+                    described["bits"],
+                    symmetric=described["symmetric"],
+                    granularity=PerToken() if size is None else PerGroup(size),
+                    channel_dim=described["channel_dim"],
+                    name=name,
+                )
+            elif kind == "TemporalActQuantizer":
+                layer.input_quantizer = TemporalActQuantizer(
+                    described["timesteps"], described["bits"], symmetric=described["symmetric"], name=name
+                )
+            else:
+                raise ValueError(f"`{name}`: unknown input quantizer {kind!r} in {where}.")
             if device is not None:
                 layer.input_quantizer.to(device)
         built.append((name, layer))

@@ -31,6 +31,8 @@ NON_DEFAULT = {
     "weight_init": "lp",
     "act_symmetric": True,
     "act_init": "mse",
+    "act_granularity": "group",
+    "act_group_size": 4,
     "timesteps": [0.0, 250.0, 999.0],
     "temporal_activations": False,
     "lsq_grad_scale": True,

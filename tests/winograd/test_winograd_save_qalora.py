@@ -178,6 +178,28 @@ def test_qalora_winograd_layers_save_and_load_into_a_plain_model(tmp_path):
                 assert torch.equal(loaded(x), layer(x)), name
 
 
+def test_dynamic_input_quantizers_save_and_load(tmp_path):
+    """A QALoRA model with per-group dynamic activations: its Winograd layers keep the dynamic quantizer, and
+    save/load rebuilds it from its settings."""
+    torch.manual_seed(0)
+    model = dq.get_qalora_model(
+        make_tiny_unet(),
+        dq.QALoraConfig(r=2, timesteps=TABLE, weight_init="minmax", act_granularity="group", act_group_size=4),
+    )
+    apply_winograd(model, WinogradConfig(bits=8, group_size=8))
+    layers = winograd_modules(model)
+    assert all(isinstance(m.input_quantizer, dq.quant.DynamicActQuantizer) for m in layers.values())
+    save_winograd(model, tmp_path)
+    fresh = make_tiny_unet()
+    load_winograd(fresh, tmp_path)
+    for name, layer in layers.items():
+        loaded = fresh.get_submodule(name)
+        assert loaded.input_quantizer.granularity == layer.input_quantizer.granularity
+        x = torch.randn(2, layer.in_channels, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), layer(x)), name
+
+
 def test_exported_winograd_model_save_pretrained_and_from_pretrained(tmp_path):
     """QALoRA -> Winograd convs -> export_quantized -> save_pretrained -> from_pretrained: the same layers come back
     and compute the same numbers; a config naming a module the model lacks fails with a clear error."""

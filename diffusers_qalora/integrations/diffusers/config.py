@@ -87,6 +87,7 @@ class QALoraQuantConfig(QuantizationConfigMixin):
     The method's settings are the fields of [`QALoraConfig`], with the same names, meaning, validation and defaults
     (``r``, ``lora_alpha``, ``weight_bits``, ``target_modules``, ``eight_bit_modules``, ``special_bits``,
     ``weight_granularity``, ``weight_group_size``, ``weight_symmetric``, ``act_symmetric``, ``act_init``,
+    ``act_granularity``, ``act_group_size``,
     ``timesteps``, ``temporal_activations``, ``lsq_grad_scale``, ``quantize_attention``, ``attention_bits``,
     ``quantize_attention_probs``, ``timestep_argument``, ``init_weights``), except:
 
