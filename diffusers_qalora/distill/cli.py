@@ -18,6 +18,16 @@ from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from .trainer import DistillConfig
 
 
+def granularity_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``QALoraConfig`` fields that the granularity flags set (only those that differ from the defaults)."""
+    fields = {}
+    if args.act_granularity != "tensor":
+        fields.update(act_granularity=args.act_granularity, act_group_size=args.act_group_size)
+    if args.weight_granularity != "channel":
+        fields.update(weight_granularity=args.weight_granularity, weight_group_size=args.weight_group_size)
+    return fields
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Data-free QALoRA distillation (EfficientDM). With no arguments: the embedded digits DDPM at W4A4.",
@@ -70,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(dynamic min-max per token, or per token and group of --act_group_size channels)",
     )
     p.add_argument("--act_group_size", type=int, default=None, help="channels per group for --act_granularity group")
+    p.add_argument(
+        "--weight_granularity",
+        choices=("channel", "group"),
+        default="channel",
+        help="weight step sizes: one per output channel, or per output channel and group of --weight_group_size "
+        "input channels",
+    )
+    p.add_argument("--weight_group_size", type=int, default=None, help="input channels per weight group")
     p.add_argument("--train_batch_size", type=int, default=None, help="trajectories per process (default 16 / 1)")
     p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 / 500)")
     p.add_argument(
@@ -150,6 +168,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --act_granularity group needs --act_group_size, a positive integer (e.g. 32).")
     if args.act_granularity != "group" and args.act_group_size is not None:
         raise SystemExit("error: --act_group_size is only used with --act_granularity group (drop it or add that).")
+    if args.weight_granularity == "group" and (args.weight_group_size is None or args.weight_group_size < 1):
+        raise SystemExit("error: --weight_granularity group needs --weight_group_size, a positive integer (e.g. 32).")
+    if args.weight_granularity != "group" and args.weight_group_size is not None:
+        raise SystemExit(
+            "error: --weight_group_size is only used with --weight_granularity group (drop it or add that)."
+        )
     if not args.ddp_timeout > 0:
         raise SystemExit(f"error: --ddp_timeout must be a positive number of seconds, got {args.ddp_timeout}.")
     model = args.pretrained_model_name_or_path
@@ -285,11 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_seeds=tuple(args.eval_seeds),
             eval_steps=args.eval_steps,
             methods=tuple(args.methods or METHODS),
-            qalora_overrides=(
-                {}
-                if args.act_granularity == "tensor"
-                else {"act_granularity": args.act_granularity, "act_group_size": args.act_group_size}
-            ),
+            qalora_overrides=granularity_fields(args),
             model=args.model,
         )
         results = run_embedded_job(

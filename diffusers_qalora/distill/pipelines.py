@@ -139,6 +139,8 @@ def run_pipeline_job(args: argparse.Namespace, distill: DistillConfig, command: 
             quantize_attention=args.quantize_attention,
             act_granularity=args.act_granularity,
             act_group_size=args.act_group_size,
+            weight_granularity=args.weight_granularity,
+            weight_group_size=args.weight_group_size,
         )
         set_seed(distill.seed)  # the LoRA factors are drawn at injection: the same command gives the same adapter
         get_qalora_model(denoiser, cfg)

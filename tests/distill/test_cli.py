@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffusers_qalora.distill import load_prompts
-from diffusers_qalora.distill.cli import build_parser, main, validate_args
+from diffusers_qalora.distill.cli import build_parser, granularity_fields, main, validate_args
 
 
 def _fails(argv, match, tmp_path, monkeypatch):
@@ -55,6 +55,13 @@ def test_act_granularity_flags_validated():
     with pytest.raises(SystemExit, match="only used with --act_granularity group"):
         validate_args(build_parser().parse_args(["--act_granularity", "token", "--act_group_size", "32"]))
     validate_args(build_parser().parse_args(["--act_granularity", "group", "--act_group_size", "32"]))
+    with pytest.raises(SystemExit, match="--weight_group_size"):
+        validate_args(build_parser().parse_args(["--weight_granularity", "group"]))
+    with pytest.raises(SystemExit, match="only used with --weight_granularity group"):
+        validate_args(build_parser().parse_args(["--weight_group_size", "32"]))
+    args = build_parser().parse_args(["--weight_granularity", "group", "--weight_group_size", "16"])
+    assert granularity_fields(args) == {"weight_granularity": "group", "weight_group_size": 16}
+    assert granularity_fields(build_parser().parse_args([])) == {}  # the defaults add nothing to the job's config
 
 
 def test_default_prompts_ship_with_the_package():
