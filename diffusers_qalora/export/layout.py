@@ -10,7 +10,10 @@ An exported layer stores
 * ``bias`` (``float32``, ``(C_out,)``), when the layer has one;
 * ``act_timesteps``, ``act_scale``, ``act_zero_point`` (``float32``, ``(T,)``): the activation step-size table keyed
   by timestep value (``T = 1`` for a static step), interpolated exactly as the fake-quant model does; absent for
-  dynamic activations (``act_granularity`` ``"token"`` or ``"group"``), whose step sizes are computed per call.
+  dynamic activations (``act_granularity`` ``"token"`` or ``"group"``), whose step sizes are computed per call;
+* ``out_*`` and ``prob_*`` (``float32``, ``(T,)``), on the ``to_q``/``to_k``/``to_v`` projections of an adapter
+  trained with ``quantize_attention``: the step-size tables of the projection's output (the attention's q, k or v)
+  and, on ``to_v``, of the softmax output, which the attention processor applies.
 
 The layout is what ``config.json`` records per layer, so that a loader can build the empty modules and check every
 tensor of the file against it before loading anything.
@@ -25,7 +28,10 @@ from ..quant import validate_bits
 
 LAYOUT_KINDS = ("linear", "conv2d")
 ACT_GRANULARITIES = ("tensor", "token", "group")
-ACT_TABLE_NAMES = ("act_timesteps", "act_scale", "act_zero_point")
+TABLE_FIELDS = ("timesteps", "scale", "zero_point")
+ACT_TABLE_NAMES = tuple(f"act_{field}" for field in TABLE_FIELDS)
+# The step-size tables of the attention's q/k/v (``out_*``, on to_q/to_k/to_v) and softmax output (``prob_*``, on to_v).
+ATTENTION_TABLE_NAMES = tuple(f"{table}_{field}" for table in ("out", "prob") for field in TABLE_FIELDS)
 _PACKED_BITS = {2: 2, 4: 4}  # bit widths stored several codes per byte; every other width takes a byte
 
 
@@ -45,6 +51,14 @@ class IntegerLayout:
             (``"tensor"``), or dynamic min-max step sizes per token (``"token"``) or per token and group of
             ``act_group_size`` input channels (``"group"``), computed from each input.
         act_group_size (`int`, *optional*): channels per activation group for ``act_granularity="group"``.
+        output_bits (`int`, *optional*): on the ``to_q``/``to_k``/``to_v`` projections of an adapter trained with
+            ``quantize_attention``: bit width of the projection's output (the attention's q, k or v), quantized by
+            the attention processor with the step-size table ``out_timesteps``/``out_scale``/``out_zero_point``.
+        output_signed (`bool`): signed output codes without zero point.
+        output_timesteps (`int`): entries of that table (0 without one).
+        prob_bits (`int`, *optional*): on ``to_v``: bit width of the softmax output (unsigned), with the table
+            ``prob_timesteps``/``prob_scale``/``prob_zero_point`` of ``prob_timesteps`` entries.
+        prob_timesteps (`int`): entries of that table (0 without one).
     """
 
     kind: Literal["linear", "conv2d"]
@@ -55,6 +69,11 @@ class IntegerLayout:
     num_timesteps: int = 1
     act_granularity: Literal["tensor", "token", "group"] = "tensor"
     act_group_size: int | None = None
+    output_bits: int | None = None
+    output_signed: bool = False
+    output_timesteps: int = 0
+    prob_bits: int | None = None
+    prob_timesteps: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUT_KINDS:
@@ -78,6 +97,27 @@ class IntegerLayout:
                 f"`act_group_size` must be a positive integer with act_granularity='group' and None otherwise, got "
                 f"{size!r} with {self.act_granularity!r}."
             )
+
+        for prefix in ("output", "prob"):
+            bits, entries = getattr(self, f"{prefix}_bits"), getattr(self, f"{prefix}_timesteps")
+            if bits is not None:
+                validate_bits(bits, f"{prefix}_bits")
+            bad = isinstance(entries, bool) or not isinstance(entries, int) or entries < 0
+            if bad or (bits is None) != (entries == 0):
+                raise ValueError(
+                    f"`{prefix}_bits` and `{prefix}_timesteps` go together (a bit width and a table of at least one "
+                    f"entry, or None and 0), got {bits!r} and {entries!r}."
+                )
+        if self.prob_bits is not None and self.output_bits is None:
+            raise ValueError("`prob_bits` needs `output_bits`: the softmax output is quantized with q, k and v.")
+        if not isinstance(self.output_signed, bool):
+            raise TypeError(f"`output_signed` must be a bool, got {type(self.output_signed).__name__}.")
+
+    @property
+    def attention_tables(self) -> dict[str, int]:
+        """``{"out": entries, "prob": entries}`` of the attention step-size tables this layer stores."""
+        tables = {"out": self.output_timesteps, "prob": self.prob_timesteps}
+        return {name: entries for name, entries in tables.items() if entries}
 
     @property
     def dynamic_activations(self) -> bool:
@@ -120,6 +160,8 @@ class IntegerLayout:
             )
         if not self.dynamic_activations:
             shapes.update({name: (self.num_timesteps,) for name in ACT_TABLE_NAMES})
+        for table, entries in self.attention_tables.items():
+            shapes.update({f"{table}_{field}": (entries,) for field in TABLE_FIELDS})
         if bias:
             shapes["bias"] = (out_channels,)
         return shapes
@@ -140,8 +182,12 @@ class IntegerLayout:
     # -- serialisation ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if not self.dynamic_activations:  # a table layout reads as it did before dynamic activations existed
+        # Layouts without the newer options read as they did before those options existed.
+        if not self.dynamic_activations:
             del data["act_granularity"], data["act_group_size"]
+        if self.output_bits is None:
+            for name in ("output_bits", "output_signed", "output_timesteps", "prob_bits", "prob_timesteps"):
+                del data[name]
         return data
 
     @classmethod

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import KernelPreference, PerGroup, PerToken, TimestepContext, pack_codes
+from ..quant import KernelPreference, PerGroup, PerToken, TemporalActQuantizer, TimestepContext, pack_codes
 from ..quant.kernel_preference import kernel_preference_of
 from ..quant.quantizers import dynamic_fake_quantize, minmax_qparams_from_range
 from .backends import (
@@ -39,15 +39,13 @@ from .functional import (
     quantize_activation_uint8_per_sample,
     unpack_weight_codes,
 )
-from .layout import ACT_TABLE_NAMES, IntegerLayout
+from .layout import ACT_TABLE_NAMES, ATTENTION_TABLE_NAMES, TABLE_FIELDS, IntegerLayout
 
 __all__ = ["IntegerConv2d", "IntegerLayer", "IntegerLinear", "integer_layers"]
 
 # Positions of the denoiser call's timesteps in the layers' dense tables, keyed by the context's timestep tensor (kept
 # in the value, so that its id cannot be reused while the entry lives); ``None`` for non-integer timesteps.
 _INDICES: dict[tuple, tuple] = {}
-
-_FLOAT_BUFFERS = ("weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
 
 
 class IntegerLayer(nn.Module):
@@ -83,7 +81,8 @@ class IntegerLayer(nn.Module):
         self.register_buffer("weight_packed", torch.empty(shapes["weight_packed"], dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty(shapes["weight_scale"], dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(shapes["bias"], dtype=torch.float32, device=device) if bias else None)
-        for name in ACT_TABLE_NAMES:  # absent (None) for dynamic activations
+        # absent (None) for dynamic activations / without attention quantization
+        for name in (*ACT_TABLE_NAMES, *ATTENTION_TABLE_NAMES):
             table = torch.empty(shapes[name], dtype=torch.float32, device=device) if name in shapes else None
             self.register_buffer(name, table)
         self.context: TimestepContext | None = None
@@ -155,6 +154,57 @@ class IntegerLayer(nn.Module):
             self._buffers[name] = value.to(device)
         self._derived.clear()
         self._qparams_cache = None
+
+    # -- the attention's step sizes (projections of an adapter trained with quantize_attention) --------------------
+    @torch.no_grad()
+    def load_attention_table_(
+        self, table: str, timesteps: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> None:
+        """Fill the step-size table ``table`` (``"out"``: the projection's output, i.e. the attention's q, k or v;
+        ``"prob"``: the softmax output) that the layout declares; shapes and signs are checked before writing."""
+        names = [f"{table}_{field}" for field in TABLE_FIELDS]
+        if table not in ("out", "prob") or getattr(self, names[0]) is None:
+            raise ValueError(f"{self._where()}: the layout declares no attention table {table!r}.")
+        values = {n: v.detach().float().reshape(-1) for n, v in zip(names, (timesteps, scale, zero_point))}
+        for name, value in values.items():
+            if value.shape != getattr(self, name).shape:
+                raise ValueError(
+                    f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected {tuple(getattr(self, name).shape)}."
+                )
+        if not bool((values[names[1]] > 0).all()):
+            raise ValueError(f"{self._where()}: step sizes must be positive.")
+        device = self.weight_packed.device if self.weight_packed.device.type != "meta" else timesteps.device
+        for name, value in values.items():
+            self._buffers[name] = value.to(device)
+
+    def attention_quantizer(self, table: str) -> TemporalActQuantizer | None:
+        """The temporal quantizer that step-size table ``table`` (``"out"`` or ``"prob"``) describes, for the
+        attention processor (``None`` if this layer has none): a `TemporalActQuantizer` built from the stored table
+        (rebuilt when the table changes), reading this layer's timestep context, so it computes exactly what the
+        fake-quant model's quantizer did."""
+        timesteps = getattr(self, f"{table}_timesteps")
+        if timesteps is None:
+            return None
+        buffers = [getattr(self, f"{table}_{field}") for field in TABLE_FIELDS]
+        lay = self.layout
+        bits, signed = (lay.output_bits, lay.output_signed) if table == "out" else (lay.prob_bits, False)
+
+        def build():
+            quantizer = TemporalActQuantizer(
+                timesteps.tolist(), bits, symmetric=signed, name=f"{self._where()}:{table}"
+            )
+            quantizer.to(timesteps.device)
+            quantizer.step.fill_(buffers[1])
+            if quantizer.zero_point is not None:
+                quantizer.zero_point.fill_(buffers[2])
+            quantizer.calibrated.fill_(True)
+            quantizer.requires_grad_(False)
+            return quantizer
+
+        key = tuple((b.data_ptr(), b._version, str(b.device)) for b in buffers)
+        quantizer = self._cached(f"attention_{table}", key, build)
+        quantizer.context = self.context
+        return quantizer
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def _where(self) -> str:

@@ -232,13 +232,34 @@ def test_adapter_round_trip_keeps_attention_quantizers(tmp_path):
     assert all(isinstance(p, QALoraAttnProcessor) for p in via_peft.get_base_model().attn_processors.values())
 
 
-def test_export_refuses_attention_quantization_and_remove_restores_processors():
-    unet = _calibrated()
-    names = set(qalora_layers(unet))
-    with pytest.raises(NotImplementedError, match="quantize_attention"):
-        dq.export_quantized(unet)
-    assert set(qalora_layers(unet)) == names  # unchanged
-    dq.remove_qalora(unet)
+@pytest.mark.parametrize("build, inputs", [(make_sd15_unet, sd15_inputs), (make_unet2d, unet2d_inputs)])
+def test_export_save_and_load_keep_the_attention_quantizers(build, inputs, tmp_path):
+    """The exported UNet (torch kernels) quantizes q, k, v and the softmax output with the stored tables: the
+    fake-quant model's numbers bit for bit, also after save_pretrained / from_pretrained (mixed timesteps)."""
+    unet = _calibrated(build, inputs, quantize_attention_probs=True)
+    x = inputs(torch.tensor([250.0, 700.0]))
+    with torch.no_grad():
+        fake = output_of(unet(**x))
+    exported = dq.export_quantized(unet, kernel_preference="torch")
+    assert all(isinstance(p, QALoraAttnProcessor) for p in _processors(exported))
+    with torch.no_grad():
+        assert torch.equal(output_of(exported(**x)), fake)
+    exported.save_pretrained(tmp_path)
+    loaded = type(exported).from_pretrained(tmp_path)
+    dq.set_kernel_preference(loaded, "torch")
+    assert all(isinstance(p, QALoraAttnProcessor) for p in _processors(loaded))
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded(**x)), fake)
+
+
+def _processors(model) -> list:
+    found = [m.processor for m in model.modules() if isinstance(m, Attention)]
+    assert found
+    return found
+
+
+def test_remove_restores_processors():
+    unet = dq.remove_qalora(_calibrated())
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
 
 

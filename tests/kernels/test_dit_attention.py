@@ -1,10 +1,12 @@
 """Quantized attention on DiTs: SD3's joint attention (`QALoraJointAttnProcessor`) and Flux's attention
 (`QALoraFluxAttnProcessor`) on tiny configs, against independent computations (the concatenated image + context q,
 k, v fake-quantized per tensor, Flux's rotary embedding applied by hand, an explicit softmax), the three paths
-(kernel / torch reference, training, calibration), save/load round trips, a few distillation steps, the export
-refusal and processor restoration."""
+(kernel / torch reference, training, calibration), save/load round trips, a few distillation steps, export / save / load of the quantized
+attention and processor restoration."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -335,17 +337,48 @@ def test_adapter_round_trip_keeps_dit_attention_quantizers(case, tmp_path):
     assert torch.equal(after, before)
 
 
-@pytest.mark.parametrize("case", ["sd3", "flux"])
-def test_export_refuses_and_remove_restores_stock_processors(case):
-    build, inputs, _ = CASES[case]
-    model = _calibrated(case)
+@pytest.mark.parametrize("case", ["sd3", "sd35", "flux", "flux_guidance"])
+def test_export_save_and_load_keep_the_attention_quantizers(case, tmp_path):
+    """Export carries the q/k/v and softmax step sizes on the integer projections: the exported model (torch
+    kernels) computes the fake-quant model's numbers bit for bit, mixed timesteps included, and so does the model
+    that from_pretrained rebuilds, with the QALoRA processors installed again."""
+    build, inputs, table = CASES[case]
+    model = _calibrated(case, quantize_attention_probs=True, attention_bits=6)
+    x = inputs(torch.tensor([table[1], table[2]]))
+    with torch.no_grad():
+        fake = output_of(model(**x))
+    exported = dq.export_quantized(model, kernel_preference="torch", inplace=False)
+    attn = exported.transformer_blocks[0].attn
+    assert isinstance(attn.to_q, dq.IntegerLinear) and attn.to_q.layout.output_bits == 6
+    assert attn.to_v.layout.prob_bits == 6 and attn.to_q.layout.prob_bits is None
+    expected = QALoraJointAttnProcessor if case.startswith("sd3") else QALoraFluxAttnProcessor
+    assert all(isinstance(p, expected) for p in exported.attn_processors.values())
+    with torch.no_grad():
+        assert torch.equal(output_of(exported(**x)), fake)
+        # the attention quantizers do act: without their tables the output moves
+        no_tables = copy.deepcopy(exported)
+        for module in no_tables.modules():
+            if isinstance(module, dq.IntegerLinear) and module.out_timesteps is not None:
+                module.out_timesteps = module.prob_timesteps = None
+        assert not torch.equal(output_of(no_tables(**x)), fake)
+    exported.save_pretrained(tmp_path)
+    loaded = type(exported).from_pretrained(tmp_path)
+    dq.set_kernel_preference(loaded, "torch")
+    assert all(isinstance(p, expected) for p in loaded.attn_processors.values())
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded(**x)), fake)
+
+
+def test_export_of_uncalibrated_attention_is_refused_and_remove_restores_stock_processors():
+    model = dq.get_qalora_model(make_sd3(), _config(SD3_TABLE))
     names = set(qalora_layers(model))
-    with pytest.raises(NotImplementedError, match="quantize_attention"):
+    with pytest.raises(ValueError, match="not calibrated"):
         dq.export_quantized(model)
     assert set(qalora_layers(model)) == names
     dq.remove_qalora(model)
-    stock = JointAttnProcessor2_0 if case == "sd3" else FluxAttnProcessor
-    assert all(type(p) is stock for p in model.attn_processors.values())
+    assert all(type(p) is JointAttnProcessor2_0 for p in model.attn_processors.values())
+    flux = dq.remove_qalora(_calibrated("flux"))
+    assert all(type(p) is FluxAttnProcessor for p in flux.attn_processors.values())
 
 
 def test_other_attention_set_ups_are_refused_before_any_change():

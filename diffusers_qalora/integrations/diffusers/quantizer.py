@@ -25,8 +25,10 @@ from safetensors import safe_open
 from torch import nn
 
 from ...export import IntegerConv2d, IntegerLinear, attach_integer_context, integer_layers
+from ...export.layout import ACT_TABLE_NAMES, ATTENTION_TABLE_NAMES
 from ...quant import KernelPreference, set_kernel_preference
 from ...quant.checksum import streamed_tensor_checksum, tensor_checksum
+from ...tuners.qalora.attention import set_qalora_attn_processor
 from ...tuners.qalora.model import adapter_keys, finish_rebuild, rebuild_adapters
 from ...winograd import winograd_modules
 from ...winograd.serialization import build_winograd_layers, winograd_record
@@ -38,7 +40,7 @@ CHECKSUM_KEY = "qalora_integer_checksum"  # over the integer layers' tensors, ch
 STATE_CHECKSUM_KEY = "qalora_state_checksum"  # over every tensor of the checkpoint as stored, checked before loading
 FORMAT_KEY = "qalora_format"
 FORMAT_VERSION = "1"
-_TENSOR_NAMES = ("weight_packed", "weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
+_TENSOR_NAMES = ("weight_packed", "weight_scale", "bias", *ACT_TABLE_NAMES, *ATTENTION_TABLE_NAMES)
 _EXPECTED_DTYPES = {"weight_packed": torch.uint8}
 
 
@@ -217,6 +219,9 @@ class QALoraDiffusersQuantizer(DiffusersQuantizer):
                     set_kernel_preference(layer, self.quantization_config.kernel_preference)
         for name, new in [*replacements.items(), *winograd]:
             model.set_submodule(name, new)
+        # Projections that carry the attention's step sizes: their attention modules run the QALoRA processors,
+        # which diffusers' constructor did not install (processors are not saved).
+        set_qalora_attn_processor(model)
         return model
 
     def _where(self) -> str:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
 from torch import nn
 
+from ...export.modules import IntegerLayer
 from ...kernels.attention import QuantSpec, quantized_attention
 from ...quant import TemporalActQuantizer
 from .layer import ATTENTION_PROJECTIONS, QALoraLayer
@@ -92,8 +93,14 @@ def _qalora_projection(layer: nn.Module | None) -> nn.Module | None:
     return layer
 
 
+# The step-size table of an exported integer projection that holds each attribute's quantizer.
+_EXPORTED_TABLES = {"qal_out_quantizer": "out", "qal_prob_quantizer": "prob"}
+
+
 def _active(layer: nn.Module | None, attribute: str) -> TemporalActQuantizer | None:
     layer = _qalora_projection(layer)
+    if isinstance(layer, IntegerLayer):  # an exported model: the tables stored with the integer projection
+        return layer.attention_quantizer(_EXPORTED_TABLES[attribute])
     if not isinstance(layer, QALoraLayer) or layer.disable_adapters:
         return None
     adapter = layer.active_qalora_adapter()
@@ -531,7 +538,11 @@ def quantized_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         if not _is_attention_module(module):
             continue
         layers = [_qalora_projection(getattr(module, leaf, None)) for leaf in ATTENTION_PROJECTIONS]
-        if any(isinstance(layer, QALoraLayer) and len(layer.qal_out_quantizer) for layer in layers):
+        if any(
+            (isinstance(layer, QALoraLayer) and len(layer.qal_out_quantizer))
+            or (isinstance(layer, IntegerLayer) and layer.out_timesteps is not None)
+            for layer in layers
+        ):
             found[name] = module
     return found
 

@@ -94,7 +94,7 @@ class QALoraConfig(PeftConfig):
             sizes held on those layers (``qal_out_quantizer``), calibrated and trained like the input step sizes.
             Injection installs the matching processor on those modules: `QALoraAttnProcessor` (UNet attention),
             `QALoraJointAttnProcessor` (SD3's joint attention), `QALoraFluxAttnProcessor` (Flux's attention).
-            Integer export refuses such adapters.
+            Integer export keeps them on the integer projections (the processors stay).
         attention_bits (`int`, *optional*): bit width of q, k, v and the softmax output; defaults to ``act_bits``.
             Signed or unsigned as ``act_symmetric`` says; the softmax output is always unsigned.
         quantize_attention_probs (`bool`, defaults to `False`): also quantize the softmax output (the attention

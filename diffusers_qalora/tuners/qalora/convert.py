@@ -2,7 +2,9 @@
 
 Each QALoRA ``Linear``/``Conv2d`` (the 8-bit first and last layers included) becomes an [IntegerLinear][diffusers_qalora.IntegerLinear] /
 [IntegerConv2d][diffusers_qalora.IntegerConv2d] holding ``Q_w(W0 + scaling * B @ A)`` as codes, the weight step sizes, the bias and the activation
-step-size table.  The QALoRA tensors (LoRA factors, quantizer parameters, the original float weight) are gone.
+step-size table (none for dynamic activations) and, on the attention projections of an adapter trained with
+``quantize_attention``, the attention's step-size tables.  The QALoRA tensors (LoRA factors, quantizer parameters, the
+original float weight) are gone.
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ def _check_layer(layer: QALoraLayer, adapter: str, name: str) -> None:
             f"`{name}`: asymmetric weights (weight_symmetric=False) have no integer kernel; export needs "
             f"QALoraConfig(weight_symmetric=True), the default."
         )
-    if adapter in layer.qal_out_quantizer or adapter in layer.qal_prob_quantizer:
-        raise NotImplementedError(
-            f"`{name}`: adapter {adapter!r} quantizes attention (QALoraConfig(quantize_attention=True)), which integer "
-            f"export does not carry: the integer layers would drop the q/k/v step sizes. Export an adapter trained "
-            f"with quantize_attention=False, or keep the fake-quant model (its attention runs the fused kernel)."
-        )
+    for quantizers in (layer.qal_out_quantizer, layer.qal_prob_quantizer):
+        if adapter in quantizers and not bool(quantizers[adapter].calibrated):
+            raise ValueError(
+                f"`{name}`: the attention step sizes of adapter {adapter!r} are not calibrated; run "
+                f"diffusers_qalora.calibrate_activations(model, ...) before export."
+            )
     aq = layer.qal_act_quantizer[adapter]
     if not bool(aq.calibrated):
         raise ValueError(
@@ -67,6 +69,18 @@ def _check_layer(layer: QALoraLayer, adapter: str, name: str) -> None:
     base = layer.get_base_layer()
     if isinstance(base, nn.Conv2d) and base.groups != 1:  # pragma: no cover - the tuner refuses these already
         raise NotImplementedError(f"`{name}`: Conv2d with groups={base.groups} cannot be exported.")
+
+
+def _attention_layout(layer: QALoraLayer, adapter: str) -> dict:
+    """The layout fields of the attention step sizes a ``to_q``/``to_k``/``to_v`` projection carries."""
+    fields = {}
+    if adapter in layer.qal_out_quantizer:
+        q = layer.qal_out_quantizer[adapter]
+        fields.update(output_bits=q.bits, output_signed=q.symmetric, output_timesteps=len(q.step))
+    if adapter in layer.qal_prob_quantizer:
+        q = layer.qal_prob_quantizer[adapter]
+        fields.update(prob_bits=q.bits, prob_timesteps=len(q.step))
+    return fields
 
 
 @torch.no_grad()
@@ -86,6 +100,7 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
         num_timesteps=1 if dynamic else len(aq.step),
         act_granularity=("token" if aq.group_size is None else "group") if dynamic else "tensor",
         act_group_size=aq.group_size if dynamic else None,
+        **_attention_layout(layer, adapter),
     )
     device = base.weight.device
     if isinstance(base, nn.Linear):
@@ -94,6 +109,11 @@ def _build_integer_layer(layer: QALoraLayer, adapter: str, name: str) -> Integer
         new = IntegerConv2d.from_conv2d(base, layout, device=device)
     new.name = name
     codes = layer.integer_weight(adapter)
+    for table, quantizers in (("out", layer.qal_out_quantizer), ("prob", layer.qal_prob_quantizer)):
+        if adapter in quantizers:
+            q = quantizers[adapter]
+            zero_point = q.zero_point.stacked() if q.zero_point is not None else torch.zeros(len(q.step))
+            new.load_attention_table_(table, q.timesteps, q.step.stacked(), zero_point)
     if dynamic:
         new.load_codes_(codes, weight_scale, base.bias)
         return new
