@@ -38,11 +38,12 @@ from diffusers_qalora.tuners.qalora.api import set_qalora_adapter, timestep_tabl
 
 RESULTS = Path(__file__).parent / "results" / "act_granularity"
 GROUP = 32  # divides every input channel count of both models outside their 8-bit layers
+GROUPS_AT: set[tuple[int, int]] = set()  # 8-bit activations with groups too (--groups_at_8bit)
 
 
 def options(bits: tuple[int, int]) -> dict[str, dict[str, Any]]:
     found = {"tensor": {}, "token": {"act_granularity": "token"}}
-    if bits[1] == 4:
+    if bits[1] == 4 or bits in GROUPS_AT:
         found[f"group {GROUP}"] = {"act_granularity": "group", "act_group_size": GROUP}
         found[f"group {GROUP}, weights group {GROUP}"] = {
             **found[f"group {GROUP}"],
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (at least)")
     p.add_argument("--output_dir", type=Path, default=RESULTS)
+    p.add_argument("--groups_at_8bit", action="store_true", help="also the group options at 8-bit activations")
     args = p.parse_args(argv)
+    if args.groups_at_8bit:
+        GROUPS_AT.update({(8, 8), (4, 8)})
     torch.set_num_threads(1)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
