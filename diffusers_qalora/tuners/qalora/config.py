@@ -47,6 +47,19 @@ ACT_GRANULARITIES = ("tensor", "token", "group")
 OBSOLETE_FIELDS = ("layers_to_transform", "layers_pattern")
 
 
+def _check_granularity(config: QALoraConfig, prefix: str, choices: tuple[str, ...]) -> None:
+    """``<prefix>_granularity`` is one of ``choices``; ``"group"`` needs a positive ``<prefix>_group_size``."""
+    granularity, size = getattr(config, f"{prefix}_granularity"), getattr(config, f"{prefix}_group_size")
+    if granularity not in choices:
+        raise ValueError(f"`{prefix}_granularity` must be one of {choices}, got {granularity!r}.")
+    bad_size = isinstance(size, bool) or not isinstance(size, int) or size < 1
+    if granularity == "group" and bad_size:
+        raise ValueError(
+            f"`{prefix}_group_size` must be a positive integer when {prefix}_granularity='group' (e.g. 32), got "
+            f"{size!r}."
+        )
+
+
 @dataclass
 class QALoraConfig(PeftConfig):
     """Configuration for [QALoraModel][diffusers_qalora.QALoraModel]: LoRA merged into the weight *before* fake quantization (EfficientDM).
@@ -180,26 +193,11 @@ class QALoraConfig(PeftConfig):
                 "`quantize_attention_probs=True` needs `quantize_attention=True` (the softmax output is quantized by "
                 "the attention processor that quantize_attention installs)."
             )
-        if self.weight_granularity not in ("channel", "group"):
-            raise ValueError(f"`weight_granularity` must be 'channel' or 'group', got {self.weight_granularity!r}.")
-        group_size = self.weight_group_size
-        bad_group_size = isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-        if self.weight_granularity == "group" and bad_group_size:
+        _check_granularity(self, "weight", ("channel", "group"))
+        _check_granularity(self, "act", ACT_GRANULARITIES)
+        if self.act_granularity != "group" and self.act_group_size is not None:
             raise ValueError(
-                f"`weight_group_size` must be a positive integer when weight_granularity='group', got {group_size!r}."
-            )
-        if self.act_granularity not in ACT_GRANULARITIES:
-            raise ValueError(f"`act_granularity` must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}.")
-        group_size = self.act_group_size
-        bad_group_size = isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-        if self.act_granularity == "group" and bad_group_size:
-            raise ValueError(
-                f"`act_group_size` must be a positive integer when act_granularity='group' (e.g. 64), got "
-                f"{group_size!r}."
-            )
-        if self.act_granularity != "group" and group_size is not None:
-            raise ValueError(
-                f"`act_group_size` ({group_size!r}) is only used with act_granularity='group'; drop it or set "
+                f"`act_group_size` ({self.act_group_size!r}) is only used with act_granularity='group'; drop it or set "
                 f"act_granularity='group'."
             )
         for name in ("weight_init", "act_init"):
