@@ -166,7 +166,7 @@ def markdown(results: dict[str, Any]) -> str:
         for r in entry["rows"]:
             key = f"{r['bits']} {r['option']}"
             ratio = "1.000" if r["option"] == "FP" else format_metric(*r["fid_over_fp"], 3)
-            mse = format_metric(r["x0_mse_mean"], r["x0_mse_std"], 5) if "x0_mse_mean" in r else "—"
+            mse = format_metric(r["x0_mse_mean"], r["x0_mse_std"], 6) if "x0_mse_mean" in r else "—"
             fast = f"{speed[key]:.2f}x / {speed[key + ', mixed timesteps']:.2f}x" if key in speed else "1.00x"
             lines.append(
                 f"| {model_name} | {r['bits']} | {r['option']} | {format_metric(r['fid_mean'], r['fid_std'])} "
