@@ -13,7 +13,7 @@ Every option is a PTQ adapter (LoRA B = 0, MSE-initialised weight steps: the lib
 
 Quality: digits-FID, FID / FP per seed and the paired x0-MSE against the FP samples from the same noise (DDIM 20
 steps, eta 0).  Cost: each option exported (`export_quantized`, oneDNN kernels) and timed at batch 64 against the fp32
-model, interleaved, 1 thread, medians.  Results: ``benchmarks/results/act_granularity/{results.json,report.md}``.
+model, interleaved, 1 thread, medians.  Results: ``benchmarks/results/act_granularity/results.{json,md}``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from export_speed import interleaved
 
 import diffusers_qalora as dq
 from diffusers_qalora.evaluation.baselines import add_calibrated_adapter, baseline_config
-from diffusers_qalora.evaluation.report import fid_ratio_to_fp, format_metric, machine_info
+from diffusers_qalora.evaluation.report import fid_ratio_to_fp, format_metric, machine_info, write_results
 from diffusers_qalora.testbed import load_testbed
 from diffusers_qalora.testbed.evaluation import MethodEvaluator, calibration_run, peak_rss_mb, public
 from diffusers_qalora.tuners.qalora.api import set_qalora_adapter, timestep_table
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["models"][model_name] = {"rows": rows, "inference": cost}
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     results["peak_rss_mb"] = peak_rss_mb()
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(markdown(results), encoding="utf-8")
+    write_results(out, "results", results, markdown(results))
     return results
 
 

@@ -7,13 +7,12 @@ weight quantizer (``Q(W0 + s B A)``), so the nearest analogue is to start ``s B 
 quantization residual ``E = W0 - Q(W0)`` (``+E_r``: pre-compensate the rounding error) or of its negative
 (``-E_r``), instead of ``B = 0``. This measures, per layer, the weight error ``||Q(W0 + s B A) - W0|| / ||W0||`` of
 each start, and the sampled quality (digits-FID / FP, paired x0-MSE) of the PTQ model each start gives, before any
-training. Results: ``benchmarks/results/svd_init/{results.json,report.md}``.
+training. Results: ``benchmarks/results/svd_init/results.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 import diffusers_qalora as dq
 from diffusers_qalora.evaluation.baselines import baseline_config
-from diffusers_qalora.evaluation.report import fid_ratio_to_fp, format_metric, machine_info
+from diffusers_qalora.evaluation.report import fid_ratio_to_fp, format_metric, machine_info, write_results
 from diffusers_qalora.testbed import load_testbed
 from diffusers_qalora.testbed.evaluation import MethodEvaluator, peak_rss_mb, public
 from diffusers_qalora.tuners.qalora import qalora_layers
@@ -118,8 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         results["models"][model_name] = {"fp": fp, "rows": rows}
     results["peak_rss_mb"] = peak_rss_mb()
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(markdown(results), encoding="utf-8")
+    write_results(out, "results", results, markdown(results))
     return results
 
 
