@@ -23,7 +23,7 @@ from torch import nn
 
 from ..quant import KernelPreference, PerGroup, PerToken, TemporalActQuantizer, TimestepContext, pack_codes
 from ..quant.kernel_preference import kernel_preference_of
-from ..quant.quantizers import dynamic_fake_quantize, minmax_qparams_from_range
+from ..quant.quantizers import dynamic_fake_quantize, dynamic_qparams
 from .backends import (
     conv2d_onednn,
     linear_onednn,
@@ -140,20 +140,24 @@ class IntegerLayer(nn.Module):
             )
         if bias is not None:
             values["bias"] = bias.detach().float().reshape(self.bias.shape)
+        self._store_checked(values, ("weight_scale", "act_scale"), codes.device)
+        self._derived.clear()
+        self._qparams_cache = None
+
+    def _store_checked(self, values: dict[str, torch.Tensor], steps: tuple[str, ...], fallback_device) -> None:
+        """Write ``values`` into the buffers of the same names once every shape matches and the step sizes among
+        them (``steps``) are positive; on the layer's device (``fallback_device`` for a meta skeleton)."""
         for name, value in values.items():
             if value.shape != getattr(self, name).shape:
                 raise ValueError(
                     f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected "
                     f"{tuple(getattr(self, name).shape)}."
                 )
-        act_scale_ok = "act_scale" not in values or bool((values["act_scale"] > 0).all())
-        if not bool((values["weight_scale"] > 0).all()) or not act_scale_ok:
+        if not all(bool((values[name] > 0).all()) for name in steps if name in values):
             raise ValueError(f"{self._where()}: step sizes must be positive.")
-        device = self.weight_packed.device if self.weight_packed.device.type != "meta" else codes.device
+        device = self.weight_packed.device if self.weight_packed.device.type != "meta" else fallback_device
         for name, value in values.items():
             self._buffers[name] = value.to(device)
-        self._derived.clear()
-        self._qparams_cache = None
 
     # -- the attention's step sizes (projections of an adapter trained with quantize_attention) --------------------
     @torch.no_grad()
@@ -166,16 +170,7 @@ class IntegerLayer(nn.Module):
         if table not in ("out", "prob") or getattr(self, names[0]) is None:
             raise ValueError(f"{self._where()}: the layout declares no attention table {table!r}.")
         values = {n: v.detach().float().reshape(-1) for n, v in zip(names, (timesteps, scale, zero_point))}
-        for name, value in values.items():
-            if value.shape != getattr(self, name).shape:
-                raise ValueError(
-                    f"{self._where()}: `{name}` has shape {tuple(value.shape)}, expected {tuple(getattr(self, name).shape)}."
-                )
-        if not bool((values[names[1]] > 0).all()):
-            raise ValueError(f"{self._where()}: step sizes must be positive.")
-        device = self.weight_packed.device if self.weight_packed.device.type != "meta" else timesteps.device
-        for name, value in values.items():
-            self._buffers[name] = value.to(device)
+        self._store_checked(values, (names[1],), timesteps.device)
 
     def attention_quantizer(self, table: str) -> TemporalActQuantizer | None:
         """The temporal quantizer that step-size table ``table`` (``"out"`` or ``"prob"``) describes, for the
@@ -430,10 +425,8 @@ class IntegerLayer(nn.Module):
         """Step sizes from ``x`` itself per token (group): no timestep lookup, so a batch of mixed timesteps costs the
         same as any other.  oneDNN runs one integer GEMM per kernel tap and channel segment (see
         [`_dynamic_segments`]) with the per-token scales in the epilogue; other preferences run the reference."""
-        if x.numel() == 0:
-            return self._float_forward(x, x.shape[-2:] if x.dim() == 4 else None)
         impl = resolve_integer_kernel(kernel_preference_of(self), x.device, self.op, self._where())
-        if impl == "onednn":
+        if impl == "onednn" and x.numel():
             return self._onednn_dynamic(x)
         x, padding = self._pad_input(x)
         lay = self.layout
@@ -448,8 +441,7 @@ class IntegerLayer(nn.Module):
         lay = self.layout
         m, channels = tokens.shape
         rows = tokens.float().reshape(-1, lay.act_group_size or channels)
-        lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)  # faster than aminmax on CPU
-        step, zero_point = minmax_qparams_from_range(lo, hi, lay.act_bits, lay.act_signed)
+        step, zero_point = dynamic_qparams(rows, lay.act_bits, lay.act_signed, PerToken(), -1)
         qmin, qmax = lay.act_code_range
         off = lay.act_offset
         z = step.new_full((), float(off)) if zero_point is None else zero_point.add_(off)
@@ -474,13 +466,6 @@ class IntegerLayer(nn.Module):
         weight = channels // self.weight_scale.shape[1]
         size = math.gcd(act, weight)
         return [(a, a + size, a // act, a // weight) for a in range(0, channels, size)]
-
-    def _bias_rows(self, rows: int) -> torch.Tensor:
-        """``(rows, C_out)`` float32 accumulator holding the bias (zeros without one)."""
-        out_channels = self.weight_scale.shape[0]
-        if self.bias is None:
-            return torch.zeros(rows, out_channels, dtype=torch.float32, device=self.weight_scale.device)
-        return self.bias.float().expand(rows, -1).clone()
 
     def _float_forward(self, x_hat: torch.Tensor, padding) -> torch.Tensor:
         raise NotImplementedError
@@ -617,14 +602,14 @@ class IntegerLinear(IntegerLayer):
         return F.linear(x_hat, weight, bias)
 
     def _dynamic_prepacked(self):
-        """oneDNN's packed weight and step sizes per channel segment, and the zero-point weights
-        `_group_weight_sums` transposed to ``(G, C_out)``."""
+        """Per channel segment ``(start, stop, activation group, oneDNN's packed weight, step sizes)``, and the
+        zero-point weights `_group_weight_sums` transposed to ``(G, C_out)``."""
 
         def build():
             weight = self.int8_weight()
             segments = [
-                (prepack_linear(weight[:, a:b]), self.weight_scale[:, wg].contiguous())
-                for a, b, _, wg in self._dynamic_segments()
+                (a, b, ag, prepack_linear(weight[:, a:b]), self.weight_scale[:, wg].contiguous())
+                for a, b, ag, wg in self._dynamic_segments()
             ]
             return segments, self._group_weight_sums(weight).t().contiguous()
 
@@ -635,7 +620,7 @@ class IntegerLinear(IntegerLayer):
         segments, zero_weights = self._dynamic_prepacked()
         # bias - (s * z) @ M: the zero points of all groups in one small matmul, then s * acc per segment
         y = self._zero_point_term(scaled_zero, zero_weights)
-        for (a, b, ag, _), (w, s_w) in zip(self._dynamic_segments(), segments):
+        for a, b, ag, w, s_w in segments:
             part = linear_onednn(codes[:, a:b].contiguous(), 1.0, 0, w, s_w, None, torch.float32)
             y.addcmul_(part, step[:, ag : ag + 1])
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -792,16 +777,19 @@ class IntegerConv2d(IntegerLayer):
         return F.conv2d(x_hat, weight, bias, self.stride, padding, self.dilation, 1)
 
     def _dynamic_prepacked(self):
-        """oneDNN's packed ``(C_out, segment)`` weight of each kernel tap and channel segment with its step sizes,
-        and the zero-point kernel `_group_weight_sums` ``(C_out, G, kh, kw)``."""
+        """Per kernel tap (row-major), per channel segment ``(start, stop, activation group, oneDNN's packed
+        (C_out, segment) weight of that tap, step sizes)``; and the zero-point kernel `_group_weight_sums`
+        ``(C_out, G, kh, kw)``."""
 
         def build():
             weight = self.int8_weight().reshape(self._weight_shape())
             segments = [
-                (prepack_linear(weight[:, a:b, i, j]), self.weight_scale[:, wg].contiguous())
+                [
+                    (a, b, ag, prepack_linear(weight[:, a:b, i, j]), self.weight_scale[:, wg].contiguous())
+                    for a, b, ag, wg in self._dynamic_segments()
+                ]
                 for i in range(self.kernel_size[0])
                 for j in range(self.kernel_size[1])
-                for a, b, _, wg in self._dynamic_segments()
             ]
             return segments, self._group_weight_sums(weight)
 
@@ -827,18 +815,17 @@ class IntegerConv2d(IntegerLayer):
         codes = F.pad(codes.reshape(n, height, width, channels), (0, 0, pw, pw, ph, ph))
         step = F.pad(step.reshape(n, height, width, groups), (0, 0, pw, pw, ph, ph))
         rows = y.shape[0]
-        packed = iter(segments)
-        for i in range(self.kernel_size[0]):
-            for j in range(self.kernel_size[1]):
-                window = (
-                    slice(None),
-                    slice(i * dh, i * dh + (h_out - 1) * sh + 1, sh),
-                    slice(j * dw, j * dw + (w_out - 1) * sw + 1, sw),
-                )
-                tap, tap_step = codes[window].reshape(rows, channels), step[window].reshape(rows, groups)
-                for (a, b, ag, _), (w, s_w) in zip(self._dynamic_segments(), packed):
-                    part = linear_onednn(tap[:, a:b].contiguous(), 1.0, 0, w, s_w, None, torch.float32)
-                    y.addcmul_(part, tap_step[:, ag : ag + 1])
+        taps = [(i, j) for i in range(self.kernel_size[0]) for j in range(self.kernel_size[1])]
+        for (i, j), tap_segments in zip(taps, segments):
+            window = (
+                slice(None),
+                slice(i * dh, i * dh + (h_out - 1) * sh + 1, sh),
+                slice(j * dw, j * dw + (w_out - 1) * sw + 1, sw),
+            )
+            tap, tap_step = codes[window].reshape(rows, channels), step[window].reshape(rows, groups)
+            for a, b, ag, w, s_w in tap_segments:
+                part = linear_onednn(tap[:, a:b].contiguous(), 1.0, 0, w, s_w, None, torch.float32)
+                y.addcmul_(part, tap_step[:, ag : ag + 1])
         y = y.reshape(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
         if not self.channels_last_output and x.is_contiguous():
             y = y.contiguous()

@@ -13,17 +13,23 @@ from .primitives import qrange
 _EPS = 1e-8
 
 
-def _qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, eps: float = _EPS
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step sizes (and integer zero points) that cover ``[lo, hi]`` elementwise (float32 tensors of one shape).
+
+    Symmetric: ``s = max(|lo|, |hi|) / qmax``.  Asymmetric: the range ``[min(lo, 0), max(hi, 0)]`` over
+    ``qmax - qmin`` codes, so that 0 is exact, with ``z = round(qmin - min / s)`` clamped to the codes.  Steps are at
+    least ``eps`` (an all-zero range then has codes ``z``, i.e. exactly 0).
+    """
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs())
         # qmax (not |qmin|) keeps the positive end representable; the extra negative code is harmless.
-        return (absmax / qmax).clamp_min(_EPS), None
+        return (absmax / qmax).clamp_min(eps), None
     lo = torch.clamp(lo, max=0.0)  # the range always contains 0 so that zero is exact (padding, ReLU)
     hi = torch.clamp(hi, min=0.0)
-    step = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+    step = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
     zero_point = torch.clamp(torch.round(-lo / step) + qmin, qmin, qmax)
     return step, zero_point
 
@@ -31,7 +37,7 @@ def _qparams_from_range(
 def minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step (and zero point if asymmetric) that map ``[min, max]`` of the last dim of ``x`` onto the code range."""
     x = x.detach().float()
-    return _qparams_from_range(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), bits, symmetric)
+    return qparams_from_range(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), bits, symmetric)
 
 
 def lp_search_qparams(
@@ -61,7 +67,7 @@ def lp_search_qparams(
     view = (-1,) + (1,) * x.dim()
     for start in range(0, num_candidates, chunk):
         r = ratios[start : start + chunk].reshape(view)
-        step, zp = _qparams_from_range(lo * r, hi * r, bits, symmetric)
+        step, zp = qparams_from_range(lo * r, hi * r, bits, symmetric)
         zp_ = 0.0 if zp is None else zp
         x_hat = (torch.clamp(torch.round(x / step) + zp_, qmin, qmax) - zp_) * step
         err = (x - x_hat).abs().pow(p).sum(dim=-1, keepdim=True)

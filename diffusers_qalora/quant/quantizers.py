@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .granularity import Granularity, PerChannel, PerGroup, PerToken, check_granularity, grouped_view, step_shape
-from .init import INIT_METHODS, init_qparams
+from .init import INIT_METHODS, init_qparams, qparams_from_range
 from .primitives import fake_quantize, qrange, quantize, validate_bits
 from .primitives import lsq_grad_scale as lsq_grad_scale_factor
 from .temporal import TemporalValues, TimestepContext, install_timestep_hook, interpolation_indices
@@ -319,31 +319,18 @@ def dynamic_qparams(
 
     ``channel_dim`` is the channel dimension (-1 for a linear layer's input, 1 for a convolution's).  The results
     broadcast against ``x`` viewed by `dynamic_grouped_view` (per token: ``x`` itself, the channel dimension of size
-    1).  See `minmax_qparams_from_range` for the formulas.
+    1).  The formulas are those of `quant.init.qparams_from_range`.
     """
     view, dim = dynamic_grouped_view(x, granularity, channel_dim)
-    with torch.no_grad():
-        v = view.float()  # amin and amax: torch.aminmax over the last dim is several times slower on CPU
-        lo, hi = v.amin(dim=dim, keepdim=True), v.amax(dim=dim, keepdim=True)
-        return minmax_qparams_from_range(lo, hi, bits, symmetric)
+    return _view_qparams(view, dim, bits, symmetric)
 
 
-def minmax_qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step sizes (and zero points) that cover ``[lo, hi]`` elementwise (float32 tensors of one shape).
-
-    Symmetric: ``s = max(|lo|, |hi|) / qmax``.  Asymmetric: the range ``[min(lo, 0), max(hi, 0)]`` over
-    ``qmax - qmin`` codes, so that 0 is exact, with ``z = round(qmin - min / s)`` clamped to the codes.  An all-zero
-    range gets the smallest normal step (its codes are then all ``z``, i.e. exactly 0).
-    """
-    qmin, qmax = qrange(bits, symmetric)
-    tiny = torch.finfo(torch.float32).tiny
-    if symmetric:
-        return torch.maximum(lo.abs(), hi.abs()).div_(qmax).clamp_min_(tiny), None
-    lo = lo.clamp_max(0.0)
-    step = (hi.clamp_min(0.0) - lo).div_(qmax - qmin).clamp_min_(tiny)
-    return step, torch.round(qmin - lo / step).clamp_(qmin, qmax)
+@torch.no_grad()
+def _view_qparams(view: torch.Tensor, dim: int, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    v = view.float()  # amin and amax: torch.aminmax over the last dim is several times slower on CPU
+    lo, hi = v.amin(dim=dim, keepdim=True), v.amax(dim=dim, keepdim=True)
+    # The smallest normal float as the least step: a token of tiny values still spans its codes.
+    return qparams_from_range(lo, hi, bits, symmetric, eps=torch.finfo(torch.float32).tiny)
 
 
 def dynamic_grouped_view(x: torch.Tensor, granularity: ActGranularity, channel_dim: int) -> tuple[torch.Tensor, int]:
@@ -370,8 +357,8 @@ def dynamic_fake_quantize(
     group of channels).  The gradient flows straight through to ``x``; the step sizes are constants of each call
     (they have no parameter to learn)."""
     qmin, qmax = qrange(bits, symmetric)
-    step, zero_point = dynamic_qparams(x, bits, symmetric, granularity, channel_dim)
-    view, _ = dynamic_grouped_view(x, granularity, channel_dim)
+    view, dim = dynamic_grouped_view(x, granularity, channel_dim)
+    step, zero_point = _view_qparams(view, dim, bits, symmetric)
     out = fake_quantize(view.to(_compute_dtype(x)), step, zero_point, qmin, qmax)
     return out.reshape(x.shape).to(x.dtype)
 
@@ -441,8 +428,8 @@ class DynamicActQuantizer(nn.Module):
     @torch.no_grad()
     def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (``int32``, the shape of ``x``)."""
-        step, zero_point = self.qparams(x)
-        view, _ = dynamic_grouped_view(x, self.granularity, self.channel_dim)
+        view, dim = dynamic_grouped_view(x, self.granularity, self.channel_dim)
+        step, zero_point = _view_qparams(view, dim, self.bits, self.symmetric)
         return quantize(view.float(), step, zero_point, self.qmin, self.qmax).reshape(x.shape)
 
     # -- calibration: nothing to calibrate; inputs pass through so the model runs in full precision meanwhile ------

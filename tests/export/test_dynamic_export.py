@@ -124,6 +124,16 @@ def test_no_timestep_is_needed_and_batches_are_independent():
     torch.testing.assert_close(torch.cat([layer(x[:1]), layer(x[1:])]), both, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_empty_batch(kind):
+    layer, *_ = _layer(kind, act_group=8)
+    x = _x(kind)[:0]
+    expected = (0, 5, 12) if kind == "linear" else (0, 12, 6, 7)
+    for preference in ("torch", "auto"):
+        set_kernel_preference(layer, preference)
+        assert layer(x).shape == expected
+
+
 def test_layout_round_trip_and_validation():
     layout = IntegerLayout("conv2d", 4, 4, act_granularity="group", act_group_size=8)
     assert IntegerLayout.from_dict(layout.to_dict()) == layout
