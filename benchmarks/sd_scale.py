@@ -11,11 +11,15 @@ Random weights in the shapes of real denoisers (built from configs, nothing down
   weight init), to check that the default run got no slower.
 
 One process holds one base model and three variants that share its weights, measured interleaved (the order
-rotates every round), so their ratios come from the same conditions on a shared machine:
+rotates every round), so their ratios come from the same conditions on a shared machine.  Each timed step follows an
+untimed step of the same variant and setting (``--steady``, the default): switching between variants of different
+memory footprints otherwise costs the next step fresh memory that no training step pays (up to 2x on one step).
 
 * ``qalora``: the student of `DataFreeDistiller` (W4A4, r = 32, every LoRA layer, temporal activation steps,
   AdamW over `get_qalora_param_groups`); ``qalora_ref`` (``--with_reference``) is the same with the reference
-  composition of the weight fake-quantization (the code before the fused path), for before/after numbers;
+  composition of the weight fake-quantization (the code before the fused path), and ``qalora_dense`` the fused weight
+  path with the layer's op kept apart, so the LoRA gradients always go through the weight gradient (the code before
+  `qalora_conv2d` / `qalora_linear`), for before/after numbers;
 * ``full_ft``: the same model with adapters off and every base weight trainable (no quantization);
 * ``lora``: a plain PEFT LoRA of the same rank on the same layers (a second model sharing the weight storage).
 
@@ -59,7 +63,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from diffusers_qalora import QALoraConfig, get_qalora_model
 from diffusers_qalora.evaluation.report import machine_info
-from diffusers_qalora.quant import clear_workspace
+from diffusers_qalora.quant import clear_workspace, lowrank_gradients_cheaper
 from diffusers_qalora.tuners.qalora.api import adapters_disabled, calibrate_activations, get_qalora_param_groups
 from diffusers_qalora.tuners.qalora.layer import QALoraLayer
 from diffusers_qalora.tuners.qalora.model import qalora_layers
@@ -259,9 +263,10 @@ class Bench:
         self.opt = {
             "qalora": torch.optim.AdamW(groups.param_groups, fused=True),
             "qalora_ref": None,
+            "qalora_dense": None,
             "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, fused=True),
         }
-        self.opt["qalora_ref"] = self.opt["qalora"]
+        self.opt["qalora_ref"] = self.opt["qalora_dense"] = self.opt["qalora"]
         self.bf16 = False
 
     def use(self, setting: str) -> None:
@@ -292,6 +297,7 @@ class Bench:
     def student_step(self, variant: str, target: torch.Tensor) -> dict[str, float]:
         model = self.twin if variant == "lora" else self.unet
         QALoraLayer.fused_weight_path = variant != "qalora_ref"
+        QALoraLayer.fused_layer_op = variant not in ("qalora_ref", "qalora_dense")
         if variant == "full_ft":
             for p in self.base_params:
                 p.requires_grad_(True)
@@ -322,6 +328,7 @@ class Bench:
                     p.grad = None
         finally:
             QALoraLayer.fused_weight_path = True
+            QALoraLayer.fused_layer_op = True
             if variant == "full_ft":
                 for p in self.base_params:
                     p.requires_grad_(False)
@@ -459,21 +466,24 @@ def temporal_values_study(bench: Bench, target: torch.Tensor, repeats: int = 5) 
 
 
 def mac_floor(bench: Bench, r: int = 32) -> dict[str, float]:
-    """Multiply-adds of one step, counted from the layer shapes of one forward pass: full fine-tuning does ``3 N``
-    per weight of every convolution / linear layer (forward, input gradient, weight gradient; ``N`` = output positions
-    x batch), QALoRA the same plus ``3 r`` per weight of its LoRA layers (``B @ A`` forward, the two LoRA gradients
-    through the masked weight gradient).  Their ratio is what ``fwd+bwd / full FT`` comes to at equal arithmetic rates
-    (attention's own products, the same in both, are left out)."""
+    """Multiply-adds of one step, counted from the layer shapes of one forward pass: full fine-tuning does ``3 P N``
+    per layer (forward, input gradient, weight gradient; ``N`` weights, ``P`` output positions x batch), QALoRA the
+    same plus ``r N`` per LoRA layer for ``B @ A`` and, for the two LoRA gradients, the cheaper of ``2 r N`` (through
+    the masked weight gradient: ``qalora_dense``) and ``2 r P (K + C_out)`` (through the activations, ``K = N /
+    C_out``; `quant.lora_op.lowrank_gradients_cheaper`), the correction for clipped weights left out.  Their ratio is
+    what ``fwd+bwd / full FT`` comes to at equal arithmetic rates (attention's own products, the same in both, are
+    left out).  The weight gradient itself stays in QALoRA's count: LSQ's step-size gradient needs all of it."""
     lora_weights = {
         m.base_layer.weight.data_ptr()
         for m in bench.twin.modules()
         if hasattr(m, "lora_A") and hasattr(m, "base_layer")
     }
-    counts: list[tuple[int, int, bool]] = []
+    counts: list[tuple[int, int, int, bool]] = []
 
     def hook(module, inputs, out):
         n = out.shape[0] * out.shape[2] * out.shape[3] if out.dim() == 4 else out.numel() // out.shape[-1]
-        counts.append((module.weight.numel(), n, module.weight.data_ptr() in lora_weights))
+        w = module.weight
+        counts.append((w.numel(), n, w.shape[0], w.data_ptr() in lora_weights))
 
     handles = [
         m.register_forward_hook(hook)
@@ -486,9 +496,21 @@ def mac_floor(bench: Bench, r: int = 32) -> dict[str, float]:
     finally:
         for h in handles:
             h.remove()
-    full = sum(3 * n * w for w, n, _ in counts)
-    extra = sum(3 * r * w for w, _, lora in counts if lora)
-    return {"full_ft_gmac": full / 1e9, "qalora_extra_gmac": extra / 1e9, "ratio": (full + extra) / full}
+    full = sum(3 * n * w for w, n, _, _ in counts)
+    dense = sum(3 * r * w for w, _, _, lora in counts if lora)
+    extra = 0
+    for w, n, out, lora in counts:
+        if lora:
+            per_output = w // out
+            cheaper = lowrank_gradients_cheaper(n, out, per_output)
+            extra += r * w + (2 * r * n * (per_output + out) if cheaper else 2 * r * w)
+    return {
+        "full_ft_gmac": full / 1e9,
+        "qalora_extra_gmac": extra / 1e9,
+        "ratio": (full + extra) / full,
+        "qalora_dense_extra_gmac": dense / 1e9,
+        "dense_ratio": (full + dense) / full,
+    }
 
 
 def profile_step(bench: Bench, variant: str, target: torch.Tensor, rows: int = 25) -> str:
@@ -518,8 +540,15 @@ def main(argv: list[str] | None = None) -> dict:
         choices=SETTINGS,
         help="gradient checkpointing (gc) and/or bf16 autocast, interleaved in the same run",
     )
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("qalora_ref",))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("qalora_ref", "qalora_dense"))
     p.add_argument("--with_reference", action="store_true", help="also time qalora_ref (the pre-fusion path)")
+    p.add_argument(
+        "--steady",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time each step right after an untimed step of the same case (training's steady state); --no-steady "
+        "times it right after whichever case ran before (the interleaving of results before this flag)",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of one student step")
     p.add_argument("--profile_setting", default="plain", choices=SETTINGS)
     p.add_argument(
@@ -589,6 +618,10 @@ def main(argv: list[str] | None = None) -> dict:
             elif variant == "qalora" and pool_cold:
                 bench.student_step(variant, bench.teacher()[0])
                 pool_cold = False
+            if args.steady:
+                # An untimed step of the same case first: the timed one then sees the memory and buffers of the step
+                # before it, as every step of a training run after the first does.
+                bench.student_step(variant, bench.teacher()[0])
             target, t_teacher = bench.teacher()
             teacher_times[setting].append(t_teacher)
             times = bench.student_step(variant, target)
@@ -621,6 +654,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latent": args.latent,
         "batch": 8 if args.model == "embedded" else 1,
         "repeats": args.repeats,
+        "steady": args.steady,
         "threads": args.threads,
         "device": str(device),
         "settings": args.settings,
@@ -676,8 +710,13 @@ def markdown(result: dict, tag: str) -> str:
         f"({result['lora_layers']} with LoRA r=32), {result['qalora_trainable_tensors']} trainable tensors "
         f"({result['qalora_trainable_values'] / 1e6:.1f}M values); latent {result['latent']}x{result['latent']}, "
         f"batch {result['batch']}, {result['threads']} thread(s), {result['device']}; "
-        f"{result['repeats']} interleaved rounds (medians; ratios are medians of per-round ratios, within a setting). "
-        f"Load average before/after: {result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f} "
+        f"{result['repeats']} interleaved rounds (medians; ratios are medians of per-round ratios, within a setting)"
+        + (
+            ", each timed step right after an untimed step of the same case (steady state). "
+            if result.get("steady")
+            else ". "
+        )
+        + f"Load average before/after: {result['load_average_before'][0]:.1f} / {result['load_average_after'][0]:.1f} "
         f"on {result['cpu_count']} CPUs.  Settings: plain = fp32, gc = gradient checkpointing, "
         "bf16 = bf16 autocast of teacher and student.",
         "",
@@ -705,9 +744,16 @@ def markdown(result: dict, tag: str) -> str:
         lines += [
             "",
             f"Multiply-add floor (`mac_floor`): full fine-tuning {floor['full_ft_gmac']:.1f} GMAC per step, QALoRA "
-            f"{floor['qalora_extra_gmac']:.1f} GMAC more (`3 r` per LoRA weight): a multiply-add ratio of "
-            f"**{floor['ratio']:.2f}x**, what the QALoRA step costs against full fine-tuning at equal arithmetic "
-            "rates.  It is an estimate, not a strict bound on the time ratio: the rates differ (the LoRA products "
+            f"{floor['qalora_extra_gmac']:.1f} GMAC more (`r N` for `B @ A`, and per layer the cheaper way to the "
+            f"LoRA gradients): a multiply-add ratio of **{floor['ratio']:.2f}x**, what the QALoRA step costs against "
+            "full fine-tuning at equal arithmetic rates"
+            + (
+                f" ({floor['dense_ratio']:.2f}x with both LoRA gradients through the weight gradient, `3 r N`: "
+                "`qalora_dense`)"
+                if "dense_ratio" in floor
+                else ""
+            )
+            + ".  It is an estimate, not a strict bound on the time ratio: the rates differ (the LoRA products "
             "are dense matrix products, while full fine-tuning's smallest convolutions take PyTorch's slow native "
             "kernel on one thread).",
         ]

@@ -318,6 +318,11 @@ def _merged_fake_quant_backward(grad: torch.Tensor, d_step: torch.Tensor) -> tor
     return step_grad
 
 
+def _merged_fake_quant_step_grad(grad: torch.Tensor, d_step: torch.Tensor) -> torch.Tensor:
+    """The step gradient ``sum(grad * d)`` per cell alone: one read of both, nothing written."""
+    return (grad * d_step).sum(dim=-1, keepdim=True)
+
+
 def _merged_fake_quant_forward_masked(merged, w0, step, lo, hi, w_hat_out, inside_out) -> None:
     """[`_merged_fake_quant_forward`] for asymmetric bounds (a bound may be 0, so ``d`` cannot tell inside from
     outside): the mask is stored.  Always eager (a bool store keeps Inductor's loop from vectorising)."""
@@ -374,19 +379,21 @@ def fused_path_enabled(numel: int, device: torch.device) -> bool:
     return device.type == "cpu" and numel >= COMPILE_MIN_NUMEL
 
 
+_EAGER_PASSES = (_merged_fake_quant_forward, _merged_fake_quant_backward, _merged_fake_quant_step_grad)
+
+
 def _passes(numel: int, device: torch.device):
-    """The (forward, backward) elementwise passes to run: compiled or eager."""
+    """The (forward, backward, step gradient) elementwise passes to run: compiled or eager."""
     mode = _compile_setting[0]
     if mode in ("eager", "never") or "failed" in _COMPILED:
-        return _merged_fake_quant_forward, _merged_fake_quant_backward
-    if "forward" not in _COMPILED:
-        _COMPILED["forward"] = torch.compile(_merged_fake_quant_forward, dynamic=True, fullgraph=True)
-        _COMPILED["backward"] = torch.compile(_merged_fake_quant_backward, dynamic=True, fullgraph=True)
-    return _COMPILED["forward"], _COMPILED["backward"]
+        return _EAGER_PASSES
+    if "passes" not in _COMPILED:
+        _COMPILED["passes"] = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in _EAGER_PASSES)
+    return _COMPILED["passes"]
 
 
 def _run_pass(which: int, numel: int, device: torch.device, *args):
-    eager = (_merged_fake_quant_forward, _merged_fake_quant_backward)[which]
+    eager = _EAGER_PASSES[which]
     fn = _passes(numel, device)[which]
     if fn is eager:
         return eager(*args)
@@ -401,6 +408,56 @@ def _run_pass(which: int, numel: int, device: torch.device, *args):
         )
         _COMPILED["failed"] = True
         return eager(*args)
+
+
+def merged_weight_forward(
+    w0: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    scaling: float,
+    qmin: int,
+    qmax: int,
+    grouped_shape: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward half of the fused QALoRA weight path: ``(x_hat, d, inside)`` in the grouped view, where
+    ``x_hat = Q(W0 + scaling * B @ A)``, ``d = d x_hat / d s`` and ``inside`` is the straight-through mask (``None``
+    for symmetric bounds, where ``|d| <= 0.5`` tells it).  All three are [`WORKSPACE`] buffers: the caller gives them
+    back once its backward pass is done with them."""
+    device = w0.device
+    out_features, rank = b.shape
+    merged = WORKSPACE.take(grouped_shape, torch.float32, device)
+    torch.mm(b, a.reshape(rank, -1), out=merged.view(out_features, -1))
+    if scaling != 1.0:
+        merged.mul_(scaling)
+    w_hat = WORKSPACE.take(grouped_shape, torch.float32, device)
+    lo, hi = _code_bounds(zero_point, qmin, qmax)
+    # Views are passed as detached aliases: a view's base would become part of the compiled code's guards.
+    w0g = w0.view(grouped_shape).detach()
+    if zero_point is None:
+        inside = None
+        _run_pass(0, merged.numel(), device, merged, w0g, step, lo, hi, w_hat)
+    else:
+        inside = WORKSPACE.take(grouped_shape, torch.bool, device)
+        _merged_fake_quant_forward_masked(merged, w0g, step, lo, hi, w_hat, inside)
+    return w_hat, merged, inside
+
+
+def merged_weight_backward_(grad: torch.Tensor, d_step: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor:
+    """The backward half: one pass over the weight gradient ``grad`` (a fresh contiguous tensor, masked in place by
+    the straight-through estimator) that returns the step gradient per cell of the grouped view (before
+    ``grad_scale``)."""
+    g3 = grad.view(d_step.shape).detach()
+    if inside is None:
+        return _run_pass(1, grad.numel(), grad.device, g3, d_step)
+    return _merged_fake_quant_backward_masked(g3, d_step, inside)
+
+
+def merged_weight_step_grad(grad: torch.Tensor, d_step: torch.Tensor) -> torch.Tensor:
+    """The step gradient per cell of the grouped view (before ``grad_scale``) from the weight gradient ``grad``, in
+    one read-only pass."""
+    return _run_pass(2, grad.numel(), grad.device, grad.view(d_step.shape).detach(), d_step)
 
 
 class _MergedLSQFakeQuantize(torch.autograd.Function):
@@ -419,23 +476,8 @@ class _MergedLSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w0, a, b, step, zero_point, scaling, qmin, qmax, grad_scale, grouped_shape):
-        device = w0.device
-        out_features, rank = b.shape
-        merged = WORKSPACE.take(grouped_shape, torch.float32, device)
-        torch.mm(b, a.reshape(rank, -1), out=merged.view(out_features, -1))
-        if scaling != 1.0:
-            merged.mul_(scaling)
-        w_hat = WORKSPACE.take(grouped_shape, torch.float32, device)
-        lo, hi = _code_bounds(zero_point, qmin, qmax)
-        # Views are passed as detached aliases: a view's base would become part of the compiled code's guards.
-        w0g = w0.view(grouped_shape).detach()
-        if zero_point is None:
-            inside = None
-            _run_pass(0, merged.numel(), device, merged, w0g, step, lo, hi, w_hat)
-        else:
-            inside = WORKSPACE.take(grouped_shape, torch.bool, device)
-            _merged_fake_quant_forward_masked(merged, w0g, step, lo, hi, w_hat, inside)
-        ctx.save_for_backward(a, b, step, merged, inside, w_hat)
+        w_hat, d_step, inside = merged_weight_forward(w0, a, b, step, zero_point, scaling, qmin, qmax, grouped_shape)
+        ctx.save_for_backward(a, b, step, d_step, inside, w_hat)
         ctx.settings = (scaling, grad_scale, w0.shape)
         return w_hat.view(w0.shape)
 
@@ -450,11 +492,7 @@ class _MergedLSQFakeQuantize(torch.autograd.Function):
         # The incoming weight gradient is the op's own fresh output, so it is masked in place (a view or an
         # expanded gradient is copied first).
         g = grad if grad.is_contiguous() and grad._base is None else grad.contiguous().clone()
-        g3 = g.view(d_step.shape).detach()
-        if inside is None:
-            step_grad = _run_pass(1, g.numel(), g.device, g3, d_step)
-        else:
-            step_grad = _merged_fake_quant_backward_masked(g3, d_step, inside)
+        step_grad = merged_weight_backward_(g, d_step, inside)
         WORKSPACE.give(d_step, inside)
         grad_step = step_grad.reshape(step.shape) * grad_scale if need_step else None
         g2 = g.reshape(b.shape[0], -1)

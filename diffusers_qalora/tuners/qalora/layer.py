@@ -26,6 +26,8 @@ from ...quant import (
     fake_quantize_lora_merged,
     fused_path_enabled,
     grouped_view,
+    qalora_conv2d,
+    qalora_linear,
     set_kernel_preference,
 )
 from .config import QALoraConfig
@@ -50,6 +52,9 @@ class QALoraLayer(BaseTunerLayer):
     other_param_names = ("r", "lora_alpha", "scaling", "eight_bit")
     # False runs the reference composition in training too (benchmarks compare the two; same numbers).
     fused_weight_path = True
+    # False keeps the fused weight path but with the op separate from it, so the LoRA gradients always go through
+    # the weight gradient (benchmarks compare the two; same numbers up to float rounding).
+    fused_layer_op = True
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -238,13 +243,16 @@ class QALoraLayer(BaseTunerLayer):
                 with torch.no_grad():
                     self.qal_merged_weight = self.quantized_weight(adapter)
             return self._op(x_q, self.qal_merged_weight)
+        fused = self._fused_forward(x_q, adapter)
+        if fused is not None:
+            return fused
         return self._op(x_q, self._forward_weight(adapter))
 
-    def _forward_weight(self, adapter: str) -> torch.Tensor:
-        """[`quantized_weight`] for the forward pass: with gradients on a LoRA layer whose weight quantizer runs
-        the torch reference, the fused `fake_quantize_lora_merged` where `fused_path_enabled` says so (SD-scale
-        weights on CPU: same numbers, one compiled pass over the weight each way, no weight-sized allocation per
-        step); otherwise the composition itself (small weights, and the Triton kernel on CUDA)."""
+    def _fused_weight_args(self, adapter: str) -> dict | None:
+        """The arguments of the fused weight path (`fake_quantize_lora_merged`) when this forward pass takes it: with
+        gradients on a LoRA layer whose weight quantizer runs the torch reference, where `fused_path_enabled` says
+        so (SD-scale weights on CPU: same numbers, one compiled pass over the weight each way, no weight-sized
+        allocation per step); ``None`` for the composition itself (small weights, and the Triton kernel on CUDA)."""
         wq = self.qal_weight_quantizer[adapter]
         weight = self.get_base_layer().weight
         if (
@@ -254,20 +262,47 @@ class QALoraLayer(BaseTunerLayer):
             or not fused_path_enabled(weight.numel(), weight.device)
             or fake_quantize_impl(wq, weight) is not fake_quantize
         ):
+            return None
+        return {
+            "w0": weight,
+            "a": self.qal_A[adapter],
+            "b": self.qal_B[adapter],
+            "scaling": self.scaling[adapter],
+            "step": wq.step,
+            "zero_point": wq.zero_point,
+            "qmin": wq.qmin,
+            "qmax": wq.qmax,
+            "grad_scale": wq.grad_scale,
+            "grouped_shape": grouped_view(weight, wq.granularity).shape,
+        }
+
+    def _forward_weight(self, adapter: str) -> torch.Tensor:
+        """[`quantized_weight`] for the forward pass, through the fused weight path where it applies."""
+        args = self._fused_weight_args(adapter)
+        if args is None:
             return self.quantized_weight(adapter)
-        grouped = grouped_view(weight, wq.granularity).shape
-        return fake_quantize_lora_merged(
-            weight,
-            self.qal_A[adapter],
-            self.qal_B[adapter],
-            self.scaling[adapter],
-            wq.step,
-            wq.zero_point,
-            wq.qmin,
-            wq.qmax,
-            wq.grad_scale,
-            grouped,
-        ).to(weight.dtype)
+        return fake_quantize_lora_merged(**args).to(args["w0"].dtype)
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor | None:
+        """The layer as one autograd function (`quant.qalora_linear` / `qalora_conv2d`: the LoRA gradients through
+        the activations where that is cheaper) when the fused weight path applies to a float32 layer whose base
+        weight and bias are frozen; ``None`` otherwise."""
+        args = self._fused_weight_args(adapter)
+        bias = self.get_base_layer().bias
+        if (
+            args is None
+            or not self.fused_layer_op
+            or args["w0"].dtype != torch.float32
+            or args["w0"].requires_grad
+            or (bias is not None and bias.requires_grad)
+            or x.dtype != torch.float32
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        return self._fused_op(x, args)
+
+    def _fused_op(self, x: torch.Tensor, args: dict) -> torch.Tensor | None:
+        raise NotImplementedError
 
     # -- merge / unmerge / scale (PEFT and diffusers hooks) -------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -409,6 +444,9 @@ class Linear(_QALoraModule):
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.get_base_layer().bias)
 
+    def _fused_op(self, x: torch.Tensor, args: dict) -> torch.Tensor:
+        return qalora_linear(x, bias=self.get_base_layer().bias, **args)
+
 
 class Conv2d(_QALoraModule):
     """QALoRA wrapper of ``nn.Conv2d`` (groups = 1): ``A`` carries the full kernel ``(r, in, kh, kw)`` and ``B`` is
@@ -422,6 +460,16 @@ class Conv2d(_QALoraModule):
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.get_base_layer()._conv_forward(x, weight, self.get_base_layer().bias)
+
+    def _fused_op(self, x: torch.Tensor, args: dict) -> torch.Tensor | None:
+        base = self.get_base_layer()
+        if isinstance(base.padding, str):
+            return None  # "same" / "valid": the composition
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = (0, 0)
+        return qalora_conv2d(x, bias=base.bias, stride=base.stride, padding=padding, dilation=base.dilation, **args)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
