@@ -96,6 +96,8 @@ def main() -> dict:
     runs = {}
     for path in sorted(RESULTS.glob("sd15_*.json")):
         run = json.loads(path.read_text())
+        if not run.get("steady"):
+            continue  # the runs before steady-state timing (loaded machine, cold interleaving) are history
         for row in run["summary"]:
             runs[(run["latent"], row["setting"], row["variant"])] = (row["peak_memory_above_start_bytes"], run)
     lora_state = 16 * next(iter(runs.values()))[1]["qalora_trainable_values"] if runs else 0  # + the step sizes

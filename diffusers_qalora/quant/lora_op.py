@@ -12,9 +12,11 @@ with the op, the same gradients come from the layer's inputs and output gradient
 
 ``X A^T`` and ``dY B`` are the layer run with ``r`` channels (a convolution with kernel ``A``, a 1x1 convolution
 with ``B``), ``2 r P (K + C_out)`` multiply-adds for ``K`` weights per output channel, and the correction is a sparse
-product over the clipped entries only.  ``G`` itself is still formed: the weight step size's LSQ gradient
-``sum(G * d x_hat / d s)`` needs all of it, as full fine-tuning does.  Each layer takes whichever of the two ways
-costs fewer multiply-adds; the forward pass and the input and step gradients are those of the separate weight path.
+product over the clipped entries only.  Those are found without scanning the weight (a scan costs as much as the
+products it saves on CPU): only a cell's extreme base weights can clip (`clipped_positions`).  ``G`` itself is still
+formed: the weight step size's LSQ gradient ``sum(G * d x_hat / d s)`` needs all of it, as full fine-tuning does.
+Each layer takes the cheaper way (`lowrank_gradients_cheaper`); the forward pass and the input and step gradients are
+those of the separate weight path.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .primitives import WORKSPACE, _code_bounds, merged_weight_backward_, merged_weight_forward, merged_weight_step_grad
+from .primitives import (
+    _WORKSPACE_CACHES,
+    WORKSPACE,
+    _code_bounds,
+    merged_weight_backward_,
+    merged_weight_forward,
+    merged_weight_step_grad,
+)
 
 __all__ = ["clipped_positions", "lowrank_gradients_cheaper", "qalora_conv2d", "qalora_linear"]
 
@@ -114,6 +123,7 @@ class _QALoraOp(torch.autograd.Function):
 # (see `clipped_positions`).  Rebuilt when the weight changes (its version counter) or its view does.
 # Keyed by ``id``, holding a weak reference (a tensor cannot be a WeakKeyDictionary key: its ``==`` is elementwise).
 _EXTREMES: dict[int, tuple] = {}
+_WORKSPACE_CACHES.append(_EXTREMES)  # freed by `clear_workspace()` with the pool
 # Share of each cell kept as candidates, each side.  A cell whose candidates run out is scanned whole.
 EXTREME_FRACTION = 1 / 32
 
@@ -253,7 +263,8 @@ def qalora_linear(
 ) -> torch.Tensor:
     """``F.linear(x, fake_quantize_lora_merged(w0, a, b, ...), bias)`` with the LoRA gradients taken the cheaper way.
 
-    Same arguments as [`fake_quantize_lora_merged`] (``x`` and ``bias`` added), same output and input / step
+    Same arguments as [fake_quantize_lora_merged][diffusers_qalora.quant.fake_quantize_lora_merged] (``x`` and
+    ``bias`` added), same output and input / step
     gradients; the LoRA gradients are the same sums, taken through the activations where that costs fewer
     multiply-adds (equal up to float rounding).  ``w0`` and ``bias`` must be frozen, ``x`` float32.
     """
@@ -280,7 +291,7 @@ def qalora_conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
-    """[`qalora_linear`] for ``F.conv2d(x, weight, bias, stride, padding, dilation)`` (groups = 1, zero padding given
+    """[qalora_linear][diffusers_qalora.quant.qalora_linear] for ``F.conv2d(x, weight, bias, stride, padding, dilation)`` (groups = 1, zero padding given
     as integers: pad ``x`` beforehand for other padding modes)."""
     w0, a, b, step, grouped_shape = _prepare(w0, a, b, step, zero_point, grouped_shape)
     conv = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))

@@ -288,9 +288,16 @@ class WorkspacePool:
 WORKSPACE = WorkspacePool()
 
 
+# Other caches of the fused path that live as long as the pool (`lora_op`'s sorted extremes of each base weight).
+_WORKSPACE_CACHES: list[dict] = []
+
+
 def clear_workspace() -> None:
-    """Free the buffers the fused QALoRA weight path keeps between training steps (see [`WorkspacePool`])."""
+    """Free the buffers the fused QALoRA weight path keeps between training steps (see [`WorkspacePool`]), and the
+    per-weight lists of `qalora_conv2d` / `qalora_linear`."""
     WORKSPACE.clear()
+    for cache in _WORKSPACE_CACHES:
+        cache.clear()
 
 
 def _merged_fake_quant_forward(

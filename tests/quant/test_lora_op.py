@@ -217,3 +217,16 @@ def test_clipped_positions_are_exactly_the_clipped_weights(regime, view, symmetr
     want = ((codes < qmin) | (codes > qmax)).reshape(-1).nonzero().reshape(-1)
     assert want.numel() > 0
     assert torch.equal(got, want)
+
+
+def test_clear_workspace_frees_the_extremes_lists(monkeypatch):
+    monkeypatch.setattr(lora_op, "lowrank_gradients_cheaper", lambda *args: True)
+    case = CASES["linear"]
+    tensors = make(case)
+    run(op, case, tensors)
+    assert id(tensors[1]) in lora_op._EXTREMES  # kept while the base weight lives
+    clear_workspace()
+    assert not lora_op._EXTREMES
+    run(op, case, tensors)
+    del tensors
+    assert not lora_op._EXTREMES  # and dropped with it
