@@ -32,6 +32,7 @@ from .primitives import (
     _WORKSPACE_CACHES,
     WORKSPACE,
     _code_bounds,
+    merged_grouped_shape,
     merged_weight_backward_,
     merged_weight_forward,
     merged_weight_step_grad,
@@ -236,14 +237,10 @@ def _lowrank_lora_gradients(x, grad_y, a, b, conv, clipped, values, per_output):
     return grad_a, grad_b
 
 
-def _prepare(w0, a, b, step, zero_point, grouped_shape):
-    if grouped_shape is None:
-        grouped_shape = (w0.shape[0], 1, w0.numel() // max(w0.shape[0], 1))
-    grouped_shape = tuple(int(s) for s in grouped_shape)
-    if zero_point is not None and zero_point.requires_grad:
-        raise ValueError("qalora op: a trained weight zero point is not supported; freeze it.")
+def _prepare(w0, a, b, step, zero_point, grouped_shape, caller):
+    grouped_shape = merged_grouped_shape(w0, zero_point, grouped_shape, caller)
     if w0.requires_grad:
-        raise ValueError("qalora op: the base weight must be frozen (full QAT takes `fake_quantize_lora_merged`).")
+        raise ValueError(f"{caller}: the base weight must be frozen (full QAT takes `fake_quantize_lora_merged`).")
     return w0.float().contiguous(), a.float(), b.float(), step.float(), grouped_shape
 
 
@@ -264,11 +261,11 @@ def qalora_linear(
     """``F.linear(x, fake_quantize_lora_merged(w0, a, b, ...), bias)`` with the LoRA gradients taken the cheaper way.
 
     Same arguments as [fake_quantize_lora_merged][diffusers_qalora.quant.fake_quantize_lora_merged] (``x`` and
-    ``bias`` added), same output and input / step
-    gradients; the LoRA gradients are the same sums, taken through the activations where that costs fewer
-    multiply-adds (equal up to float rounding).  ``w0`` and ``bias`` must be frozen, ``x`` float32.
+    ``bias`` added), same output and input / step gradients; the LoRA gradients are the same sums, taken through the
+    activations where that costs fewer multiply-adds (equal up to float rounding).  ``w0`` and ``bias`` must be
+    frozen, ``x`` float32.
     """
-    w0, a, b, step, grouped_shape = _prepare(w0, a, b, step, zero_point, grouped_shape)
+    w0, a, b, step, grouped_shape = _prepare(w0, a, b, step, zero_point, grouped_shape, "qalora_linear")
     return _QALoraOp.apply(
         x, w0, a, b, step, zero_point, bias, float(scaling), qmin, qmax, grad_scale, grouped_shape, None
     )
@@ -291,9 +288,9 @@ def qalora_conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
-    """[qalora_linear][diffusers_qalora.quant.qalora_linear] for ``F.conv2d(x, weight, bias, stride, padding, dilation)`` (groups = 1, zero padding given
-    as integers: pad ``x`` beforehand for other padding modes)."""
-    w0, a, b, step, grouped_shape = _prepare(w0, a, b, step, zero_point, grouped_shape)
+    """[qalora_linear][diffusers_qalora.quant.qalora_linear] for ``F.conv2d(x, weight, bias, stride, padding,
+    dilation)`` (groups = 1, zero padding given as integers: pad ``x`` beforehand for other padding modes)."""
+    w0, a, b, step, grouped_shape = _prepare(w0, a, b, step, zero_point, grouped_shape, "qalora_conv2d")
     conv = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
     return _QALoraOp.apply(
         x, w0, a, b, step, zero_point, bias, float(scaling), qmin, qmax, grad_scale, grouped_shape, conv

@@ -515,6 +515,18 @@ class _MergedLSQFakeQuantize(torch.autograd.Function):
         return grad_w0, grad_a, grad_b, grad_step, None, None, None, None, None, None
 
 
+def merged_grouped_shape(
+    w0: torch.Tensor, zero_point: torch.Tensor | None, grouped_shape: tuple[int, ...] | None, caller: str
+) -> tuple[int, ...]:
+    """The grouped view of the fused weight path (per output channel by default) as a tuple of ints; a trained
+    zero point, which the path does not support, is refused naming ``caller``."""
+    if zero_point is not None and zero_point.requires_grad:
+        raise ValueError(f"{caller}: a trained weight zero point is not supported; freeze it.")
+    if grouped_shape is None:
+        grouped_shape = (w0.shape[0], 1, w0.numel() // max(w0.shape[0], 1))
+    return tuple(int(s) for s in grouped_shape)
+
+
 def fake_quantize_lora_merged(
     w0: torch.Tensor,
     a: torch.Tensor,
@@ -546,11 +558,7 @@ def fake_quantize_lora_merged(
         `torch.Tensor`: the fake-quantized merged weight, float32, shape of ``w0``.  With gradients enabled its
         weight-sized buffers are reused after the backward pass: use it once, in one graph.
     """
-    if grouped_shape is None:
-        grouped_shape = (w0.shape[0], 1, w0.numel() // max(w0.shape[0], 1))
-    grouped_shape = tuple(int(s) for s in grouped_shape)
-    if zero_point is not None and zero_point.requires_grad:
-        raise ValueError("fake_quantize_lora_merged: a trained weight zero point is not supported; freeze it.")
+    grouped_shape = merged_grouped_shape(w0, zero_point, grouped_shape, "fake_quantize_lora_merged")
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (w0, a, b, step))
     if not tracked:
         # Inference: the reference composition (its buffers are the caller's to keep).
