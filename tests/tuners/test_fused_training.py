@@ -146,3 +146,62 @@ def test_conv_layer_op_matches_the_composition(monkeypatch, conv_kwargs):
     assert grads[True][1].keys() == grads[False][1].keys()
     for name, want in grads[False][1].items():
         torch.testing.assert_close(grads[True][1][name], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
+
+
+class OneLinear(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x: torch.Tensor, timestep: float) -> torch.Tensor:
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("tokens", [5, 0])  # an empty batch too
+def test_linear_layer_op_with_group_weights_matches_the_composition(monkeypatch, tokens):
+    from diffusers_qalora.quant import lora_op
+
+    calls = []
+    original = lora_op._QALoraOp.apply
+    monkeypatch.setattr(lora_op._QALoraOp, "apply", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    model = OneLinear(torch.nn.Linear(64, 48))
+    cfg = dq.QALoraConfig(
+        r=4,
+        lora_alpha=8,
+        weight_bits=4,
+        act_bits=8,
+        weight_granularity="group",
+        weight_group_size=16,
+        weight_symmetric=False,
+        timesteps=[0.0],
+        target_modules=["proj"],
+        eight_bit_modules=[],
+    )
+    dq.get_qalora_model(model, cfg)
+    with torch.no_grad():
+        model.proj.qal_B["default"].normal_(std=0.05)
+    x = torch.randn(2, tokens, 64)
+    dq.calibrate_activations(model, lambda: model(torch.randn(2, 5, 64), 0.0))
+    results = {}
+    previous_mode = set_fused_compile("eager")
+    try:
+        for fused in (False, True):
+            QALoraLayer.fused_weight_path = fused
+            model.zero_grad(set_to_none=True)
+            y = model(x, 0.0)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results[fused] = (
+                y.detach(),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+    finally:
+        QALoraLayer.fused_weight_path = True
+        set_fused_compile(previous_mode)
+        clear_workspace()
+    assert calls
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, want in results[False][1].items():
+        scale = max(float(want.abs().max()), 1e-12)
+        torch.testing.assert_close(results[True][1][name], want, rtol=1e-5, atol=1e-6 * scale, msg=name)
