@@ -95,13 +95,66 @@ def test_fused_path_trains_the_adapter_of_the_reference_path(embedded_student):
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-class OneConv(torch.nn.Module):
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
+class OneLayer(torch.nn.Module):
+    """A denoiser-shaped wrapper (``forward(x, timestep)``) around one layer, named ``layer``."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
         super().__init__()
-        self.conv = conv
+        self.layer = layer
 
     def forward(self, x: torch.Tensor, timestep: float) -> torch.Tensor:
-        return self.conv(x)
+        return self.layer(x)
+
+
+def one_layer_student(layer: torch.nn.Module, calibration_input: torch.Tensor, **config) -> OneLayer:
+    torch.manual_seed(0)
+    model = OneLayer(layer)
+    cfg = dq.QALoraConfig(
+        r=4,
+        lora_alpha=8,
+        weight_bits=4,
+        act_bits=8,
+        timesteps=[0.0],
+        target_modules=["layer"],
+        eight_bit_modules=[],
+        **config,
+    )
+    dq.get_qalora_model(model, cfg)
+    with torch.no_grad():
+        model.layer.qal_B["default"].normal_(std=0.05)
+    dq.calibrate_activations(model, lambda: model(calibration_input, 0.0))
+    return model
+
+
+def compare_layer_op_with_the_composition(monkeypatch, model: OneLayer, x: torch.Tensor) -> bool:
+    """Run one forward and backward pass through the fused path and through the composition; assert the outputs are
+    bit-identical and the gradients within 1e-5 of their largest entry (the LoRA gradients sum in another order), and
+    return whether the layer op ran."""
+    from diffusers_qalora.quant import lora_op
+
+    calls = []
+    original = lora_op._QALoraOp.apply
+    monkeypatch.setattr(lora_op._QALoraOp, "apply", lambda *args: calls.append(1) or original(*args))
+    results = {}
+    previous_mode = set_fused_compile("eager")
+    try:
+        for fused in (False, True):
+            QALoraLayer.fused_weight_path = fused
+            model.zero_grad(set_to_none=True)
+            y = model(x, 0.0)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[fused] = (y.detach(), grads)
+    finally:
+        QALoraLayer.fused_weight_path = True
+        set_fused_compile(previous_mode)
+        clear_workspace()
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, want in results[False][1].items():
+        scale = max(float(want.abs().max()), 1e-12)
+        torch.testing.assert_close(results[True][1][name], want, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    return bool(calls)
 
 
 @pytest.mark.parametrize(
@@ -113,95 +166,19 @@ class OneConv(torch.nn.Module):
     ],
 )
 def test_conv_layer_op_matches_the_composition(monkeypatch, conv_kwargs):
-    from diffusers_qalora.quant import lora_op
-
-    calls = []
-    original = lora_op._QALoraOp.apply
-    monkeypatch.setattr(lora_op._QALoraOp, "apply", lambda *args: calls.append(1) or original(*args))
-    torch.manual_seed(0)
-    model = OneConv(torch.nn.Conv2d(8, 16, 3, **conv_kwargs))
-    cfg = dq.QALoraConfig(
-        r=4, lora_alpha=8, weight_bits=4, act_bits=8, timesteps=[0.0], target_modules=["conv"], eight_bit_modules=[]
-    )
-    dq.get_qalora_model(model, cfg)
-    with torch.no_grad():
-        model.conv.qal_B["default"].normal_(std=0.05)
     x = torch.randn(2, 8, 6, 6)
-    dq.calibrate_activations(model, lambda: model(x, 0.0))
-    grads = {}
-    previous_mode = set_fused_compile("eager")
-    try:
-        for fused in (False, True):
-            QALoraLayer.fused_weight_path = fused
-            model.zero_grad(set_to_none=True)
-            y = model(x, 0.0)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            grads[fused] = (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    finally:
-        QALoraLayer.fused_weight_path = True
-        set_fused_compile(previous_mode)
-        clear_workspace()
-    assert bool(calls) == (conv_kwargs.get("padding") != "same")
-    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
-    assert grads[True][1].keys() == grads[False][1].keys()
-    for name, want in grads[False][1].items():
-        torch.testing.assert_close(grads[True][1][name], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
-
-
-class OneLinear(torch.nn.Module):
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x: torch.Tensor, timestep: float) -> torch.Tensor:
-        return self.proj(x)
+    model = one_layer_student(torch.nn.Conv2d(8, 16, 3, **conv_kwargs), x)
+    ran = compare_layer_op_with_the_composition(monkeypatch, model, x)
+    assert ran == (conv_kwargs.get("padding") != "same")
 
 
 @pytest.mark.parametrize("tokens", [5, 0])  # an empty batch too
 def test_linear_layer_op_with_group_weights_matches_the_composition(monkeypatch, tokens):
-    from diffusers_qalora.quant import lora_op
-
-    calls = []
-    original = lora_op._QALoraOp.apply
-    monkeypatch.setattr(lora_op._QALoraOp, "apply", lambda *args: calls.append(1) or original(*args))
-    torch.manual_seed(0)
-    model = OneLinear(torch.nn.Linear(64, 48))
-    cfg = dq.QALoraConfig(
-        r=4,
-        lora_alpha=8,
-        weight_bits=4,
-        act_bits=8,
+    model = one_layer_student(
+        torch.nn.Linear(64, 48),
+        torch.randn(2, 5, 64),
         weight_granularity="group",
         weight_group_size=16,
         weight_symmetric=False,
-        timesteps=[0.0],
-        target_modules=["proj"],
-        eight_bit_modules=[],
     )
-    dq.get_qalora_model(model, cfg)
-    with torch.no_grad():
-        model.proj.qal_B["default"].normal_(std=0.05)
-    x = torch.randn(2, tokens, 64)
-    dq.calibrate_activations(model, lambda: model(torch.randn(2, 5, 64), 0.0))
-    results = {}
-    previous_mode = set_fused_compile("eager")
-    try:
-        for fused in (False, True):
-            QALoraLayer.fused_weight_path = fused
-            model.zero_grad(set_to_none=True)
-            y = model(x, 0.0)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            results[fused] = (
-                y.detach(),
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            )
-    finally:
-        QALoraLayer.fused_weight_path = True
-        set_fused_compile(previous_mode)
-        clear_workspace()
-    assert calls
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
-    assert results[True][1].keys() == results[False][1].keys()
-    for name, want in results[False][1].items():
-        scale = max(float(want.abs().max()), 1e-12)
-        torch.testing.assert_close(results[True][1][name], want, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    assert compare_layer_op_with_the_composition(monkeypatch, model, torch.randn(2, tokens, 64))
