@@ -102,7 +102,8 @@ class _QALoraOp(torch.autograd.Function):
             step_grad = merged_weight_step_grad(g, d_step) if need_step else None
             clipped = clipped_positions(w0, a, b, scaling, step, zero_point, qmin, qmax, d_step, inside)
             values = g.view(-1)[clipped]
-            grad_a, grad_b = _lowrank_lora_gradients(x, grad_y, a, b, conv, clipped, values, per_output)
+            layer_x, layer_grad = (x2, g2) if conv is None else (x, grad_y)  # a copied 2-D input is not copied again
+            grad_a, grad_b = _lowrank_lora_gradients(layer_x, layer_grad, a, b, conv, clipped, values, per_output)
             if scaling != 1.0:
                 grad_a.mul_(scaling)
                 grad_b.mul_(scaling)
@@ -190,11 +191,9 @@ def clipped_positions(
     start = torch.arange(cells, device=d_step.device).mul_(per_cell).view(-1, 1)
     found = []
     scan = torch.zeros(cells, dtype=torch.bool, device=d_step.device)
-    for values, index, passes in ((top_v, top_i, top_v >= above.view(-1, 1)), (bottom_v, bottom_i, None)):
-        if passes is None:
-            passes = values <= below.view(-1, 1)
+    for index, passes in ((top_i, top_v >= above.view(-1, 1)), (bottom_i, bottom_v <= below.view(-1, 1))):
         if k < per_cell:
-            scan |= passes[:, -1]
+            scan |= passes[:, -1]  # the list ran out: the cell may hold more
         found.append((start + index)[passes])
     candidates = torch.cat(found)
     flat_d = d_step.view(-1)
@@ -216,7 +215,7 @@ def _lowrank_lora_gradients(x, grad_y, a, b, conv, clipped, values, per_output):
     """``B^T (G * M)`` and ``(G * M) A^T`` through the layer's activations (see the module docstring), unscaled."""
     out_features, rank = b.shape
     if conv is None:
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])  # views when the caller passes its 2-D views
         g2 = grad_y.reshape(-1, out_features)
         grad_b = g2.t().mm(x2.mm(a.t()))
         grad_a = g2.mm(b).t().mm(x2)

@@ -243,10 +243,14 @@ class QALoraLayer(BaseTunerLayer):
                 with torch.no_grad():
                     self.qal_merged_weight = self.quantized_weight(adapter)
             return self._op(x_q, self.qal_merged_weight)
-        fused = self._fused_forward(x_q, adapter)
-        if fused is not None:
-            return fused
-        return self._op(x_q, self._forward_weight(adapter))
+        args = self._fused_weight_args(adapter)
+        if args is None:
+            return self._op(x_q, self.quantized_weight(adapter))
+        if self._layer_op_applies(x_q, args):
+            y = self._fused_op(x_q, args)
+            if y is not None:
+                return y
+        return self._op(x_q, fake_quantize_lora_merged(**args).to(args["w0"].dtype))
 
     def _fused_weight_args(self, adapter: str) -> dict | None:
         """The arguments of the fused weight path (`fake_quantize_lora_merged`) when this forward pass takes it: with
@@ -276,30 +280,19 @@ class QALoraLayer(BaseTunerLayer):
             "grouped_shape": grouped_view(weight, wq.granularity).shape,
         }
 
-    def _forward_weight(self, adapter: str) -> torch.Tensor:
-        """[`quantized_weight`] for the forward pass, through the fused weight path where it applies."""
-        args = self._fused_weight_args(adapter)
-        if args is None:
-            return self.quantized_weight(adapter)
-        return fake_quantize_lora_merged(**args).to(args["w0"].dtype)
-
-    def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor | None:
-        """The layer as one autograd function (`quant.qalora_linear` / `qalora_conv2d`: the LoRA gradients through
-        the activations where that is cheaper) when the fused weight path applies to a float32 layer whose base
-        weight and bias are frozen; ``None`` otherwise."""
-        args = self._fused_weight_args(adapter)
+    def _layer_op_applies(self, x: torch.Tensor, args: dict) -> bool:
+        """Whether the layer runs as one autograd function (`quant.qalora_linear` / `qalora_conv2d`: the LoRA
+        gradients through the activations where that is cheaper) on the fused weight path: a float32 layer whose base
+        weight and bias are frozen, outside autocast."""
         bias = self.get_base_layer().bias
-        if (
-            args is None
-            or not self.fused_layer_op
-            or args["w0"].dtype != torch.float32
-            or args["w0"].requires_grad
-            or (bias is not None and bias.requires_grad)
-            or x.dtype != torch.float32
-            or torch.is_autocast_enabled(x.device.type)
-        ):
-            return None
-        return self._fused_op(x, args)
+        return (
+            self.fused_layer_op
+            and args["w0"].dtype == torch.float32
+            and not args["w0"].requires_grad
+            and (bias is None or not bias.requires_grad)
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def _fused_op(self, x: torch.Tensor, args: dict) -> torch.Tensor | None:
         raise NotImplementedError
