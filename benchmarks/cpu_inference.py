@@ -14,6 +14,10 @@ this torch: optimum-quanto (``quantize(weights=qint8, activations=qint8)``, cali
 (``Int8DynamicActivationInt8WeightConfig``) and SDNQ (``sdnq_post_load_quant`` with int8 weights, quantized convs and
 the int8 matmul).  A peer that fails is reported with its error, not dropped silently.
 
+``--compile`` adds ``torch.compile`` (Inductor, static shapes) of fp32 and of each integer model (``... compiled``),
+compiled before the timed passes: the integer layers then trace their activation quantization for Inductor to fuse
+and call oneDNN through one custom op (docs/export.md#torchcompile).
+
 Timing: ``torch.set_num_threads`` fixed per pass (``--threads 1 2``), every variant once per repeat in rotating order
 (interleaved), medians over repeats, ratios to fp32 from the same pass.  Memory: bytes held by each model's tensors
 (oneDNN's packed int8 copies included) and the peak RSS increase of one forward pass over the RSS before it
@@ -53,6 +57,7 @@ OURS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 PEERS = ("quanto W8A8", "torchao W8A8", "SDNQ W8A8")
 TABLE = [0.0, 250.0, 500.0, 750.0, 999.0]
 SHARED_T = 500.0
+COMPILED = " compiled"
 
 
 # -- models and inputs -------------------------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def measure(
     fns = {}
     for name, model in models.items():
         fns[name] = forward_fn(model, shared)
-        if name in OURS:
+        if _ours(name):
             fns[f"{name} mixed"] = forward_fn(model, mixed)
     reference = output_of(models["fp32"], shared)
     quality = {}
@@ -214,27 +219,45 @@ def measure(
             "repeats": len(next(iter(times.values()))),
             "median_ms": {k: round(v * 1e3, 2) for k, v in med.items()},
             "speedup_vs_fp32": {k: round(med["fp32"] / v, 3) for k, v in med.items() if k != "fp32"},
-            "mixed_over_shared": {k: round(med[f"{k} mixed"] / med[k], 3) for k in OURS if k in med},
+            "mixed_over_shared": {k: round(med[f"{k} mixed"] / med[k], 3) for k in models if _ours(k)},
             "all_ms": {k: [round(x * 1e3, 2) for x in v] for k, v in times.items()},
         }
         print(case, n, "threads", json.dumps(result["by_threads"][str(n)]["speedup_vs_fp32"]), flush=True)
     torch.set_num_threads(profile_threads)
     profiled = {"fp32": (models["fp32"], shared)}
-    for name in OURS:
-        if name in models:
+    for name in models:
+        if _ours(name) or name == f"fp32{COMPILED}":
             profiled[name] = (models[name], shared)
-            if profile_mixed:
+            if profile_mixed and _ours(name):
                 profiled[f"{name} mixed"] = (models[name], mixed)
     result["profile"] = {k: profile_table(m, i) for k, (m, i) in profiled.items()}
     result["memory"] = {k: forward_memory(m, shared) for k, m in models.items()}
     return result
 
 
-def run_unet(threads: list[int], repeats: int, budget_s: float, peers: bool = True) -> dict:
+def _ours(name: str) -> bool:
+    return name.removesuffix(COMPILED) in OURS
+
+
+def add_compiled(models: dict[str, nn.Module], case: str) -> None:
+    """``torch.compile`` (Inductor, static shapes) of fp32 and of the project's integer models, as a user runs them;
+    compiled here, outside the timed passes (one call with each input)."""
+    for name in [n for n in models if n == "fp32" or n in OURS]:
+        compiled = torch.compile(models[name], dynamic=False)
+        t0 = time.time()
+        for mixed in (False, True):
+            output_of(compiled, inputs(case, mixed))
+        print(f"compiled {name} in {time.time() - t0:.0f} s", flush=True)
+        models[f"{name}{COMPILED}"] = compiled
+
+
+def run_unet(threads: list[int], repeats: int, budget_s: float, peers: bool = True, compiled: bool = False) -> dict:
     models: dict[str, nn.Module] = {"fp32": build_float("unet")}
     errors = {}
     for name, bits in OURS.items():
         models[name] = build_ours("unet", bits)
+    if compiled:
+        add_compiled(models, "unet")
     for name in PEERS if peers else ():
         try:
             with warnings.catch_warnings():
@@ -250,7 +273,7 @@ def run_unet(threads: list[int], repeats: int, budget_s: float, peers: bool = Tr
     return result
 
 
-def sd15_worker(variant: str, threads: list[int], repeats: int) -> dict:
+def sd15_worker(variant: str, threads: list[int], repeats: int, compiled: bool = False) -> dict:
     """One quantized variant (built first, while no fp32 model is alive) next to a fresh fp32 model."""
     models: dict[str, nn.Module] = {}
     if variant in OURS:
@@ -259,10 +282,12 @@ def sd15_worker(variant: str, threads: list[int], repeats: int) -> dict:
         models[variant] = build_peer("sd15", variant)
     gc.collect()
     models = {"fp32": build_float("sd15"), **models}
+    if compiled:
+        add_compiled(models, "sd15")
     return measure("sd15", models, threads, repeats, threads[0], budget_s=0.0, profile_mixed=False)
 
 
-def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None) -> dict:
+def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None, compiled: bool = False) -> dict:
     """Each variant in its own subprocess; ``save(partial)`` after each, so that a long run keeps what it has."""
     out = {"case": "SD1.5-shaped UNet2DConditionModel, 4x64x64 latents, batch 2", "per_variant": {}}
     for variant in variants:
@@ -275,6 +300,7 @@ def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None) -
             *map(str, threads),
             "--repeats",
             str(repeats),
+            *(["--compile"] if compiled else []),
         ]
         t0 = time.time()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -366,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         help="extra repeats for short cases, within about this many seconds per variant",
     )
     parser.add_argument("--sd15-peers", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fp32 and integer models")
     parser.add_argument("--no-peers", action="store_true", help="only fp32 and the project's integer models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--sd15-worker", help=argparse.SUPPRESS)
@@ -374,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sd15_worker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print(json.dumps(sd15_worker(args.sd15_worker, args.threads, args.repeats)))
+            print(json.dumps(sd15_worker(args.sd15_worker, args.threads, args.repeats, args.compile)))
         return 0
     started = time.time()
     with open("/proc/loadavg", encoding="utf-8") as f:
@@ -403,11 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'cpu_inference.json'} and .md ({meta['total_seconds']} s)", flush=True)
 
     if "unet" in args.cases:
-        results["unet"] = run_unet(args.threads, args.repeats, args.budget_s, peers=not args.no_peers)
+        results["unet"] = run_unet(
+            args.threads, args.repeats, args.budget_s, peers=not args.no_peers, compiled=args.compile
+        )
         save()
     if "sd15" in args.cases:
         variants = list(OURS) + (list(PEERS) if args.sd15_peers else [])
-        run_sd15(variants, args.threads, max(3, args.repeats // 2), save=save)
+        run_sd15(variants, args.threads, max(3, args.repeats // 2), save=save, compiled=args.compile)
     return 0
 
 

@@ -6,7 +6,9 @@ then ``export_quantized`` turns it into integer layers and the same noise and la
 oneDNN integer path and with the dequantized reference path.  Reported per model: digits-FID, class accuracy, the
 paired x0-MSE against the FP samples, and the paired MSE between the integer and the fake-quant samples.  The
 reference path is the fake-quant model bit for bit, so its samples (and FID) must be identical; the integer path
-differs by float32 rounding only, so its FID must sit within the seed-to-seed noise of FID.
+differs by float32 rounding only, so its FID must sit within the seed-to-seed noise of FID.  ``--compile`` also
+samples with the integer model under ``torch.compile`` (Inductor: the activation quantization fused, oneDNN as a custom
+op), which must sit there too.
 Results go to ``benchmarks/results/export_fid.{json,md}``.
 
     python benchmarks/export_fid.py                                # W4A8, 1000 samples, DDIM 20 steps, seed 0
@@ -68,6 +70,14 @@ def render_markdown(payload: dict) -> str:
         f"fake-quant vs FP: {fmt(f'{v:.2e}' for v in pairs['fake_quant_vs_fp_mse'])} (images in [0, 1]; largest single "
         f"pixel difference integer vs fake-quant: {fmt(f'{v:.2f}' for v in pairs['integer_vs_fake_quant_max_abs'])})",
         f"- reference path samples identical to the fake-quant samples: {pairs['reference_identical_to_fake_quant']}",
+    ]
+    if "fid_difference_compiled_minus_fake_quant" in pairs:
+        lines += [
+            "- FID(integer, torch.compile) - FID(fake-quant), per seed: "
+            f"{fmt(f'{d:+.2f}' for d in pairs['fid_difference_compiled_minus_fake_quant'])}; paired MSE compiled vs "
+            f"fake-quant samples: {fmt(f'{v:.2e}' for v in pairs['compiled_vs_fake_quant_mse'])}",
+        ]
+    lines += [
         f"- export took {payload['export_seconds']} s; the whole run {payload['total_seconds']} s",
     ]
     return "\n".join(lines) + "\n"
@@ -83,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", type=Path, default=None, help="a distilled QALoRA adapter folder (else PTQ)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument(
+        "--compile", action="store_true", help="also sample with the integer model under torch.compile (Inductor)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", type=Path, default=None, help="only re-render the Markdown of a results JSON")
     args = parser.parse_args(argv)
@@ -149,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     export_seconds = time.time() - export_started
     integer = {seed: sample(seed) for seed in args.seeds}
     score("integer (oneDNN)", integer)
+    if args.compile:  # the fast CPU path: quantization fused by Inductor, oneDNN as a custom op
+        pipe.unet = torch.compile(unet, dynamic=False)
+        compiled = {seed: sample(seed) for seed in args.seeds}
+        pipe.unet = unet
+        score("integer (oneDNN, torch.compile)", compiled)
     for layer in integer_layers(unet).values():
         layer.exact_activation_rounding = True
     score("integer (oneDNN, exact rounding)", {seed: sample(seed) for seed in args.seeds})
@@ -167,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             a["fid"] - b["fid"] for a, b in zip(per_seed["integer (oneDNN)"], per_seed["fake-quant"])
         ],
     }
+    if args.compile:
+        pairs["compiled_vs_fake_quant_mse"] = [paired_mse(compiled[s][0], fake[s][0]) for s in args.seeds]
+        pairs["fid_difference_compiled_minus_fake_quant"] = [
+            a["fid"] - b["fid"] for a, b in zip(per_seed["integer (oneDNN, torch.compile)"], per_seed["fake-quant"])
+        ]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
     payload = {
         "command": command,

@@ -208,6 +208,10 @@ def run_block(width: int, repeats: int) -> dict:
 
 
 CATEGORIES = (  # first match wins
+    # torch.compile: Inductor's fused kernels run inside the compiled graph's call; the integer layers' custom op
+    # (its Python, the per-sample epilogue) around oneDNN's product
+    ("fused kernels (torch.compile)", ("CompiledFxGraph", "cpp_fused", "Torch-Compiled Region")),
+    ("integer product op (epilogue, Python)", ("diffusers_qalora::",)),
     ("integer conv/matmul (oneDNN)", ("onednn::",)),
     ("fp32 conv/matmul", ("mkldnn_convolution", "aten::mm", "aten::addmm", "aten::bmm", "aten::convolution")),
     ("activation quantization", ("quantize_per_tensor", "aten::set_", "aten::clamp")),

@@ -31,6 +31,7 @@ from .backends import (
     prepack_linear,
     resolve_integer_kernel,
 )
+from .compiled import integer_product, layer_key
 from .functional import (
     dequantize_activation_reference,
     dequantize_weight,
@@ -42,6 +43,19 @@ from .functional import (
 from .layout import ACT_TABLE_NAMES, ATTENTION_TABLE_NAMES, TABLE_FIELDS, IntegerLayout
 
 __all__ = ["IntegerConv2d", "IntegerLayer", "IntegerLinear", "integer_layers"]
+
+
+@torch.compiler.assume_constant_result
+def _compiled_route(layer: IntegerLayer, device_type: str) -> tuple | None:
+    # Evaluated once while tracing (tables and kernel choice are fixed for the graph); the op checks it at run time.
+    return layer._compiled_route(device_type)
+
+
+@torch.compiler.disable
+def _forward_eager(layer: IntegerLayer, x: torch.Tensor) -> torch.Tensor:
+    # Layers without a traced path run eagerly inside a compiled model (a graph break, the same numbers).
+    return layer._forward_eager(x)
+
 
 # Positions of the denoiser call's timesteps in the layers' dense tables, keyed by the context's timestep tensor (kept
 # in the value, so that its id cannot be reused while the entry lives); ``None`` for non-integer timesteps.
@@ -367,6 +381,11 @@ class IntegerLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_compiled(x)
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout.dynamic_activations:
             return self._forward_dynamic(x)
         timesteps = self._sample_timesteps(x.shape[0])
@@ -413,6 +432,82 @@ class IntegerLayer(nn.Module):
             # A zero point outside the uint8 range (a drifted learned one) cannot be expressed in uint8 codes.
             return self._reference(x, scale, zero_point)
         return impl(self, x, scale, zero_point)
+
+    # -- torch.compile ---------------------------------------------------------------------------------------------
+    def _compiled_route(self, device_type: str) -> tuple | None:
+        """``(key, zero_point, padded)`` of the traced path on ``device_type`` (`diffusers_qalora.export.compiled`),
+        or ``None`` where the layer runs its eager forward instead: dynamic activations, a kernel other than oneDNN,
+        a zero point outside ``uint8``, or differing zero points with a zero padding no code can fill."""
+        if self.layout.dynamic_activations or self.context is None:
+            return None
+        impl = resolve_integer_kernel(kernel_preference_of(self), torch.device(device_type), self.op, self._where())
+        if impl != "onednn":
+            return None
+        lo, hi = (v + self.layout.act_offset for v in self.layout.act_code_range)
+        z_min, z_max = (v + self.layout.act_offset for v in self._dense_qparams()[3:])
+        if z_min < 0 or z_max > 255:
+            return None
+        common = self._shared_zero_point()
+        padded = common is None and any(self._traced_padding())
+        if padded and not (lo <= z_min and z_max <= hi):
+            return None
+        return layer_key(self), 0 if common is None else common, padded
+
+    def _traced_padding(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        """The traced forward: the quantization as tensor operations for the compiler to fuse, the product as one
+        custom op; every batch on the per-sample path."""
+        route = _compiled_route(self, x.device.type)
+        if route is None:
+            return _forward_eager(self, x)
+        key, zero_point, padded = route
+        view = (-1,) + (1,) * (x.dim() - 1)
+        timesteps = self._sample_timesteps(x.shape[0])
+        scale, act_zero_point = lookup_act_qparams(self.act_timesteps, self.act_scale, self.act_zero_point, timesteps)
+        z = act_zero_point + self.layout.act_offset
+        lo, hi = (v + self.layout.act_offset for v in self.layout.act_code_range)
+        x, padding = self._pad_input(x)
+        if padded:  # a zero of the padding quantizes to its sample's own zero point
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        v = x.float()
+        v = v / scale.reshape(view) if self.exact_activation_rounding else v * torch.reciprocal(scale).reshape(view)
+        codes = torch.clamp(torch.round(v) + z.reshape(view), lo, hi).to(torch.uint8)
+        return self._traced_product(x, codes, scale, scale * z, key, zero_point, padded)
+
+    def _traced_product(self, x, codes, scale, scaled_zero_point, key, zero_point, padded) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compiled_product(
+        self, codes: torch.Tensor, scale: torch.Tensor, scaled_zero_point: torch.Tensor, zero_point: int, padded: bool
+    ) -> torch.Tensor:
+        """Run time of `diffusers_qalora::integer_product`: the product after a check that the graph's route still
+        holds."""
+        memo_key = (self._table_key(), kernel_preference_of(self), codes.device.type)
+        route, common = self._cached(
+            "compiled_route", memo_key, lambda: (self._compiled_route(codes.device.type), self._shared_zero_point())
+        )
+        if route is None or route[1:] != (zero_point, padded):
+            raise RuntimeError(
+                f"{self._where()}: the layer's activation tables or kernel preference changed after torch.compile "
+                f"traced it; compile the model again (torch.compiler.reset(), then torch.compile)."
+            )
+        return self._product_per_sample(codes, scale, scaled_zero_point, common, padded)
+
+    def _compiled_product_like(self, codes: torch.Tensor, padded: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _product_per_sample(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        scaled_zero_point: torch.Tensor,
+        common: int | None,
+        padded: bool,
+        tap_sums: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
     # -- dynamic activations (act_granularity "token" / "group") -----------------------------------------------
     channel_dim: int = -1
@@ -658,12 +753,16 @@ class IntegerLinear(IntegerLayer):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _onednn_per_sample(self, x, terms, lo, hi):
-        scale, inv_scale, zero_point, _ = terms
+        scale, inv_scale, zero_point, scaled_zero_point = terms
         codes = quantize_activation_uint8_per_sample(
             x, scale, zero_point, lo, hi, self.exact_activation_rounding, inv_scale=inv_scale
         )
-        codes = codes.reshape(-1, self.in_features)
-        common = self._shared_zero_point()
+        y = self._product_per_sample(
+            codes.reshape(-1, self.in_features), scale, scaled_zero_point, self._shared_zero_point(), False
+        )
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _product_per_sample(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
         packed = self._prepacked()
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
@@ -671,9 +770,18 @@ class IntegerLinear(IntegerLayer):
                 codes if len(packed) == 1 else codes[:, a:b].contiguous(), 1.0, common or 0, w, s, None, torch.float32
             )
             acc = part if acc is None else acc.add_(part)
-        acc = acc.reshape(x.shape[0], -1, self.out_features)
-        y = self._per_sample_epilogue(acc, terms, common is not None, (self.out_features,))
+        acc = acc.reshape(scale.shape[0], -1, self.out_features)
+        terms = (scale, None, None, scaled_zero_point)
+        return self._per_sample_epilogue(acc, terms, common is not None, (self.out_features,)).reshape(
+            -1, self.out_features
+        )
+
+    def _traced_product(self, x, codes, scale, scaled_zero_point, key, zero_point, padded):
+        y = integer_product(codes.reshape(-1, self.in_features), scale, scaled_zero_point, key, zero_point, padded)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _compiled_product_like(self, codes, padded):
+        return codes.new_empty((codes.shape[0], self.out_features), dtype=torch.float32)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -911,7 +1019,7 @@ class IntegerConv2d(IntegerLayer):
         return self._cached(f"tap_sums_{size}_{tuple(padding)}", self._weight_key(), build)
 
     def _onednn_per_sample(self, x, terms, lo, hi):
-        scale, inv_scale, zero_point, _ = terms
+        scale, inv_scale, zero_point, scaled_zero_point = terms
         x, padding = self._pad_input(x)
         common = self._shared_zero_point()
         shared = common is not None
@@ -931,10 +1039,18 @@ class IntegerConv2d(IntegerLayer):
         )
         codes = codes.contiguous(memory_format=torch.channels_last)
         tap_sums = None
-        if pad_codes:
-            padding = (0, 0)
-        elif not shared and any(padding):
+        if not shared and not pad_codes and any(padding):
             tap_sums = self._tap_sum_map(x.shape[-2:], padding)
+        y = self._product_per_sample(codes, scale, scaled_zero_point, common, pad_codes, tap_sums)
+        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
+            y = y.contiguous()
+        return y.to(x.dtype)
+
+    def _traced_padding(self) -> tuple[int, int]:
+        return tuple(self._conv_padding())
+
+    def _product_per_sample(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
+        padding = (0, 0) if padded else self._conv_padding()
         packed = self._prepacked(padding)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
@@ -952,10 +1068,26 @@ class IntegerConv2d(IntegerLayer):
                 torch.float32,
             )
             acc = part if acc is None else acc.add_(part)
-        y = self._per_sample_epilogue(acc, terms, shared, (1, -1, 1, 1), tap_sums)
-        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
-            y = y.contiguous()
-        return y.to(x.dtype)
+        terms = (scale, None, None, scaled_zero_point)
+        return self._per_sample_epilogue(acc, terms, common is not None, (1, -1, 1, 1), tap_sums)
+
+    def _traced_product(self, x, codes, scale, scaled_zero_point, key, zero_point, padded):
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        return integer_product(codes, scale, scaled_zero_point, key, zero_point, padded).to(x.dtype)
+
+    def _compiled_product(self, codes, scale, scaled_zero_point, zero_point, padded):
+        y = super()._compiled_product(codes, scale, scaled_zero_point, zero_point, padded)
+        like = self._compiled_product_like(codes, padded)
+        # the traced graph assumed the fake output's strides (oneDNN's can differ on size-1 dimensions)
+        return y if y.stride() == like.stride() else like.copy_(y)
+
+    def _compiled_product_like(self, codes, padded):
+        (ph, pw) = (0, 0) if padded else self._conv_padding()
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        h = (codes.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (codes.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        shape = (codes.shape[0], self.out_channels, h, w)
+        return torch.empty(shape, dtype=torch.float32, device=codes.device, memory_format=torch.channels_last)
 
 
 def integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:

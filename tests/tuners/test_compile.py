@@ -4,8 +4,7 @@ model, on CPU.
 The QALoRA model is compiled with the ``"eager"`` (inference) and ``"aot_eager"`` (training step) backends: dynamo
 traces the timestep hook and the per-timestep step-size lookups (graph breaks included) and AOTAutograd builds the
 backward, which is what can go wrong; inductor gives the same numbers but spends ~2 CPU-minutes compiling even this tiny model, too slow for
-the suite (docs/lifecycle.md).  The exported model is compiled with inductor, what users run, after an eager call
-(its oneDNN weights are then cached in the layers).
+the suite (docs/lifecycle.md).  The exported model is compiled with inductor, what users run, before and after an eager call.
 """
 
 from __future__ import annotations
@@ -89,11 +88,19 @@ def test_compiled_training_step_gives_the_eager_gradients(backend):
 
 
 @pytest.mark.slow
-def test_compiled_exported_model_with_inductor():
+@pytest.mark.parametrize("eager_first", [True, False])
+def test_compiled_exported_model_with_inductor(eager_first):
+    """Compiled before or after an eager call (the oneDNN weights are read at run time either way); the traced path
+    applies each sample's step size in a float epilogue where eager oneDNN folds it into its own, so the outputs agree
+    to float32 rounding (a rounding tie could move one code: docs/export.md)."""
     model, x = qalora_model()
     exported = dq.export_quantized(model)
     with torch.no_grad():
-        expected = {t: exported(x, timesteps(t)) for t in (0.0, 250.0)}  # eager first: the oneDNN weights are cached
+        expected = {t: exported(x, timesteps(t)) for t in (0.0, 250.0)}
         compiled = torch.compile(exported)
+        if not eager_first:
+            torch._dynamo.reset()
+            for layer in dq.export.integer_layers(exported).values():
+                layer._derived.clear()  # no packed weights cached by the eager calls
         for t, out in expected.items():
-            assert torch.equal(compiled(x, timesteps(t)), out), t
+            torch.testing.assert_close(compiled(x, timesteps(t)), out, rtol=1e-5, atol=1e-6, msg=str(t))

@@ -1,0 +1,67 @@
+"""``torch.compile`` support of the integer layers.
+
+Under ``torch.compile`` an integer layer traces its activation quantization as plain tensor operations (the step-size
+lookup at each sample's timestep, ``round(x / s_b) + z_b``, the clamp and the ``uint8`` cast), so that Inductor fuses
+them into the operation that produces the activation (GroupNorm + SiLU, the attention output, a residual add), and
+calls its integer product through one custom op, ``diffusers_qalora::integer_product``, which the compiler treats as
+opaque.  The op reads the layer's pre-packed oneDNN weights at run time from a registry of layers keyed by a string
+(oneDNN's packed weights cannot be traced), so the weights are never copied into the graph.
+
+Every batch takes the per-sample path: one timestep or many, the step sizes are a per-row scale, so a batch whose
+samples sit at different timesteps costs what a batch with one shared timestep costs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+__all__ = ["integer_product", "layer_key"]
+
+_LAYERS: dict[str, weakref.ref] = {}
+_KEYS = itertools.count()
+_KEY_ATTR = "_compile_key"
+
+
+def layer_key(layer: torch.nn.Module) -> str:
+    """The registry key of ``layer`` (assigned on first use; a copy of a layer gets a key of its own)."""
+    key = layer.__dict__.get(_KEY_ATTR)
+    if key is None or _LAYERS.get(key, lambda: None)() is not layer:
+        key = f"{type(layer).__name__}:{next(_KEYS)}"
+        _LAYERS[key] = weakref.ref(layer, lambda _, key=key: _LAYERS.pop(key, None))
+        layer.__dict__[_KEY_ATTR] = key
+    return key
+
+
+def _layer(key: str) -> torch.nn.Module:
+    layer = _LAYERS.get(key, lambda: None)()
+    if layer is None:
+        raise RuntimeError(
+            f"the integer layer {key!r} of a compiled graph no longer exists; compile the model again "
+            f"(torch.compile on the model you run)."
+        )
+    return layer
+
+
+@torch.library.custom_op("diffusers_qalora::integer_product", mutates_args=())
+def integer_product(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    scaled_zero_point: torch.Tensor,
+    layer: str,
+    zero_point: int,
+    padded: bool,
+) -> torch.Tensor:
+    """The integer product of the layer registered as ``layer`` on ``uint8`` ``codes`` (a linear layer's
+    ``(B * T, K)``, a convolution's ``(B, C, H, W)`` channels-last, already padded when ``padded``), with the
+    per-sample epilogue ``s_b * acc + bias - s_b * z_b * M`` (``scale``: ``s_b``, ``scaled_zero_point``: ``s_b * z_b``,
+    ``(B,)`` each).  ``zero_point`` is the zero point the graph was traced with (the one every timestep shares, or 0):
+    the layer refuses a call whose tables have changed since."""
+    return _layer(layer)._compiled_product(codes, scale, scaled_zero_point, zero_point, padded)
+
+
+@integer_product.register_fake
+def _integer_product_fake(codes, scale, scaled_zero_point, layer, zero_point, padded):
+    return _layer(layer)._compiled_product_like(codes, padded)

@@ -1,0 +1,165 @@
+"""Integer layers under ``torch.compile``: the traced path (activation quantization as tensor operations, the product
+as the ``diffusers_qalora::integer_product`` custom op) against the int64 oracle, whole exported models against their
+eager run, one product per layer for any batch of timesteps, and the guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_fixtures import make_unet2d, qalora, relative_error, unet2d_inputs
+from test_export_layers import _int_oracle, _layer, _x, needs_onednn
+
+import diffusers_qalora as dq
+from diffusers_qalora.export import integer_layers
+from diffusers_qalora.export.compiled import integer_product, layer_key
+from diffusers_qalora.export.modules import IntegerLayer
+from diffusers_qalora.quant import set_kernel_preference
+
+pytestmark = needs_onednn
+
+# The traced routes: differing zero points (conv: codes padded with each sample's zero point), one shared zero point
+# (signed codes; one table entry), weight groups, a stride and a reflect padding; and one without a traced route (4-bit
+# codes cannot hold these zero points: the padding has no code), which runs the eager layer inside the graph.
+CASES = [
+    ("linear", {}, True),
+    ("linear", {"signed": True, "bias": False}, True),
+    ("conv2d", {}, True),
+    ("conv2d", {"weight_bits": 8, "act_bits": 8, "num_timesteps": 1}, True),
+    ("conv2d", {"group_size": 8, "conv_kwargs": {"stride": 2}}, True),
+    ("conv2d", {"conv_kwargs": {"padding_mode": "reflect"}, "signed": True}, True),
+    ("conv2d", {"act_bits": 4}, False),
+]
+SHARED = torch.tensor([300.0])
+MIXED = torch.tensor([999.0, 10.0, 999.0, 640.0])
+
+
+def _compiled(module, **kwargs):
+    torch.compiler.reset()
+    return torch.compile(module, dynamic=False, **kwargs)
+
+
+@pytest.mark.parametrize("kind, kwargs, traced", CASES)
+def test_compiled_layer_matches_the_int64_oracle(kind, kwargs, traced):
+    """One graph (``fullgraph``) where the layer has a traced route; the oracle of every sample at its own timestep,
+    shared or mixed; the default rounding (``x * (1 / s)``) at most one code from the exact one, which does not show at
+    this tolerance here."""
+    layer, codes, w_scale, b, context = _layer(kind, **kwargs)
+    assert (layer._compiled_route("cpu") is not None) == traced
+    compiled = _compiled(layer, fullgraph=traced)
+    x = _x(kind, batch=4)
+    for timesteps in (SHARED, MIXED, MIXED - 0.25):
+        context.set(timesteps)
+        per_sample = timesteps.expand(4) if timesteps.numel() == 1 else timesteps
+        expected = torch.cat(
+            [_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t)) for i, t in enumerate(per_sample)]
+        )
+        tol = {"rtol": 1e-5, "atol": 2e-6 * float(expected.abs().max())}
+        for exact in (True, False):
+            layer.exact_activation_rounding = exact  # a guarded attribute: the graph is traced again
+            with torch.no_grad():
+                got = compiled(x)
+            assert got.shape == expected.shape and got.dtype == x.dtype
+            torch.testing.assert_close(got.double(), expected, **tol)
+
+
+def test_the_custom_op_passes_opcheck():
+    """The fake (meta) implementation agrees with the real one: shapes, strides, dtype (what the compiler relies on)."""
+    for kind, kwargs in (("conv2d", {}), ("conv2d", {"conv_kwargs": {"stride": 2}}), ("linear", {})):
+        layer, *_, context = _layer(kind, **kwargs)
+        context.set(MIXED)
+        key, zero_point, padded = layer._compiled_route("cpu")
+        if kind == "linear":
+            codes = torch.randint(0, 256, (4 * 7, layer.in_features), dtype=torch.uint8)
+        else:
+            size = 9 + 2 * layer.padding[0] * padded
+            codes = torch.randint(0, 256, (4, layer.in_channels, size, size), dtype=torch.uint8)
+            codes = codes.contiguous(memory_format=torch.channels_last)
+        scale = torch.rand(4) + 0.01
+        torch.library.opcheck(integer_product, (codes, scale, scale * 3, key, zero_point, padded))
+
+
+TIMESTEPS = (500.0, torch.tensor([999.0, 10.0, 500.0, 640.0]))
+
+
+def _exported_unet(reference_outputs: bool = False):
+    """The exported W8A8 tiny UNet; with ``reference_outputs`` also the fp32 and fake-quant outputs at `TIMESTEPS`."""
+    fake = qalora(make_unet2d(), unet2d_inputs, weight_bits=8, act_bits=8, random_lora=False)
+    outputs = []
+    if reference_outputs:
+        with torch.no_grad():
+            fp32 = make_unet2d()
+            outputs = [(fp32(**unet2d_inputs(t)).sample, fake(**unet2d_inputs(t)).sample.clone()) for t in TIMESTEPS]
+    model = dq.export_quantized(fake).eval()
+    return (model, outputs) if reference_outputs else model
+
+
+def test_compiled_model_is_one_graph_and_matches_eager(monkeypatch):
+    """A whole exported UNet compiles without a graph break; shared and mixed timesteps both run one integer product per
+    layer (no per-timestep loop) and stay as close to the fake-quant model as the eager integer model does."""
+    model, references = _exported_unet(reference_outputs=True)
+    n_layers = len(integer_layers(model))
+    compiled = _compiled(model, fullgraph=True)
+    calls = []
+    original = IntegerLayer._compiled_product
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IntegerLayer, "_compiled_product", counting)
+    with torch.no_grad():
+        for timestep, (fp32, fake) in zip(TIMESTEPS, references):
+            inputs = unet2d_inputs(timestep)
+            eager = model(**inputs).sample
+            calls.clear()
+            got = compiled(**inputs).sample
+            assert len(calls) == n_layers and len(set(calls)) == n_layers
+            assert got.is_contiguous()
+            # docs/export.md: a float rounding difference can move an activation across a rounding boundary, and that
+            # propagates.  The compiled model stays within 0.3x the quantization error of the eager integer model, and
+            # as close to the fake-quant model as the eager one is.
+            quantization_error = relative_error(fake, fp32)
+            assert relative_error(got, eager) < 0.3 * quantization_error
+            assert relative_error(got, fake) < 1.25 * relative_error(eager, fake)
+
+
+def test_compiled_model_without_a_traced_path_runs_its_eager_layers(monkeypatch):
+    """The "torch" preference (and any route without the oneDNN product) keeps each integer layer eager inside the
+    compiled model (the fake-quant numbers; only the float layers around them are compiled)."""
+    model, references = _exported_unet(reference_outputs=True)
+    set_kernel_preference(model, "torch")
+    compiled = _compiled(model)
+    calls = []
+    original = IntegerLayer._forward_eager
+    monkeypatch.setattr(IntegerLayer, "_forward_eager", lambda self, x: calls.append(1) or original(self, x))
+    inputs = unet2d_inputs(TIMESTEPS[1])
+    fp32, fake = references[1]
+    with torch.no_grad():
+        got = compiled(**inputs).sample
+    assert len(calls) == len(integer_layers(model))
+    # Inductor's float kernels (GroupNorm, SiLU, attention) round differently from eager ones, and a rounding flip
+    # propagates (docs/export.md): compiled models must stay within 0.3x the quantization error.
+    assert relative_error(got, fake) < 0.3 * relative_error(fake, fp32)
+
+
+def test_tables_changed_after_compiling_are_refused():
+    """A compiled graph bakes the layer's zero-point route in: a table change that alters it is an error naming the
+    layer and the fix, not a silently wrong product."""
+    layer, *_, context = _layer("conv2d", signed=True)  # signed codes: one shared zero point
+    compiled = _compiled(layer)
+    context.set(MIXED)
+    x = _x("conv2d", batch=4)
+    with torch.no_grad():
+        compiled(x)
+        layer.act_zero_point.copy_(torch.tensor([0.0, 3.0, -2.0, 1.0]))
+        with pytest.raises(RuntimeError, match="changed after torch.compile.*compile the model again"):
+            compiled(x)
+
+
+def test_layer_keys_follow_the_layer_not_its_copy():
+    import copy
+
+    layer, *_ = _layer("linear")
+    twin = copy.deepcopy(layer)
+    assert layer_key(layer) != layer_key(twin)
+    assert layer_key(layer) == layer_key(layer)
