@@ -171,3 +171,22 @@ def test_layer_keys_follow_the_layer_not_its_copy():
     twin = copy.deepcopy(layer)
     assert layer_key(layer) != layer_key(twin)
     assert layer_key(layer) == layer_key(layer)
+
+
+def test_default_compile_follows_the_batch_size():
+    """``torch.compile(model)`` with its default (dynamic on recompilation) settings: a new batch size traces again
+    with symbolic shapes, and each batch stays as close to the fake-quant model as in the static case."""
+    fake = qalora(make_unet2d(), unet2d_inputs, weight_bits=8, act_bits=8, random_lora=False)
+    fp32 = make_unet2d()
+    batches = {b: unet2d_inputs(torch.arange(b).float() * 150, batch=b) for b in (4, 2, 3)}
+    with torch.no_grad():
+        references = {b: (fp32(**x).sample, fake(**x).sample.clone()) for b, x in batches.items()}
+    model = dq.export_quantized(fake).eval()
+    torch.compiler.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for b, x in batches.items():
+            reference_fp32, reference_fake = references[b]
+            got = compiled(**x).sample
+            assert got.shape == reference_fake.shape
+            assert relative_error(got, reference_fake) < 0.5 * relative_error(reference_fake, reference_fp32), b
