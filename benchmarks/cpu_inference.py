@@ -14,7 +14,8 @@ this torch: optimum-quanto (``quantize(weights=qint8, activations=qint8)``, cali
 (``Int8DynamicActivationInt8WeightConfig``) and SDNQ (``sdnq_post_load_quant`` with int8 weights, quantized convs and
 the int8 matmul).  A peer that fails is reported with its error, not dropped silently.
 
-``--compile`` adds ``torch.compile`` (Inductor, static shapes) of fp32 and of each integer model (``... compiled``),
+``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float attention runs
+in bf16 (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``, ``... bf16-attn``).  ``--compile`` adds ``torch.compile`` (Inductor, static shapes) of fp32 and of each integer model (``... compiled``),
 compiled before the timed passes: the integer layers then trace their activation quantization for Inductor to fuse
 and call oneDNN through one custom op (docs/export.md#torchcompile).
 
@@ -58,6 +59,7 @@ PEERS = ("quanto W8A8", "torchao W8A8", "SDNQ W8A8")
 TABLE = [0.0, 250.0, 500.0, 750.0, 999.0]
 SHARED_T = 500.0
 COMPILED = " compiled"
+BF16_ATTENTION = " bf16-attn"
 
 
 # -- models and inputs -------------------------------------------------------------------------------------------------
@@ -236,13 +238,22 @@ def measure(
 
 
 def _ours(name: str) -> bool:
-    return name.removesuffix(COMPILED) in OURS
+    return name.removesuffix(COMPILED).removesuffix(BF16_ATTENTION) in OURS
+
+
+def add_bf16_attention(models: dict[str, nn.Module], case: str) -> None:
+    """A second build of each integer model whose float attention runs in bf16
+    (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``)."""
+    for name in [n for n in models if n in OURS]:
+        model = build_ours(case, OURS[name])
+        model.set_attn_processor(dq.QALoraAttnProcessor(compute_dtype=torch.bfloat16))
+        models[f"{name}{BF16_ATTENTION}"] = model
 
 
 def add_compiled(models: dict[str, nn.Module], case: str) -> None:
     """``torch.compile`` (Inductor, static shapes) of fp32 and of the project's integer models, as a user runs them;
     compiled here, outside the timed passes (one call with each input)."""
-    for name in [n for n in models if n == "fp32" or n in OURS]:
+    for name in [n for n in models if n == "fp32" or _ours(n)]:
         compiled = torch.compile(models[name], dynamic=False)
         t0 = time.time()
         for mixed in (False, True):
@@ -273,11 +284,15 @@ def run_unet(threads: list[int], repeats: int, budget_s: float, peers: bool = Tr
     return result
 
 
-def sd15_worker(variant: str, threads: list[int], repeats: int, compiled: bool = False) -> dict:
+def sd15_worker(
+    variant: str, threads: list[int], repeats: int, compiled: bool = False, bf16_attention: bool = False
+) -> dict:
     """One quantized variant (built first, while no fp32 model is alive) next to a fresh fp32 model."""
     models: dict[str, nn.Module] = {}
     if variant in OURS:
         models[variant] = build_ours("sd15", OURS[variant])
+        if bf16_attention:
+            add_bf16_attention(models, "sd15")
     else:
         models[variant] = build_peer("sd15", variant)
     gc.collect()
@@ -287,7 +302,9 @@ def sd15_worker(variant: str, threads: list[int], repeats: int, compiled: bool =
     return measure("sd15", models, threads, repeats, threads[0], budget_s=0.0, profile_mixed=False)
 
 
-def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None, compiled: bool = False) -> dict:
+def run_sd15(
+    variants: list[str], threads: list[int], repeats: int, save=None, compiled: bool = False, bf16_attention=False
+) -> dict:
     """Each variant in its own subprocess; ``save(partial)`` after each, so that a long run keeps what it has."""
     out = {"case": "SD1.5-shaped UNet2DConditionModel, 4x64x64 latents, batch 2", "per_variant": {}}
     for variant in variants:
@@ -301,6 +318,7 @@ def run_sd15(variants: list[str], threads: list[int], repeats: int, save=None, c
             "--repeats",
             str(repeats),
             *(["--compile"] if compiled else []),
+            *(["--bf16-attention"] if bf16_attention else []),
         ]
         t0 = time.time()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -393,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sd15-peers", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fp32 and integer models")
+    parser.add_argument(
+        "--bf16-attention",
+        action="store_true",
+        help="also time each integer model with its float attention in bf16 (SD1.5-shaped case)",
+    )
+    parser.add_argument("--sd15-variants", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument("--no-peers", action="store_true", help="only fp32 and the project's integer models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--sd15-worker", help=argparse.SUPPRESS)
@@ -401,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sd15_worker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print(json.dumps(sd15_worker(args.sd15_worker, args.threads, args.repeats, args.compile)))
+            worker = sd15_worker(args.sd15_worker, args.threads, args.repeats, args.compile, args.bf16_attention)
+            print(json.dumps(worker))
         return 0
     started = time.time()
     with open("/proc/loadavg", encoding="utf-8") as f:
@@ -435,8 +460,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         save()
     if "sd15" in args.cases:
-        variants = list(OURS) + (list(PEERS) if args.sd15_peers else [])
-        run_sd15(variants, args.threads, max(3, args.repeats // 2), save=save, compiled=args.compile)
+        variants = list(args.sd15_variants) + (list(PEERS) if args.sd15_peers else [])
+        run_sd15(
+            variants,
+            args.threads,
+            max(3, args.repeats // 2),
+            save=save,
+            compiled=args.compile,
+            bf16_attention=args.bf16_attention,
+        )
     return 0
 
 

@@ -190,3 +190,17 @@ def test_default_compile_follows_the_batch_size():
             got = compiled(**x).sample
             assert got.shape == reference_fake.shape
             assert relative_error(got, reference_fake) < 0.5 * relative_error(reference_fake, reference_fp32), b
+
+
+def test_compiled_model_with_bf16_attention_is_one_graph():
+    """The exported model with its float attention in bf16 (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``, the
+    CPU speed option of docs/export.md) compiles as one graph and stays within half the quantization error."""
+    model, references = _exported("cross-attention unet", reference_outputs=True)
+    model.set_attn_processor(dq.QALoraAttnProcessor(compute_dtype=torch.bfloat16))
+    compiled = _compiled(model, fullgraph=True)
+    _, inputs_fn, timesteps = MODELS["cross-attention unet"]
+    with torch.no_grad():
+        for timestep, (fp32, fake) in zip(timesteps, references):
+            got = compiled(**inputs_fn(timestep)).sample
+            assert got.dtype == torch.float32
+            assert relative_error(got, fake) < 0.5 * relative_error(fake, fp32)

@@ -297,3 +297,52 @@ def test_quantized_attention_is_not_the_float_attention():
             getattr(attn, leaf).qal_out_quantizer["default"].enabled = False
         plain = attn(hidden)
     assert F.mse_loss(quantized, plain) > 1e-6
+
+
+# -- compute_dtype: float attention in bf16 ------------------------------------------------------------------------
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_compute_dtype_runs_the_float_attention_in_that_dtype(monkeypatch):
+    """``compute_dtype=torch.bfloat16``: SDPA receives bf16 q, k, v, the model's output stays float32 and within bf16
+    rounding of the float32 attention; without it nothing changes."""
+    fp = make_sd15_unet()
+    inputs = sd15_inputs(250.0)
+    with torch.no_grad():
+        default = output_of(fp(**inputs))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    fp.set_attn_processor(QALoraAttnProcessor(compute_dtype=torch.bfloat16))
+    with torch.no_grad():
+        low = output_of(fp(**inputs))
+    assert seen and set(seen) == {torch.bfloat16} and low.dtype == torch.float32
+    assert 0 < _relative(low, default) < 2e-2
+    seen.clear()
+    fp.set_attn_processor(QALoraAttnProcessor(compute_dtype=torch.float32))  # the query's dtype: nothing to do
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(fp(**inputs)), default, atol=1e-6, rtol=0)
+    assert set(seen) == {torch.float32}
+    assert (
+        repr(QALoraAttnProcessor(compute_dtype=torch.bfloat16)) == "QALoraAttnProcessor(compute_dtype=torch.bfloat16)"
+    )
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QALoraAttnProcessor(compute_dtype=torch.int8)
+
+
+def test_compute_dtype_keeps_a_boolean_mask_and_leaves_quantized_attention_alone():
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[:, -2:] = False
+    with torch.no_grad():
+        full = QALoraAttnProcessor()(attn, x, attention_mask=mask)
+        low = QALoraAttnProcessor(compute_dtype=torch.bfloat16)(attn, x, attention_mask=mask)
+    assert _relative(low, full) < 2e-2  # a mask cast to 0/1 floats would attend to the masked keys
+    unet = _calibrated()  # active attention quantizers: their own arithmetic, compute_dtype unused
+    inputs = sd15_inputs(250.0)
+    with torch.no_grad():
+        quantized = output_of(unet(**inputs))
+        unet.set_attn_processor(QALoraAttnProcessor(compute_dtype=torch.bfloat16))
+        assert torch.equal(output_of(unet(**inputs)), quantized)

@@ -168,10 +168,28 @@ class QALoraAttnProcessor:
     QALoraAttnProcessor()
     >>> unet.set_attn_processor(dq.QALoraAttnProcessor())     # the same, by hand
     ```
+
+    Args:
+        compute_dtype (`torch.dtype`, *optional*):
+            Dtype in which the float (unquantized) attention ``softmax(q k^T) v`` runs, its result cast back: e.g.
+            ``torch.bfloat16`` for an exported integer model on a CPU with bf16 matrix units, where it halves the
+            attention's time (see docs/export.md). Attention with active quantizers keeps its own arithmetic.
+            ``None`` (default): the dtype of the query, as ``AttnProcessor2_0``.
     """
 
+    def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
+        if compute_dtype is not None and compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"`compute_dtype` must be torch.float32, torch.bfloat16, torch.float16 or None, got {compute_dtype!r}."
+            )
+        self.compute_dtype = compute_dtype
+
     def __repr__(self) -> str:
-        return "QALoraAttnProcessor()"
+        return (
+            "QALoraAttnProcessor()"
+            if self.compute_dtype is None
+            else f"QALoraAttnProcessor(compute_dtype={self.compute_dtype})"
+        )
 
     def __call__(
         self,
@@ -221,7 +239,16 @@ class QALoraAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = self.attention(attn, query, key, value, attention_mask)
+        compute_dtype = self.compute_dtype
+        if compute_dtype is not None and compute_dtype != query.dtype and not attention_quantizers(attn).any():
+            # a boolean mask stays boolean (True = attend); an additive float mask follows q, k, v
+            cast = [
+                t.to(compute_dtype) if t is not None and t.is_floating_point() else t
+                for t in (query, key, value, attention_mask)
+            ]
+            hidden_states = self.attention(attn, *cast)
+        else:
+            hidden_states = self.attention(attn, query, key, value, attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
