@@ -1077,9 +1077,12 @@ class IntegerConv2d(IntegerLayer):
 
     def _compiled_product(self, codes, scale, scaled_zero_point, zero_point, padded):
         y = super()._compiled_product(codes, scale, scaled_zero_point, zero_point, padded)
-        like = self._compiled_product_like(codes, padded)
-        # the traced graph assumed the fake output's strides (oneDNN's can differ on size-1 dimensions)
-        return y if y.stride() == like.stride() else like.copy_(y)
+        # The traced graph assumed the fake output's (channels-last) strides; oneDNN's can differ on size-1
+        # dimensions.  Compared without allocating: an output buffer is made only where they differ.
+        n, c, h, w = y.shape
+        if y.stride() == (h * w * c, 1, w * c, c):
+            return y
+        return torch.empty_like(y, memory_format=torch.channels_last).copy_(y)
 
     def _compiled_product_like(self, codes, padded):
         (ph, pw) = (0, 0) if padded else self._conv_padding()
