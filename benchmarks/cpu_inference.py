@@ -14,7 +14,11 @@ this torch: optimum-quanto (``quantize(weights=qint8, activations=qint8)``, cali
 (``Int8DynamicActivationInt8WeightConfig``) and SDNQ (``sdnq_post_load_quant`` with int8 weights, quantized convs and
 the int8 matmul).  A peer that fails is reported with its error, not dropped silently.
 
-``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float attention runs
+``--bf16`` adds the models with their float layers in bf16, as ``from_pretrained(..., torch_dtype=torch.bfloat16)``
+loads them: ``bf16`` (the float model cast to bf16, no quantization) and ``W8A8 bf16`` / ``W4A8 bf16`` (the exported
+integer models saved and loaded back with that ``torch_dtype``: the integer layers keep their codes and float32
+scales and take bf16 inputs; GroupNorm, SiLU, attention and the other float layers run in bf16); their inputs are cast
+to bf16.  ``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float attention runs
 in bf16 (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``, ``... bf16-attn``).  ``--compile`` adds ``torch.compile`` (Inductor, static shapes) of fp32 and of each integer model (``... compiled``),
 compiled before the timed passes: the integer layers then trace their activation quantization for Inductor to fuse
 and call oneDNN through one custom op (docs/export.md#torchcompile).
@@ -41,6 +45,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +65,7 @@ TABLE = [0.0, 250.0, 500.0, 750.0, 999.0]
 SHARED_T = 500.0
 COMPILED = " compiled"
 BF16_ATTENTION = " bf16-attn"
+BF16 = " bf16"
 
 
 # -- models and inputs -------------------------------------------------------------------------------------------------
@@ -151,6 +157,14 @@ def build_peer(case: str, name: str) -> nn.Module:
     return model.eval()
 
 
+def cast_inputs(name: str, inp: dict) -> dict:
+    """The inputs of variant ``name``: its float tensors in bf16 for the bf16 variants (the timestep stays float32;
+    diffusers casts its embedding)."""
+    if f"{BF16} " not in f" {name} ":
+        return inp
+    return {k: v.bfloat16() if k != "timestep" and v.is_floating_point() else v for k, v in inp.items()}
+
+
 def forward_fn(model: nn.Module, inp: dict):
     def fn():
         with torch.no_grad():
@@ -162,6 +176,16 @@ def forward_fn(model: nn.Module, inp: dict):
 def output_of(model: nn.Module, inp: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inp).sample.float()
+
+
+def build_bf16(models: dict[str, nn.Module], case: str) -> None:
+    """``bf16`` (the float model in bf16) and each integer model with its float layers in bf16, as a user loads it:
+    saved, then ``from_pretrained(..., torch_dtype=torch.bfloat16)``."""
+    models["bf16"] = build_float(case).to(torch.bfloat16)
+    for name in [n for n in models if n in OURS]:
+        with tempfile.TemporaryDirectory() as folder:
+            models[name].save_pretrained(folder)
+            models[f"{name}{BF16}"] = type(models[name]).from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
 
 
 def forward_memory(model: nn.Module, inp: dict) -> dict:
@@ -199,14 +223,14 @@ def measure(
     shared, mixed = inputs(case, False), inputs(case, True)
     fns = {}
     for name, model in models.items():
-        fns[name] = forward_fn(model, shared)
+        fns[name] = forward_fn(model, cast_inputs(name, shared))
         if _ours(name):
-            fns[f"{name} mixed"] = forward_fn(model, mixed)
+            fns[f"{name} mixed"] = forward_fn(model, cast_inputs(name, mixed))
     reference = output_of(models["fp32"], shared)
     quality = {}
     for name, model in models.items():
         if name != "fp32":
-            out = output_of(model, shared)
+            out = output_of(model, cast_inputs(name, shared))
             quality[name] = round(float((out - reference).norm() / reference.norm()), 4)
     result = {
         "timesteps": {"shared": SHARED_T, "mixed": mixed["timestep"].tolist()},
@@ -228,17 +252,17 @@ def measure(
     torch.set_num_threads(profile_threads)
     profiled = {"fp32": (models["fp32"], shared)}
     for name in models:
-        if _ours(name) or name == f"fp32{COMPILED}":
-            profiled[name] = (models[name], shared)
+        if _ours(name) or name in (f"fp32{COMPILED}", f"bf16{COMPILED}"):
+            profiled[name] = (models[name], cast_inputs(name, shared))
             if profile_mixed and _ours(name):
-                profiled[f"{name} mixed"] = (models[name], mixed)
+                profiled[f"{name} mixed"] = (models[name], cast_inputs(name, mixed))
     result["profile"] = {k: profile_table(m, i) for k, (m, i) in profiled.items()}
-    result["memory"] = {k: forward_memory(m, shared) for k, m in models.items()}
+    result["memory"] = {k: forward_memory(m, cast_inputs(k, shared)) for k, m in models.items()}
     return result
 
 
 def _ours(name: str) -> bool:
-    return name.removesuffix(COMPILED).removesuffix(BF16_ATTENTION) in OURS
+    return name.removesuffix(COMPILED).removesuffix(BF16_ATTENTION).removesuffix(BF16) in OURS
 
 
 def add_bf16_attention(models: dict[str, nn.Module], case: str) -> None:
@@ -253,20 +277,24 @@ def add_bf16_attention(models: dict[str, nn.Module], case: str) -> None:
 def add_compiled(models: dict[str, nn.Module], case: str) -> None:
     """``torch.compile`` (Inductor, static shapes) of fp32 and of the project's integer models, as a user runs them;
     compiled here, outside the timed passes (one call with each input)."""
-    for name in [n for n in models if n == "fp32" or _ours(n)]:
+    for name in [n for n in models if n in ("fp32", "bf16") or _ours(n)]:
         compiled = torch.compile(models[name], dynamic=False)
         t0 = time.time()
         for mixed in (False, True):
-            output_of(compiled, inputs(case, mixed))
+            output_of(compiled, cast_inputs(name, inputs(case, mixed)))
         print(f"compiled {name} in {time.time() - t0:.0f} s", flush=True)
         models[f"{name}{COMPILED}"] = compiled
 
 
-def run_unet(threads: list[int], repeats: int, budget_s: float, peers: bool = True, compiled: bool = False) -> dict:
+def run_unet(
+    threads: list[int], repeats: int, budget_s: float, peers: bool = True, compiled: bool = False, bf16: bool = False
+) -> dict:
     models: dict[str, nn.Module] = {"fp32": build_float("unet")}
     errors = {}
     for name, bits in OURS.items():
         models[name] = build_ours("unet", bits)
+    if bf16:
+        build_bf16(models, "unet")
     if compiled:
         add_compiled(models, "unet")
     for name in PEERS if peers else ():
@@ -416,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time each integer model with its float attention in bf16 (SD1.5-shaped case)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time the float model and the integer models with their float layers in bf16 (embedded UNet)",
+    )
     parser.add_argument("--sd15-variants", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument("--no-peers", action="store_true", help="only fp32 and the project's integer models")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -456,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "unet" in args.cases:
         results["unet"] = run_unet(
-            args.threads, args.repeats, args.budget_s, peers=not args.no_peers, compiled=args.compile
+            args.threads, args.repeats, args.budget_s, peers=not args.no_peers, compiled=args.compile, bf16=args.bf16
         )
         save()
     if "sd15" in args.cases:
