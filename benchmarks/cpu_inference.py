@@ -18,10 +18,11 @@ the int8 matmul).  A peer that fails is reported with its error, not dropped sil
 loads them: ``bf16`` (the float model cast to bf16, no quantization) and ``W8A8 bf16`` / ``W4A8 bf16`` (the exported
 integer models saved and loaded back with that ``torch_dtype``: the integer layers keep their codes and float32
 scales and take bf16 inputs; GroupNorm, SiLU, attention and the other float layers run in bf16); their inputs are cast
-to bf16.  ``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float attention runs
-in bf16 (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``, ``... bf16-attn``).  ``--compile`` adds ``torch.compile`` (Inductor, static shapes) of fp32 and of each integer model (``... compiled``),
-compiled before the timed passes: the integer layers then trace their activation quantization for Inductor to fuse
-and call oneDNN through one custom op (docs/export.md#torchcompile).
+to bf16.  ``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float
+attention runs in bf16 (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``, ``... bf16-attn``).  ``--compile`` adds
+``torch.compile`` (Inductor, static shapes) of fp32 (and bf16) and of each integer model (``... compiled``), compiled
+before the timed passes: the integer layers then trace their activation quantization for Inductor to fuse and call
+oneDNN through one custom op (docs/export.md#torchcompile).
 
 Timing: ``torch.set_num_threads`` fixed per pass (``--threads 1 2``), every variant once per repeat in rotating order
 (interleaved), medians over repeats, ratios to fp32 from the same pass.  Memory: bytes held by each model's tensors

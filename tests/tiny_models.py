@@ -441,3 +441,8 @@ def make_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||``."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))

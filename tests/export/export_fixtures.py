@@ -146,8 +146,3 @@ def make_tiny_sd_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||``."""
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))

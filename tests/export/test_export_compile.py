@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_fixtures import make_sd15_unet, make_unet2d, qalora, relative_error, sd15_inputs, unet2d_inputs
+from export_fixtures import make_sd15_unet, make_unet2d, qalora, sd15_inputs, unet2d_inputs
 from test_export_layers import _int_oracle, _layer, _x, needs_onednn
+from tiny_models import relative_error
 
 import diffusers_qalora as dq
 from diffusers_qalora.export import integer_layers

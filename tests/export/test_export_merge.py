@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_fixtures import make_sd15_unet, make_unet2d, qalora, relative_error, sd15_inputs, unet2d_inputs
+from export_fixtures import make_sd15_unet, make_unet2d, qalora, sd15_inputs, unet2d_inputs
 from peft import LoraConfig, inject_adapter_in_model
+from tiny_models import relative_error
 
 import diffusers_qalora as dq
 from diffusers_qalora.export import IntegerLayer, integer_layers, onednn_status

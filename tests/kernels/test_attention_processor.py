@@ -17,6 +17,7 @@ from tiny_models import (
     make_sd15_unet,
     make_unet2d,
     output_of,
+    relative_error,
     sd3_inputs,
     sd15_inputs,
     unet2d_inputs,
@@ -300,10 +301,6 @@ def test_quantized_attention_is_not_the_float_attention():
 
 
 # -- compute_dtype: float attention in bf16 ------------------------------------------------------------------------
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def test_compute_dtype_runs_the_float_attention_in_that_dtype(monkeypatch):
     """``compute_dtype=torch.bfloat16``: SDPA receives bf16 q, k, v, the model's output stays float32 and within bf16
     rounding of the float32 attention; without it nothing changes."""
@@ -318,7 +315,7 @@ def test_compute_dtype_runs_the_float_attention_in_that_dtype(monkeypatch):
     with torch.no_grad():
         low = output_of(fp(**inputs))
     assert seen and set(seen) == {torch.bfloat16} and low.dtype == torch.float32
-    assert 0 < _relative(low, default) < 2e-2
+    assert 0 < relative_error(low, default) < 2e-2
     seen.clear()
     fp.set_attn_processor(QALoraAttnProcessor(compute_dtype=torch.float32))  # the query's dtype: nothing to do
     with torch.no_grad():
@@ -339,7 +336,7 @@ def test_compute_dtype_keeps_a_boolean_mask_and_leaves_quantized_attention_alone
     with torch.no_grad():
         full = QALoraAttnProcessor()(attn, x, attention_mask=mask)
         low = QALoraAttnProcessor(compute_dtype=torch.bfloat16)(attn, x, attention_mask=mask)
-    assert _relative(low, full) < 2e-2  # a mask cast to 0/1 floats would attend to the masked keys
+    assert relative_error(low, full) < 2e-2  # a mask cast to 0/1 floats would attend to the masked keys
     unet = _calibrated()  # active attention quantizers: their own arithmetic, compute_dtype unused
     inputs = sd15_inputs(250.0)
     with torch.no_grad():
