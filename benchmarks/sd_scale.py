@@ -19,7 +19,9 @@ memory footprints otherwise costs the next step fresh memory that no training st
   AdamW over `get_qalora_param_groups`); ``qalora_ref`` (``--with_reference``) is the same with the reference
   composition of the weight fake-quantization (the code before the fused path), and ``qalora_dense`` the fused weight
   path with the layer's op kept apart, so the LoRA gradients always go through the weight gradient (the code before
-  `qalora_conv2d` / `qalora_linear`), for before/after numbers;
+  `qalora_conv2d` / `qalora_linear`), and ``qalora_eager_fq`` the same as ``qalora`` with `fake_quantize` in the
+  activation quantizers (LSQ fake quantization) in its eager composition instead of its one-pass compiled path (the code before
+  that path), for before/after numbers;
 * ``full_ft``: the same model with adapters off and every base weight trainable (no quantization);
 * ``lora``: a plain PEFT LoRA of the same rank on the same layers (a second model sharing the weight storage).
 
@@ -63,7 +65,14 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from diffusers_qalora import QALoraConfig, get_qalora_model
 from diffusers_qalora.evaluation.report import machine_info
-from diffusers_qalora.quant import clear_workspace, lowrank_gradients_cheaper
+from diffusers_qalora.quant import (
+    WeightQuantizer,
+    clear_workspace,
+    fake_quantize,
+    lowrank_gradients_cheaper,
+    set_fake_quantize_resolver,
+    set_fused_compile,
+)
 from diffusers_qalora.tuners.qalora.api import adapters_disabled, calibrate_activations, get_qalora_param_groups
 from diffusers_qalora.tuners.qalora.layer import QALoraLayer
 from diffusers_qalora.tuners.qalora.model import qalora_layers
@@ -264,9 +273,10 @@ class Bench:
             "qalora": torch.optim.AdamW(groups.param_groups, fused=True),
             "qalora_ref": None,
             "qalora_dense": None,
+            "qalora_eager_fq": None,
             "lora": torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, fused=True),
         }
-        self.opt["qalora_ref"] = self.opt["qalora_dense"] = self.opt["qalora"]
+        self.opt["qalora_ref"] = self.opt["qalora_dense"] = self.opt["qalora_eager_fq"] = self.opt["qalora"]
         self.bf16 = False
 
     def use(self, setting: str) -> None:
@@ -298,6 +308,7 @@ class Bench:
         model = self.twin if variant == "lora" else self.unet
         QALoraLayer.fused_weight_path = variant != "qalora_ref"
         QALoraLayer.fused_layer_op = variant not in ("qalora_ref", "qalora_dense")
+        resolver = set_fake_quantize_resolver(_eager_fake_quantize_resolver) if variant == "qalora_eager_fq" else None
         if variant == "full_ft":
             for p in self.base_params:
                 p.requires_grad_(True)
@@ -329,12 +340,29 @@ class Bench:
         finally:
             QALoraLayer.fused_weight_path = True
             QALoraLayer.fused_layer_op = True
+            if variant == "qalora_eager_fq":
+                set_fake_quantize_resolver(resolver)
             if variant == "full_ft":
                 for p in self.base_params:
                     p.requires_grad_(False)
                     p.grad = None
         times["fwd_bwd"] = times["forward"] + times["backward"]
         return times
+
+
+def _eager_fake_quantize(*args) -> torch.Tensor:
+    """`fake_quantize` in its eager composition: the fused-path mode is ``"never"`` for this call only (the layers'
+    weight path, outside it, keeps its mode; the backward pass follows the choice the forward made)."""
+    previous = set_fused_compile("never")
+    try:
+        return fake_quantize(*args)
+    finally:
+        set_fused_compile(previous)
+
+
+def _eager_fake_quantize_resolver(module, x):
+    # Weight quantizers keep `fake_quantize` itself: a LoRA layer takes its fused weight path only then.
+    return fake_quantize if isinstance(module, WeightQuantizer) else _eager_fake_quantize
 
 
 def _drop_grad(p: torch.Tensor) -> None:
@@ -540,7 +568,12 @@ def main(argv: list[str] | None = None) -> dict:
         choices=SETTINGS,
         help="gradient checkpointing (gc) and/or bf16 autocast, interleaved in the same run",
     )
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("qalora_ref", "qalora_dense"))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS + ("qalora_ref", "qalora_dense", "qalora_eager_fq"),
+    )
     p.add_argument("--with_reference", action="store_true", help="also time qalora_ref (the pre-fusion path)")
     p.add_argument(
         "--steady",

@@ -12,6 +12,7 @@ Symmetric (signed) quantization uses ``z = 0`` and ``[qmin, qmax] = [-2^(b-1), 2
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -145,11 +146,20 @@ class _LSQFakeQuantize(torch.autograd.Function):
         (``round(v) - v`` inside, ``c = qmin - z`` or ``qmax - z`` outside) and ``grad_x = grad * inside``;
       * the clipped part of the gradient, for the zero point, is ``grad - grad_x`` (exact).
     Every result is bit-identical to the plain formulas above (the forward may give ``-0.0`` where ``+0.0`` was).
+    Large float32 CPU tensors run the same formulas as one pass each way (`_lsq_forward_pass`, `_lsq_backward_pass`,
+    compiled by ``torch.compile`` as [`set_fused_compile`] says): three full-size passes fewer forward, about seven
+    backward; the step and zero-point sums come out in another order.
     """
 
     @staticmethod
     def forward(ctx, x, step, zero_point, qmin, qmax, grad_scale):
-        out, v = _fake_quantize_values(x, step, zero_point, qmin, qmax, keep_scaled=True)
+        views = _one_pass_view(x, step, zero_point)
+        ctx.one_pass = views is not None
+        if ctx.one_pass:
+            out, v = _run_pass(3, x.numel(), x.device, *views, qmin, qmax)
+            out = out.view(x.shape)
+        else:
+            out, v = _fake_quantize_values(x, step, zero_point, qmin, qmax, keep_scaled=True)
         ctx.save_for_backward(v, step, zero_point)
         ctx.qrange = (qmin, qmax)
         ctx.grad_scale = grad_scale
@@ -161,6 +171,15 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         v, step, zero_point = ctx.saved_tensors
         need_x, need_step, need_zp = ctx.needs_input_grad[:3]
+        if ctx.one_pass:
+            grad2 = grad.reshape(v.shape).detach()
+            grad_x, grad_step, grad_zp = _run_pass(
+                4, v.numel(), v.device, v, grad2, _column(step), _column(zero_point), *ctx.qrange
+            )
+            grad_x = grad_x.view(ctx.x_shape) if need_x else None
+            grad_step = grad_step.view(step.shape) * ctx.grad_scale if need_step else None
+            grad_zp = grad_zp.view(zero_point.shape) * ctx.grad_scale if need_zp else None
+            return grad_x, grad_step, grad_zp, None, None, None
         lo, hi = _code_bounds(zero_point, *ctx.qrange)
         r = torch.round(v)
         c = torch.clamp(r, lo, hi)
@@ -214,6 +233,9 @@ def fake_quantize(
     tracked = x.requires_grad or step.requires_grad or (zero_point is not None and zero_point.requires_grad)
     if not (tracked and torch.is_grad_enabled()):
         # Inference (sampling, calibration, export): no graph, nothing saved, one buffer.
+        views = _one_pass_view(x, step, zero_point)
+        if views is not None:
+            return _run_pass(5, x.numel(), x.device, *views, qmin, qmax).view(x.shape)
         return _fake_quantize_values(x, step, zero_point, qmin, qmax)[0]
     return _LSQFakeQuantize.apply(x, step, zero_point, qmin, qmax, grad_scale)
 
@@ -358,13 +380,15 @@ _compile_setting: list[str] = [os.environ.get("QALORA_FUSED_COMPILE", "auto")]
 
 
 def set_fused_compile(mode: str) -> str:
-    """How QALoRA layers fake-quantize ``W0 + scaling * B @ A`` in training; returns the previous mode.
+    """How QALoRA layers fake-quantize ``W0 + scaling * B @ A`` in training, and how [`fake_quantize`] runs on float32
+    CPU tensors; returns the previous mode.
 
     * ``"auto"`` (default): on CPU, weights of at least ``COMPILE_MIN_NUMEL`` elements take the fused path with its
-      two passes compiled by ``torch.compile`` (Inductor); smaller weights, other devices (the Triton kernel on CUDA)
-      and machines where Inductor fails take the reference composition;
-    * ``"always"``: the fused path, compiled, for every LoRA weight;
-    * ``"eager"``: the fused path with eager passes (same numbers, for tests and debugging);
+      two passes compiled by ``torch.compile`` (Inductor), and [`fake_quantize`] runs in one compiled pass each way
+      on tensors of that size; smaller tensors, other devices (the Triton kernels on CUDA) and machines where
+      Inductor fails take the reference composition;
+    * ``"always"``: the fused path and the one-pass [`fake_quantize`], compiled, for every tensor;
+    * ``"eager"``: the same passes run eagerly (same numbers, for tests and debugging);
     * ``"never"``: the reference composition everywhere.
 
     The environment variable ``QALORA_FUSED_COMPILE`` sets the initial mode.
@@ -386,11 +410,93 @@ def fused_path_enabled(numel: int, device: torch.device) -> bool:
     return device.type == "cpu" and numel >= COMPILE_MIN_NUMEL
 
 
-_EAGER_PASSES = (_merged_fake_quant_forward, _merged_fake_quant_backward, _merged_fake_quant_step_grad)
+def _traced_code_bounds(zero_point: torch.Tensor | None, qmin: int, qmax: int):
+    """`_code_bounds` as tensor operations: a trained zero point's value must not become a constant of compiled code."""
+    if zero_point is None:
+        return qmin, qmax
+    z = torch.round(zero_point)
+    return qmin - z, qmax - z
+
+
+def _lsq_forward_pass(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int):
+    """`_LSQFakeQuantize`'s forward in one pass over ``x``: ``(x_hat, v = x / s)``.  In this pass and the two below,
+    ``x`` is a ``(rows, columns)`` view and ``step`` (``zero_point``) a ``(rows, 1)`` one (see
+    `_one_pass_view`), so that every caller's shapes share a few compiled variants."""
+    lo, hi = _traced_code_bounds(zero_point, qmin, qmax)
+    v = x / step
+    return torch.clamp(torch.round(v), lo, hi) * step, v
+
+
+def _lsq_values_pass(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int):
+    """``x_hat`` alone (no gradient wanted), in one pass."""
+    lo, hi = _traced_code_bounds(zero_point, qmin, qmax)
+    return torch.clamp(torch.round(x / step), lo, hi) * step
+
+
+def _lsq_backward_pass(v, grad, step, zero_point, qmin: int, qmax: int):
+    """`_LSQFakeQuantize`'s backward in one pass over ``v`` and ``grad``: the input gradient and the step (and zero
+    point) gradient per row, before ``grad_scale``.  The numbers of the eager backward (``c - v * inside`` is
+    ``c - v`` inside and ``c`` outside), the sums in another order."""
+    lo, hi = _traced_code_bounds(zero_point, qmin, qmax)
+    r = torch.round(v)
+    c = torch.clamp(r, lo, hi)
+    inside = r == c
+    grad_x = torch.where(inside, grad, 0.0)
+    grad_step = (torch.where(inside, c - v, c) * grad).sum(dim=1, keepdim=True)
+    if zero_point is None:
+        return grad_x, grad_step, None
+    grad_zp = -(torch.where(inside, 0.0, grad) * step).sum(dim=1, keepdim=True)
+    return grad_x, grad_step, grad_zp
+
+
+def _one_pass_view(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor | None):
+    """``(x, step, zero_point)`` as the detached ``(rows, columns)`` and ``(rows, 1)`` views of the one-pass
+    functions, or ``None`` when they do not apply: float32 CPU tensors (as `fused_path_enabled` says), a contiguous
+    ``x``, and parameters that vary over leading dims of ``x`` only (one step per tensor, sample, output channel or
+    weight group); nor while an outer ``torch.compile`` traces the call (it fuses the plain formulas itself)."""
+    if x.dtype != torch.float32 or step.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    if torch.compiler.is_compiling() or not fused_path_enabled(x.numel(), x.device):
+        return None
+    rows = _leading_rows(step, x.shape)
+    if rows is None or (
+        zero_point is not None and (zero_point.dtype != torch.float32 or zero_point.shape != step.shape)
+    ):
+        return None
+    # Detached after the view: a view's base would become part of the compiled code's guards (one variant per rank).
+    return x.view(rows, -1).detach(), step.reshape(-1, 1).detach(), _column(zero_point)
+
+
+def _column(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.reshape(-1, 1).detach()
+
+
+def _leading_rows(param: torch.Tensor, shape: torch.Size) -> int | None:
+    """The number of rows ``x`` splits into when ``param`` broadcasts to ``shape`` varying over its leading dims only
+    (1 for a single value), else ``None``."""
+    if not _broadcasts_to(param.shape, shape):
+        return None
+    full = (1,) * (len(shape) - param.dim()) + tuple(param.shape)
+    last = max((i for i, n in enumerate(full) if n != 1), default=-1)
+    if any(full[i] != shape[i] for i in range(last + 1)):
+        return None
+    return math.prod(shape[: last + 1])
+
+
+# The passes `_run_pass` runs by index: 0-2 the LoRA-merged weight path, 3-5 `fake_quantize` (forward, backward,
+# values only).
+_EAGER_PASSES = (
+    _merged_fake_quant_forward,
+    _merged_fake_quant_backward,
+    _merged_fake_quant_step_grad,
+    _lsq_forward_pass,
+    _lsq_backward_pass,
+    _lsq_values_pass,
+)
 
 
 def _passes(numel: int, device: torch.device):
-    """The (forward, backward, step gradient) elementwise passes to run: compiled or eager."""
+    """The elementwise passes of `_EAGER_PASSES` to run: compiled or eager."""
     mode = _compile_setting[0]
     if mode in ("eager", "never") or "failed" in _COMPILED:
         return _EAGER_PASSES
