@@ -18,7 +18,8 @@ the int8 matmul).  A peer that fails is reported with its error, not dropped sil
 loads them: ``bf16`` (the float model cast to bf16, no quantization) and ``W8A8 bf16`` / ``W4A8 bf16`` (the exported
 integer models saved and loaded back with that ``torch_dtype``: the integer layers keep their codes and float32
 scales and take bf16 inputs; GroupNorm, SiLU, attention and the other float layers run in bf16); their inputs are cast
-to bf16.  ``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float
+to bf16.  In the SD1.5-shaped case, ``--sd15-variants bf16`` times the float model in bf16 in a pass of its own.
+``--bf16-attention`` adds, in the SD1.5-shaped case, a second build of each integer model whose float
 attention runs in bf16 (``QALoraAttnProcessor(compute_dtype=torch.bfloat16)``, ``... bf16-attn``).  ``--compile`` adds
 ``torch.compile`` (Inductor, static shapes) of fp32 (and bf16) and of each integer model (``... compiled``), compiled
 before the timed passes: the integer layers then trace their activation quantization for Inductor to fuse and call
@@ -322,6 +323,8 @@ def sd15_worker(
         models[variant] = build_ours("sd15", OURS[variant])
         if bf16_attention:
             add_bf16_attention(models, "sd15")
+    elif variant == "bf16":
+        models["bf16"] = build_float("sd15").to(torch.bfloat16)
     else:
         models[variant] = build_peer("sd15", variant)
     gc.collect()
@@ -450,7 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the float model and the integer models with their float layers in bf16 (embedded UNet)",
     )
-    parser.add_argument("--sd15-variants", nargs="+", default=list(OURS), choices=list(OURS))
+    parser.add_argument(
+        "--sd15-variants",
+        nargs="+",
+        default=list(OURS),
+        choices=[*OURS, "bf16"],
+        help="bf16: the float model cast to bf16 (no quantization), next to its own fp32 model",
+    )
     parser.add_argument("--no-peers", action="store_true", help="only fp32 and the project's integer models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--sd15-worker", help=argparse.SUPPRESS)
