@@ -464,7 +464,7 @@ def _one_pass_view(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor
     ):
         return None
     # Detached after the view: a view's base would become part of the compiled code's guards (one variant per rank).
-    return x.view(rows, -1).detach(), step.reshape(-1, 1).detach(), _column(zero_point)
+    return x.view(rows, -1).detach(), _column(step), _column(zero_point)
 
 
 def _column(param: torch.Tensor | None) -> torch.Tensor | None:
