@@ -69,9 +69,9 @@ from diffusers_qalora.quant import (
     WeightQuantizer,
     clear_workspace,
     fake_quantize,
+    fused_compile,
     lowrank_gradients_cheaper,
     set_fake_quantize_resolver,
-    set_fused_compile,
 )
 from diffusers_qalora.tuners.qalora.api import adapters_disabled, calibrate_activations, get_qalora_param_groups
 from diffusers_qalora.tuners.qalora.layer import QALoraLayer
@@ -353,11 +353,8 @@ class Bench:
 def _eager_fake_quantize(*args) -> torch.Tensor:
     """`fake_quantize` in its eager composition: the fused-path mode is ``"never"`` for this call only (the layers'
     weight path, outside it, keeps its mode; the backward pass follows the choice the forward made)."""
-    previous = set_fused_compile("never")
-    try:
+    with fused_compile("never"):
         return fake_quantize(*args)
-    finally:
-        set_fused_compile(previous)
 
 
 def _eager_fake_quantize_resolver(module, x):

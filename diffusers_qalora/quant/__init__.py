@@ -10,6 +10,7 @@ from .primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_lora_merged,
+    fused_compile,
     fused_path_enabled,
     qrange,
     quantize,

@@ -12,9 +12,11 @@ Symmetric (signed) quantization uses ``z = 0`` and ``[qmin, qmax] = [-2^(b-1), 2
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -398,6 +400,22 @@ def set_fused_compile(mode: str) -> str:
     previous = _compile_setting[0]
     _compile_setting[0] = mode
     return previous
+
+
+@contextlib.contextmanager
+def fused_compile(mode: str) -> Iterator[None]:
+    """[`set_fused_compile`] for a ``with`` block: the previous mode comes back on exit, an exception included.
+
+    ```py
+    with fused_compile("never"):  # the reference composition, e.g. to compare against
+        y = fake_quantize(x, step, None, -8, 7)
+    ```
+    """
+    previous = set_fused_compile(mode)
+    try:
+        yield
+    finally:
+        set_fused_compile(previous)
 
 
 def fused_path_enabled(numel: int, device: torch.device) -> bool:

@@ -26,7 +26,12 @@ _resolver: list[FakeQuantizeResolver | None] = [None]
 
 def set_fake_quantize_resolver(resolver: FakeQuantizeResolver | None) -> FakeQuantizeResolver | None:
     """Install ``resolver(module, x) -> fn`` (``fn`` with the signature of [fake_quantize][diffusers_qalora.quant.fake_quantize]) and return the previous
-    one; ``None`` restores plain [fake_quantize][diffusers_qalora.quant.fake_quantize]."""
+    one; ``None`` restores plain [fake_quantize][diffusers_qalora.quant.fake_quantize].
+
+    The fused QALoRA weight path in training (one pass over ``W0 + scaling * B @ A`` each way) computes what
+    ``fake_quantize`` itself computes: a weight quantizer whose resolver returns any other function, a wrapper of
+    ``fake_quantize`` included, runs that function on the merged weight instead, with the composition's cost (the
+    weight-sized temporaries and passes of the unfused path)."""
     previous = _resolver[0]
     _resolver[0] = resolver
     return previous

@@ -11,18 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_qalora.quant import fake_quantize, fake_quantize_lora_merged, set_fused_compile
+from diffusers_qalora.quant import fake_quantize, fake_quantize_lora_merged, fused_compile, set_fused_compile
 from diffusers_qalora.quant.primitives import WORKSPACE, clear_workspace
 
 
 def reference(w0, a, b, scaling, step, zp, qmin, qmax, grad_scale, grouped):
     delta = (b @ a.reshape(a.shape[0], -1)).reshape(w0.shape) * scaling
     merged = (w0.float() + delta).reshape(grouped)
-    previous = set_fused_compile("never")  # the reference is the eager composition, whatever the test's mode
-    try:
+    with fused_compile("never"):  # the reference is the eager composition, whatever the test's mode
         return fake_quantize(merged, step, zp, qmin, qmax, grad_scale).reshape(w0.shape)
-    finally:
-        set_fused_compile(previous)
 
 
 CASES = [
@@ -58,9 +55,8 @@ def run(fn, tensors, scaling, grouped, grad_out):
 
 @pytest.fixture(params=["eager", "always"])
 def compile_mode(request):
-    previous = set_fused_compile(request.param)
-    yield request.param
-    set_fused_compile(previous)
+    with fused_compile(request.param):
+        yield request.param
     clear_workspace()
 
 

@@ -15,15 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_qalora.quant import fake_quantize, lora_op, qalora_conv2d, qalora_linear, set_fused_compile
+from diffusers_qalora.quant import fake_quantize, fused_compile, lora_op, qalora_conv2d, qalora_linear
 from diffusers_qalora.quant.primitives import clear_workspace
 
 
 @pytest.fixture(autouse=True)
 def eager_passes():
-    previous = set_fused_compile("eager")
-    yield
-    set_fused_compile(previous)
+    with fused_compile("eager"):
+        yield
     clear_workspace()
 
 
@@ -62,11 +61,8 @@ def make(case, seed=0, dtype=torch.float32, rank=4):
 def reference(case, x, w0, a, b, step, zp, qmin, qmax, grad_scale=0.3):
     kind, _, _, conv, grouped, _, scaling = case
     delta = (b @ a.reshape(a.shape[0], -1)).reshape(w0.shape) * scaling
-    previous = set_fused_compile("never")  # the reference is the eager composition, whatever the test's mode
-    try:
+    with fused_compile("never"):  # the reference is the eager composition, whatever the test's mode
         w = fake_quantize((w0 + delta).reshape(grouped), step, zp, qmin, qmax, grad_scale).reshape(w0.shape)
-    finally:
-        set_fused_compile(previous)
     return F.linear(x, w) if conv is None else F.conv2d(x, w, None, *conv)
 
 

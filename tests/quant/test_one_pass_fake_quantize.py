@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_qalora.quant import fake_quantize, set_fused_compile
+from diffusers_qalora.quant import fake_quantize, fused_compile, set_fused_compile
 from diffusers_qalora.quant.primitives import COMPILE_MIN_NUMEL, _one_pass_view
 
 CASES = [
@@ -25,8 +25,7 @@ CASES = [
 
 
 def run(mode, x, step, zp, qmin, qmax, needs=(True, True, True)):
-    previous = set_fused_compile(mode)
-    try:
+    with fused_compile(mode):
         x = x.clone().requires_grad_(needs[0])
         step = step.clone().requires_grad_(needs[1])
         zp = None if zp is None else zp.clone().requires_grad_(needs[2])
@@ -35,8 +34,6 @@ def run(mode, x, step, zp, qmin, qmax, needs=(True, True, True)):
         out.backward(grad_out)
         with torch.no_grad():
             values = fake_quantize(x, step, zp, qmin, qmax)
-    finally:
-        set_fused_compile(previous)
     grads = [None if t is None else t.grad for t in (x, step, zp)]
     return out.detach(), values, grads, grad_out
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import diffusers_qalora as dq
 from diffusers_qalora.distill.embedded import EmbeddedJobConfig, timestep_table
-from diffusers_qalora.quant import clear_workspace, set_fused_compile
+from diffusers_qalora.quant import clear_workspace, fused_compile
 from diffusers_qalora.testbed import load_testbed
 from diffusers_qalora.tuners.qalora.api import get_qalora_param_groups
 from diffusers_qalora.tuners.qalora.layer import QALoraLayer
@@ -62,22 +62,21 @@ def distill(model, table, fused: bool):
     gen = torch.Generator().manual_seed(1)
     previous = QALoraLayer.fused_weight_path
     # This model's weights are below the size at which "auto" takes the fused path: force it (eager passes).
-    previous_mode = set_fused_compile("eager")
     QALoraLayer.fused_weight_path = fused
     try:
-        for step in range(STEPS):
-            x = torch.randn(8, 1, 16, 16, generator=gen)
-            labels = torch.arange(8) % 10
-            t = table[len(table) - 1 - 7 * step]
-            with torch.no_grad(), dq.adapters_disabled(model):
-                target = model(x, t, class_labels=labels).sample
-            loss = F.mse_loss(model(x, t, class_labels=labels).sample, target)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with fused_compile("eager"):
+            for step in range(STEPS):
+                x = torch.randn(8, 1, 16, 16, generator=gen)
+                labels = torch.arange(8) % 10
+                t = table[len(table) - 1 - 7 * step]
+                with torch.no_grad(), dq.adapters_disabled(model):
+                    target = model(x, t, class_labels=labels).sample
+                loss = F.mse_loss(model(x, t, class_labels=labels).sample, target)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     finally:
         QALoraLayer.fused_weight_path = previous
-        set_fused_compile(previous_mode)
         groups.remove_hooks()
         clear_workspace()
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".qal_" in n}
@@ -136,18 +135,17 @@ def compare_layer_op_with_the_composition(monkeypatch, model: OneLayer, x: torch
     original = lora_op._QALoraOp.apply
     monkeypatch.setattr(lora_op._QALoraOp, "apply", lambda *args: calls.append(1) or original(*args))
     results = {}
-    previous_mode = set_fused_compile("eager")
     try:
-        for fused in (False, True):
-            QALoraLayer.fused_weight_path = fused
-            model.zero_grad(set_to_none=True)
-            y = model(x, 0.0)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            results[fused] = (y.detach(), grads)
+        with fused_compile("eager"):
+            for fused in (False, True):
+                QALoraLayer.fused_weight_path = fused
+                model.zero_grad(set_to_none=True)
+                y = model(x, 0.0)
+                (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+                grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+                results[fused] = (y.detach(), grads)
     finally:
         QALoraLayer.fused_weight_path = True
-        set_fused_compile(previous_mode)
         clear_workspace()
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     assert results[True][1].keys() == results[False][1].keys()
