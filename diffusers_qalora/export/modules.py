@@ -612,6 +612,27 @@ class IntegerLayer(nn.Module):
 
         return self._cached("tap_sums", self._weight_key(), build)
 
+    def _batch_qparams(
+        self, scale: torch.Tensor, scaled_zero_point: torch.Tensor, common: int | None, packs: int
+    ) -> tuple[float, int] | None:
+        """``(s, z)`` when every sample of the batch has the same step size ``s`` and ``uint8`` zero point ``z`` (one
+        timestep, or timesteps at one table entry) and the weight is one pack: oneDNN then applies the whole
+        dequantization in its own output stage, ``s * s_w * sum (q - z) q_w + bias`` (the shared-timestep path's
+        call), and the per-row epilogue's pass over the output is skipped.  Else ``None``."""
+        if packs != 1 or not scale.numel():
+            return None
+        s = scale[:1]
+        if not bool((scale == s).all()):
+            return None
+        if common is not None:
+            return float(s), common
+        sz = scaled_zero_point[:1]
+        if not bool((scaled_zero_point == sz).all()):
+            return None
+        # ``s * z`` of an integer ``z <= 255`` in float32: the quotient is within 1e-4 of ``z``.
+        z = round(float(sz) / float(s))
+        return (float(s), z) if 0 <= z <= 255 else None
+
     def _shared_zero_point(self) -> int | None:
         """The ``uint8`` zero point of every timestep when the table's is constant (signed codes: 128), else ``None``
         (samples at different timesteps are then taken to differ)."""
@@ -764,6 +785,9 @@ class IntegerLinear(IntegerLayer):
 
     def _product_per_sample(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
         packed = self._prepacked()
+        batch = self._batch_qparams(scale, scaled_zero_point, common, len(packed))
+        if batch is not None:
+            return linear_onednn(codes, *batch, packed[0][0], packed[0][1], self.bias, torch.float32)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = linear_onednn(
@@ -1052,6 +1076,13 @@ class IntegerConv2d(IntegerLayer):
     def _product_per_sample(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
         padding = (0, 0) if padded else self._conv_padding()
         packed = self._prepacked(padding)
+        batch = self._batch_qparams(scale, scaled_zero_point, common, len(packed))
+        if batch is not None:
+            # Padded codes (``padded``) carry ``z`` already; otherwise oneDNN pads with ``z``: the value 0 either way.
+            w, s_w = packed[0]
+            return conv2d_onednn(
+                codes, *batch, w, s_w, self.bias, self.stride, padding, self.dilation, 1, torch.float32
+            )
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = conv2d_onednn(

@@ -63,6 +63,59 @@ def test_compiled_layer_matches_the_int64_oracle(kind, kwargs, traced):
             torch.testing.assert_close(got.double(), expected, **tol)
 
 
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("linear", {}),
+        ("linear", {"signed": True}),
+        ("conv2d", {}),
+        ("conv2d", {"signed": True}),
+        ("conv2d", {"conv_kwargs": {"stride": 2}, "bias": False}),
+    ],
+)
+def test_a_batch_at_one_step_size_skips_the_epilogue(kind, kwargs, monkeypatch):
+    """A batch whose samples share their step size and zero point (one timestep, or timesteps at the same table
+    entry) is dequantized in oneDNN's own output stage, without the per-row epilogue's pass, whether the table's zero
+    points differ (unsigned codes; a convolution's codes then come padded with the zero point) or not (signed);
+    samples at different step sizes take the epilogue.  Both match the int64 oracle."""
+    layer, codes, w_scale, b, context = _layer(kind, **kwargs)
+    assert (layer._shared_zero_point() is None) != kwargs.get("signed", False)
+    epilogues = []
+    original = IntegerLayer._per_sample_epilogue
+
+    def counting(self, *args, **kw):
+        epilogues.append(self.name)
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(IntegerLayer, "_per_sample_epilogue", counting)
+    compiled = _compiled(layer, fullgraph=True)
+    x = _x(kind, batch=4)
+    for timesteps, runs_epilogue in ((SHARED, False), (torch.tensor([300.0] * 4), False), (MIXED, True)):
+        context.set(timesteps)
+        per_sample = timesteps.expand(4) if timesteps.numel() == 1 else timesteps
+        expected = torch.cat(
+            [_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t)) for i, t in enumerate(per_sample)]
+        )
+        epilogues.clear()
+        with torch.no_grad():
+            got = compiled(x)
+        assert bool(epilogues) == runs_epilogue
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+
+
+def test_batch_qparams_need_one_step_and_one_zero_point():
+    """The oneDNN output-stage route needs every sample at the same step size *and* zero point, and one weight pack."""
+    layer, *_ = _layer("linear")
+    s = torch.full((4,), 0.0123)
+    z = torch.tensor([3.0, 3.0, 3.0, 3.0])
+    assert layer._batch_qparams(s, s * z, None, 1) == (float(s[0]), 3)
+    assert layer._batch_qparams(s, s * z, 128, 1) == (float(s[0]), 128)  # the table's common zero point
+    assert layer._batch_qparams(s, s * torch.tensor([3.0, 3.0, 4.0, 3.0]), None, 1) is None
+    assert layer._batch_qparams(s * torch.tensor([1.0, 1.0, 1.0, 2.0]), s * z, 128, 1) is None
+    assert layer._batch_qparams(s, s * z, None, 2) is None  # weight groups: one call per pack, summed
+    assert layer._batch_qparams(s, s * 300.0, None, 1) is None  # not a uint8 zero point
+
+
 def test_the_custom_op_passes_opcheck():
     """The fake (meta) implementation agrees with the real one: shapes, strides, dtype (what the compiler relies on)."""
     for kind, kwargs in (("conv2d", {}), ("conv2d", {"conv_kwargs": {"stride": 2}}), ("linear", {})):
