@@ -8,7 +8,9 @@ opaque.  The op reads the layer's pre-packed oneDNN weights at run time from a r
 (oneDNN's packed weights cannot be traced), so the weights are never copied into the graph.
 
 Every batch takes the per-sample path: one timestep or many, the step sizes are a per-row scale, so a batch whose
-samples sit at different timesteps costs what a batch with one shared timestep costs.
+samples sit at different timesteps costs what a batch with one shared timestep costs.  At run time the op looks at
+the batch: samples that share one step size and zero point (one timestep) go to oneDNN with that step size, zero point
+and the bias, which it applies in its own output stage; others get the per-row epilogue, one pass over the output.
 """
 
 from __future__ import annotations

@@ -621,17 +621,20 @@ class IntegerLayer(nn.Module):
         call), and the per-row epilogue's pass over the output is skipped.  Else ``None``."""
         if packs != 1 or not scale.numel():
             return None
-        s = scale[:1]
-        if not bool((scale == s).all()):
+        # Compared as Python floats: a batch's worth of numbers, cheaper than tensor comparisons at every layer.
+        steps = scale.tolist()
+        s = steps[0]
+        if any(v != s for v in steps):
             return None
         if common is not None:
-            return float(s), common
-        sz = scaled_zero_point[:1]
-        if not bool((scaled_zero_point == sz).all()):
+            return s, common
+        scaled = scaled_zero_point.tolist()
+        sz = scaled[0]
+        if any(v != sz for v in scaled):
             return None
         # ``s * z`` of an integer ``z <= 255`` in float32: the quotient is within 1e-4 of ``z``.
-        z = round(float(sz) / float(s))
-        return (float(s), z) if 0 <= z <= 255 else None
+        z = round(sz / s)
+        return (s, z) if 0 <= z <= 255 else None
 
     def _shared_zero_point(self) -> int | None:
         """The ``uint8`` zero point of every timestep when the table's is constant (signed codes: 128), else ``None``
