@@ -34,6 +34,19 @@ SHARED = torch.tensor([300.0])
 MIXED = torch.tensor([999.0, 10.0, 999.0, 640.0])
 
 
+def _record_calls(monkeypatch, method: str) -> list[str]:
+    """The names of the integer layers whose ``method`` runs, in call order (for the test's duration)."""
+    calls = []
+    original = getattr(IntegerLayer, method)
+
+    def recording(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IntegerLayer, method, recording)
+    return calls
+
+
 def _compiled(module, **kwargs):
     torch.compiler.reset()
     return torch.compile(module, dynamic=False, **kwargs)
@@ -80,14 +93,7 @@ def test_a_batch_at_one_step_size_skips_the_epilogue(kind, kwargs, monkeypatch):
     samples at different step sizes take the epilogue.  Both match the int64 oracle."""
     layer, codes, w_scale, b, context = _layer(kind, **kwargs)
     assert (layer._shared_zero_point() is None) != kwargs.get("signed", False)
-    epilogues = []
-    original = IntegerLayer._per_sample_epilogue
-
-    def counting(self, *args, **kw):
-        epilogues.append(self.name)
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(IntegerLayer, "_per_sample_epilogue", counting)
+    epilogues = _record_calls(monkeypatch, "_per_sample_epilogue")
     compiled = _compiled(layer, fullgraph=True)
     x = _x(kind, batch=4)
     for timesteps, runs_epilogue in ((SHARED, False), (torch.tensor([300.0] * 4), False), (MIXED, True)):
@@ -161,14 +167,7 @@ def test_compiled_model_is_one_graph_and_matches_eager(name, monkeypatch):
     model, references = _exported(name, reference_outputs=True)
     n_layers = len(integer_layers(model))
     compiled = _compiled(model, fullgraph=True)
-    calls = []
-    original = IntegerLayer._compiled_product
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(IntegerLayer, "_compiled_product", counting)
+    calls = _record_calls(monkeypatch, "_compiled_product")
     with torch.no_grad():
         for timestep, (fp32, fake) in zip(timesteps, references):
             inputs = inputs_fn(timestep)
