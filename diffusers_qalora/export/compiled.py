@@ -28,10 +28,16 @@ _KEY_ATTR = "_compile_key"
 
 
 def layer_key(layer: torch.nn.Module) -> str:
-    """The registry key of ``layer`` (assigned on first use; a copy of a layer gets a key of its own)."""
+    """The registry key of ``layer`` (assigned on first use; a copy of a layer gets a key of its own).
+
+    The key is a constant of the compiled graph, so it is part of Inductor's on-disk cache key, while the op's output
+    shape comes from the layer it names.  A counter alone repeats across processes (``IntegerConv2d:7`` of one run is
+    another layer in the next), and a cached graph would then assert the other layer's output shape: the key carries
+    the layer's geometry (`_product_geometry`), everything that shape depends on."""
     key = layer.__dict__.get(_KEY_ATTR)
     if key is None or _LAYERS.get(key, lambda: None)() is not layer:
-        key = f"{type(layer).__name__}:{next(_KEYS)}"
+        geometry = ",".join(str(v) for v in layer._product_geometry())
+        key = f"{type(layer).__name__}({geometry}):{next(_KEYS)}"
         _LAYERS[key] = weakref.ref(layer, lambda _, key=key: _LAYERS.pop(key, None))
         layer.__dict__[_KEY_ATTR] = key
     return key

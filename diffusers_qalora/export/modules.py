@@ -256,6 +256,10 @@ class IntegerLayer(nn.Module):
     def _weight_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def _product_geometry(self) -> tuple:
+        """What the shape of the integer product's output depends on besides its input (see `layer_key`)."""
+        raise NotImplementedError
+
     def _apply(self, fn, recurse: bool = True):
         # Integer layers keep float32 scales: refuse a dtype cast before anything is changed.
         device = self.weight_scale.device if self.weight_scale.device.type != "meta" else "cpu"
@@ -712,6 +716,9 @@ class IntegerLinear(IntegerLayer):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
+    def _product_geometry(self) -> tuple:
+        return (self.in_features, self.out_features)
+
     def _reference(self, x, scale, zero_point):
         return self._float_forward(self._reference_input(x, scale, zero_point).to(x.dtype), None)
 
@@ -894,6 +901,9 @@ class IntegerConv2d(IntegerLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, " + super().extra_repr()
         )
+
+    def _product_geometry(self) -> tuple:
+        return (self.in_channels, self.out_channels, *self.kernel_size, *self.stride, *self.padding, *self.dilation)
 
     def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.padding_mode == "zeros":

@@ -122,6 +122,29 @@ def test_batch_qparams_need_one_step_and_one_zero_point():
     assert layer._batch_qparams(s, s * 300.0, None, 1) is None  # not a uint8 zero point
 
 
+def test_a_new_process_numbering_layers_alike_does_not_reuse_another_layers_graph(monkeypatch):
+    """Layer keys are graph constants, so they enter Inductor's on-disk cache key; the op's output shape comes from the
+    layer the key names.  A later process numbers its layers from the same counter: here the counter restarts, and a
+    stride-2 convolution gets the number a stride-1 convolution's compiled graph was cached under.  The key's geometry
+    keeps the two graphs apart (a counter alone made the second run assert the first layer's output shape)."""
+    import itertools
+
+    from diffusers_qalora.export import compiled as compiled_module
+
+    x = _x("conv2d", batch=4)
+    for conv_kwargs in ({}, {"stride": 2}):
+        monkeypatch.setattr(compiled_module, "_KEYS", itertools.count(10_000))
+        layer, codes, w_scale, b, context = _layer("conv2d", conv_kwargs=conv_kwargs)
+        context.set(MIXED)
+        expected = torch.cat(
+            [_int_oracle(layer, codes, w_scale, b, x[i : i + 1], float(t)) for i, t in enumerate(MIXED)]
+        )
+        with torch.no_grad():
+            got = _compiled(layer, fullgraph=True)(x)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+        del layer
+
+
 def test_the_custom_op_passes_opcheck():
     """The fake (meta) implementation agrees with the real one: shapes, strides, dtype (what the compiler relies on)."""
     for kind, kwargs in (("conv2d", {}), ("conv2d", {"conv_kwargs": {"stride": 2}}), ("linear", {})):
