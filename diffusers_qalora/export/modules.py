@@ -768,20 +768,22 @@ class IntegerLinear(IntegerLayer):
 
     def _onednn(self, x, scale, zero_point, lo, hi):
         codes = quantize_activation_uint8(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
-        codes = codes.reshape(-1, self.in_features)
-        out_dtype = self._out_dtype(x)
+        y = self._product_at_step(codes.reshape(-1, self.in_features), scale, zero_point, self._out_dtype(x))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _product_at_step(self, codes, scale, zero_point, out_dtype):
+        """oneDNN's product of codes at one step size and zero point, dequantized with the bias in its output stage
+        (weight groups: one call per group, summed)."""
         packed = self._prepacked()
         if len(packed) == 1:
-            y = linear_onednn(codes, scale, zero_point, packed[0][0], packed[0][1], self.bias, out_dtype)
-        else:
-            y = None
-            for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
-                part = linear_onednn(
-                    codes[:, a:b].contiguous(), scale, zero_point, w, s, self.bias if g == 0 else None, torch.float32
-                )
-                y = part if y is None else y.add_(part)
-            y = y.to(out_dtype)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return linear_onednn(codes, scale, zero_point, packed[0][0], packed[0][1], self.bias, out_dtype)
+        y = None
+        for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
+            part = linear_onednn(
+                codes[:, a:b].contiguous(), scale, zero_point, w, s, self.bias if g == 0 else None, torch.float32
+            )
+            y = part if y is None else y.add_(part)
+        return y.to(out_dtype)
 
     def _onednn_per_sample(self, x, terms, lo, hi):
         scale, inv_scale, zero_point, scaled_zero_point = terms
@@ -797,7 +799,7 @@ class IntegerLinear(IntegerLayer):
         packed = self._prepacked()
         batch = self._batch_qparams(scale, scaled_zero_point, common, len(packed))
         if batch is not None:
-            return linear_onednn(codes, *batch, packed[0][0], packed[0][1], self.bias, torch.float32)
+            return self._product_at_step(codes, *batch, torch.float32)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = linear_onednn(
@@ -1000,43 +1002,37 @@ class IntegerConv2d(IntegerLayer):
         x, padding = self._pad_input(x)
         codes = quantize_activation_uint8(x, scale, zero_point, lo, hi, self.exact_activation_rounding)
         codes = codes.contiguous(memory_format=torch.channels_last)
-        out_dtype = self._out_dtype(x)
-        packed = self._prepacked()
+        y = self._product_at_step(codes, scale, zero_point, padding, self._out_dtype(x))
+        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
+            y = y.contiguous()
+        return y.to(x.dtype)
+
+    def _product_at_step(self, codes, scale, zero_point, padding, out_dtype):
+        """oneDNN's product of channels-last codes at one step size and zero point (zero padding pads with it),
+        dequantized with the bias in its output stage (weight groups: one call per group, summed)."""
+        packed = self._prepacked(padding)
         if len(packed) == 1:
-            y = conv2d_onednn(
-                codes,
+            w, s = packed[0]
+            return conv2d_onednn(
+                codes, scale, zero_point, w, s, self.bias, self.stride, padding, self.dilation, 1, out_dtype
+            )
+        y = None
+        for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
+            part = conv2d_onednn(
+                codes[:, a:b].contiguous(memory_format=torch.channels_last),
                 scale,
                 zero_point,
-                packed[0][0],
-                packed[0][1],
-                self.bias,
+                w,
+                s,
+                self.bias if g == 0 else None,
                 self.stride,
                 padding,
                 self.dilation,
                 1,
-                out_dtype,
+                torch.float32,
             )
-        else:
-            y = None
-            for g, ((a, b), (w, s)) in enumerate(zip(self._group_slices(), packed)):
-                part = conv2d_onednn(
-                    codes[:, a:b].contiguous(memory_format=torch.channels_last),
-                    scale,
-                    zero_point,
-                    w,
-                    s,
-                    self.bias if g == 0 else None,
-                    self.stride,
-                    padding,
-                    self.dilation,
-                    1,
-                    torch.float32,
-                )
-                y = part if y is None else y.add_(part)
-            y = y.to(out_dtype)
-        if not self.channels_last_output and x.is_contiguous() and not y.is_contiguous():
-            y = y.contiguous()
-        return y.to(x.dtype)
+            y = part if y is None else y.add_(part)
+        return y.to(out_dtype)
 
     def _tap_sum_map(self, size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
         """``M[o, i, j] = sum_g s_w[o, g] * sum q_w[o, c, u, v]`` over the taps of output position ``(i, j)`` that
@@ -1092,10 +1088,7 @@ class IntegerConv2d(IntegerLayer):
         batch = self._batch_qparams(scale, scaled_zero_point, common, len(packed))
         if batch is not None:
             # Padded codes (``padded``) carry ``z`` already; otherwise oneDNN pads with ``z``: the value 0 either way.
-            w, s_w = packed[0]
-            return conv2d_onednn(
-                codes, *batch, w, s_w, self.bias, self.stride, padding, self.dilation, 1, torch.float32
-            )
+            return self._product_at_step(codes, *batch, padding, torch.float32)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = conv2d_onednn(
