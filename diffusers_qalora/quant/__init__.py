@@ -3,7 +3,7 @@
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, grouped_view, step_shape
 from .init import INIT_METHODS, init_qparams, lp_search_qparams, minmax_qparams
 from .kernel_preference import KernelPreference, set_kernel_preference
-from .lora_op import lowrank_gradients_cheaper, qalora_conv2d, qalora_linear
+from .lora_op import conv_as_matmul, lowrank_gradients_cheaper, qalora_conv2d, qalora_linear
 from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
 from .primitives import (
     clear_workspace,

@@ -6,7 +6,9 @@ Tolerances:
   ``B^T (G * M)``: relative error <= 1e-10 of the largest entry (the two differ only in summation order);
 - the op (float32) against the reference composition ``F.conv2d(x, fake_quantize(W0 + scaling * B @ A))``: output and
   input gradient bit-identical (same operations); step and LoRA gradients within 1e-5 of their largest entry (other
-  summation orders).
+  summation orders);
+- a convolution lowered to a matrix product over its unfolded input (`conv_as_matmul`): output and input gradient
+  within 1e-5 of their largest entry too (the product sums in another order than oneDNN's convolution).
 """
 
 from __future__ import annotations
@@ -154,6 +156,61 @@ def test_each_layer_takes_the_cheaper_way():
     assert not lora_op.lowrank_gradients_cheaper(4096, 1280, 11520)
     assert not lora_op.lowrank_gradients_cheaper(256, 320, 2880)
     assert lora_op.lowrank_gradients_cheaper(64, 640, 5760)
+
+
+CONV_CASES = [name for name, case in CASES.items() if case[0] == "conv"]
+
+
+def assert_near(got, want, what):
+    assert got.shape == want.shape, what
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), what
+
+
+@pytest.mark.parametrize("name", CONV_CASES)
+@pytest.mark.parametrize("path", ["lowrank", "dense"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_convolution_lowered_to_a_matrix_product_matches_the_reference(monkeypatch, name, path, memory_format):
+    case = CASES[name]
+    x, *rest = make(case)
+    tensors = (x.contiguous(memory_format=memory_format), *rest)
+    monkeypatch.setattr(lora_op, "lowrank_gradients_cheaper", lambda *args: path == "lowrank")
+    y_ref, g_ref, grad_out = run(reference, case, tensors)
+    convs = []
+    original_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kw: convs.append(args[1].shape) or original_conv2d(*args, **kw))
+    monkeypatch.setattr(lora_op, "conv_as_matmul", lambda *args: True)
+    for _ in range(2):  # the second call runs on reused workspace buffers (the pooled weight gradient)
+        y, g, _ = run(op, case, tensors, grad_out)
+        assert y.is_contiguous(memory_format=memory_format)
+        assert_near(y, y_ref, "output")
+        for what, got, want in zip(("input", "A", "B", "step"), g, g_ref):
+            assert_near(got, want, what)
+    # Nothing ran as a convolution with the layer's weight (the low-rank path's products are matrix products too).
+    assert not any(shape == tensors[1].shape for shape in convs)
+
+
+def test_small_convolutions_with_large_weights_run_as_matrix_products():
+    # SD1.5's 1280-channel 3x3 convolutions at 4 to 64 positions (16x16 and 32x32 latents, batch 1 or 2): lowered;
+    # 640 channels at 256 positions and 320 at 1024 (its first blocks), and 1x1 convolutions: oneDNN.
+    for positions in (4, 16, 32, 64):
+        assert lora_op.conv_as_matmul(positions, 1280, 9)
+    assert lora_op.conv_as_matmul(64, 640, 9)
+    assert not lora_op.conv_as_matmul(256, 640, 9)
+    assert not lora_op.conv_as_matmul(1024, 320, 9)
+    assert not lora_op.conv_as_matmul(16, 1280, 1)
+
+
+def test_a_lowered_layer_pools_its_weight_gradient(monkeypatch):
+    from diffusers_qalora.quant.primitives import WORKSPACE
+
+    monkeypatch.setattr(lora_op, "conv_as_matmul", lambda *args: True)
+    case = CASES["conv3x3"]
+    tensors = make(case)
+    run(op, case, tensors)
+    pooled = WORKSPACE._free.get(((20, 72), torch.float32, torch.device("cpu")))
+    assert pooled is not None and len(pooled) == 1  # G went back to the pool
+    run(op, case, tensors)
+    assert len(WORKSPACE._free[((20, 72), torch.float32, torch.device("cpu"))]) == 1  # and was taken again
 
 
 def test_channels_last_input_gives_the_same_gradients(monkeypatch):
