@@ -56,13 +56,15 @@ def lowrank_gradients_cheaper(positions: int, out_features: int, per_output: int
 
 
 def conv_as_matmul(positions: int, out_channels: int, kernel_numel: int) -> bool:
-    """Whether a convolution with ``positions`` output positions (batch included) runs as one matrix product over its
-    unfolded input (im2col) instead of through oneDNN.  oneDNN's cost there is the weight, not the arithmetic: it
-    reorders the weight on every call (forward and both backward products) and writes the weight gradient into fresh
-    pages; the product reads the weight as it lies and writes the gradient into a pooled buffer, for the price of
-    unfolding the input (``positions`` rows of the weight's width) and folding its gradient back.  Measured on SD1.5's
+    """Whether a CPU convolution with ``positions`` output positions (batch included) runs as one matrix product over
+    its unfolded input (im2col) instead of through oneDNN (other devices keep their convolution).  oneDNN's cost there
+    is the weight, not the arithmetic: it reorders the weight on every call (forward and both backward products) and
+    writes the weight gradient into fresh pages; the product reads the weight as it lies and writes the gradient into
+    a pooled buffer, for the price of unfolding the input (``positions`` rows of the weight's width) and folding its
+    gradient back.  Measured on SD1.5's
     3x3 convolutions (1 thread, forward and backward): 1.7-4.6x faster at 4-64 positions with 1280 output channels,
-    1.0-1.1x at 64 with 640, 0.8-0.9x at 256 with 320-640; 1x1 convolutions gain nothing."""
+    1.0-1.1x at 64 with 640, 0.8-0.9x at 256 with 320-640; 1x1 convolutions gain nothing
+    (`benchmarks/results/conv_lowering.md`)."""
     return kernel_numel > 1 and 8 * positions <= out_channels
 
 
@@ -95,13 +97,12 @@ class _QALoraOp(torch.autograd.Function):
         # A lowered convolution (`conv_as_matmul`) is, from here on, a linear layer over the unfolded input: ``fold``
         # keeps what turns its output and input gradient back into images.
         fold = None
-        if conv is not None:
+        if conv is not None and x.device.type == "cpu":
             kernel = tuple(w0.shape[2:])
             out_size = _conv_output_size(tuple(x.shape[2:]), kernel, conv)
-            if conv_as_matmul(x.shape[0] * out_size[0] * out_size[1], w0.shape[0], kernel[0] * kernel[1]):
-                channels_last = (
-                    x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                )
+            positions = x.shape[0] * out_size[0] * out_size[1]
+            if conv_as_matmul(positions, w0.shape[0], kernel[0] * kernel[1]):
+                channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
                 fold = (tuple(x.shape), kernel, conv, out_size, channels_last)
                 x, conv = _unfold(x, kernel, conv), None
         if conv is None:
@@ -353,9 +354,12 @@ def qalora_conv2d(
     dilation)`` (groups = 1, zero padding given as integers: pad ``x`` beforehand for other padding modes)."""
     w0, a, b, step, grouped_shape = _prepare(w0, a, b, step, zero_point, grouped_shape, "qalora_conv2d")
     conv = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
-    return _QALoraOp.apply(
-        x, w0, a, b, step, zero_point, bias, float(scaling), qmin, qmax, grad_scale, grouped_shape, conv
+    unbatched = x.dim() == 3  # as F.conv2d takes it; the op's backward products need a batch dim
+    y = _QALoraOp.apply(
+        x.unsqueeze(0) if unbatched else x,
+        *(w0, a, b, step, zero_point, bias, float(scaling), qmin, qmax, grad_scale, grouped_shape, conv),
     )
+    return y.squeeze(0) if unbatched else y
 
 
 def _pair(value) -> tuple[int, int]:

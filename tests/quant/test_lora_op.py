@@ -287,3 +287,15 @@ def test_clear_workspace_frees_the_extremes_lists(monkeypatch):
     run(op, case, tensors)
     del tensors
     assert not lora_op._EXTREMES  # and dropped with it
+
+
+@pytest.mark.parametrize("lowered", [False, True])
+def test_an_unbatched_convolution_input_is_taken_as_f_conv2d_takes_it(monkeypatch, lowered):
+    monkeypatch.setattr(lora_op, "conv_as_matmul", lambda *args: lowered)
+    case = CASES["conv3x3"]
+    x, *rest = make(case)
+    y_ref, g_ref, grad_out = run(reference, case, (x[0], *rest))
+    y, g, _ = run(op, case, (x[0], *rest), grad_out)
+    assert_near(y, y_ref, "output")
+    for what, got, want in zip(("input", "A", "B", "step"), g, g_ref):
+        assert_near(got, want, what)
