@@ -9,8 +9,10 @@ The model (bytes; ``P`` parameters, ``Q`` of them in QALoRA layers with LoRA, ``
 
 * weights: ``4 P`` (fp32), every method;
 * QALoRA: the fused path holds ``x_hat`` and the step derivative, ``8 Q``, from each layer's forward to its backward
-  (with gradient checkpointing, only one block's worth); LoRA state ``16 L`` (value, gradient, AdamW's two moments;
-  ``10 L`` with 8-bit Adam);
+  (with gradient checkpointing, only one block's worth), and the pooled weight gradients of its linear layers, ``4 G``
+  with ``G`` the sum over their distinct weight shapes (fp32 only: under bf16 autocast the layer's op is not used;
+  convolutions are lowered to matrix products, and pool theirs, only at small latents, not at these resolutions); LoRA
+  state ``16 L`` (value, gradient, AdamW's two moments; ``10 L`` with 8-bit Adam);
 * full fine-tuning: gradients ``4 P`` and AdamW's moments ``8 P`` (``2 P`` with 8-bit Adam);
 * plain LoRA: ``16 L``;
 * bf16 autocast: each op keeps the bf16 copy of the weight it used for its backward pass: ``+2 Q``;
@@ -42,17 +44,22 @@ GIB = 2**30
 
 
 def counts(model: torch.nn.Module, r: int = 32) -> dict[str, int]:
-    """Parameters, parameters in LoRA layers, LoRA values (the default QALoRA targets)."""
+    """Parameters, parameters in LoRA layers, LoRA values (the default QALoRA targets), and the elements of the
+    pooled weight gradients (one per distinct linear weight shape)."""
     cfg = QALoraConfig(r=r)
     total = sum(p.numel() for p in model.parameters())
     quantized = lora = 0
+    linear_shapes = set()
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d) and getattr(mod, "groups", 1) == 1:
             if cfg.is_eight_bit(name):
                 continue
             quantized += mod.weight.numel()
             lora += r * (mod.weight[0].numel() + mod.weight.shape[0])
-    return {"parameters": total, "quantized": quantized, "lora_values": lora}
+            if isinstance(mod, torch.nn.Linear):
+                linear_shapes.add(tuple(mod.weight.shape))
+    pooled = sum(rows * cols for rows, cols in linear_shapes)
+    return {"parameters": total, "quantized": quantized, "lora_values": lora, "pooled_gradient": pooled}
 
 
 def models() -> dict[str, dict]:
@@ -124,10 +131,10 @@ def main() -> dict:
             sd15_quantized = m["quantized"]
         scale = m["quantized"] / sd15_quantized
         activations = max(plain["a0"], 0) + plain["a1"] * scale * m["pixels"]
-        p, q, lora = m["parameters"], m["quantized"], m["lora_values"]
+        p, q, lora, pooled = m["parameters"], m["quantized"], m["lora_values"], m["pooled_gradient"]
         est = {
-            "QALoRA": 4 * p + 8 * q + 16 * lora + activations,
-            "QALoRA + 8-bit Adam": 4 * p + 8 * q + 10 * lora + activations,
+            "QALoRA": 4 * p + 8 * q + 4 * pooled + 16 * lora + activations,
+            "QALoRA + 8-bit Adam": 4 * p + 8 * q + 4 * pooled + 10 * lora + activations,
             "QALoRA + bf16 autocast": 4 * p + 10 * q + 16 * lora + activations / 2,
             "full fine-tuning (AdamW)": 16 * p + activations,
             "full fine-tuning (8-bit Adam)": 10 * p + activations,
