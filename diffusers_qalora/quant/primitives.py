@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -283,27 +284,45 @@ class WorkspacePool:
     of an elementwise pass.  The QALoRA weight path therefore takes its weight-sized temporaries from this pool and
     gives them back when its backward pass is done, so a training step after the first allocates none of them.
 
-    A buffer is only given back by the code that took it, once nothing else reads it; writing into a reused buffer
-    bumps its version counter, so a stale autograd graph that still holds it fails loudly instead of reading new
-    values.  [`clear`] frees everything (call it after training).
+    A buffer is lent as an alias (``detach()``: the same storage and version counter) while the pool keeps the buffer
+    itself.  It comes back when the code that took it gives it back, once nothing else reads it, or by itself when
+    the alias dies unreturned: under gradient checkpointing the first forward pass drops what it saved unread, and
+    without this its buffers were freed, so that the recomputed forward pass faulted in fresh pages for every weight.
+    Writing into a reused buffer bumps its version counter, so a stale autograd graph that still holds it fails loudly
+    instead of reading new values.  [`clear`] frees everything (call it after training).
     """
 
     def __init__(self) -> None:
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        # data_ptr of a lent buffer -> its lease ``[key, buffer]``; a lease ends once (given back, or its alias died).
+        self._lent: dict[int, list] = {}
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        stack = self._free.get((tuple(shape), dtype, device))
-        if stack:
-            return stack.pop()
-        return torch.empty(shape, dtype=dtype, device=device)
+        key = (tuple(shape), dtype, device)
+        stack = self._free.get(key)
+        buffer = stack.pop() if stack else torch.empty(shape, dtype=dtype, device=device)
+        if not buffer.numel():
+            return buffer
+        alias = buffer.detach()
+        lease = [key, buffer]
+        self._lent[buffer.data_ptr()] = lease
+        weakref.finalize(alias, self._end_lease, buffer.data_ptr(), lease)
+        return alias
 
     def give(self, *tensors: torch.Tensor | None) -> None:
         for t in tensors:
-            if t is not None:
-                self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t.detach())
+            if t is not None and t.numel():
+                self._end_lease(t.data_ptr(), self._lent.get(t.data_ptr()))
+
+    def _end_lease(self, data_ptr: int, lease: list | None) -> None:
+        if lease is None or self._lent.get(data_ptr) is not lease:
+            return  # given back already, or the pool was cleared
+        del self._lent[data_ptr]
+        self._free.setdefault(lease[0], []).append(lease[1])
 
     def clear(self) -> None:
         self._free.clear()
+        self._lent.clear()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for stack in self._free.values() for t in stack)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusers_qalora.quant import fake_quantize, fake_quantize_lora_merged, fused_compile, set_fused_compile
 from diffusers_qalora.quant.primitives import WORKSPACE, clear_workspace
@@ -143,3 +144,32 @@ def test_auto_mode_takes_the_fused_path_for_sd_scale_cpu_weights_only():
         assert fused_path_enabled(1, cpu)
     finally:
         set_fused_compile(previous)
+
+
+@pytest.mark.parametrize("layer_op", [False, True])
+def test_under_gradient_checkpointing_the_first_forward_passes_buffers_come_back(layer_op):
+    # Checkpointing drops what the first forward pass saved, unread; its pooled buffers must come back to the pool
+    # (not be freed), so that the recomputed forward pass and every later step reuse the same buffers.
+    from torch.utils.checkpoint import checkpoint
+
+    from diffusers_qalora.quant import qalora_linear
+
+    clear_workspace()
+    w0, a, b, step, zp, qmin, qmax = make((32, 16), (32, 1, 16), True)
+    x = torch.randn(4, 16)
+
+    def layer(x, a, b, step):
+        if layer_op:
+            return qalora_linear(x, w0, a, b, 1.0, step, zp, qmin, qmax, 1.0, (32, 1, 16))
+        return F.linear(x, fake_quantize_lora_merged(w0, a, b, 1.0, step, zp, qmin, qmax, 1.0, (32, 1, 16)))
+
+    def pooled():
+        return {id(t) for stack in WORKSPACE._free.values() for t in stack}
+
+    seen = []
+    for _ in range(3):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, b, step)]
+        checkpoint(layer, *leaves, use_reentrant=False).square().sum().backward()
+        seen.append(pooled())
+    assert seen[0] and seen[0] == seen[1] == seen[2]
+    clear_workspace()
