@@ -173,3 +173,43 @@ def test_under_gradient_checkpointing_the_first_forward_passes_buffers_come_back
         seen.append(pooled())
     assert seen[0] and seen[0] == seen[1] == seen[2]
     clear_workspace()
+
+
+@pytest.mark.parametrize("layer_op", [False, True])
+def test_a_buffer_saved_for_backward_is_not_lent_again(layer_op):
+    # The pool takes a buffer back when its alias dies: one saved for a pending backward pass must stay lent, even with
+    # more forward passes of the same shape in between (they would otherwise overwrite it).
+    from diffusers_qalora.quant import qalora_linear
+
+    clear_workspace()
+    w0, _, _, step, zp, qmin, qmax = make((32, 16), (32, 1, 16), True)
+
+    def leaves(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x, a, b = (
+            torch.randn(4, 16, generator=gen),
+            torch.randn(4, 16, generator=gen),
+            torch.randn(32, 4, generator=gen),
+        )
+        return [t.detach().clone().requires_grad_() for t in (x, a * 0.2, b * 0.2, step)]
+
+    def forward(leaf):
+        x, a, b, s = leaf
+        if layer_op:
+            return qalora_linear(x, w0, a, b, 1.0, s, zp, qmin, qmax, 1.0, (32, 1, 16))
+        return F.linear(x, fake_quantize_lora_merged(w0, a, b, 1.0, s, zp, qmin, qmax, 1.0, (32, 1, 16)))
+
+    want = []
+    for seed in (1, 2):
+        leaf = leaves(seed)
+        forward(leaf).square().sum().backward()
+        want.append([t.grad for t in leaf])
+    first, second = leaves(1), leaves(2)
+    pending = [forward(first), forward(second)]
+    forward(leaves(3))  # a third forward pass, dropped: its buffers come back to the pool at once
+    for y in pending:
+        y.square().sum().backward()
+    for leaf, grads in zip((first, second), want):
+        for t, g in zip(leaf, grads):
+            assert torch.equal(t.grad, g)
+    clear_workspace()
