@@ -786,9 +786,9 @@ def markdown(result: dict, tag: str) -> str:
             + ".  It is an estimate, not a strict bound on the time ratio: the rates differ.  Full fine-tuning "
             "runs PyTorch's convolutions, whose cost at few positions is the weight (oneDNN reorders it on every "
             "call and writes the weight gradient into fresh pages; the smallest take PyTorch's slow native kernel), "
-            "while QALoRA's layer runs those convolutions as matrix products over the unfolded input, with its "
-            "weight gradient in a pooled buffer (`quant.lora_op.conv_as_matmul`); its LoRA products are dense "
-            "matrix products.",
+            "while QALoRA's layer, where its fused path runs (CPU weights of 2^18 elements or more), runs those "
+            "convolutions as matrix products over the unfolded input, with its weight gradient in a pooled buffer "
+            "(`quant.lora_op.conv_as_matmul`); its LoRA products are dense matrix products.",
         ]
     lines += [
         "",
