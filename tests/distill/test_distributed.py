@@ -228,7 +228,14 @@ def test_fsdp2_sharded_student_and_shared_teacher_match_one_process(tmp_path):
         assert torch.equal(a["before"][key], b["before"][key]), key
         update_sharded = a["after"][key] - a["before"][key]
         update_single = b["after"][key] - b["before"][key]
-        torch.testing.assert_close(update_sharded, update_single, rtol=1e-3, atol=1e-8, msg=key)
+        # Two processes compute and sum in another order than one, and a float difference that moves a fake-quant
+        # rounding decision changes that code's gradient by a step, which the next steps carry on; an update is also a
+        # difference of float32 values, exact only to the parameter's ulp.  Tolerance: 1% of the tensor's largest
+        # update plus two ulps (1e-8 absolute passed on one machine and failed on another by 0.2% of an update); a
+        # gradient left unaveraged (twice the update) still fails.
+        ulp = torch.finfo(torch.float32).eps * float(b["after"][key].abs().max())
+        atol = 1e-2 * float(update_single.abs().max()) + 2 * ulp
+        torch.testing.assert_close(update_sharded, update_single, rtol=1e-3, atol=atol, msg=key)
         moved += int(update_single.abs().max() > 1e-7)
     kinds = {k.split(".qal_")[1].split(".")[0] for k in a["after"]}
     assert {"A", "B", "weight_quantizer", "act_quantizer"} <= kinds
