@@ -178,6 +178,31 @@ def conv2d_onednn(
     )
 
 
+def onednn_product(packed, w_scale, bias, conv: tuple | None = None) -> Callable[..., torch.Tensor]:
+    """``run(codes, scale, zero_point)``: the float32 output of `linear_onednn` (``conv=None``) or of
+    `conv2d_onednn` (``conv=(stride, padding, dilation)``, groups 1) on one pre-packed weight, with every argument
+    but the activation's step size and zero point bound once.  For callers that run outside any graph (the
+    ``torch.compile`` custom op's body): one oneDNN call per product and no wrapper in between."""
+    w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
+    if conv is None:
+        op = torch.ops.onednn.qlinear_pointwise
+
+        def run(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+            return op(codes, scale, zero_point, packed, w_scale, w_zp, bias, 1.0, 0, torch.float32, "none", [], "")
+
+        return run
+    op = torch.ops.onednn.qconv2d_pointwise
+    stride, padding, dilation = (list(v) for v in conv)
+
+    def run(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        return op(
+            codes, scale, zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation, 1, 1.0, 0,
+            torch.float32, "none", [], "",
+        )  # fmt: skip
+
+    return run
+
+
 _ZEROS: dict[tuple[int, str], torch.Tensor] = {}
 
 

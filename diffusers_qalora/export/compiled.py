@@ -53,8 +53,7 @@ def _layer(key: str) -> torch.nn.Module:
     return layer
 
 
-@torch.library.custom_op("diffusers_qalora::integer_product", mutates_args=())
-def integer_product(
+def _integer_product(
     codes: torch.Tensor,
     scale: torch.Tensor,
     scaled_zero_point: torch.Tensor,
@@ -62,14 +61,27 @@ def integer_product(
     zero_point: int,
     padded: bool,
 ) -> torch.Tensor:
-    """The integer product of the layer registered as ``layer`` on ``uint8`` ``codes`` (a linear layer's
-    ``(B * T, K)``, a convolution's ``(B, C, H, W)`` channels-last, already padded when ``padded``), with the
-    per-sample epilogue ``s_b * acc + bias - s_b * z_b * M`` (``scale``: ``s_b``, ``scaled_zero_point``: ``s_b * z_b``,
-    ``(B,)`` each).  ``zero_point`` is the zero point the graph was traced with (the one every timestep shares, or 0):
-    the layer refuses a call whose tables have changed since."""
     return _layer(layer)._compiled_product(codes, scale, scaled_zero_point, zero_point, padded)
 
 
-@integer_product.register_fake
 def _integer_product_fake(codes, scale, scaled_zero_point, layer, zero_point, padded):
     return _layer(layer)._compiled_product_like(codes, padded)
+
+
+# Defined with `torch.library.Library` rather than `torch.library.custom_op`: the op is inference-only (its inputs are
+# codes and step sizes, nothing to differentiate), and the decorator's autograd and aliasing layers cost about as much
+# Python per call as the layer's own work; a plain kernel registration leaves the dispatcher and the body.
+_LIBRARY = torch.library.Library("diffusers_qalora", "FRAGMENT")
+_LIBRARY.define(
+    "integer_product(Tensor codes, Tensor scale, Tensor scaled_zero_point, str layer, int zero_point, bool padded) "
+    "-> Tensor"
+)
+_LIBRARY.impl("integer_product", _integer_product, "CompositeExplicitAutograd")
+torch.library.register_fake("diffusers_qalora::integer_product", _integer_product_fake, lib=_LIBRARY)
+
+integer_product = torch.ops.diffusers_qalora.integer_product
+integer_product.__doc__ = """The integer product of the layer registered as ``layer`` on ``uint8`` ``codes`` (a linear
+layer's ``(B * T, K)``, a convolution's ``(B, C, H, W)`` channels-last, already padded when ``padded``), with the
+per-sample epilogue ``s_b * acc + bias - s_b * z_b * M`` (``scale``: ``s_b``, ``scaled_zero_point``: ``s_b * z_b``,
+``(B,)`` each).  ``zero_point`` is the zero point the graph was traced with (the one every timestep shares, or 0): the
+layer refuses a call whose tables have changed since."""

@@ -27,6 +27,7 @@ from ..quant.quantizers import dynamic_fake_quantize, dynamic_qparams
 from .backends import (
     conv2d_onednn,
     linear_onednn,
+    onednn_product,
     prepack_conv2d,
     prepack_linear,
     resolve_integer_kernel,
@@ -56,6 +57,9 @@ def _forward_eager(layer: IntegerLayer, x: torch.Tensor) -> torch.Tensor:
     # Layers without a traced path run eagerly inside a compiled model (a graph break, the same numbers).
     return layer._forward_eager(x)
 
+
+# The buffers whose state a compiled layer's runner depends on (`IntegerLayer._compiled_product`).
+_RUNNER_STATE = ("weight_packed", "weight_scale", "bias", "act_timesteps", "act_scale", "act_zero_point")
 
 # Positions of the denoiser call's timesteps in the layers' dense tables, keyed by the context's timestep tensor (kept
 # in the value, so that its id cannot be reused while the entry lives); ``None`` for non-integer timesteps.
@@ -486,18 +490,46 @@ class IntegerLayer(nn.Module):
     def _compiled_product(
         self, codes: torch.Tensor, scale: torch.Tensor, scaled_zero_point: torch.Tensor, zero_point: int, padded: bool
     ) -> torch.Tensor:
-        """Run time of `diffusers_qalora::integer_product`: the product after a check that the graph's route still
-        holds."""
-        memo_key = (self._table_key(), kernel_preference_of(self), codes.device.type)
-        route, common = self._cached(
-            "compiled_route", memo_key, lambda: (self._compiled_route(codes.device.type), self._shared_zero_point())
+        """Run time of `diffusers_qalora::integer_product`: a runner built once per layer state (weights, bias,
+        tables, kernel preference, device and the graph's route), so that a call costs its oneDNN product and a few
+        Python operations.  A state that no longer gives the route the graph was traced with is refused."""
+        buffers = self._buffers
+        state = (
+            tuple((t.data_ptr(), t._version) for t in map(buffers.get, _RUNNER_STATE) if t is not None),
+            kernel_preference_of(self),
+            codes.device.type,
+            zero_point,
+            padded,
         )
-        if route is None or route[1:] != (zero_point, padded):
-            raise RuntimeError(
-                f"{self._where()}: the layer's activation tables or kernel preference changed after torch.compile "
-                f"traced it; compile the model again (torch.compiler.reset(), then torch.compile)."
-            )
-        return self._product_per_sample(codes, scale, scaled_zero_point, common, padded)
+
+        def build():
+            route = self._compiled_route(codes.device.type)
+            if route is None or route[1:] != (zero_point, padded):
+                raise RuntimeError(
+                    f"{self._where()}: the layer's activation tables or kernel preference changed after torch.compile "
+                    f"traced it; compile the model again (torch.compiler.reset(), then torch.compile)."
+                )
+            return self._compiled_runner(padded, self._shared_zero_point())
+
+        return self._cached("compiled_runner", state, build)(codes, scale, scaled_zero_point)
+
+    def _compiled_runner(self, padded: bool, common: int | None) -> Callable[..., torch.Tensor]:
+        """``run(codes, scale, scaled_zero_point)``: a batch at one step size and zero point goes straight to the
+        bound oneDNN product (`_single_product`), others to [`_product_per_sample`]."""
+        product = self._single_product(padded)
+
+        def run(codes: torch.Tensor, scale: torch.Tensor, scaled_zero_point: torch.Tensor) -> torch.Tensor:
+            batch = None if product is None else self._batch_qparams(scale, scaled_zero_point, common, 1)
+            if batch is None:
+                return self._product_per_sample(codes, scale, scaled_zero_point, common, padded)
+            return product(codes, *batch)
+
+        return run
+
+    def _single_product(self, padded: bool) -> Callable[..., torch.Tensor] | None:
+        """`onednn_product` of the layer's weight (``None`` for a weight in several groups, which takes one product
+        per group)."""
+        raise NotImplementedError
 
     def _compiled_product_like(self, codes: torch.Tensor, padded: bool) -> torch.Tensor:
         raise NotImplementedError
@@ -628,13 +660,13 @@ class IntegerLayer(nn.Module):
         # Compared as Python floats: a batch's worth of numbers, cheaper than tensor comparisons at every layer.
         steps = scale.tolist()
         s = steps[0]
-        if any(v != s for v in steps):
+        if steps.count(s) != len(steps):
             return None
         if common is not None:
             return s, common
         scaled = scaled_zero_point.tolist()
         sz = scaled[0]
-        if any(v != sz for v in scaled):
+        if scaled.count(sz) != len(scaled):
             return None
         # ``s * z`` of an integer ``z <= 255`` in float32: the quotient is within 1e-4 of ``z``.
         z = round(sz / s)
@@ -811,6 +843,10 @@ class IntegerLinear(IntegerLayer):
         return self._per_sample_epilogue(acc, terms, common is not None, (self.out_features,)).reshape(
             -1, self.out_features
         )
+
+    def _single_product(self, padded):
+        packed = self._prepacked()
+        return onednn_product(*packed[0], self.bias) if len(packed) == 1 else None
 
     def _traced_product(self, x, codes, scale, scaled_zero_point, key, zero_point, padded):
         y = integer_product(codes.reshape(-1, self.in_features), scale, scaled_zero_point, key, zero_point, padded)
@@ -1107,6 +1143,13 @@ class IntegerConv2d(IntegerLayer):
             acc = part if acc is None else acc.add_(part)
         terms = (scale, None, None, scaled_zero_point)
         return self._per_sample_epilogue(acc, terms, common is not None, (1, -1, 1, 1), tap_sums)
+
+    def _single_product(self, padded):
+        padding = (0, 0) if padded else self._conv_padding()
+        packed = self._prepacked(padding)
+        if len(packed) != 1:
+            return None
+        return onednn_product(*packed[0], self.bias, (self.stride, padding, self.dilation))
 
     def _traced_product(self, x, codes, scale, scaled_zero_point, key, zero_point, padded):
         codes = codes.contiguous(memory_format=torch.channels_last)

@@ -240,6 +240,49 @@ def test_tables_changed_after_compiling_are_refused():
             compiled(x)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_weights_and_bias_changed_after_compiling_are_used(kind):
+    """The op binds each layer's packed weight and bias once (a runner per layer state): new codes loaded after
+    compiling, codes, steps and a bias written in place and a bias replaced must each reach the next call, at a shared timestep (the
+    bound oneDNN product) and at mixed ones (the epilogue)."""
+    layer, codes, w_scale, b, context = _layer(kind)
+    compiled = _compiled(layer, fullgraph=True)
+    x = _x(kind, batch=4)
+    gen = torch.Generator().manual_seed(5)
+
+    def check():
+        for timesteps in (SHARED, MIXED):
+            context.set(timesteps)
+            per_sample = timesteps.expand(4) if timesteps.numel() == 1 else timesteps
+            expected = torch.cat(
+                [
+                    _int_oracle(layer, codes, w_scale, layer.bias.clone(), x[i : i + 1], float(t))
+                    for i, t in enumerate(per_sample)
+                ]
+            )
+            with torch.no_grad():
+                got = compiled(x)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+
+    check()
+    codes = torch.randint(-8, 8, codes.shape, generator=gen)
+    tables = (layer.act_timesteps.clone(), layer.act_scale.clone(), layer.act_zero_point.clone())
+    layer.load_codes_(codes, w_scale, b, *tables)
+    check()
+    other, codes, other_scale, *_ = _layer(kind, seed=1)
+    with torch.no_grad():  # codes, then steps, written in place
+        layer.weight_packed.copy_(other.weight_packed)
+        check()
+        layer.weight_scale.copy_(other_scale)
+        w_scale = other_scale
+        check()
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    check()
+    layer.bias = torch.randn(layer.bias.shape, generator=gen)
+    check()
+
+
 def test_layer_keys_follow_the_layer_not_its_copy():
     import copy
 
