@@ -139,6 +139,19 @@ def prepack_conv2d(weight_int8: torch.Tensor, scale: torch.Tensor, stride, paddi
     )
 
 
+def _qlinear(codes, scale, zero_point, packed, w_scale, w_zp, bias, out_dtype) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, scale, zero_point, packed, w_scale, w_zp, bias, 1.0, 0, out_dtype, "none", [], ""
+    )
+
+
+def _qconv2d(codes, scale, zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation, groups, out_dtype):
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes, scale, zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation, groups, 1.0, 0, out_dtype,
+        "none", [], "",
+    )  # fmt: skip
+
+
 # Run eagerly under torch.compile: inductor lowers these ops only when the pre-packed weight is a graph constant, and
 # a layer that ran before being compiled holds it in its cache (an assertion deep in inductor otherwise).
 @torch.compiler.disable
@@ -146,9 +159,7 @@ def linear_onednn(codes, scale: float, zero_point: int, packed, w_scale, bias, o
     """``(codes - zero_point) @ W^T * (scale * w_scale) + bias`` with ``int32`` accumulation; ``codes`` ``uint8``
     of shape ``(..., K)``."""
     w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
-    return torch.ops.onednn.qlinear_pointwise(
-        codes, scale, zero_point, packed, w_scale, w_zp, bias, 1.0, 0, out_dtype, "none", [], ""
-    )
+    return _qlinear(codes, scale, zero_point, packed, w_scale, w_zp, bias, out_dtype)
 
 
 @torch.compiler.disable
@@ -157,48 +168,30 @@ def conv2d_onednn(
 ) -> torch.Tensor:
     """Integer convolution of ``uint8`` codes (channels-last preferred); zero padding pads with the zero point."""
     w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
-    return torch.ops.onednn.qconv2d_pointwise(
-        codes,
-        scale,
-        zero_point,
-        packed,
-        w_scale,
-        w_zp,
-        bias,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        1.0,
-        0,
+    return _qconv2d(
+        codes, scale, zero_point, packed, w_scale, w_zp, bias, list(stride), list(padding), list(dilation), groups,
         out_dtype,
-        "none",
-        [],
-        "",
-    )
+    )  # fmt: skip
 
 
 def onednn_product(packed, w_scale, bias, conv: tuple | None = None) -> Callable[..., torch.Tensor]:
     """``run(codes, scale, zero_point)``: the float32 output of `linear_onednn` (``conv=None``) or of
     `conv2d_onednn` (``conv=(stride, padding, dilation)``, groups 1) on one pre-packed weight, with every argument
     but the activation's step size and zero point bound once.  For callers that run outside any graph (the
-    ``torch.compile`` custom op's body): one oneDNN call per product and no wrapper in between."""
+    ``torch.compile`` custom op's body): no ``torch.compiler.disable`` wrapper and no argument conversion per call."""
     w_zp = _zeros_int64(w_scale.shape[0], w_scale.device)
     if conv is None:
-        op = torch.ops.onednn.qlinear_pointwise
 
         def run(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-            return op(codes, scale, zero_point, packed, w_scale, w_zp, bias, 1.0, 0, torch.float32, "none", [], "")
+            return _qlinear(codes, scale, zero_point, packed, w_scale, w_zp, bias, torch.float32)
 
         return run
-    op = torch.ops.onednn.qconv2d_pointwise
     stride, padding, dilation = (list(v) for v in conv)
 
     def run(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-        return op(
-            codes, scale, zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation, 1, 1.0, 0,
-            torch.float32, "none", [], "",
-        )  # fmt: skip
+        return _qconv2d(
+            codes, scale, zero_point, packed, w_scale, w_zp, bias, stride, padding, dilation, 1, torch.float32
+        )
 
     return run
 

@@ -515,13 +515,14 @@ class IntegerLayer(nn.Module):
 
     def _compiled_runner(self, padded: bool, common: int | None) -> Callable[..., torch.Tensor]:
         """``run(codes, scale, scaled_zero_point)``: a batch at one step size and zero point goes straight to the
-        bound oneDNN product (`_single_product`), others to [`_product_per_sample`]."""
+        bound oneDNN product (`_single_product`), others (and weights in several packs) to
+        [`_product_with_epilogue`]; the decision [`_product_per_sample`] makes, taken once per call."""
         product = self._single_product(padded)
 
         def run(codes: torch.Tensor, scale: torch.Tensor, scaled_zero_point: torch.Tensor) -> torch.Tensor:
             batch = None if product is None else self._batch_qparams(scale, scaled_zero_point, common, 1)
             if batch is None:
-                return self._product_per_sample(codes, scale, scaled_zero_point, common, padded)
+                return self._product_with_epilogue(codes, scale, scaled_zero_point, common, padded)
             return product(codes, *batch)
 
         return run
@@ -543,6 +544,21 @@ class IntegerLayer(nn.Module):
         padded: bool,
         tap_sums: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The product of codes at per-sample step sizes: oneDNN's output stage when the batch shares one step size
+        and zero point ([`_batch_qparams`]), else [`_product_with_epilogue`]."""
+        raise NotImplementedError
+
+    def _product_with_epilogue(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        scaled_zero_point: torch.Tensor,
+        common: int | None,
+        padded: bool,
+        tap_sums: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """oneDNN at step 1 and zero point ``common`` (or 0), one product per weight pack, then the per-row epilogue
+        [`_per_sample_epilogue`]."""
         raise NotImplementedError
 
     # -- dynamic activations (act_granularity "token" / "group") -----------------------------------------------
@@ -832,6 +848,10 @@ class IntegerLinear(IntegerLayer):
         batch = self._batch_qparams(scale, scaled_zero_point, common, len(packed))
         if batch is not None:
             return self._product_at_step(codes, *batch, torch.float32)
+        return self._product_with_epilogue(codes, scale, scaled_zero_point, common, padded)
+
+    def _product_with_epilogue(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
+        packed = self._prepacked()
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = linear_onednn(
@@ -1125,6 +1145,11 @@ class IntegerConv2d(IntegerLayer):
         if batch is not None:
             # Padded codes (``padded``) carry ``z`` already; otherwise oneDNN pads with ``z``: the value 0 either way.
             return self._product_at_step(codes, *batch, padding, torch.float32)
+        return self._product_with_epilogue(codes, scale, scaled_zero_point, common, padded, tap_sums)
+
+    def _product_with_epilogue(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
+        padding = (0, 0) if padded else self._conv_padding()
+        packed = self._prepacked(padding)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = conv2d_onednn(
