@@ -14,7 +14,7 @@ from typing import Any
 from ..integrations.adapters import looks_like_local_path
 from ..quant.scale_aware import DEFAULT_ACT_STEP_LR, DEFAULT_LORA_LR, DEFAULT_WEIGHT_STEP_LR, SCALE_AWARE_MODES
 from ..tuners.qalora.config import ACT_GRANULARITIES
-from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, release_process_group
 from .trainer import DistillConfig
 
 
@@ -341,19 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.push_to_hub:
         push_distilled_adapter(args)
-    _release_process_group()
+    release_process_group()
     return results
-
-
-def _release_process_group() -> None:
-    """End a multi-process launch cleanly once every phase is done: wait for all processes, then destroy the
-    ``torch.distributed`` group.  A gloo group left to the interpreter's exit can abort a finished process
-    ("terminate called without an active exception"), which fails the whole launch."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def push_distilled_adapter(args: argparse.Namespace) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "broadcast_module_state",
     "distributed_phase",
     "make_accelerator",
+    "release_process_group",
 ]
 
 
@@ -192,3 +193,12 @@ def broadcast_module_state(module: nn.Module, only: str | None = None) -> int:
             view.copy_(flat[offset : offset + view.numel()].view_as(view))
             offset += view.numel()
     return len(tensors)
+
+
+def release_process_group() -> None:
+    """End a multi-process run cleanly once every phase is done: wait for all processes, then destroy the
+    ``torch.distributed`` group (a no-op without one).  A gloo group left to the interpreter's exit can abort a
+    finished process ("terminate called without an active exception"), which fails the whole launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

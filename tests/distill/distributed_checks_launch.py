@@ -16,6 +16,7 @@ from diffusers_qalora.distill.distributed import (
     broadcast_module_state,
     distributed_phase,
     make_accelerator,
+    release_process_group,
 )
 from diffusers_qalora.evaluation.metrics import digits_fid
 from diffusers_qalora.evaluation.report import evaluate_seeds
@@ -60,3 +61,6 @@ seen["flag_after_broadcast"] = layer.flag.clone()
 with distributed_phase("save"):
     torch.save(seen, out / f"rank{rank}.pt")
     acc.wait_for_everyone()
+
+# Without this, a gloo group left to the interpreter's exit can abort a process that finished its work.
+release_process_group()
