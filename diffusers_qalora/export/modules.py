@@ -15,6 +15,7 @@ numbers, bit for bit in float32); it is the fallback where no integer kernel app
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -518,11 +519,14 @@ class IntegerLayer(nn.Module):
         bound oneDNN product (`_single_product`), others (and weights in several packs) to
         [`_product_with_epilogue`]; the decision [`_product_per_sample`] makes, taken once per call."""
         product = self._single_product(padded)
+        # The layer caches this runner: a strong reference back would keep a deleted layer (and its packed weights)
+        # alive until the cycle collector runs.
+        layer = weakref.proxy(self)
 
         def run(codes: torch.Tensor, scale: torch.Tensor, scaled_zero_point: torch.Tensor) -> torch.Tensor:
-            batch = None if product is None else self._batch_qparams(scale, scaled_zero_point, common, 1)
+            batch = None if product is None else layer._batch_qparams(scale, scaled_zero_point, common, 1)
             if batch is None:
-                return self._product_with_epilogue(codes, scale, scaled_zero_point, common, padded)
+                return layer._product_with_epilogue(codes, scale, scaled_zero_point, common, padded)
             return product(codes, *batch)
 
         return run

@@ -283,6 +283,31 @@ def test_weights_and_bias_changed_after_compiling_are_used(kind):
     check()
 
 
+def test_a_deleted_layer_is_freed_without_the_cycle_collector():
+    """The runner a layer caches must not hold the layer: a deleted layer (and its packed weights) goes at once, and
+    the op then names the missing layer instead of running a stale one."""
+    import gc
+    import weakref
+
+    layer, *_, context = _layer("linear")
+    context.set(MIXED)
+    key, zero_point, padded = layer._compiled_route("cpu")
+    codes = torch.randint(0, 256, (4 * 7, layer.in_features), dtype=torch.uint8)
+    scale = torch.rand(4) + 0.01
+    for step in (scale, scale[:1].expand(4).contiguous()):  # the epilogue and the bound oneDNN product
+        assert integer_product(codes, step, step * 3, key, zero_point, padded).shape == (28, layer.out_features)
+    assert layer._derived["compiled_runner"] is not None
+    alive = weakref.ref(layer)
+    gc.disable()
+    try:
+        del layer
+        assert alive() is None
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="no longer exists; compile the model again"):
+        integer_product(codes, scale, scale * 3, key, zero_point, padded)
+
+
 def test_layer_keys_follow_the_layer_not_its_copy():
     import copy
 
