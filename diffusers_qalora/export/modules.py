@@ -510,15 +510,15 @@ class IntegerLayer(nn.Module):
                     f"{self._where()}: the layer's activation tables or kernel preference changed after torch.compile "
                     f"traced it; compile the model again (torch.compiler.reset(), then torch.compile)."
                 )
-            return self._compiled_runner(padded, self._shared_zero_point())
+            return self._compiled_runner(padded, self._shared_zero_point(), codes.shape)
 
         return self._cached("compiled_runner", state, build)(codes, scale, scaled_zero_point)
 
-    def _compiled_runner(self, padded: bool, common: int | None) -> Callable[..., torch.Tensor]:
+    def _compiled_runner(self, padded: bool, common: int | None, input_shape) -> Callable[..., torch.Tensor]:
         """``run(codes, scale, scaled_zero_point)``: a batch at one step size and zero point goes straight to the
         bound oneDNN product (`_single_product`), others (and weights in several packs) to
         [`_product_with_epilogue`]; the decision [`_product_per_sample`] makes, taken once per call."""
-        product = self._single_product(padded)
+        product = self._single_product(padded, input_shape)
         # The layer caches this runner: a strong reference back would keep a deleted layer (and its packed weights)
         # alive until the cycle collector runs.
         layer = weakref.proxy(self)
@@ -531,9 +531,9 @@ class IntegerLayer(nn.Module):
 
         return run
 
-    def _single_product(self, padded: bool) -> Callable[..., torch.Tensor] | None:
+    def _single_product(self, padded: bool, input_shape) -> Callable[..., torch.Tensor] | None:
         """`onednn_product` of the layer's weight (``None`` for a weight in several groups, which takes one product
-        per group)."""
+        per group), for codes of ``input_shape``."""
         raise NotImplementedError
 
     def _compiled_product_like(self, codes: torch.Tensor, padded: bool) -> torch.Tensor:
@@ -868,7 +868,7 @@ class IntegerLinear(IntegerLayer):
             -1, self.out_features
         )
 
-    def _single_product(self, padded):
+    def _single_product(self, padded, input_shape):
         packed = self._prepacked()
         return onednn_product(*packed[0], self.bias) if len(packed) == 1 else None
 
@@ -1041,15 +1041,25 @@ class IntegerConv2d(IntegerLayer):
     def _conv_padding(self) -> tuple[int, int]:
         return self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
 
-    def _prepacked(self, padding: tuple[int, int] | None = None):
-        """oneDNN's packed weights for a call with ``padding`` (the layer's own by default)."""
+    def _prepacked(self, padding: tuple[int, int] | None = None, input_shape=None):
+        """oneDNN's packed weights for a call with ``padding`` (the layer's own by default), laid out for codes of
+        ``input_shape`` when the cache is built (`prepack_conv2d`): another size still runs, with oneDNN
+        reordering the weight where its kernel needs another layout."""
         padding = tuple(self._conv_padding() if padding is None else padding)
 
         def build():
             weight = self.int8_weight().reshape(self._weight_shape())
             return [
                 (
-                    prepack_conv2d(weight[:, a:b], self.weight_scale[:, g], self.stride, padding, self.dilation, 1),
+                    prepack_conv2d(
+                        weight[:, a:b],
+                        self.weight_scale[:, g],
+                        self.stride,
+                        padding,
+                        self.dilation,
+                        1,
+                        None if input_shape is None else (1, b - a, *input_shape[2:]),
+                    ),
                     self.weight_scale[:, g].contiguous(),
                 )
                 for g, (a, b) in enumerate(self._group_slices())
@@ -1070,7 +1080,7 @@ class IntegerConv2d(IntegerLayer):
     def _product_at_step(self, codes, scale, zero_point, padding, out_dtype):
         """oneDNN's product of channels-last codes at one step size and zero point (zero padding pads with it),
         dequantized with the bias in its output stage (weight groups: one call per group, summed)."""
-        packed = self._prepacked(padding)
+        packed = self._prepacked(padding, codes.shape)
         if len(packed) == 1:
             w, s = packed[0]
             return conv2d_onednn(
@@ -1144,7 +1154,7 @@ class IntegerConv2d(IntegerLayer):
 
     def _product_per_sample(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
         padding = (0, 0) if padded else self._conv_padding()
-        packed = self._prepacked(padding)
+        packed = self._prepacked(padding, codes.shape)
         batch = self._batch_qparams(scale, scaled_zero_point, common, len(packed))
         if batch is not None:
             # Padded codes (``padded``) carry ``z`` already; otherwise oneDNN pads with ``z``: the value 0 either way.
@@ -1153,7 +1163,7 @@ class IntegerConv2d(IntegerLayer):
 
     def _product_with_epilogue(self, codes, scale, scaled_zero_point, common, padded, tap_sums=None):
         padding = (0, 0) if padded else self._conv_padding()
-        packed = self._prepacked(padding)
+        packed = self._prepacked(padding, codes.shape)
         acc = None
         for (a, b), (w, s) in zip(self._group_slices(), packed):
             part = conv2d_onednn(
@@ -1173,9 +1183,9 @@ class IntegerConv2d(IntegerLayer):
         terms = (scale, None, None, scaled_zero_point)
         return self._per_sample_epilogue(acc, terms, common is not None, (1, -1, 1, 1), tap_sums)
 
-    def _single_product(self, padded):
+    def _single_product(self, padded, input_shape):
         padding = (0, 0) if padded else self._conv_padding()
-        packed = self._prepacked(padding)
+        packed = self._prepacked(padding, input_shape)
         if len(packed) != 1:
             return None
         return onednn_product(*packed[0], self.bias, (self.stride, padding, self.dilation))
