@@ -17,7 +17,7 @@ when ``triton`` imports), else oneDNN on CPU when it is available and exact on t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import torch
@@ -125,13 +125,19 @@ def prepack_linear(weight_int8: torch.Tensor) -> torch.Tensor:
 
 
 def prepack_conv2d(
-    weight_int8: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups: int, input_shape=None
+    weight_int8: torch.Tensor,
+    scale: torch.Tensor,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    input_shape: Sequence[int] | None = None,
 ):
     """oneDNN layout of ``int8`` conv weights ``(O, C, kh, kw)``; independent of the activation step size.
 
-    ``input_shape`` (``(N, C, H, W)`` of a call's codes): oneDNN picks the weight layout for that input.  Without it
-    a 1x1 kernel gets a layout that its run-time kernel does not take, so every call reorders the weight first (on an
-    AVX-512 VNNI CPU, 37 ms per call for a 1280 -> 640 1x1 weight whose convolution takes 4 ms)."""
+    ``input_shape`` (``(N, C, H, W)`` of the codes): oneDNN picks the weight layout for that input.  Without it a 1x1
+    kernel gets a layout that its run-time kernel does not take, so every call reorders the weight first (at zero
+    point 0 with a generic reorder that costs many times the convolution)."""
     return torch.ops.onednn.qconv_prepack(
         weight_int8.contiguous(),
         scale.float().contiguous(),
@@ -141,7 +147,7 @@ def prepack_conv2d(
         list(padding),
         list(dilation),
         groups,
-        None if input_shape is None else [1, *input_shape[1:]],
+        None if input_shape is None else list(input_shape),
     )
 
 

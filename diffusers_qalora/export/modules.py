@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -514,7 +514,9 @@ class IntegerLayer(nn.Module):
 
         return self._cached("compiled_runner", state, build)(codes, scale, scaled_zero_point)
 
-    def _compiled_runner(self, padded: bool, common: int | None, input_shape) -> Callable[..., torch.Tensor]:
+    def _compiled_runner(
+        self, padded: bool, common: int | None, input_shape: Sequence[int]
+    ) -> Callable[..., torch.Tensor]:
         """``run(codes, scale, scaled_zero_point)``: a batch at one step size and zero point goes straight to the
         bound oneDNN product (`_single_product`), others (and weights in several packs) to
         [`_product_with_epilogue`]; the decision [`_product_per_sample`] makes, taken once per call."""
@@ -531,7 +533,7 @@ class IntegerLayer(nn.Module):
 
         return run
 
-    def _single_product(self, padded: bool, input_shape) -> Callable[..., torch.Tensor] | None:
+    def _single_product(self, padded: bool, input_shape: Sequence[int]) -> Callable[..., torch.Tensor] | None:
         """`onednn_product` of the layer's weight (``None`` for a weight in several groups, which takes one product
         per group), for codes of ``input_shape``."""
         raise NotImplementedError
@@ -1041,10 +1043,10 @@ class IntegerConv2d(IntegerLayer):
     def _conv_padding(self) -> tuple[int, int]:
         return self.padding if self.padding_mode == "zeros" else (0, 0)  # other modes pad the input first
 
-    def _prepacked(self, padding: tuple[int, int] | None = None, input_shape=None):
+    def _prepacked(self, padding: tuple[int, int] | None = None, input_shape: Sequence[int] | None = None):
         """oneDNN's packed weights for a call with ``padding`` (the layer's own by default), laid out for codes of
-        ``input_shape`` when the cache is built (`prepack_conv2d`): another size still runs, with oneDNN
-        reordering the weight where its kernel needs another layout."""
+        ``input_shape`` when the cache is built (`prepack_conv2d`; batch 1, which serves every batch size): another
+        size still runs, with oneDNN reordering the weight where its kernel needs another layout."""
         padding = tuple(self._conv_padding() if padding is None else padding)
 
         def build():
